@@ -1,0 +1,149 @@
+"""The ``mpsearch`` command: ``search``, ``apply``, ``eval`` and ``list``.
+
+Every command is a thin layer over one library call (``mpsearch.search``,
+``mpsearch.apply_``, ``mpsearch.evaluate_plan``); errors in the input are printed as
+one line naming the problem, with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
+
+
+def _search(a: argparse.Namespace) -> int:
+    from .search import SearchConfig, search
+    from .space import Rule, SearchSpace
+
+    base = SearchSpace.from_file(a.space).base_format
+    rules = [Rule.parse_cli(kind, text, base) for kind in ("pin", "min_bits", "max_bits", "exclude") for text in getattr(a, kind)]
+    cfg = SearchConfig(
+        model=a.model, calibration=a.calibration, evaluation=a.evaluation, space=a.space,
+        proxies=tuple(a.proxy), budgets=tuple(a.budget), solver=a.solver, rules=tuple(rules),
+        calib_seq_len=a.calib_seq_len, calib_chunks=a.calib_chunks, eval_seq_len=a.eval_seq_len,
+        eval_chunks=a.eval_chunks, baselines=not a.no_baselines, measure=not a.no_measure,
+        threads=a.threads, seed=a.seed, out_dir=a.out, use_cache=not a.no_cache, progress=not a.quiet,
+    )
+    res = search(cfg)
+    print(summary(res.table))
+    print(f"\nplans: {res.out_dir / 'plans'}\nresults: {res.out_dir / 'results.csv'}")
+    return 0
+
+
+def summary(table) -> str:
+    cols = [c for c in ("plan", "effective_bits", "ppl", "kl") if c in table] + [c for c in table if c.startswith("predicted_")]
+    return table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def _apply(a: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from .models import load_model
+    from .plan import Plan
+    from .quant import apply_
+
+    torch.set_num_threads(a.threads)
+    plan = Plan.load(a.plan)
+    lm = load_model(a.model)
+    apply_(lm.model, plan)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in lm.model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(out / "model.safetensors"), metadata={"plan": str(a.plan), "note": "fake-quantized (dequantized) weights"})
+    print(f"applied {len(plan.tensors)} tensor formats; wrote {out / 'model.safetensors'}")
+    return 0
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate_plan
+
+    res = evaluate_plan(a.plan, model=a.model, evaluation=a.evaluation, seq_len=a.eval_seq_len, chunks=a.eval_chunks, threads=a.threads, progress=not a.quiet)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def _list(a: argparse.Namespace) -> int:
+    from . import registry, solvers  # noqa: F401
+    from .proxies import list_proxies
+
+    spaces = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "search_spaces").glob("*.toml"))
+    print("proxies:", ", ".join(list_proxies()))
+    print("solvers:", ", ".join(registry.names("solver")))
+    print("quantizers:", ", ".join(registry.names("quantizer")))
+    print("search spaces:", ", ".join(spaces))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpsearch", description="Mixed-precision quantization search.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", default="smollm2", help="smollm2 (embedded, default), a local directory, or a Hugging Face id")
+        sp.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("search", help="find plans for one or more budgets and measure them")
+    common(s)
+    s.add_argument("--calibration", default=DEFAULT_CALIBRATION, help=f"calibration text (default {DEFAULT_CALIBRATION})")
+    s.add_argument("--evaluation", default=DEFAULT_EVALUATION, help=f"held-out text (default {DEFAULT_EVALUATION})")
+    s.add_argument("--space", default="llama", help="search-space file or built-in name (default llama)")
+    s.add_argument("--proxy", action="append", default=None, help="proxy name or file; repeat for several (default fisher)")
+    s.add_argument("--budget", action="append", default=None, help="bits/weight (3.5), size (48MB) or uniform:BITS[:GROUP]; repeatable (default uniform:3)")
+    s.add_argument("--solver", default="milp")
+    s.add_argument("--pin", action="append", default=[], metavar="NAME=BITS[:GROUP]", help="pin tensors (exact or re:) to a format")
+    s.add_argument("--min-bits", dest="min_bits", action="append", default=[], metavar="NAME=B")
+    s.add_argument("--max-bits", dest="max_bits", action="append", default=[], metavar="NAME=B")
+    s.add_argument("--exclude", action="append", default=[], metavar="NAME", help="keep tensors unquantized, outside the budget")
+    s.add_argument("--calib-chunks", type=int, default=8)
+    s.add_argument("--calib-seq-len", type=int, default=512)
+    s.add_argument("--eval-chunks", type=int, default=16)
+    s.add_argument("--eval-seq-len", type=int, default=512)
+    s.add_argument("--no-baselines", action="store_true", help="skip the uniform and recipe baselines")
+    s.add_argument("--no-measure", action="store_true", help="solve only; do not measure perplexity/KL")
+    s.add_argument("--no-cache", action="store_true", help="recompute primitives and evaluations")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
+    s.set_defaults(func=_search)
+
+    ap = sub.add_parser("apply", help="apply a saved plan and write the fake-quantized weights")
+    common(ap)
+    ap.add_argument("plan")
+    ap.add_argument("--out", required=True)
+    ap.set_defaults(func=_apply)
+
+    ev = sub.add_parser("eval", help="measure a saved plan: perplexity and KL to the reference")
+    common(ev)
+    ev.add_argument("plan")
+    ev.add_argument("--evaluation", default=DEFAULT_EVALUATION)
+    ev.add_argument("--eval-chunks", type=int, default=16)
+    ev.add_argument("--eval-seq-len", type=int, default=512)
+    ev.set_defaults(func=_eval)
+
+    ls = sub.add_parser("list", help="list built-in proxies, solvers, quantizers and search spaces")
+    ls.set_defaults(func=_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    if getattr(a, "proxy", 1) is None:
+        a.proxy = ["fisher"]
+    if getattr(a, "budget", 1) is None:
+        a.budget = ["uniform:3"]
+    logging.basicConfig(level=logging.WARNING if getattr(a, "quiet", False) else logging.INFO, format="%(message)s")
+    try:
+        return a.func(a)
+    except (ValueError, KeyError, RuntimeError, FileNotFoundError) as e:
+        # every input error in mpsearch is a ValueError/RuntimeError subclass with a message naming the problem
+        print(f"mpsearch {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

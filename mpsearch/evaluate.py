@@ -1,0 +1,90 @@
+"""Measured quality: perplexity on held-out text and KL divergence to the reference.
+
+The reference (unquantized) model's log-probabilities are computed once per
+:class:`Evaluator` and kept in memory (fp16), so each plan costs one forward pass.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Quality:
+    ppl: float
+    kl: float
+    nll: float
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return {"ppl": self.ppl, "kl": self.kl, "nll": self.nll, "eval_tokens": self.tokens}
+
+
+class Evaluator:
+    """Scores models on fixed evaluation tokens ``[n_chunks, seq_len]``.
+
+    ``fit(reference)`` stores the reference log-probs; ``score(model)`` returns
+    perplexity and mean per-token KL(reference || model).
+    """
+
+    def __init__(self, tokens: torch.Tensor, batch_size: int = 1, progress: bool = True) -> None:
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.progress = progress
+
+    @torch.no_grad()
+    def fit(self, reference: nn.Module) -> "Evaluator":
+        self.ref_logp_, nll_sum, n = [], 0.0, 0
+        for logp, targets in self._logprobs(reference, "reference"):
+            self.ref_logp_.append(logp.half())
+            nll_sum += float(F.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1), reduction="sum"))
+            n += targets.numel()
+        self.reference_ = Quality(ppl=math.exp(nll_sum / n), kl=0.0, nll=nll_sum / n, tokens=n)
+        return self
+
+    @torch.no_grad()
+    def score(self, model: nn.Module, desc: str = "eval") -> Quality:
+        if not hasattr(self, "ref_logp_"):
+            raise RuntimeError("call fit(reference) before score(model)")
+        return self._quality(model, desc)
+
+    def _quality(self, model: nn.Module, desc: str = "eval") -> Quality:
+        nll_sum, kl_sum, n = 0.0, 0.0, 0
+        for i, (logp, targets) in enumerate(self._logprobs(model, desc)):
+            nll_sum += float(F.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1), reduction="sum"))
+            ref = self.ref_logp_[i].float()
+            kl_sum += float((ref.exp() * (ref - logp)).sum())
+            n += targets.numel()
+        nll = nll_sum / n
+        return Quality(ppl=math.exp(nll), kl=kl_sum / n, nll=nll, tokens=n)
+
+    def _logprobs(self, model: nn.Module, desc: str):
+        """Yield ``(log_probs[B, T-1, V], targets[B, T-1])`` per batch."""
+        model.eval()
+        batches = torch.split(self.tokens, self.batch_size)
+        for ids in tqdm(batches, desc=desc, disable=not self.progress, unit="batch", leave=False):
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            yield F.log_softmax(logits, dim=-1), ids[:, 1:]
+
+
+def evaluate_plan(plan, model: str = "smollm2", evaluation: str | None = None, seq_len: int = 512, chunks: int = 16, threads: int = 2, progress: bool = True) -> dict:
+    """Load ``model``, measure the reference and ``plan`` on held-out text: ppl and KL for both."""
+    from .models import load_model, load_text, token_chunks
+    from .models.data import DEFAULT_EVALUATION
+    from .plan import Plan
+    from .quant import applied
+
+    torch.set_num_threads(threads)
+    plan = Plan.load(plan) if not isinstance(plan, Plan) else plan
+    lm = load_model(model)
+    plan.check_model(lm.model)
+    tokens = token_chunks(lm.tokenizer, load_text(evaluation or DEFAULT_EVALUATION), seq_len, chunks)
+    ev = Evaluator(tokens, progress=progress).fit(lm.model)
+    with applied(lm.model, plan):
+        q = ev.score(lm.model)
+    return {"plan": q.to_dict(), "reference": ev.reference_.to_dict()}

@@ -1,0 +1,103 @@
+"""A number format for one tensor: bits, group size, symmetry, quantizer kind.
+
+Effective bits always count the per-group scale (fp16) and, when asymmetric, the
+per-group zero point (fp16): 4-bit asymmetric with groups of 64 is 4 + 32/64 = 4.5
+bits per weight, the way GGUF and EXL2 report bits per weight.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: bits of storage for one scale and for one zero point
+SCALE_BITS = 16
+ZERO_BITS = 16
+#: ``group_size`` value meaning one group per output row (per-channel)
+PER_CHANNEL = -1
+#: ``bits`` value meaning "leave the tensor unquantized" (stored as fp16)
+FULL_BITS = 16
+
+
+class FormatError(ValueError):
+    """A format that is malformed or does not fit the tensor it is given to."""
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one tensor is stored. ``bits == 16`` means unquantized."""
+
+    bits: int
+    group_size: int = 64
+    symmetric: bool = False
+    quantizer: str = "uniform"
+    params: tuple[tuple[str, Any], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= FULL_BITS:
+            raise FormatError(f"bits must be an integer in 1..{FULL_BITS}, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or (self.group_size < 1 and self.group_size != PER_CHANNEL):
+            raise FormatError(f"group_size must be a positive integer or {PER_CHANNEL} (per channel), got {self.group_size!r}")
+        if not isinstance(self.symmetric, bool):
+            raise FormatError(f"symmetric must be true or false, got {self.symmetric!r}")
+
+    @property
+    def is_full(self) -> bool:
+        """True for the unquantized format."""
+        return self.bits >= FULL_BITS
+
+    @staticmethod
+    def full() -> "Format":
+        return Format(bits=FULL_BITS, group_size=PER_CHANNEL, symmetric=True, quantizer="none")
+
+    def fits(self, in_features: int) -> bool:
+        """A group size must divide the row length (the input dimension)."""
+        return self.is_full or self.group_size == PER_CHANNEL or in_features % self.group_size == 0
+
+    def group_len(self, in_features: int) -> int:
+        return in_features if self.group_size == PER_CHANNEL else self.group_size
+
+    def effective_bits(self, in_features: int) -> float:
+        """Bits per weight including scales and zero points."""
+        if self.is_full:
+            return float(FULL_BITS)
+        overhead = SCALE_BITS + (0 if self.symmetric else ZERO_BITS)
+        return self.bits + overhead / self.group_len(in_features)
+
+    @property
+    def key(self) -> str:
+        """Short readable label, e.g. ``u4g64a`` or ``fp16``."""
+        if self.is_full:
+            return "fp16"
+        g = "ch" if self.group_size == PER_CHANNEL else str(self.group_size)
+        prefix = "u" if self.quantizer == "uniform" else self.quantizer
+        return f"{prefix}{self.bits}g{g}{'s' if self.symmetric else 'a'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["params"] = dict(self.params)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any], where: str = "format") -> "Format":
+        """Build from a plan's JSON; errors name the offending key."""
+        if not isinstance(d, dict):
+            raise FormatError(f"{where}: expected an object, got {type(d).__name__}")
+        known = {"bits", "group_size", "symmetric", "quantizer", "params"}
+        extra = set(d) - known
+        if extra:
+            raise FormatError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(known)}")
+        if "bits" not in d:
+            raise FormatError(f"{where}: missing key 'bits'")
+        params = d.get("params", {}) or {}
+        if not isinstance(params, dict):
+            raise FormatError(f"{where}.params: expected an object")
+        try:
+            return Format(
+                bits=d["bits"],
+                group_size=d.get("group_size", PER_CHANNEL if d["bits"] == FULL_BITS else 64),
+                symmetric=d.get("symmetric", d["bits"] == FULL_BITS),
+                quantizer=d.get("quantizer", "none" if d["bits"] == FULL_BITS else "uniform"),
+                params=tuple(sorted(params.items())),
+            )
+        except FormatError as e:
+            raise FormatError(f"{where}: {e}") from None

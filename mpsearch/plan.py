@@ -1,0 +1,175 @@
+"""The plan: the one artifact every stage exchanges (``mpsearch.plan/v1``).
+
+A plan maps tensor names to a format per target (``weight`` today; ``input``,
+``k_cache`` and ``v_cache`` are reserved for activation and KV formats). Entries may
+be exact names or ``re:`` patterns, plus ``_default``; precedence is
+exact name > first matching ``re:`` pattern (in file order) > ``_default``.
+:meth:`Plan.resolve` expands patterns to exact names, and a saved plan is always
+explicit. The model fingerprint is checked before a plan touches a model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from torch import nn
+
+from .format import Format, FormatError
+
+FORMAT_ID = "mpsearch.plan/v1"
+TARGETS = ("weight", "input", "k_cache", "v_cache")
+TOP_KEYS = {"format", "model", "tensors", "budget", "metrics", "provenance"}
+
+
+class PlanError(ValueError):
+    """A plan that is malformed, or that does not fit the model it is given."""
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Hash of every parameter's name and shape: a plan is never applied to the wrong model."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+@dataclass
+class Plan:
+    """A mixed-precision plan. ``tensors[name][target] -> Format`` (``None`` = keep as is)."""
+
+    model_id: str
+    model_fingerprint: str
+    tensors: dict[str, dict[str, Format | None]]
+    budget: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------ precedence
+    def resolve(self, names: Iterable[str]) -> "Plan":
+        """Expand ``re:`` patterns and ``_default`` against ``names``; unknown exact names raise."""
+        names = list(names)
+        known = set(names)
+        exact = {k: v for k, v in self.tensors.items() if not k.startswith("re:") and k != "_default"}
+        unknown = sorted(set(exact) - known)
+        if unknown:
+            raise PlanError(f"plan names tensor(s) the model does not have: {unknown[:5]}" + (" ..." if len(unknown) > 5 else ""))
+        patterns = [(k, re.compile(k[3:]), v) for k, v in self.tensors.items() if k.startswith("re:")]
+        default = self.tensors.get("_default")
+        out: dict[str, dict[str, Format | None]] = {}
+        unmatched = [k for k, rx, _ in patterns if not any(rx.fullmatch(n) for n in names)]
+        if unmatched:
+            raise PlanError(f"plan pattern(s) match no tensor of the model: {unmatched}")
+        for n in names:
+            entry = exact[n] if n in exact else next((e for _, rx, e in patterns if rx.fullmatch(n)), default)
+            if entry is not None:
+                out[n] = dict(entry)
+        return Plan(self.model_id, self.model_fingerprint, out, dict(self.budget), dict(self.metrics), dict(self.provenance))
+
+    def weight_formats(self) -> dict[str, Format]:
+        """Exact tensor name -> weight format, for quantized weights only."""
+        return {n: t["weight"] for n, t in self.tensors.items() if t.get("weight") is not None}
+
+    # -------------------------------------------------------------- checking
+    def check_model(self, model: nn.Module) -> None:
+        """Raise if the plan was made for a different model."""
+        fp = fingerprint(model)
+        if self.model_fingerprint != fp:
+            raise PlanError(
+                f"plan was made for model {self.model_id!r} with fingerprint {self.model_fingerprint}, "
+                f"but this model's fingerprint is {fp}: wrong model (parameter names or shapes differ)"
+            )
+
+    # --------------------------------------------------------------- (de)ser
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_ID,
+            "model": {"id": self.model_id, "fingerprint": self.model_fingerprint},
+            "tensors": {n: {t: (f.to_dict() if f is not None else None) for t, f in e.items()} for n, e in self.tensors.items()},
+            "budget": self.budget,
+            "metrics": self.metrics,
+            "provenance": self.provenance,
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "Plan":
+        """Validate and build; every error names the offending key."""
+        if not isinstance(d, Mapping):
+            raise PlanError(f"plan must be a JSON object, got {type(d).__name__}")
+        extra = set(d) - TOP_KEYS
+        if extra:
+            raise PlanError(f"unknown top-level key(s) {sorted(extra)}; allowed: {sorted(TOP_KEYS)}")
+        for k in ("format", "model", "tensors"):
+            if k not in d:
+                raise PlanError(f"missing key {k!r}")
+        if d["format"] != FORMAT_ID:
+            raise PlanError(f"format: expected {FORMAT_ID!r}, got {d['format']!r}")
+        m = d["model"]
+        if not isinstance(m, Mapping) or not isinstance(m.get("id"), str) or not isinstance(m.get("fingerprint"), str):
+            raise PlanError("model: expected an object with string keys 'id' and 'fingerprint'")
+        if not isinstance(d["tensors"], Mapping):
+            raise PlanError("tensors: expected an object mapping tensor names to targets")
+        tensors: dict[str, dict[str, Format | None]] = {}
+        for name, entry in d["tensors"].items():
+            where = f"tensors[{name!r}]"
+            if name.startswith("re:"):
+                try:
+                    re.compile(name[3:])
+                except re.error as e:
+                    raise PlanError(f"{where}: bad regex: {e}") from None
+            if not isinstance(entry, Mapping):
+                raise PlanError(f"{where}: expected an object of targets {list(TARGETS)}")
+            bad = set(entry) - set(TARGETS)
+            if bad:
+                raise PlanError(f"{where}: unknown target(s) {sorted(bad)}; allowed: {list(TARGETS)}")
+            try:
+                tensors[name] = {t: (Format.from_dict(f, f"{where}.{t}") if f is not None else None) for t, f in entry.items()}
+            except FormatError as e:
+                raise PlanError(str(e)) from None
+        for k in ("budget", "metrics", "provenance"):
+            if not isinstance(d.get(k, {}), Mapping):
+                raise PlanError(f"{k}: expected an object")
+        return Plan(m["id"], m["fingerprint"], tensors, dict(d.get("budget", {})), dict(d.get("metrics", {})), dict(d.get("provenance", {})))
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON atomically (patterns must be resolved first: saved plans are explicit)."""
+        if any(k.startswith("re:") or k == "_default" for k in self.tensors):
+            raise PlanError("resolve the plan against the model before saving: saved plans name every tensor")
+        return write_json_atomic(path, self.to_dict())
+
+    @staticmethod
+    def load(path: str | Path) -> "Plan":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"no plan file at {path}") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: not valid JSON: {e}") from None
+        try:
+            return Plan.from_dict(d)
+        except PlanError as e:
+            raise PlanError(f"{path}: {e}") from None
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write to a temporary file beside ``path`` and rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,96 @@
+"""Proxies: named expressions over per-(tensor, format) primitives, stored as TOML."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from mpsearch.proxies.expr import Expression, ExpressionError, parse
+
+PRIMITIVE_NAMES: frozenset[str] = frozenset({"w", "dw", "fisher", "xtx", "numel", "bits", "qerr"})
+
+_REQUIRED = ("name", "expression")
+_OPTIONAL = ("description",)
+
+
+class ProxyFileError(ValueError):
+    """A proxy file (or built-in name) that cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """A named loss-increase predictor for quantizing one tensor with one format."""
+
+    name: str
+    expression: Expression
+    description: str = ""
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The primitive names the expression reads."""
+        return self.expression.names
+
+    def evaluate(self, env: Mapping[str, torch.Tensor | float]) -> float:
+        """Shorthand for ``self.expression.evaluate(env)``."""
+        return self.expression.evaluate(env)
+
+    @classmethod
+    def from_string(cls, name: str, text: str, description: str = "") -> Proxy:
+        """Parse ``text`` over :data:`PRIMITIVE_NAMES`."""
+        return cls(name, parse(text, PRIMITIVE_NAMES), description)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Proxy:
+        """Load a TOML file with keys ``name``, ``expression`` and optional ``description``."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise ProxyFileError(f"cannot read proxy file {str(path)!r}: {err}") from err
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ProxyFileError(f"malformed TOML in proxy file {str(path)!r}: {err}") from err
+        for key in data:
+            if key not in _REQUIRED + _OPTIONAL:
+                raise ProxyFileError(
+                    f"unknown key {key!r} in proxy file {str(path)!r} "
+                    f"(allowed: {', '.join(_REQUIRED + _OPTIONAL)})"
+                )
+        for key in _REQUIRED:
+            if key not in data:
+                raise ProxyFileError(f"missing key {key!r} in proxy file {str(path)!r}")
+        for key, value in data.items():
+            if not isinstance(value, str):
+                raise ProxyFileError(
+                    f"key {key!r} in proxy file {str(path)!r} must be a string, "
+                    f"got {type(value).__name__}"
+                )
+        try:
+            expression = parse(data["expression"], PRIMITIVE_NAMES)
+        except ExpressionError as err:
+            raise ProxyFileError(f"bad expression in proxy file {str(path)!r}: {err}") from err
+        return cls(data["name"], expression, data.get("description", ""))
+
+
+def builtin_dir() -> Path:
+    """The repository's top-level ``proxies/`` folder of built-in proxy files."""
+    return Path(__file__).resolve().parents[2] / "proxies"
+
+
+def list_proxies() -> list[str]:
+    """Sorted names (file stems) of the built-in proxies."""
+    return sorted(p.stem for p in builtin_dir().glob("*.toml"))
+
+
+def load_proxy(spec: str) -> Proxy:
+    """Load ``spec`` as a path to a TOML file, else as the name of a built-in proxy."""
+    path = Path(spec)
+    if path.is_file():
+        return Proxy.from_file(path)
+    builtin = builtin_dir() / f"{spec}.toml"
+    if builtin.is_file():
+        return Proxy.from_file(builtin)
+    known = ", ".join(list_proxies()) or "none"
+    raise ProxyFileError(f"no proxy file or built-in proxy {spec!r}; built-in proxies: {known}")

@@ -1,0 +1,56 @@
+"""Evaluate a proxy on every (tensor, format): the table ``D[tensor, format]``."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..primitives import Primitives
+from ..quant import quantize
+from ..space import Decision
+from .proxy import Proxy
+
+
+def proxy_table(proxy: Proxy, model: nn.Module, decisions: list[Decision], prims: Primitives, progress: bool = True) -> pd.DataFrame:
+    """One row per (decision member, candidate format): predicted loss and the raw error.
+
+    Columns: decision, tensor, format, option (index into the decision's formats),
+    bits (effective), numel, qerr (sum of dW^2), predicted (the proxy's value).
+    """
+    modules = dict(model.named_modules())
+    rows = []
+    total = sum(len(d.members) * len(d.formats) for d in decisions)
+    bar = tqdm(total=total, desc=f"proxy {proxy.name}", disable=not progress, unit="pair")
+    for d in decisions:
+        for m in d.members:
+            w = modules[m.name].weight.detach().float()
+            base = {"w": w, "numel": float(m.numel)}
+            if "fisher" in proxy.needs:
+                base["fisher"] = _need(prims.fisher, m.name, "fisher")
+            if "xtx" in proxy.needs:
+                base["xtx"] = _need(prims.xtx, m.name, "xtx")
+            for j, fmt in enumerate(d.formats):
+                dw = quantize(w, fmt) - w
+                qerr = float((dw.double() ** 2).sum())
+                env = {**base, "dw": dw, "qerr": qerr, "bits": fmt.effective_bits(m.in_features)}
+                value = proxy.evaluate(env)
+                if not np.isfinite(value):
+                    raise ValueError(f"proxy {proxy.name!r} gives {value} for {m.name} in format {fmt.key}")
+                rows.append((d.name, m.name, fmt.key, j, env["bits"], m.numel, qerr, value))
+                bar.update()
+    bar.close()
+    return pd.DataFrame(rows, columns=["decision", "tensor", "format", "option", "bits", "numel", "qerr", "predicted"])
+
+
+def decision_losses(table: pd.DataFrame, decisions: list[Decision]) -> list[np.ndarray]:
+    """Sum the members' predictions per decision option (tied tensors add up)."""
+    sums = table.groupby(["decision", "option"])["predicted"].sum()
+    return [np.array([sums[(d.name, j)] for j in range(len(d.formats))], dtype=np.float64) for d in decisions]
+
+
+def _need(store: dict[str, torch.Tensor], name: str, kind: str) -> torch.Tensor:
+    if name not in store:
+        raise KeyError(f"primitive {kind!r} was not computed for {name}")
+    return store[name]

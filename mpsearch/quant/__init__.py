@@ -1,0 +1,22 @@
+"""Quantizers (looked up by name) and the one verb that applies a plan to a model."""
+from __future__ import annotations
+
+import torch
+
+from .. import registry
+from . import uniform  # noqa: F401  (registers quantizers)
+from ..format import FULL_BITS, PER_CHANNEL, Format, FormatError
+
+
+def quantize(w: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Fake-quantize ``w`` with ``fmt``; 16 bits returns the tensor unchanged."""
+    if fmt.is_full:
+        return w.detach().clone()
+    return registry.get("quantizer", fmt.quantizer)(w, fmt)
+
+
+__all__ = ["Format", "FormatError", "FULL_BITS", "PER_CHANNEL", "quantize"]
+
+from .apply import applied, apply, apply_, quantizable_names  # noqa: E402
+
+__all__ += ["apply", "apply_", "applied", "quantizable_names"]

@@ -1,0 +1,52 @@
+"""Round-to-nearest uniform quantization with per-group scale and zero point."""
+from __future__ import annotations
+
+import torch
+
+from ..registry import register
+from ..format import Format, FormatError
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    """Round to fp16 precision: scales and zeros are stored (and costed) as fp16."""
+    r = t.to(torch.float16).to(torch.float32)
+    return torch.where(torch.isfinite(r) & (r != 0) | (t == 0), r, t)
+
+
+@register("quantizer", "uniform")
+def quantize_uniform(w: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Fake-quantize a 2-D weight ``[out, in]`` with groups along ``in``.
+
+    Asymmetric: levels 0..2^b-1 between each group's min and max. Symmetric: levels
+    -(2^(b-1)-1)..2^(b-1)-1 scaled by the group's abs-max. Returns a new tensor in
+    ``w``'s dtype; computation is in fp32.
+    """
+    if w.dim() != 2:
+        raise FormatError(f"uniform quantizer expects a 2-D weight, got shape {tuple(w.shape)}")
+    out_f, in_f = w.shape
+    if not fmt.fits(in_f):
+        raise FormatError(f"group size {fmt.group_size} does not divide the input dimension {in_f}")
+    g = fmt.group_len(in_f)
+    x = w.detach().to(torch.float32).reshape(out_f, in_f // g, g)
+    if fmt.symmetric:
+        qmax = 2 ** (fmt.bits - 1) - 1
+        if qmax < 1:
+            raise FormatError("symmetric uniform quantization needs at least 2 bits")
+        scale = x.abs().amax(dim=-1, keepdim=True) / qmax
+        scale = _fp16(torch.where(scale > 0, scale, torch.ones_like(scale)))
+        q = torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+    else:
+        qmax = 2**fmt.bits - 1
+        lo = x.amin(dim=-1, keepdim=True)
+        hi = x.amax(dim=-1, keepdim=True)
+        scale = (hi - lo) / qmax
+        scale = _fp16(torch.where(scale > 0, scale, torch.ones_like(scale)))
+        lo = _fp16(lo)
+        q = torch.clamp(torch.round((x - lo) / scale), 0, qmax) * scale + lo
+    return q.reshape(out_f, in_f).to(w.dtype)
+
+
+@register("quantizer", "none")
+def quantize_none(w: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """The unquantized format: the tensor itself."""
+    return w.detach().clone()

@@ -1,0 +1,16 @@
+"""Budget allocators. Importing this package registers every built-in solver."""
+from __future__ import annotations
+
+from typing import Any
+
+from .. import registry
+from . import base, milp  # noqa: F401  (imported for their @register side effects)
+from .base import Allocator, Problem, SolverError, Status
+from .milp import MILP, BruteForce
+
+__all__ = ["Allocator", "BruteForce", "MILP", "Problem", "SolverError", "Status", "get_solver"]
+
+
+def get_solver(name: str, **params: Any) -> Allocator:
+    """Instantiate the solver registered as ``name``; unknown names list the known ones."""
+    return registry.get("solver", name)(**params)

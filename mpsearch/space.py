@@ -1,0 +1,255 @@
+"""The search space: which tensors are decisions and which formats each may take.
+
+A space file (TOML, in ``search_spaces/``) names target modules by exact name or
+``re:`` pattern, the candidate formats, tied groups and per-tensor rules (pin, bit
+bounds, exclude). :meth:`SearchSpace.build` turns it into concrete decisions for one
+model; allocators only ever see those indexed decisions, never modules.
+"""
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+from torch import nn
+
+from .format import FULL_BITS, PER_CHANNEL, Format, FormatError
+
+
+class SpaceError(ValueError):
+    """A search-space file or rule that is malformed or matches nothing."""
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Exact name, or ``re:<regex>`` matched in full."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return pattern == name
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Restricts the formats of the tensors that ``match`` selects."""
+
+    match: str
+    pin: Format | None = None
+    min_bits: int | None = None
+    max_bits: int | None = None
+    exclude: bool = False
+
+    def __post_init__(self) -> None:
+        if self.match.startswith("re:"):
+            try:
+                re.compile(self.match[3:])
+            except re.error as e:
+                raise SpaceError(f"rule {self.match!r}: bad regex: {e}") from None
+        if not (self.pin or self.min_bits is not None or self.max_bits is not None or self.exclude):
+            raise SpaceError(f"rule {self.match!r} says nothing: give pin, min_bits, max_bits or exclude")
+
+    def allows(self, fmt: Format) -> bool:
+        if self.pin is not None and fmt != self.pin:
+            return False
+        if self.min_bits is not None and fmt.bits < self.min_bits:
+            return False
+        if self.max_bits is not None and fmt.bits > self.max_bits:
+            return False
+        return True
+
+    @staticmethod
+    def parse_cli(kind: str, text: str, base: Format) -> "Rule":
+        """``--pin NAME=BITS[:GROUP]``, ``--min-bits NAME=B``, ``--max-bits NAME=B``, ``--exclude NAME``."""
+        if kind == "exclude":
+            return Rule(match=text, exclude=True)
+        name, sep, value = text.rpartition("=")
+        if not sep or not name:
+            raise SpaceError(f"--{kind.replace('_', '-')} expects NAME=VALUE, got {text!r}")
+        try:
+            if kind == "pin":
+                bits, _, group = value.partition(":")
+                b = int(bits)
+                if b >= FULL_BITS:
+                    return Rule(match=name, pin=Format.full())
+                return Rule(match=name, pin=replace(base, bits=b, group_size=int(group) if group else base.group_size))
+            return Rule(match=name, **{kind: int(value)})
+        except ValueError as e:
+            raise SpaceError(f"--{kind.replace('_', '-')} {text!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor inside a decision."""
+
+    name: str
+    out_features: int
+    in_features: int
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One choice the allocator makes: a tensor, or a tied group sharing one format."""
+
+    name: str
+    members: tuple[Member, ...]
+    formats: tuple[Format, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(m.numel for m in self.members)
+
+    def bits(self, j: int) -> float:
+        """Total effective bits of all members in format ``j``."""
+        return sum(m.numel * self.formats[j].effective_bits(m.in_features) for m in self.members)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Declarative space; ``build(model)`` makes it concrete."""
+
+    name: str = "custom"
+    targets: tuple[str, ...] = (r"re:.*",)
+    ignore: tuple[str, ...] = ()
+    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    group_sizes: tuple[int, ...] = (32, 64, 128)
+    symmetric: bool = False
+    quantizer: str = "uniform"
+    include_full: bool = True
+    tie: tuple[str, ...] = ()
+    rules: tuple[Rule, ...] = field(default=())
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for b in self.bits:
+            if not isinstance(b, int) or not 1 <= b < FULL_BITS:
+                raise SpaceError(f"bits: {b!r} is not an integer in 1..{FULL_BITS - 1}")
+        for g in self.group_sizes:
+            if not isinstance(g, int) or (g < 1 and g != PER_CHANNEL):
+                raise SpaceError(f"group_sizes: {g!r} is not a positive integer or {PER_CHANNEL}")
+        for t in self.tie:
+            if not t.startswith("re:") or re.compile(t[3:]).groups < 1:
+                raise SpaceError(f"tie pattern {t!r} must be 're:' with a capture group naming the tied set")
+
+    # ---------------------------------------------------------------- loading
+    @staticmethod
+    def from_file(path: str | Path) -> "SearchSpace":
+        path = Path(path)
+        if not path.exists():
+            builtin = Path(__file__).resolve().parents[1] / "search_spaces" / f"{path}.toml"
+            if not builtin.exists():
+                known = sorted(p.stem for p in builtin.parent.glob("*.toml"))
+                raise SpaceError(f"no search space file {str(path)!r}; built-in spaces: {known}")
+            path = builtin
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise SpaceError(f"{path}: not valid TOML: {e}") from None
+        return SearchSpace.from_dict(data, source=str(path))
+
+    @staticmethod
+    def from_dict(data: dict[str, Any], source: str = "") -> "SearchSpace":
+        where = source or "search space"
+        known = {"name", "description", "targets", "ignore", "formats", "tie", "rules"}
+        extra = set(data) - known
+        if extra:
+            raise SpaceError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(known)}")
+        fm = dict(data.get("formats", {}))
+        fknown = {"bits", "group_sizes", "symmetric", "quantizer", "include_full"}
+        if set(fm) - fknown:
+            raise SpaceError(f"{where}: unknown key(s) in [formats]: {sorted(set(fm) - fknown)}; allowed: {sorted(fknown)}")
+        base = Format(bits=4, group_size=64, symmetric=fm.get("symmetric", False), quantizer=fm.get("quantizer", "uniform"))
+        rules = []
+        for i, r in enumerate(data.get("rules", [])):
+            rk = {"match", "pin", "min_bits", "max_bits", "exclude"}
+            if set(r) - rk or "match" not in r:
+                raise SpaceError(f"{where}: rules[{i}] needs 'match' and only {sorted(rk)}; got {sorted(r)}")
+            pin = r.get("pin")
+            if pin is not None:
+                pin = Format.from_dict({**base.to_dict(), **pin} if pin.get("bits") != FULL_BITS else pin, f"rules[{i}].pin")
+            rules.append(Rule(match=r["match"], pin=pin, min_bits=r.get("min_bits"), max_bits=r.get("max_bits"), exclude=r.get("exclude", False)))
+        try:
+            return SearchSpace(
+                name=data.get("name", Path(source).stem or "custom"),
+                targets=tuple(data.get("targets", ("re:.*",))),
+                ignore=tuple(data.get("ignore", ())),
+                bits=tuple(fm.get("bits", (2, 3, 4, 5, 6, 8))),
+                group_sizes=tuple(fm.get("group_sizes", (32, 64, 128))),
+                symmetric=base.symmetric,
+                quantizer=base.quantizer,
+                include_full=fm.get("include_full", True),
+                tie=tuple(data.get("tie", ())),
+                rules=tuple(rules),
+                source=source,
+            )
+        except FormatError as e:
+            raise SpaceError(f"{where}: {e}") from None
+
+    def with_rules(self, rules: Iterable[Rule]) -> "SearchSpace":
+        """A copy with extra rules applied after the file's own (command-line overrides)."""
+        return replace(self, rules=self.rules + tuple(rules))
+
+    @property
+    def base_format(self) -> Format:
+        return Format(bits=4, group_size=64, symmetric=self.symmetric, quantizer=self.quantizer)
+
+    def candidate_formats(self) -> list[Format]:
+        """The grid of formats, before per-tensor fitting and rules (a pin may add one)."""
+        fmts = [replace(self.base_format, bits=b, group_size=g) for b in self.bits for g in self.group_sizes]
+        if self.include_full:
+            fmts.append(Format.full())
+        return fmts
+
+    # --------------------------------------------------------------- building
+    def linear_members(self, model: nn.Module) -> list[Member]:
+        """Every nn.Linear the targets select and ignore does not."""
+        out = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and any(matches(t, name) for t in self.targets) and not any(matches(t, name) for t in self.ignore):
+                out.append(Member(name, mod.out_features, mod.in_features))
+        if not out:
+            raise SpaceError(f"search space {self.name!r}: no linear layer of the model matches targets {list(self.targets)}")
+        return out
+
+    def build(self, model: nn.Module) -> list[Decision]:
+        """Concrete decisions for ``model``: formats fitted, rules applied, ties grouped."""
+        members = self.linear_members(model)
+        names = [m.name for m in members]
+        for r in self.rules:
+            if not any(matches(r.match, n) for n in names):
+                raise SpaceError(f"rule {r.match!r} matches no decision tensor (e.g. {names[0]!r})")
+        grid = self.candidate_formats()
+        groups: dict[str, list[Member]] = {}
+        allowed: dict[str, list[Format]] = {}
+        for m in members:
+            rules = [r for r in self.rules if matches(r.match, m.name)]
+            if any(r.exclude for r in rules):
+                continue
+            pins = [r.pin for r in rules if r.pin is not None and r.pin not in grid]
+            fmts = [f for f in grid + pins if f.fits(m.in_features) and all(r.allows(f) for r in rules)]
+            if not fmts:
+                raise SpaceError(f"{m.name}: no candidate format is left after the rules and group sizes")
+            key = self._tie_key(m.name)
+            groups.setdefault(key, []).append(m)
+            allowed[m.name] = fmts
+        decisions = []
+        for key, ms in groups.items():
+            common = [f for f in allowed[ms[0].name] if all(f in allowed[m.name] for m in ms[1:])]
+            if not common:
+                raise SpaceError(f"tied group {key!r} ({[m.name for m in ms]}): its members share no candidate format")
+            decisions.append(Decision(key, tuple(ms), tuple(common)))
+        return decisions
+
+    def _tie_key(self, name: str) -> str:
+        for t in self.tie:
+            mt = re.fullmatch(t[3:], name)
+            if mt:
+                return "tie:" + ".".join(g for g in mt.groups() if g is not None)
+        return name
+
+
+def total_numel(decisions: Iterable[Decision]) -> int:
+    return sum(d.numel for d in decisions)

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny Llama models built from a config (no download)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 128, vocab: int = 256):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own cache folder unless it is about the shared one."""
+    monkeypatch.setenv("MPSEARCH_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture
+def tokens():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (3, 32), generator=g)
