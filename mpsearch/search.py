@@ -24,10 +24,10 @@ from .evaluate import Evaluator
 from .models import load_model, load_text, token_chunks
 from .models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from .plan import Plan, fingerprint, write_json_atomic
-from .primitives import compute_primitives, tokens_hash
+from .primitives import compute_primitives, tokens_hash, weights_hash
 from .profiling import Stages
 from .proxies import load_proxy
-from .proxies.table import decision_losses, proxy_table
+from .proxies.table import cached_proxy_table, decision_losses
 from .quant import Format, applied
 from .solvers import Problem, Status, get_solver
 from .space import Decision, Rule, SearchSpace
@@ -110,7 +110,7 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
     tables, losses = {}, {}
     for p in proxies:
         with stages(f"proxy table {p.name}"):
-            tables[p.name] = proxy_table(p, model, decisions, prims, cfg.progress)
+            tables[p.name] = cached_proxy_table(p, model, decisions, prims, cfg.use_cache, cfg.progress)
             losses[p.name] = decision_losses(tables[p.name], decisions)
 
     fp, data_info = fingerprint(model), {"calibration": cfg.calibration, "calib_tokens": int(calib.numel()), "calib_sha": tokens_hash(calib)}
@@ -141,7 +141,7 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
         reference_row = {"plan": "reference (unquantized)", "kind": "reference", "effective_bits": 32.0, **ev.reference_.to_dict()}
         for name, plan in plans.items():
             with stages(f"evaluate {name}"):
-                plan.metrics.update(measure(model, plan, ev, evalt))
+                plan.metrics.update(measure(model, plan, ev, prims.weights))
             plan.provenance["evaluation"] = {"data": cfg.evaluation, "tokens": int(evalt.numel())}
 
     table = results_table(plans, reference_row)
@@ -198,9 +198,9 @@ def plan_hash(plan: Plan) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:20]
 
 
-def measure(model, plan: Plan, ev: Evaluator, tokens: torch.Tensor) -> dict:
-    """Perplexity and KL of ``plan``; cached by (model, plan, eval tokens) so reruns resume."""
-    path = cache_dir() / "evals" / f"{content_key(plan.model_fingerprint, plan_hash(plan), tokens_hash(tokens))}.json"
+def measure(model, plan: Plan, ev: Evaluator, model_hash: str) -> dict:
+    """Perplexity and KL of ``plan``; cached by (model weights, plan, eval tokens) so reruns resume."""
+    path = cache_dir() / "evals" / f"{content_key(model_hash, plan_hash(plan), tokens_hash(ev.tokens), ev.batch_size)}.json"
     if path.exists():
         try:
             return json.loads(path.read_text())

@@ -20,9 +20,11 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: i
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own cache folder unless it is about the shared one."""
-    monkeypatch.setenv("MPSEARCH_CACHE", str(tmp_path / "cache"))
+def _isolated_cache(request, tmp_path, monkeypatch):
+    """Tiny-model tests get their own cache folder; tests on the real default model share
+    the user's cache, so the converted model is reused across tests and runs."""
+    if request.node.get_closest_marker("real") is None:
+        monkeypatch.setenv("MPSEARCH_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(2)
 
 

@@ -94,3 +94,25 @@ def test_proxy_table_milp_plan_apply_evaluate(model, tokens, proxy):
     with applied(model, plan):
         q = ev.score(model)
     assert q.kl > 0 and np.isfinite(q.ppl)
+
+
+def test_caches_are_keyed_by_weight_values_not_just_shapes(tokens):
+    from mpsearch.plan import fingerprint as fp
+    from .conftest import tiny_llama
+
+    a, b = tiny_llama(seed=0), tiny_llama(seed=5)
+    assert fp(a) == fp(b)
+    ka = compute_primitives(a, [UP], tokens, {"fisher"}, progress=False).key
+    kb = compute_primitives(b, [UP], tokens, {"fisher"}, progress=False).key
+    assert ka != kb
+
+
+def test_proxy_table_cache_round_trips(model, tokens):
+    from mpsearch.proxies.table import cached_proxy_table
+
+    decisions = SearchSpace.from_file("llama").build(model)
+    prims = compute_primitives(model, [m.name for d in decisions for m in d.members], tokens, {"fisher"}, progress=False)
+    first = cached_proxy_table(load_proxy("fisher"), model, decisions, prims, progress=False)
+    again = cached_proxy_table(load_proxy("fisher"), model, decisions, prims, progress=False)
+    assert len(list((cache_dir() / "tables").glob("*.csv"))) == 1
+    assert np.allclose(first.predicted, again.predicted, rtol=1e-12) and list(first.format) == list(again.format)

@@ -93,7 +93,8 @@ def _load_embedded(dtype: torch.dtype) -> LoadedModel:
     from safetensors.torch import load_file
 
     config = AutoConfig.for_model(**json.loads((d / "config.json").read_text()))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with _no_init():  # skip random init: every weight is overwritten just below
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
@@ -102,6 +103,20 @@ def _load_embedded(dtype: torch.dtype) -> LoadedModel:
     model.to(dtype)
     tok = AutoTokenizer.from_pretrained(d / "tokenizer")
     return LoadedModel(model, tok, "smollm2-135m-instruct-q4_1-dequant")
+
+
+def _no_init():
+    """transformers' context that skips weight initialisation, where this version has it."""
+    import contextlib
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def _load_transformers(spec: str, dtype: torch.dtype) -> LoadedModel:

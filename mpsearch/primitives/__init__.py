@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ..cache import atomic_path, cache_dir, content_key
-from ..plan import fingerprint
 from .calibration import calibrate
 
 log = logging.getLogger(__name__)
@@ -31,9 +30,11 @@ class PrimitiveError(RuntimeError):
 
 @dataclass
 class Primitives:
-    """Per-tensor arrays keyed by module name; ``key`` identifies model + data + settings."""
+    """Per-tensor arrays keyed by module name; ``key`` identifies model + data + settings,
+    ``weights`` the model's parameter values."""
 
     key: str
+    weights: str = ""
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     xtx: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -48,6 +49,18 @@ def tokens_hash(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def weights_hash(model: nn.Module) -> str:
+    """Hash of every parameter's values (the fingerprint only covers names and shapes).
+
+    Cache keys use it so two checkpoints of one architecture never share an entry.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if p.numel() else b"")
+    return h.hexdigest()
+
+
 def compute_primitives(
     model: nn.Module,
     tensors: list[str],
@@ -58,8 +71,9 @@ def compute_primitives(
 ) -> Primitives:
     """Fisher and/or ``xtx`` for ``tensors`` if a proxy ``needs`` them; cached by content."""
     want = [k for k in CALIBRATED if k in needs]
-    key = content_key(fingerprint(model), tokens_hash(tokens), sorted(tensors), "calib-v1")
-    prims = Primitives(key=key)
+    weights = weights_hash(model)
+    key = content_key(weights, tokens_hash(tokens), sorted(tensors), "calib-v1")
+    prims = Primitives(key=key, weights=weights)
     if not want:
         return prims
     path = cache_dir() / "primitives" / f"{key}.safetensors"

@@ -1,16 +1,22 @@
 """Evaluate a proxy on every (tensor, format): the table ``D[tensor, format]``."""
 from __future__ import annotations
 
+import logging
+import os
+
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..cache import atomic_path, cache_dir, content_key
 from ..primitives import Primitives
 from ..quant import quantize
 from ..space import Decision
 from .proxy import Proxy
+
+log = logging.getLogger(__name__)
 
 
 def proxy_table(proxy: Proxy, model: nn.Module, decisions: list[Decision], prims: Primitives, progress: bool = True) -> pd.DataFrame:
@@ -42,6 +48,23 @@ def proxy_table(proxy: Proxy, model: nn.Module, decisions: list[Decision], prims
                 bar.update()
     bar.close()
     return pd.DataFrame(rows, columns=["decision", "tensor", "format", "option", "bits", "numel", "qerr", "predicted"])
+
+
+def cached_proxy_table(proxy: Proxy, model: nn.Module, decisions: list[Decision], prims: Primitives, use_cache: bool = True, progress: bool = True) -> pd.DataFrame:
+    """:func:`proxy_table`, cached by primitives key + expression + the decisions' formats."""
+    key = content_key(prims.key, proxy.expression.text, [(d.name, [f.key for f in d.formats]) for d in decisions], "table-v1")
+    path = cache_dir() / "tables" / f"{key}.csv"
+    if use_cache and path.exists():
+        try:
+            return pd.read_csv(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            log.warning("proxy table cache %s is corrupt (%s); recomputing", path, e)
+    table = proxy_table(proxy, model, decisions, prims, progress)
+    if use_cache:
+        tmp = atomic_path(path)
+        table.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    return table
 
 
 def decision_losses(table: pd.DataFrame, decisions: list[Decision]) -> list[np.ndarray]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -12,13 +13,16 @@ from ..registry import register
 from .base import Allocator, Problem, SolverError, Status, greedy_repair
 
 # HiGHS defaults (mip_rel_gap=1e-4, feasibility 1e-6) are too loose to match
-# brute force to 1e-6 or to keep the budget within 1e-9; the MCKP relaxation is
-# tight, so exact gaps cost little time.
+# brute force to 1e-6 or to keep the budget within 1e-9. With costs scaled by
+# the budget, a 1e-10 feasibility tolerance (HiGHS's minimum) means a plan may
+# overshoot the budget by ~1e-10 relative, inside Problem.fits' 1e-9. After the
+# Lagrangian reduction the core is small, so the tight gaps cost little time.
 _HIGHS_OPTIONS = {
     "mip_rel_gap": 1e-9,
     "mip_abs_gap": 1e-9,
-    "primal_feasibility_tolerance": 1e-9,
-    "mip_feasibility_tolerance": 1e-9,
+    "primal_feasibility_tolerance": 1e-10,
+    "mip_feasibility_tolerance": 1e-10,
+    "dual_feasibility_tolerance": 1e-10,  # else B&B prunes on reduced costs good to only 1e-7
 }
 
 
@@ -77,7 +81,10 @@ class MILP(Allocator):
             cost[i, c.size :] = c.min()
         effective = problem.effective_budget
         spare = effective - problem.min_budget + 1e-9 * abs(effective)
-        loss[cost - cost.min(axis=1, keepdims=True) > spare] = np.inf
+        row_min = cost.min(axis=1, keepdims=True)
+        excluded = cost - row_min > spare
+        loss[excluded] = np.inf
+        cost = np.where(excluded, row_min, cost)
         # Every surviving cost is now <= the budget, so dividing by the budget puts costs in
         # [0, 1] and makes HiGHS's absolute feasibility tolerance a relative one; losses are
         # scaled to O(1) for the same reason.
@@ -109,7 +116,9 @@ class MILP(Allocator):
         if self.time_limit is not None:
             opts["time_limit"] = float(self.time_limit)
         try:
-            model.solve(solver=cp.HIGHS, verbose=self.verbose, **opts)
+            with warnings.catch_warnings():  # inaccuracy is reported through status_ instead
+                warnings.filterwarnings("ignore", message="Solution may be inaccurate", category=UserWarning)
+                model.solve(solver=cp.HIGHS, verbose=self.verbose, **opts)
         except cp.error.SolverError as exc:
             raise SolverError(
                 f"HiGHS failed on a core of {core.size} of {problem.n_decisions} decisions "

@@ -1,0 +1,83 @@
+"""Benchmark: the foundation search on the embedded default model (SmolLM2-135M).
+
+Perplexity and KL on held-out text (Persuasion) for uniform 3- and 4-bit, the
+llama.cpp-style recipe, and MILP plans of every built-in proxy at the effective bits
+of uniform 3-bit and uniform 4-bit (calibrated on Pride and Prejudice); wall time and
+memory of each stage. Writes benchmarks/results/foundation.{json,csv,md}.
+
+    .venv/bin/python benchmarks/foundation.py [--threads 2] [--eval-chunks 16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from mpsearch.plan import write_json_atomic
+from mpsearch.proxies import list_proxies
+from mpsearch.search import SearchConfig, search
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine(threads: int) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"cpu": cpu, "cores": __import__("os").cpu_count(), "threads": threads, "python": sys.version.split()[0], "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def markdown(table) -> str:
+    cols = ["plan", "effective_bits", "ppl", "kl"] + sorted(c for c in table if c.startswith("predicted_"))
+    t = table[cols]
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return head + "".join("| " + " | ".join(fmt(v) for v in row) + " |\n" for row in t.itertuples(index=False))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calib-chunks", type=int, default=8)
+    ap.add_argument("--eval-chunks", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--out", default=str(RESULTS / "foundation"))
+    a = ap.parse_args()
+    cfg = SearchConfig(
+        proxies=tuple(list_proxies()), budgets=("uniform:3", "uniform:4"), threads=a.threads,
+        calib_chunks=a.calib_chunks, calib_seq_len=a.seq_len, eval_chunks=a.eval_chunks, eval_seq_len=a.seq_len,
+        out_dir=str(RESULTS / "foundation_run"),
+    )
+    t0 = time.perf_counter()
+    res = search(cfg)
+    total = time.perf_counter() - t0
+    ref = res.table[res.table.kind == "reference"]
+    table = pd.concat([ref, res.table[res.table.kind != "reference"].sort_values(["budget", "ppl"])])
+    out = Path(a.out)
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    write_json_atomic(out.with_suffix(".json"), {
+        "machine": machine(a.threads),
+        "settings": {"calibration": cfg.calibration, "calib_tokens": cfg.calib_chunks * cfg.calib_seq_len, "evaluation": cfg.evaluation, "eval_tokens": cfg.eval_chunks * cfg.eval_seq_len, "space": cfg.space},
+        "total_seconds": round(total, 1),
+        "results": json.loads(table.to_json(orient="records")),
+        "stages": json.loads(res.stages.to_json(orient="records")),
+    })
+    md = markdown(table)
+    stages = res.stages[["stage", "seconds", "rss_after_mb", "peak_rss_mb"]].to_string(index=False)
+    out.with_suffix(".md").write_text(f"{md}\nStages (seconds, resident MB after, process peak MB so far):\n\n```\n{stages}\n```\n")
+    print(md)
+    print(stages)
+    print(f"\ntotal {total:.0f} s; wrote {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Quick start 2/2: set up, then run the whole test suite (tiny models, and the real
+# default model end to end on a small slice of text). Extra flags go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,79 @@
+"""The embedded default model (SmolLM2-135M) and the Jane Austen text, end to end.
+
+Small slices of text keep this within CI's time; the benchmark runs the full sizes.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from mpsearch.cli import main
+from mpsearch.models.data import NOVELS, load_text
+from mpsearch.plan import Plan, PlanError
+from mpsearch.quant import apply_
+from mpsearch.search import SearchConfig, search
+
+from .conftest import tiny_llama
+
+pytestmark = pytest.mark.real
+SMALL = dict(calib_chunks=2, calib_seq_len=128, eval_chunks=2, eval_seq_len=128, progress=False)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return search(SearchConfig(proxies=("fisher", "mse"), budgets=("uniform:3",), out_dir=str(out), **SMALL))
+
+
+def test_search_writes_plans_and_a_results_table(result):
+    names = set(result.plans)
+    assert {"fisher-milp@uniform:3", "mse-milp@uniform:3", "uniform-u3g64a", "recipe@uniform:3"} <= names
+    table = pd.read_csv(result.out_dir / "results.csv")
+    for col in ("plan", "effective_bits", "predicted_fisher", "predicted_mse", "ppl", "kl"):
+        assert col in table.columns
+    ref = table[table.kind == "reference"].iloc[0]
+    for name, plan in result.plans.items():
+        m = plan.metrics
+        assert m["effective_bits"] <= 3.5 + 1e-9, name
+        assert math.isfinite(m["ppl"]) and m["ppl"] > ref.ppl, name
+        assert m["kl"] > 0, name
+    # the solver's plan is optimal for its own proxy among the plans it can express
+    fisher = table.set_index("plan")["predicted_fisher"]
+    assert fisher["fisher-milp@uniform:3"] <= fisher["uniform-u3g64a"] + 1e-12
+
+
+def test_saved_plan_loads_and_checks_its_model(result):
+    path = result.out_dir / "plans" / "fisher-milp@uniform_3.json"
+    plan = Plan.load(path)
+    assert plan.provenance["proxy"] == "fisher" and plan.provenance["solver"] == "milp"
+    assert len(plan.tensors) == 30 * 7
+    with pytest.raises(PlanError, match="wrong model"):
+        apply_(tiny_llama(), plan)
+
+
+def test_cli_eval_of_a_saved_plan(result, capsys):
+    path = result.out_dir / "plans" / "uniform-u3g64a.json"
+    assert main(["eval", str(path), "--eval-chunks", "1", "--eval-seq-len", "64", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["ppl"] > out["reference"]["ppl"]
+
+
+def test_cli_infeasible_budget_names_the_smallest_feasible(tmp_path, capsys):
+    rc = main(["search", "--budget", "2.0", "--no-measure", "--quiet", "--out", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "infeasible" in err and "smallest feasible budget is 2.4375" in err  # 2-bit: g64 (2.5) where in=576, g128 (2.25) on down_proj
+
+
+def test_austen_novels_are_distinct_texts():
+    texts = {n: load_text(f"austen:{n}").text for n in NOVELS}
+    assert texts["prideprejudice"].startswith("PRIDE AND PREJUDICE")
+    assert len({t[:1000] for t in texts.values()}) == len(NOVELS)
+
+
+def test_calibrating_on_evaluation_text_is_refused():
+    with pytest.raises(ValueError, match="never evaluate on calibration text"):
+        SearchConfig(calibration="austen:emma", evaluation="austen:emma")
