@@ -77,3 +77,21 @@ def test_austen_novels_are_distinct_texts():
 def test_calibrating_on_evaluation_text_is_refused():
     with pytest.raises(ValueError, match="never evaluate on calibration text"):
         SearchConfig(calibration="austen:emma", evaluation="austen:emma")
+
+
+def test_local_model_directory_and_text_file(tmp_path):
+    """Any local model directory and any text file work the same way as the defaults."""
+    from mpsearch.models import load_model
+
+    lm = load_model("smollm2")
+    tiny = tiny_llama(vocab=lm.tokenizer.vocab_size)
+    tiny.save_pretrained(tmp_path / "tiny")
+    lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "calib.txt").write_text(load_text("austen:emma").text[:20000])
+    res = search(SearchConfig(
+        model=str(tmp_path / "tiny"), calibration=str(tmp_path / "calib.txt"), evaluation="austen:northangerabbey",
+        proxies=("mse",), budgets=("4.0",), out_dir=str(tmp_path / "out"), **{**SMALL, "eval_chunks": 1},
+    ))
+    plan = res.plans["mse-milp@4.0"]
+    assert plan.model_id == str(tmp_path / "tiny") and plan.metrics["effective_bits"] <= 4.0 + 1e-9
+    assert math.isfinite(plan.metrics["ppl"])
