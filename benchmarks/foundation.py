@@ -1,9 +1,9 @@
 """Benchmark: the foundation search on the embedded default model (SmolLM2-135M).
 
 Perplexity and KL on held-out text (Persuasion) for uniform 3- and 4-bit, the
-llama.cpp-style recipe, and MILP plans of every built-in proxy at the effective bits
-of uniform 3-bit and uniform 4-bit (calibrated on Pride and Prejudice); wall time and
-memory of each stage. Writes benchmarks/results/foundation.{json,csv,md}.
+llama.cpp-style recipe (at its own 3/5- and 4/6-bit sizes, and squeezed to the uniform
+sizes), and MILP plans of every built-in proxy at each of those effective bits
+(calibrated on Pride and Prejudice); wall time and memory of each stage. Writes benchmarks/results/foundation.{json,csv,md}.
 
     .venv/bin/python benchmarks/foundation.py [--threads 2] [--eval-chunks 16]
 """
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "foundation"))
     a = ap.parse_args()
     cfg = SearchConfig(
-        proxies=tuple(list_proxies()), budgets=("uniform:3", "uniform:4"), threads=a.threads,
+        proxies=tuple(list_proxies()), budgets=("uniform:3", "uniform:4", "recipe:3", "recipe:4"), threads=a.threads,
         calib_chunks=a.calib_chunks, calib_seq_len=a.seq_len, eval_chunks=a.eval_chunks, eval_seq_len=a.seq_len,
         out_dir=str(RESULTS / "foundation_run"),
     )

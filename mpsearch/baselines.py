@@ -9,6 +9,7 @@ formats with the largest effective bits that fits the budget.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from .cost import plan_bits
 from .format import Format
 from .space import Decision, Member
@@ -45,6 +46,13 @@ def recipe_split(members: list[Member]) -> set[str]:
 def recipe_plan_formats(members: list[Member], low: Format, high: Format) -> dict[str, Format]:
     more = recipe_split(members)
     return {m.name: (high if m.name in more else low) for m in members}
+
+
+def natural_recipe(members: list[Member], base: Format, bits: int) -> dict[str, Format]:
+    """The recipe at its own size: ``bits`` for most tensors, ``bits + 2`` (at most 8) for
+    the more-bits tensors, both with the base group size (``bits=4`` is Q4_K_M-like)."""
+    low = replace(base, bits=bits)
+    return recipe_plan_formats(members, low, replace(base, bits=min(bits + 2, 8)))
 
 
 def recipe_formats(decisions: list[Decision], budget_bits: float, candidates: list[Format]) -> dict[str, Format] | None:

@@ -17,14 +17,14 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .baselines import recipe_formats, uniform_formats
+from .baselines import natural_recipe, recipe_formats, uniform_formats
 from .cache import cache_dir, content_key
 from .cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
 from .evaluate import Evaluator
 from .models import load_model, load_text, token_chunks
 from .models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from .plan import Plan, fingerprint, write_json_atomic
-from .primitives import compute_primitives, tokens_hash, weights_hash
+from .primitives import compute_primitives, tokens_hash
 from .profiling import Stages
 from .proxies import load_proxy
 from .proxies.table import cached_proxy_table, decision_losses
@@ -128,7 +128,7 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
     if cfg.baselines:
         plans.update(baseline_plans(decisions, budgets, space, lm.model_id, fp, provenance))
 
-    for name, plan in plans.items():
+    for plan in plans.values():
         fmts = plan.weight_formats()
         plan.metrics.update({"effective_bits": plan_bits(fmts, members), "size_bytes": plan_bytes(fmts, members)})
         for p in proxies:
@@ -141,7 +141,7 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
         reference_row = {"plan": "reference (unquantized)", "kind": "reference", "effective_bits": 32.0, **ev.reference_.to_dict()}
         for name, plan in plans.items():
             with stages(f"evaluate {name}"):
-                plan.metrics.update(measure(model, plan, ev, prims.weights))
+                plan.metrics.update(measure(model, plan, ev, prims.weights, desc=f"eval {name}"))
             plan.provenance["evaluation"] = {"data": cfg.evaluation, "tokens": int(evalt.numel())}
 
     table = results_table(plans, reference_row)
@@ -169,7 +169,8 @@ def make_plan(model_id: str, fp: str, formats: dict[str, Format], budget: Budget
 
 
 def baseline_plans(decisions: list[Decision], budgets: list[Budget], space: SearchSpace, model_id: str, fp: str, provenance: dict) -> dict[str, Plan]:
-    """Uniform plans named by ``uniform:B`` budgets, and the recipe at every bits budget."""
+    """Uniform plans for ``uniform:B`` budgets, the recipe itself for ``recipe:B`` budgets,
+    and the recipe matched to every other budget."""
     out: dict[str, Plan] = {}
     base = space.base_format
     members = [m for d in decisions for m in d.members]
@@ -179,6 +180,10 @@ def baseline_plans(decisions: list[Decision], budgets: list[Budget], space: Sear
             parts = b.label.split(":")
             fmt = Format(int(parts[1]), int(parts[2]) if len(parts) > 2 else base.group_size, base.symmetric, base.quantizer)
             out[f"uniform-{fmt.key}"] = make_plan(model_id, fp, uniform_formats(decisions, fmt), b, {**provenance, "baseline": "uniform"})
+        if b.label.startswith("recipe:"):
+            rec = natural_recipe(members, base, int(b.label.split(":")[1]))
+            out[f"recipe-{b.label.split(':')[1]}bit"] = make_plan(model_id, fp, rec, b, {**provenance, "baseline": "llama.cpp Q4_K_M-style recipe"})
+            continue
         bits = b.limit if b.metric == "bits" else b.total_bits(numel) / numel
         rec = recipe_formats(decisions, bits, space.candidate_formats())
         if rec is not None:
@@ -198,7 +203,7 @@ def plan_hash(plan: Plan) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:20]
 
 
-def measure(model, plan: Plan, ev: Evaluator, model_hash: str) -> dict:
+def measure(model, plan: Plan, ev: Evaluator, model_hash: str, desc: str = "eval") -> dict:
     """Perplexity and KL of ``plan``; cached by (model weights, plan, eval tokens) so reruns resume."""
     path = cache_dir() / "evals" / f"{content_key(model_hash, plan_hash(plan), tokens_hash(ev.tokens), ev.batch_size)}.json"
     if path.exists():
@@ -207,7 +212,7 @@ def measure(model, plan: Plan, ev: Evaluator, model_hash: str) -> dict:
         except json.JSONDecodeError:
             log.warning("evaluation cache %s is corrupt; measuring again", path)
     with applied(model, plan):
-        q = ev.score(model, desc="eval").to_dict()
+        q = ev.score(model, desc=desc).to_dict()
     write_json_atomic(path, q)
     return q
 

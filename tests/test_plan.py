@@ -121,3 +121,12 @@ def test_activation_targets_are_refused_clearly(model):
     plan = Plan("tiny", fingerprint(model), {Q: {"weight": Format(4), "input": Format(8)}})
     with pytest.raises(PlanError, match="not supported"):
         apply_(model, plan)
+
+
+def test_cli_reports_a_malformed_plan_in_one_line(tmp_path, capsys):
+    from mpsearch.cli import main
+
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "mpsearch.plan/v1", "model": {"id": "x", "fingerprint": "y"}, "tensors": {Q: {"weight": {"bits": 4, "grop_size": 64}}}}))
+    assert main(["eval", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert "grop_size" in err and Q in err and err.count("\n") == 1

@@ -41,16 +41,23 @@ class Budget:
 
     @staticmethod
     def parse(text: str, decisions: list[Decision], base: Format) -> "Budget":
-        """``3.5`` (bits/weight) | ``48MB``/``500KB``/``1000B`` | ``uniform:3`` or ``uniform:3:128``.
+        """``3.5`` (bits/weight) | ``48MB``/``500KB``/``1000B`` | ``uniform:3[:128]`` | ``recipe:4``.
 
         ``uniform:B[:G]`` is the effective bits of the uniform B-bit plan with groups of G
         (default: the space's base group size): "the same size as uniform 3-bit".
+        ``recipe:B`` is the size of the llama.cpp-style recipe with B bits for most tensors
+        and B+2 for attention V / FFN down in the chosen layers (``recipe:4`` ~ Q4_K_M).
         """
         t = str(text).strip()
+        members = [mm for d in decisions for mm in d.members]
+        m = re.fullmatch(r"recipe:(\d+)", t)
+        if m:
+            from ..baselines import natural_recipe
+
+            return Budget("bits", plan_bits(natural_recipe(members, base, int(m[1])), members), t)
         m = re.fullmatch(r"uniform:(\d+)(?::(-?\d+))?", t)
         if m:
             fmt = Format(int(m[1]), int(m[2]) if m[2] else base.group_size, base.symmetric, base.quantizer)
-            members = [mm for d in decisions for mm in d.members]
             return Budget("bits", plan_bits({mm.name: fmt for mm in members}, members), t)
         m = re.fullmatch(r"([0-9.]+)\s*(KB|MB|GB|B)", t, re.IGNORECASE)
         if m:
@@ -59,7 +66,7 @@ class Budget:
         try:
             return Budget("bits", float(t), t)
         except ValueError:
-            raise BudgetError(f"cannot read budget {text!r}: use bits per weight (3.5), a size (48MB) or uniform:BITS[:GROUP]") from None
+            raise BudgetError(f"cannot read budget {text!r}: use bits per weight (3.5), a size (48MB), uniform:BITS[:GROUP] or recipe:BITS") from None
 
 
 def decision_costs(decisions: list[Decision]) -> list[np.ndarray]:

@@ -207,7 +207,8 @@ class Allocator(ABC):
         """The keyword parameters given to ``__init__`` (for logging / cloning)."""
         sig = inspect.signature(type(self).__init__)
         skip = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        return {p.name: getattr(self, p.name) for p in list(sig.parameters.values())[1:] if p.kind not in skip}
+        params = list(sig.parameters.values())[1:]  # drop self
+        return {p.name: getattr(self, p.name) for p in params if p.kind not in skip}
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())

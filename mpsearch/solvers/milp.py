@@ -1,10 +1,10 @@
-"""Exact solvers: a MILP via cvxpy + HiGHS, and brute force as a reference for tests."""
+"""Solvers: a MILP via cvxpy + HiGHS (exact up to a set gap), and brute force as a test reference."""
 from __future__ import annotations
 
 import itertools
 import math
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -12,17 +12,20 @@ import scipy.sparse as sp
 from ..registry import register
 from .base import Allocator, Problem, SolverError, Status, greedy_repair
 
-# HiGHS defaults (mip_rel_gap=1e-4, feasibility 1e-6) are too loose to match
-# brute force to 1e-6 or to keep the budget within 1e-9. With costs scaled by
-# the budget, a 1e-10 feasibility tolerance (HiGHS's minimum) means a plan may
-# overshoot the budget by ~1e-10 relative, inside Problem.fits' 1e-9. After the
-# Lagrangian reduction the core is small, so the tight gaps cost little time.
-_HIGHS_OPTIONS = {
-    "mip_rel_gap": 1e-9,
-    "mip_abs_gap": 1e-9,
+# HiGHS defaults (feasibility 1e-6/1e-7) are too loose to keep the budget within
+# 1e-9 or to match brute force; 1e-10 is HiGHS's minimum. With the budget row
+# scaled to a right-hand side of 1 this is a relative tolerance, inside
+# Problem.fits' 1e-9. The dual tolerance matters too: at the default 1e-7 the
+# branch-and-bound prunes on reduced costs good to only 1e-7. HiGHS also drops
+# matrix entries below small_matrix_value (default 1e-9), which over thousands of
+# tiny costs adds up to a real budget overshoot; 1e-12 is its minimum, and steps
+# below it are rounded up to it (conservative) before the model is built.
+_SMALL_MATRIX_VALUE = 1e-12
+_HIGHS_TOLERANCES = {
     "primal_feasibility_tolerance": 1e-10,
     "mip_feasibility_tolerance": 1e-10,
-    "dual_feasibility_tolerance": 1e-10,  # else B&B prunes on reduced costs good to only 1e-7
+    "dual_feasibility_tolerance": 1e-10,
+    "small_matrix_value": _SMALL_MATRIX_VALUE,
 }
 
 
@@ -35,20 +38,61 @@ def _unconstrained_optimum(problem: Problem) -> tuple[int, ...]:
     return tuple(choice)
 
 
+def _scaled_arrays(problem: Problem) -> tuple[np.ndarray, np.ndarray, float]:
+    """Padded (decision x option) ``loss``, ``cost`` and the budget, shifted and scaled.
+
+    Excluded entries (padding, and options that cannot fit even with every other
+    decision at its cheapest) get +inf loss and the row's min cost, so they are
+    never picked and never change a row minimum. Losses are shifted to a per-decision
+    minimum of 0 (same argmin) and scaled to at most 1; costs are divided by the
+    budget, which every surviving cost is now below, so they lie in [0, 1].
+    """
+    k_max = max(len(o) for o in problem.options)
+    loss = np.full((problem.n_decisions, k_max), np.inf)
+    cost = np.empty((problem.n_decisions, k_max))
+    for i, (l, c) in enumerate(zip(problem.loss, problem.cost)):
+        loss[i, : l.size] = l - l.min()
+        cost[i, : c.size] = c
+        cost[i, c.size :] = c.min()
+    effective = problem.effective_budget
+    spare = effective - problem.min_budget + 1e-9 * abs(effective)
+    row_min = cost.min(axis=1, keepdims=True)
+    excluded = cost - row_min > spare
+    loss[excluded] = np.inf
+    cost = np.where(excluded, row_min, cost)
+    loss /= float(loss[np.isfinite(loss)].max()) or 1.0
+    cost /= effective if effective > 0 else 1.0
+    # Never below the scaled all-cheapest plan, which rounding could otherwise push over.
+    budget = max(effective / (effective if effective > 0 else 1.0), float(cost.min(axis=1).sum()))
+    return loss, cost, budget
+
+
 @register("solver", "milp")
 class MILP(Allocator):
-    """Exact multiple-choice knapsack as a binary program, solved by HiGHS through cvxpy.
+    """Multiple-choice knapsack as a binary program, solved by HiGHS through cvxpy.
 
-    One flat boolean vector holds every (decision, option) pair; a sparse
-    one-hot row per decision and a single budget row keep model building linear
-    in size (10,000 x 8 builds and solves in seconds).
+    Steps: (1) a Lagrangian bound plus a greedy plan discards options that cannot
+    be optimal and fixes most decisions (exact reduced-cost fixing); (2) the
+    remaining core goes to HiGHS as one flat boolean vector with a sparse one-hot
+    row per decision and one budget row.
+
+    ``gap`` is the optimality tolerance: with status ``optimal``, ``loss_`` is at
+    most ``gap * D`` above the true optimum, where ``D`` is the part of the loss
+    the budget controls (plan loss minus the sum of per-decision minimum losses)
+    of the greedy starting plan. The default ``gap=0`` asks for a proof of exact
+    optimality: instant for model-sized problems (hundreds of decisions), but on
+    10,000 x 8 instances with many near-equal combinations (integer bit costs) it
+    can take HiGHS minutes; ``gap=1e-5`` keeps those at seconds.
+    ``time_limit`` (seconds, HiGHS only) returns the best plan found so far with
+    status ``optimal_inaccurate``.
     """
 
     name = "milp"
 
-    def __init__(self, *, time_limit: float | None = None, verbose: bool = False) -> None:
+    def __init__(self, *, time_limit: float | None = None, verbose: bool = False, gap: float = 0.0) -> None:
         self.time_limit = time_limit
         self.verbose = verbose
+        self.gap = gap
 
     @classmethod
     def is_available(cls) -> bool:
@@ -60,59 +104,67 @@ class MILP(Allocator):
         return "HIGHS" in cp.installed_solvers()
 
     def _solve(self, problem: Problem) -> tuple[str, Sequence[int] | None]:
-        """Called by ``solve`` for feasible problems; builds the scaled MILP and solves it."""
+        """Called by ``solve`` for feasible problems: reduce, then solve the core with HiGHS."""
         # A budget covering the unconstrained optimum makes the solver pointless.
         unconstrained = _unconstrained_optimum(problem)
         if problem.evaluate(unconstrained)[1] <= problem.effective_budget:
             self.solver_status_ = "skipped: budget not binding"
             return Status.OPTIMAL, unconstrained
 
+        loss, cost, budget = _scaled_arrays(problem)
+        keep, incumbent, lower = _lagrangian_reduction(loss, cost, budget)
+        upper = float(loss[np.arange(problem.n_decisions), incumbent].sum())
+        tolerance = max(self.gap, 0.0) * upper  # absolute, in scaled loss units
+        core = np.flatnonzero(keep.sum(axis=1) > 1)
+        if core.size == 0 or upper - lower <= tolerance:
+            self.solver_status_ = "skipped: greedy plan within gap of the Lagrangian bound"
+            return Status.OPTIMAL, tuple(int(j) for j in incumbent)
+
+        status, plan = self._solve_core(loss, cost, budget, keep, incumbent, core, tolerance)
+        fitting = [tuple(int(j) for j in p) for p in (plan, incumbent) if p is not None]
+        fitting = [p for p in fitting if problem.fits(problem.evaluate(p)[1])]
+        if status == Status.OPTIMAL and plan is not None and fitting and fitting[0] == tuple(plan):
+            return Status.OPTIMAL, fitting[0]
+        # Time limit, numerical trouble, or an over-budget HiGHS plan: best feasible plan at hand.
+        if not fitting:  # should essentially never happen
+            return Status.INACCURATE, greedy_repair(problem, incumbent)
+        return Status.INACCURATE, min(fitting, key=lambda p: problem.evaluate(p)[0])
+
+    def _solve_core(
+        self,
+        loss: np.ndarray,
+        cost: np.ndarray,
+        budget: float,
+        keep: np.ndarray,
+        incumbent: np.ndarray,
+        core: np.ndarray,
+        tolerance: float,
+    ) -> tuple[str, np.ndarray | None]:
+        """HiGHS on the undecided ``core``; the other decisions keep their only candidate.
+
+        Returns ``(status, plan)``; ``plan`` is a full plan (or None) not yet checked
+        against the budget. On a time limit it is HiGHS's best incumbent, if any.
+        """
         import cvxpy as cp
 
-        # Padded (decision x option) arrays. Excluded entries (padding, or options that
-        # cannot fit even with every other decision at its cheapest) get +inf loss and the
-        # row's min cost, so they are never picked and never change a row minimum.
-        k_max = max(len(o) for o in problem.options)
-        loss = np.full((problem.n_decisions, k_max), np.inf)
-        cost = np.empty((problem.n_decisions, k_max))
-        for i, (l, c) in enumerate(zip(problem.loss, problem.cost)):
-            loss[i, : l.size] = l - l.min()  # per-decision shift: same argmin, objective >= 0
-            cost[i, : c.size] = c
-            cost[i, c.size :] = c.min()
-        effective = problem.effective_budget
-        spare = effective - problem.min_budget + 1e-9 * abs(effective)
-        row_min = cost.min(axis=1, keepdims=True)
-        excluded = cost - row_min > spare
-        loss[excluded] = np.inf
-        cost = np.where(excluded, row_min, cost)
-        # Every surviving cost is now <= the budget, so dividing by the budget puts costs in
-        # [0, 1] and makes HiGHS's absolute feasibility tolerance a relative one; losses are
-        # scaled to O(1) for the same reason.
-        cost_scale = effective if effective > 0 else 1.0
-        loss_scale = float(loss[np.isfinite(loss)].max()) or 1.0
-        loss /= loss_scale
-        cost /= cost_scale
-        # Never below the scaled all-cheapest plan, which rounding could otherwise push over.
-        budget = max(effective / cost_scale, float(cost.min(axis=1).sum()))
-
-        keep, incumbent = _lagrangian_reduction(loss, cost, budget)
-        # Decisions left with one candidate are fixed; only the rest (the "core") go to HiGHS.
-        core = np.flatnonzero(keep.sum(axis=1) > 1)
-        if core.size == 0:  # every decision fixed: the incumbent is optimal
-            self.solver_status_ = "skipped: fixed by Lagrangian reduction"
-            return Status.OPTIMAL, tuple(int(j) for j in incumbent)
-        fixed = np.ones(problem.n_decisions, dtype=bool)
+        fixed = np.ones(loss.shape[0], dtype=bool)
         fixed[core] = False
-        core_budget = budget - float(cost[np.flatnonzero(fixed), incumbent[fixed]].sum())
         rows, cols = np.nonzero(keep[core])  # rows index into core, sorted
+        # Budget row over cost increments above each core decision's cheapest candidate,
+        # rescaled to a right-hand side of 1 so HiGHS's tolerance is relative to it.
+        base = np.where(keep[core], cost[core], np.inf).min(axis=1)
+        spare = budget - float(cost[fixed, incumbent[fixed]].sum()) - float(base.sum())
+        scale = spare if spare > 0 else 1.0
+        step = (cost[core[rows], cols] - base[rows]) / scale
+        step[(step > 0) & (step < _SMALL_MATRIX_VALUE)] = _SMALL_MATRIX_VALUE
         n_vars = rows.size
         one_hot = sp.csr_matrix((np.ones(n_vars), (rows, np.arange(n_vars))), shape=(core.size, n_vars))
         x = cp.Variable(n_vars, boolean=True)
         model = cp.Problem(
             cp.Minimize(loss[core[rows], cols] @ x),
-            [one_hot @ x == 1, cost[core[rows], cols] @ x <= core_budget],
+            [one_hot @ x == 1, step @ x <= max(spare, 0.0) / scale],
         )
-        opts = dict(_HIGHS_OPTIONS)
+        opts: dict[str, Any] = dict(_HIGHS_TOLERANCES, mip_rel_gap=max(self.gap, 0.0), mip_abs_gap=tolerance)
         if self.time_limit is not None:
             opts["time_limit"] = float(self.time_limit)
         try:
@@ -121,29 +173,37 @@ class MILP(Allocator):
                 model.solve(solver=cp.HIGHS, verbose=self.verbose, **opts)
         except cp.error.SolverError as exc:
             raise SolverError(
-                f"HiGHS failed on a core of {core.size} of {problem.n_decisions} decisions "
+                f"HiGHS failed on a core of {core.size} of {loss.shape[0]} decisions "
                 f"({n_vars} candidate options): {exc}. "
-                "Try verbose=True to see the HiGHS log, a larger time_limit, "
+                "Try verbose=True to see the HiGHS log, a time_limit, a larger gap, "
                 "or check the loss/cost ranges for extreme values."
             ) from exc
 
         self.solver_status_ = str(model.status)
-        if model.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or x.value is None:
-            # Time limit (cvxpy reports no incumbent then) or numerical trouble: the problem is
-            # known feasible, so return the feasible greedy plan, flagged as not proven optimal.
-            return Status.INACCURATE, tuple(int(j) for j in incumbent)
-
-        # Round: per decision, the candidate with the largest value (rows are sorted).
-        order = np.lexsort((-np.asarray(x.value), rows))
+        values = x.value if model.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) else _highs_incumbent(model)
+        if values is None or np.size(values) != n_vars:
+            return Status.INACCURATE, None
+        # Round: per core decision, the candidate with the largest value.
+        order = np.lexsort((-np.asarray(values, dtype=float), rows))
         firsts = order[np.r_[0, np.flatnonzero(np.diff(rows[order])) + 1]]
         plan = incumbent.copy()
         plan[core] = cols[firsts]
-        choice = tuple(int(j) for j in plan)
-        status = Status.OPTIMAL if model.status == cp.OPTIMAL else Status.INACCURATE
-        if not problem.fits(problem.evaluate(choice)[1]):
-            # Scaled tolerances let an over-budget plan through; should essentially never happen.
-            return Status.INACCURATE, greedy_repair(problem, choice)
-        return status, choice
+        return (Status.OPTIMAL if model.status == cp.OPTIMAL else Status.INACCURATE), plan
+
+
+def _highs_incumbent(model: Any) -> np.ndarray | None:
+    """HiGHS's best plan after a time limit, which cvxpy does not expose publicly.
+
+    Reads cvxpy's private solver cache; any surprise yields None and the caller falls
+    back to the greedy plan. Whatever comes back is re-checked against the budget.
+    """
+    try:
+        results = model._solver_cache["HIGHS"][2]
+        if int(results["info"].primal_solution_status) != 2:  # kSolutionStatusFeasible
+            return None
+        return np.asarray(results["solution"].col_value, dtype=float)
+    except Exception:  # noqa: BLE001 - private API; degrade to the greedy plan
+        return None
 
 
 def _greedy_fill(loss: np.ndarray, cost: np.ndarray, budget: float, choice: np.ndarray) -> np.ndarray:
@@ -164,7 +224,9 @@ def _greedy_fill(loss: np.ndarray, cost: np.ndarray, budget: float, choice: np.n
     return choice
 
 
-def _lagrangian_reduction(loss: np.ndarray, cost: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]:
+def _lagrangian_reduction(
+    loss: np.ndarray, cost: np.ndarray, budget: float
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Exactly discard options that cannot appear in any optimal plan (reduced-cost fixing).
 
     For a multiplier ``lam >= 0`` the Lagrangian ``LB = sum_i min_j(l_ij + lam c_ij) - lam B``
@@ -173,7 +235,7 @@ def _lagrangian_reduction(loss: np.ndarray, cost: np.ndarray, budget: float) -> 
     plan's loss) is in no optimal plan. With ``lam`` near the LP dual most of a large
     instance is fixed, leaving HiGHS a small core (10,000 x 8 would otherwise take >10 s).
 
-    Returns ``(keep mask, feasible incumbent plan)``. Excluded entries have +inf loss.
+    Returns ``(keep mask, feasible incumbent plan, lower bound)``. Excluded entries have +inf loss.
     """
     n = loss.shape[0]
     arange = np.arange(n)
@@ -191,7 +253,7 @@ def _lagrangian_reduction(loss: np.ndarray, cost: np.ndarray, budget: float) -> 
         choice_hi, used = plan(hi)
     if used > budget:  # could not find one (pathological scaling): keep everything
         cheapest = np.argmin(np.where(np.isfinite(loss), cost, np.inf), axis=1)
-        return np.isfinite(loss), cheapest
+        return np.isfinite(loss), cheapest, -math.inf
     for _ in range(100):  # bisect towards the LP dual, keeping the hi plan feasible
         mid = 0.5 * (lo + hi)
         if mid in (lo, hi):
@@ -210,7 +272,7 @@ def _lagrangian_reduction(loss: np.ndarray, cost: np.ndarray, budget: float) -> 
     # Generous float margin: the sums above carry rounding error of order n * eps * magnitude.
     margin = 1e-9 * (float(np.abs(row_min).sum()) + hi * budget + abs(upper)) + 1e-12
     keep = (lower + (reduced - row_min[:, None])) <= upper + margin
-    return keep, choice_hi
+    return keep, choice_hi, lower - margin
 
 
 @register("solver", "brute")
