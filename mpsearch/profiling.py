@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import threading
 import time
 from typing import Iterator
 
@@ -16,27 +17,38 @@ def rss_mb() -> float:
         return float("nan")
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
-
-
 class Stages:
-    """``with stages("name"):`` records seconds, RSS after, and peak RSS so far."""
+    """``with stages("name"):`` records seconds, resident memory before/after and the
+    stage's own peak (sampled every ``interval`` seconds by a background thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
         self.records: list[dict] = []
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        t0, before = time.perf_counter(), rss_mb()
+        before = rss_mb()
+        peak = [before]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(self.interval):
+                peak[0] = max(peak[0], rss_mb())
+
+        watcher = threading.Thread(target=sample, daemon=True)
+        watcher.start()
+        t0 = time.perf_counter()
         try:
             yield
         finally:
+            seconds = time.perf_counter() - t0
+            done.set()
+            watcher.join()
+            after = rss_mb()
             self.records.append({
                 "stage": name,
-                "seconds": round(time.perf_counter() - t0, 3),
+                "seconds": round(seconds, 3),
                 "rss_before_mb": round(before, 1),
-                "rss_after_mb": round(rss_mb(), 1),
-                "peak_rss_mb": round(peak_rss_mb(), 1),
+                "rss_after_mb": round(after, 1),
+                "peak_rss_mb": round(max(peak[0], after), 1),
             })
