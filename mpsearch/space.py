@@ -249,7 +249,3 @@ class SearchSpace:
             if mt:
                 return "tie:" + ".".join(g for g in mt.groups() if g is not None)
         return name
-
-
-def total_numel(decisions: Iterable[Decision]) -> int:
-    return sum(d.numel for d in decisions)
