@@ -139,10 +139,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if getattr(a, "quiet", False) else logging.INFO, format="%(message)s")
     try:
         return a.func(a)
-    except (ValueError, KeyError, RuntimeError, FileNotFoundError) as e:
-        # every input error in mpsearch is a ValueError/RuntimeError subclass with a message naming the problem
+    except user_errors() as e:  # bad input: one line naming the problem; crashes keep their traceback
         print(f"mpsearch {a.cmd}: error: {e}", file=sys.stderr)
         return 2
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean "the input is wrong", each with a message naming the problem."""
+    from .models.data import DataError
+    from .models.loader import ModelError
+    from .primitives import PrimitiveError
+    from .registry import UnknownComponentError
+    from .solvers import SolverError
+
+    # ValueError covers PlanError, SpaceError, BudgetError, FormatError, ExpressionError, ProxyFileError
+    return (ValueError, UnknownComponentError, DataError, ModelError, PrimitiveError, SolverError, FileNotFoundError)
 
 
 if __name__ == "__main__":

@@ -87,19 +87,19 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     stages = Stages()
+    proxies = [load_proxy(p) for p in cfg.proxies]  # a typo fails before any heavy work
+    space = SearchSpace.from_file(cfg.space).with_rules(cfg.rules)
 
     with stages("load model"):
         lm = load_model(cfg.model)
         model = lm.model
     with stages("build space"):
-        space = SearchSpace.from_file(cfg.space).with_rules(cfg.rules)
         decisions = space.build(model)
         members = [m for d in decisions for m in d.members]
         numel = sum(m.numel for m in members)
         costs = decision_costs(decisions)
         budgets = [Budget.parse(b, decisions, space.base_format) for b in cfg.budgets]
         check_budgets(budgets, costs, numel)
-        proxies = [load_proxy(p) for p in cfg.proxies]
     with stages("load data"):
         calib = token_chunks(lm.tokenizer, load_text(cfg.calibration), cfg.calib_seq_len, cfg.calib_chunks)
         evalt = token_chunks(lm.tokenizer, load_text(cfg.evaluation), cfg.eval_seq_len, cfg.eval_chunks) if cfg.measure else None
