@@ -1,8 +1,9 @@
 """``mpsearch.search(config)``: model + data in, measured mixed-precision plans out.
 
 Stages: load model and data -> build the search space -> primitives (cached) ->
-proxy tables -> allocator per (proxy, budget) -> baselines at the same budgets ->
-measure every plan (perplexity, KL) -> plans (JSON), results.csv, stages.csv.
+proxy tables -> predicted Pareto front per proxy -> allocator per (proxy, budget) ->
+baselines at the same budgets -> measure every plan (perplexity, KL) -> plans (JSON),
+results.csv, stages.csv, front_<proxy>.csv.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .profiling import Stages
 from .proxies import load_proxy
 from .proxies.table import cached_proxy_table, decision_losses
 from .quant import Format, applied
-from .solvers import Problem, Status, get_solver
+from .solvers import Problem, Status, get_solver, pareto_front
 from .space import Decision, Rule, SearchSpace
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class SearchResult:
     stages: pd.DataFrame
     out_dir: Path | None = None
     proxy_tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    #: per proxy: the whole predicted Pareto front (lower convex hull), effective bits vs loss
+    fronts: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
@@ -116,7 +119,11 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
     fp, data_info = fingerprint(model), {"calibration": cfg.calibration, "calib_tokens": int(calib.numel()), "calib_sha": tokens_hash(calib)}
     provenance = {"data": data_info, "seed": cfg.seed, "space": space.name, "mpsearch_version": __version__}
     plans: dict[str, Plan] = {}
+    fronts: dict[str, pd.DataFrame] = {}
     for p in proxies:
+        with stages(f"pareto front {p.name}"):
+            front = pareto_front(Problem.build([d.name for d in decisions], [[f.key for f in d.formats] for d in decisions], losses[p.name], costs, float(sum(float(c.max()) for c in costs))))
+            fronts[p.name] = pd.DataFrame({"effective_bits": front.costs / numel, "predicted": front.losses})
         for b in budgets:
             with stages(f"solve {p.name} @ {b.label}"):
                 problem = Problem.build([d.name for d in decisions], [[f.key for f in d.formats] for d in decisions], losses[p.name], costs, b.total_bits(numel))
@@ -149,7 +156,9 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
     out = Path(cfg.out_dir) if cfg.out_dir else None
     if out is not None:
         write_outputs(out, plans, table, stage_df, tables, cfg)
-    return SearchResult(plans, table, stage_df, out, tables)
+        for name, f in fronts.items():
+            f.to_csv(out / f"front_{safe_name(name)}.csv", index=False)
+    return SearchResult(plans, table, stage_df, out, tables, fronts)
 
 
 def check_budgets(budgets: list[Budget], costs: list[np.ndarray], numel: int) -> None:

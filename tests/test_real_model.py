@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -43,6 +44,10 @@ def test_search_writes_plans_and_a_results_table(result):
     # the solver's plan is optimal for its own proxy among the plans it can express
     fisher = table.set_index("plan")["predicted_fisher"]
     assert fisher["fisher-milp@uniform:3"] <= fisher["uniform-u3g64a"] + 1e-12
+    # the predicted Pareto front is a lower bound that the exact plan sits on or above
+    front = pd.read_csv(result.out_dir / "front_fisher.csv")
+    assert front.effective_bits.is_monotonic_increasing and front.predicted.is_monotonic_decreasing
+    assert fisher["fisher-milp@uniform:3"] >= np.interp(3.5, front.effective_bits, front.predicted) * (1 - 1e-9)
 
 
 def test_saved_plan_loads_and_checks_its_model(result):

@@ -4,11 +4,14 @@ from __future__ import annotations
 from typing import Any
 
 from .. import registry
-from . import base, milp  # noqa: F401  (imported for their @register side effects)
+from . import base, lagrangian, milp  # noqa: F401  (imported for their @register side effects)
 from .base import Allocator, Problem, SolverError, Status
+from .lagrangian import Lagrangian, pareto_front
 from .milp import MILP, BruteForce
+from .baq import BAQ  # also registers "baq"
+from .greedy import Greedy  # also registers "greedy"
 
-__all__ = ["Allocator", "BruteForce", "MILP", "Problem", "SolverError", "Status", "get_solver"]
+__all__ = ["Allocator", "BAQ", "BruteForce", "Greedy", "Lagrangian", "MILP", "pareto_front", "Problem", "SolverError", "Status", "get_solver"]
 
 
 def get_solver(name: str, **params: Any) -> Allocator:
