@@ -8,6 +8,7 @@ results.csv, stages.csv, front_<proxy>.csv.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__
+from . import __version__, registry
 from .baselines import natural_recipe, recipe_formats, uniform_formats
 from .cache import cache_dir, content_key
 from .cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
@@ -127,7 +128,7 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
         for b in budgets:
             with stages(f"solve {p.name} @ {b.label}"):
                 problem = Problem.build([d.name for d in decisions], [[f.key for f in d.formats] for d in decisions], losses[p.name], costs, b.total_bits(numel))
-                solver = get_solver(cfg.solver).solve(problem)
+                solver = get_solver(cfg.solver, **solver_params(cfg.solver, decisions)).solve(problem)
             if solver.status_ not in Status.SOLUTION_PRESENT:
                 raise BudgetError(f"{cfg.solver} returned {solver.status_} for budget {b.label}")
             formats = {m.name: d.formats[j] for d, j in zip(decisions, solver.choice_) for m in d.members}
@@ -159,6 +160,12 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
         for name, f in fronts.items():
             f.to_csv(out / f"front_{safe_name(name)}.csv", index=False)
     return SearchResult(plans, table, stage_df, out, tables, fronts)
+
+
+def solver_params(name: str, decisions: list[Decision]) -> dict:
+    """Allocators that model loss per weight (BAQ) take each decision's size."""
+    accepts = inspect.signature(registry.get("solver", name)).parameters
+    return {"sizes": [d.numel for d in decisions]} if "sizes" in accepts else {}
 
 
 def check_budgets(budgets: list[Budget], costs: list[np.ndarray], numel: int) -> None:

@@ -55,7 +55,9 @@ def water_fill(
             t_hi = mid
         else:
             t_lo = mid
-    return bits_at(t_hi), float(np.exp2(t_hi))
+    with np.errstate(over="ignore"):  # inf only for costs far from bits (sizes not given)
+        lam = float(np.exp2(t_hi))
+    return bits_at(t_hi), lam
 
 
 @register("solver", "baq")

@@ -26,11 +26,12 @@ def padded(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     return loss, cost
 
 
-def _upgrades(loss: np.ndarray, cost: np.ndarray, cur: int, i: int) -> list[tuple[float, int, int]]:
-    """Heap entries ``(-ratio, i, j)`` for every strictly costlier, strictly better option of row ``i``."""
+def _upgrades(loss: np.ndarray, cost: np.ndarray, cur: int, i: int) -> list[tuple[float, int, int, int]]:
+    """Heap entries ``(-ratio, i, j, cur)`` for every strictly costlier, strictly better option ``j``
+    of row ``i``, currently at option ``cur``."""
     js = np.flatnonzero((loss < loss[cur]) & (cost > cost[cur]))
     ratio = (loss[cur] - loss[js]) / (cost[js] - cost[cur])
-    return [(-float(r), i, int(j)) for r, j in zip(ratio, js)]
+    return [(-float(r), i, int(j), cur) for r, j in zip(ratio, js)]
 
 
 def fill(problem: Problem, choice: Sequence[int]) -> tuple[int, ...]:
@@ -57,10 +58,9 @@ def fill(problem: Problem, choice: Sequence[int]) -> tuple[int, ...]:
     heap = [e for i in range(problem.n_decisions) for e in _upgrades(loss[i], cost[i], int(plan[i]), i)]
     heapq.heapify(heap)
     while heap:
-        _, i, j = heapq.heappop(heap)
-        cur = int(plan[i])
-        if not (loss[i, j] < loss[i, cur] and cost[i, j] > cost[i, cur]):
-            continue  # stale: decision i moved since this entry was pushed
+        _, i, j, cur = heapq.heappop(heap)
+        if plan[i] != cur:
+            continue  # stale: decision i moved (loss only falls, so it never comes back)
         extra = float(cost[i, j] - cost[i, cur])
         if total + extra > budget:
             continue  # leftover only shrinks, so it never fits later either
