@@ -91,10 +91,10 @@ def main() -> None:
                 times.append(res.wall_time_)
             if sname == "milp":
                 exact = res.loss_
-            rows.append({"problem": pname, "allocator": sname + (" (gap 1e-5)" if params else ""), "median_s": float(np.median(times)),
+            rows.append({"problem": pname, "allocator": sname + (" (gap 1e-5)" if "gap" in params else ""), "median_s": float(np.median(times)),
                          "status": res.status_, "loss_vs_milp": res.loss_ / exact if exact else float("nan"), "budget_used": res.cost_ / problem.budget})
     df = pd.DataFrame(rows)
-    print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
     out = RESULTS / "allocators"
     df.to_csv(out.with_suffix(".csv"), index=False)
     write_json_atomic(out.with_suffix(".json"), {"machine": machine(a.threads), "repeats": a.repeats, "results": json.loads(df.to_json(orient="records"))})
