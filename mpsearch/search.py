@@ -11,7 +11,7 @@ import hashlib
 import inspect
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -121,13 +121,15 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
     provenance = {"data": data_info, "seed": cfg.seed, "space": space.name, "mpsearch_version": __version__}
     plans: dict[str, Plan] = {}
     fronts: dict[str, pd.DataFrame] = {}
+    names, options = [d.name for d in decisions], [[f.key for f in d.formats] for d in decisions]
     for p in proxies:
         with stages(f"pareto front {p.name}"):
-            front = pareto_front(Problem.build([d.name for d in decisions], [[f.key for f in d.formats] for d in decisions], losses[p.name], costs, float(sum(float(c.max()) for c in costs))))
+            unbounded = Problem.build(names, options, losses[p.name], costs, float(sum(float(c.max()) for c in costs)))
+            front = pareto_front(unbounded)
             fronts[p.name] = pd.DataFrame({"effective_bits": front.costs / numel, "predicted": front.losses})
         for b in budgets:
             with stages(f"solve {p.name} @ {b.label}"):
-                problem = Problem.build([d.name for d in decisions], [[f.key for f in d.formats] for d in decisions], losses[p.name], costs, b.total_bits(numel))
+                problem = replace(unbounded, budget=b.total_bits(numel))
                 solver = get_solver(cfg.solver, **solver_params(cfg.solver, decisions)).solve(problem)
             if solver.status_ not in Status.SOLUTION_PRESENT:
                 raise BudgetError(f"{cfg.solver} returned {solver.status_} for budget {b.label}")
