@@ -8,7 +8,6 @@ A spec is ``austen:<novel>[+<novel>...]``, a path to a text file, or
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 import struct
@@ -37,10 +36,6 @@ class DataError(RuntimeError):
 class TextData:
     name: str
     text: str
-
-    @property
-    def sha(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
 
 def load_text(spec: str) -> TextData:
