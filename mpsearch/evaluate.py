@@ -42,7 +42,7 @@ class Evaluator:
         self.ref_logp_, nll_sum, n = [], 0.0, 0
         for logp, targets in self._logprobs(reference, "reference"):
             self.ref_logp_.append(logp.half())
-            nll_sum += float(F.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1), reduction="sum"))
+            nll_sum += _nll_sum(logp, targets)
             n += targets.numel()
         self.reference_ = Quality(ppl=math.exp(nll_sum / n), kl=0.0, nll=nll_sum / n, tokens=n)
         return self
@@ -56,7 +56,7 @@ class Evaluator:
     def _quality(self, model: nn.Module, desc: str = "eval") -> Quality:
         nll_sum, kl_sum, n = 0.0, 0.0, 0
         for i, (logp, targets) in enumerate(self._logprobs(model, desc)):
-            nll_sum += float(F.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1), reduction="sum"))
+            nll_sum += _nll_sum(logp, targets)
             ref = self.ref_logp_[i].float()
             kl_sum += float((ref.exp() * (ref - logp)).sum())
             n += targets.numel()
@@ -70,6 +70,10 @@ class Evaluator:
         for ids in tqdm(batches, desc=desc, disable=not self.progress, unit="batch", leave=False):
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
             yield F.log_softmax(logits, dim=-1), ids[:, 1:]
+
+
+def _nll_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(F.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1), reduction="sum"))
 
 
 def evaluate_plan(plan, model: str = "smollm2", evaluation: str | None = None, seq_len: int = 512, chunks: int = 16, threads: int = 2, progress: bool = True) -> dict:

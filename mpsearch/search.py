@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from . import __version__, registry
-from .baselines import natural_recipe, recipe_formats, uniform_formats
+from .baselines import recipe_formats
 from .cache import cache_dir, content_key
 from .cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
 from .evaluate import Evaluator
@@ -190,18 +190,13 @@ def baseline_plans(decisions: list[Decision], budgets: list[Budget], space: Sear
     """Uniform plans for ``uniform:B`` budgets, the recipe itself for ``recipe:B`` budgets,
     and the recipe matched to every other budget."""
     out: dict[str, Plan] = {}
-    base = space.base_format
-    members = [m for d in decisions for m in d.members]
-    numel = sum(m.numel for m in members)
+    numel = sum(d.numel for d in decisions)
     for b in budgets:
-        if b.label.startswith("uniform:"):
-            parts = b.label.split(":")
-            fmt = Format(int(parts[1]), int(parts[2]) if len(parts) > 2 else base.group_size, base.symmetric, base.quantizer)
-            out[f"uniform-{fmt.key}"] = make_plan(model_id, fp, uniform_formats(decisions, fmt), b, {**provenance, "baseline": "uniform"})
-        if b.label.startswith("recipe:"):
-            rec = natural_recipe(members, base, int(b.label.split(":")[1]))
-            out[f"recipe-{b.label.split(':')[1]}bit"] = make_plan(model_id, fp, rec, b, {**provenance, "baseline": "llama.cpp Q4_K_M-style recipe"})
-            continue
+        if b.reference is not None:  # uniform:B and recipe:B budgets are defined by a baseline plan
+            kind = "uniform" if b.label.startswith("uniform:") else "llama.cpp Q4_K_M-style recipe"
+            out[b.reference_name] = make_plan(model_id, fp, b.reference, b, {**provenance, "baseline": kind})
+            if b.label.startswith("recipe:"):
+                continue
         bits = b.limit if b.metric == "bits" else b.total_bits(numel) / numel
         rec = recipe_formats(decisions, bits, space.candidate_formats())
         if rec is not None:

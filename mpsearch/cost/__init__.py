@@ -6,7 +6,7 @@ search space stay in their original precision and are reported separately.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +25,9 @@ class Budget:
     metric: str
     limit: float
     label: str = ""
+    #: for ``uniform:B`` / ``recipe:B`` budgets: the plan that defines the size, and its name
+    reference: dict[str, Format] | None = field(default=None, compare=False, repr=False)
+    reference_name: str = ""
 
     def __post_init__(self) -> None:
         if self.metric not in ("bits", "bytes"):
@@ -48,17 +51,22 @@ class Budget:
         ``recipe:B`` is the size of the llama.cpp-style recipe with B bits for most tensors
         and B+2 for attention V / FFN down in the chosen layers (``recipe:4`` ~ Q4_K_M).
         """
+        from ..baselines import natural_recipe, uniform_formats  # baselines build on costs
+
         t = str(text).strip()
         members = [mm for d in decisions for mm in d.members]
         m = re.fullmatch(r"recipe:(\d+)", t)
         if m:
-            from ..baselines import natural_recipe
-
-            return Budget("bits", plan_bits(natural_recipe(members, base, int(m[1])), members), t)
+            fmts = natural_recipe(members, base, int(m[1]))
+            return Budget("bits", plan_bits(fmts, members), t, fmts, f"recipe-{m[1]}bit")
         m = re.fullmatch(r"uniform:(\d+)(?::(-?\d+))?", t)
         if m:
             fmt = Format(int(m[1]), int(m[2]) if m[2] else base.group_size, base.symmetric, base.quantizer)
-            return Budget("bits", plan_bits({mm.name: fmt for mm in members}, members), t)
+            try:
+                fmts = uniform_formats(decisions, fmt)
+            except ValueError as e:
+                raise BudgetError(f"budget {t}: {e}") from None
+            return Budget("bits", plan_bits(fmts, members), t, fmts, f"uniform-{fmt.key}")
         m = re.fullmatch(r"([0-9.]+)\s*(KB|MB|GB|B)", t, re.IGNORECASE)
         if m:
             scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m[2].upper()]
