@@ -7,32 +7,22 @@ results.csv, stages.csv, front_<proxy>.csv.
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 
-from . import __version__, registry
+from . import registry
 from .baselines import recipe_formats
-from .cache import cache_dir, content_key
-from .cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
-from .evaluate import Evaluator
-from .models import load_model, load_text, token_chunks
+from .cost import BudgetError
 from .models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
-from .plan import Plan, fingerprint, write_json_atomic
-from .primitives import compute_primitives, tokens_hash
-from .profiling import Stages
-from .proxies import load_proxy
-from .proxies.table import cached_proxy_table, decision_losses
-from .quant import Format, applied
-from .solvers import Problem, Status, get_solver, pareto_front
-from .space import Decision, Rule, SearchSpace
+from .plan import Plan, write_json_atomic
+from .quant import Format
+from .session import Session
+from .solvers import Status, get_solver, pareto_front
+from .space import Decision, Rule
 
 log = logging.getLogger(__name__)
 
@@ -88,80 +78,47 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
     cfg = config or SearchConfig(**overrides)
     if config is not None and overrides:
         cfg = SearchConfig(**{**asdict(config), **overrides})
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    stages = Stages()
-    proxies = [load_proxy(p) for p in cfg.proxies]  # a typo fails before any heavy work
-    space = SearchSpace.from_file(cfg.space).with_rules(cfg.rules)
+    session = Session.open(cfg)
+    stages, decisions, numel = session.stages, session.decisions, session.numel
 
-    with stages("load model"):
-        lm = load_model(cfg.model)
-        model = lm.model
-    with stages("build space"):
-        decisions = space.build(model)
-        members = [m for d in decisions for m in d.members]
-        numel = sum(m.numel for m in members)
-        costs = decision_costs(decisions)
-        budgets = [Budget.parse(b, decisions, space.base_format) for b in cfg.budgets]
-        check_budgets(budgets, costs, numel)
-    with stages("load data"):
-        calib = token_chunks(lm.tokenizer, load_text(cfg.calibration), cfg.calib_seq_len, cfg.calib_chunks)
-        evalt = token_chunks(lm.tokenizer, load_text(cfg.evaluation), cfg.eval_seq_len, cfg.eval_chunks) if cfg.measure else None
-    needs = set().union(*(p.needs for p in proxies))
-    with stages("primitives"):
-        prims = compute_primitives(model, [m.name for m in members], calib, needs, cfg.use_cache, cfg.progress)
-
-    tables, losses = {}, {}
-    for p in proxies:
-        with stages(f"proxy table {p.name}"):
-            tables[p.name] = cached_proxy_table(p, model, decisions, prims, cfg.use_cache, cfg.progress)
-            losses[p.name] = decision_losses(tables[p.name], decisions)
-
-    fp, data_info = fingerprint(model), {"calibration": cfg.calibration, "calib_tokens": int(calib.numel()), "calib_sha": tokens_hash(calib)}
-    provenance = {"data": data_info, "seed": cfg.seed, "space": space.name, "mpsearch_version": __version__}
     plans: dict[str, Plan] = {}
     fronts: dict[str, pd.DataFrame] = {}
-    names, options = [d.name for d in decisions], [[f.key for f in d.formats] for d in decisions]
-    for p in proxies:
-        with stages(f"pareto front {p.name}"):
-            unbounded = Problem.build(names, options, losses[p.name], costs, float(sum(float(c.max()) for c in costs)))
+    for name in session.tables:
+        with stages(f"pareto front {name}"):
+            unbounded = session.problem(name)
             front = pareto_front(unbounded)
-            fronts[p.name] = pd.DataFrame({"effective_bits": front.costs / numel, "predicted": front.losses})
-        for b in budgets:
-            with stages(f"solve {p.name} @ {b.label}"):
+            fronts[name] = pd.DataFrame({"effective_bits": front.costs / numel, "predicted": front.losses})
+        for b in session.budgets:
+            with stages(f"solve {name} @ {b.label}"):
                 problem = replace(unbounded, budget=b.total_bits(numel))
                 solver = get_solver(cfg.solver, **solver_params(cfg.solver, decisions)).solve(problem)
             if solver.status_ not in Status.SOLUTION_PRESENT:
                 raise BudgetError(f"{cfg.solver} returned {solver.status_} for budget {b.label}")
-            formats = {m.name: d.formats[j] for d, j in zip(decisions, solver.choice_) for m in d.members}
-            plans[f"{p.name}-{cfg.solver}@{b.label}"] = make_plan(lm.model_id, fp, formats, b, {**provenance, "proxy": p.name, "solver": cfg.solver})
+            plans[f"{name}-{cfg.solver}@{b.label}"] = session.make_plan(session.formats(solver.choice_), b, proxy=name, solver=cfg.solver)
     if cfg.baselines:
-        plans.update(baseline_plans(decisions, budgets, space, lm.model_id, fp, provenance))
+        plans.update(baseline_plans(session))
 
     for plan in plans.values():
-        fmts = plan.weight_formats()
-        plan.metrics.update({"effective_bits": plan_bits(fmts, members), "size_bytes": plan_bytes(fmts, members)})
-        for p in proxies:
-            plan.metrics[f"predicted_{p.name}"] = predicted_loss(tables[p.name], fmts)
+        for name, table in session.tables.items():
+            plan.metrics[f"predicted_{name}"] = predicted_loss(table, plan.weight_formats())
 
     reference_row = None
     if cfg.measure:
-        with stages("evaluate reference"):
-            ev = Evaluator(evalt, progress=cfg.progress).fit(model)
+        ev = session.evaluator
         reference_row = {"plan": "reference (unquantized)", "kind": "reference", "effective_bits": 32.0, **ev.reference_.to_dict()}
         for name, plan in plans.items():
             with stages(f"evaluate {name}"):
-                plan.metrics.update(measure(model, plan, ev, prims.weights, desc=f"eval {name}"))
-            plan.provenance["evaluation"] = {"data": cfg.evaluation, "tokens": int(evalt.numel())}
+                plan.metrics.update(session.measure(plan, desc=f"eval {name}"))
+            plan.provenance["evaluation"] = {"data": cfg.evaluation, "tokens": int(ev.tokens.numel())}
 
     table = results_table(plans, reference_row)
     stage_df = pd.DataFrame(stages.records)
     out = Path(cfg.out_dir) if cfg.out_dir else None
     if out is not None:
-        write_outputs(out, plans, table, stage_df, tables, cfg)
+        write_outputs(out, plans, table, stage_df, session.tables, cfg)
         for name, f in fronts.items():
             f.to_csv(out / f"front_{safe_name(name)}.csv", index=False)
-    return SearchResult(plans, table, stage_df, out, tables, fronts)
+    return SearchResult(plans, table, stage_df, out, session.tables, fronts)
 
 
 def solver_params(name: str, decisions: list[Decision]) -> dict:
@@ -170,37 +127,20 @@ def solver_params(name: str, decisions: list[Decision]) -> dict:
     return {"sizes": [d.numel for d in decisions]} if "sizes" in accepts else {}
 
 
-def check_budgets(budgets: list[Budget], costs: list[np.ndarray], numel: int) -> None:
-    """Fail before any heavy work when a budget is below the smallest feasible one."""
-    min_bits = sum(float(c.min()) for c in costs)
-    for b in budgets:
-        if b.total_bits(numel) < min_bits * (1 - 1e-12):
-            raise BudgetError(
-                f"budget {b.label} is infeasible: the smallest feasible budget is "
-                f"{min_bits / numel:.4f} effective bits per weight ({min_bits / 8 / 1e6:.3f} MB) for this search space"
-            )
-
-
-def make_plan(model_id: str, fp: str, formats: dict[str, Format], budget: Budget | None, provenance: dict) -> Plan:
-    tensors = {n: {"weight": f} for n, f in formats.items()}
-    return Plan(model_id, fp, tensors, budget.to_dict() if budget else {}, {}, dict(provenance))
-
-
-def baseline_plans(decisions: list[Decision], budgets: list[Budget], space: SearchSpace, model_id: str, fp: str, provenance: dict) -> dict[str, Plan]:
+def baseline_plans(session: Session) -> dict[str, Plan]:
     """Uniform plans for ``uniform:B`` budgets, the recipe itself for ``recipe:B`` budgets,
     and the recipe matched to every other budget."""
     out: dict[str, Plan] = {}
-    numel = sum(d.numel for d in decisions)
-    for b in budgets:
+    for b in session.budgets:
         if b.reference is not None:  # uniform:B and recipe:B budgets are defined by a baseline plan
             kind = "uniform" if b.label.startswith("uniform:") else "llama.cpp Q4_K_M-style recipe"
-            out[b.reference_name] = make_plan(model_id, fp, b.reference, b, {**provenance, "baseline": kind})
+            out[b.reference_name] = session.make_plan(b.reference, b, baseline=kind)
             if b.label.startswith("recipe:"):
                 continue
-        bits = b.limit if b.metric == "bits" else b.total_bits(numel) / numel
-        rec = recipe_formats(decisions, bits, space.candidate_formats())
+        bits = b.limit if b.metric == "bits" else b.total_bits(session.numel) / session.numel
+        rec = recipe_formats(session.decisions, bits, session.space.candidate_formats())
         if rec is not None:
-            out[f"recipe@{b.label}"] = make_plan(model_id, fp, rec, b, {**provenance, "baseline": "llama.cpp Q4_K_M-style recipe"})
+            out[f"recipe@{b.label}"] = session.make_plan(rec, b, baseline="llama.cpp Q4_K_M-style recipe")
     return out
 
 
@@ -209,25 +149,6 @@ def predicted_loss(table: pd.DataFrame, formats: dict[str, Format]) -> float:
     lookup = dict(zip(zip(table["tensor"], table["format"]), table["predicted"]))
     vals = [lookup.get((n, f.key)) for n, f in formats.items()]
     return float("nan") if any(v is None for v in vals) else float(sum(vals))
-
-
-def plan_hash(plan: Plan) -> str:
-    body = json.dumps({n: {t: f.to_dict() for t, f in e.items() if f} for n, e in sorted(plan.tensors.items())}, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:20]
-
-
-def measure(model, plan: Plan, ev: Evaluator, model_hash: str, desc: str = "eval") -> dict:
-    """Perplexity and KL of ``plan``; cached by (model weights, plan, eval tokens) so reruns resume."""
-    path = cache_dir() / "evals" / f"{content_key(model_hash, plan_hash(plan), tokens_hash(ev.tokens), ev.batch_size)}.json"
-    if path.exists():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            log.warning("evaluation cache %s is corrupt; measuring again", path)
-    with applied(model, plan):
-        q = ev.score(model, desc=desc).to_dict()
-    write_json_atomic(path, q)
-    return q
 
 
 def results_table(plans: dict[str, Plan], reference_row: dict | None) -> pd.DataFrame:

@@ -11,8 +11,7 @@ from mpsearch.evaluate import Evaluator
 from mpsearch.primitives import PrimitiveError, compute_primitives
 from mpsearch.proxies import load_proxy
 from mpsearch.proxies.table import decision_losses, proxy_table
-from mpsearch.search import make_plan
-from mpsearch.plan import fingerprint
+from mpsearch.plan import Plan, fingerprint
 from mpsearch.quant import applied
 from mpsearch.solvers import Problem, get_solver
 from mpsearch.space import SearchSpace
@@ -88,7 +87,7 @@ def test_proxy_table_milp_plan_apply_evaluate(model, tokens, proxy):
     formats = {m.name: d.formats[j] for d, j in zip(decisions, solver.choice_) for m in d.members}
     tied = [formats[f"model.layers.0.self_attn.{x}_proj"] for x in "qkv"]
     assert tied[0] == tied[1] == tied[2]
-    plan = make_plan("tiny", fingerprint(model), formats, None, {})
+    plan = Plan("tiny", fingerprint(model), {n: {"weight": f} for n, f in formats.items()}, {}, {}, {})
     ev = Evaluator(tokens, progress=False).fit(model)
     assert ev.score(model).kl == pytest.approx(0.0, abs=1e-4)
     with applied(model, plan):

@@ -5,7 +5,7 @@ import pytest
 
 from mpsearch.cost import Budget, BudgetError, decision_costs, plan_bits
 from mpsearch.format import Format
-from mpsearch.search import check_budgets
+from mpsearch.session import check_budgets
 from mpsearch.space import Rule, SearchSpace, SpaceError
 
 

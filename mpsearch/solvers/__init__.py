@@ -6,12 +6,12 @@ from typing import Any
 from .. import registry
 from . import base, lagrangian, milp  # noqa: F401  (imported for their @register side effects)
 from .baq import BAQ  # also registers "baq"
-from .base import Allocator, Problem, SolverError, Status
+from .base import Allocator, Constraint, Problem, SolverError, Status
 from .greedy import Greedy  # also registers "greedy"
 from .lagrangian import Lagrangian, pareto_front
 from .milp import MILP, BruteForce
 
-__all__ = ["Allocator", "BAQ", "BruteForce", "Greedy", "Lagrangian", "MILP", "pareto_front", "Problem", "SolverError", "Status", "get_solver"]
+__all__ = ["Allocator", "BAQ", "Constraint", "BruteForce", "Greedy", "Lagrangian", "MILP", "pareto_front", "Problem", "SolverError", "Status", "get_solver"]
 
 
 def get_solver(name: str, **params: Any) -> Allocator:

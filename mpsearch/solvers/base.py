@@ -45,12 +45,42 @@ def _as_vector(values: Any) -> np.ndarray:
     return arr
 
 
+@dataclass(frozen=True, eq=False)
+class Constraint:
+    """A further cost table with its own limit: ``sum_i cost[i][choice_i] <= limit``.
+
+    Lets one problem bound bits, bytes, BOPs and latency at once (HAWQ-V3 style).
+    ``cost[i][j]`` is the cost of option ``j`` of decision ``i`` (>= 0, finite).
+    """
+
+    name: str
+    cost: tuple[np.ndarray, ...]
+    limit: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", str(self.name))
+        object.__setattr__(self, "cost", tuple(_as_vector(v) for v in self.cost))
+        object.__setattr__(self, "limit", float(self.limit))
+        if not math.isfinite(self.limit):
+            raise ValueError(f"constraint {self.name!r}: limit must be finite, got {self.limit}")
+
+    @property
+    def min_total(self) -> float:
+        """Smallest reachable total of this table on its own (every decision at its cheapest)."""
+        return float(sum(float(c.min()) for c in self.cost))
+
+    def fits(self, total: float) -> bool:
+        return total <= self.limit + REL_TOL * abs(self.limit)
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: ndarray fields make value-equality ambiguous
 class Problem:
     """A multiple-choice knapsack: pick one option per decision, total cost <= budget.
 
     ``loss[i][j]`` / ``cost[i][j]`` are the loss and cost (in budget units, >= 0)
     of option ``j`` of decision ``i``. Arrays are stored as read-only float64.
+    ``constraints`` adds further cost tables with their own limits; only solvers
+    with ``supports_constraints`` (the MILP, brute force) accept them.
     """
 
     decisions: tuple[str, ...]
@@ -58,6 +88,7 @@ class Problem:
     loss: tuple[np.ndarray, ...]
     cost: tuple[np.ndarray, ...]
     budget: float
+    constraints: tuple[Constraint, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise containers first (frozen, hence object.__setattr__), then validate.
@@ -66,6 +97,7 @@ class Problem:
         object.__setattr__(self, "loss", tuple(_as_vector(v) for v in self.loss))
         object.__setattr__(self, "cost", tuple(_as_vector(v) for v in self.cost))
         object.__setattr__(self, "budget", float(self.budget))
+        object.__setattr__(self, "constraints", tuple(self.constraints))
         self._validate()
 
     def _validate(self) -> None:
@@ -98,6 +130,20 @@ class Problem:
                 raise ValueError(f"decision {name!r} option {opts[j]!r}: cost {cost[j]} is negative")
         if not math.isfinite(self.budget):
             raise ValueError(f"budget must be finite, got {self.budget}")
+        seen = set()
+        for con in self.constraints:
+            if not isinstance(con, Constraint):
+                raise TypeError(f"constraints must be Constraint objects, got {type(con).__name__}")
+            if con.name in seen:
+                raise ValueError(f"two constraints are named {con.name!r}")
+            seen.add(con.name)
+            if len(con.cost) != n:
+                raise ValueError(f"constraint {con.name!r} has {len(con.cost)} cost rows for {n} decisions")
+            for name, opts, c in zip(self.decisions, self.options, con.cost):
+                if c.shape != (len(opts),):
+                    raise ValueError(f"constraint {con.name!r}, decision {name!r}: {c.size} costs for {len(opts)} options")
+                if not np.all(np.isfinite(c)) or np.any(c < 0):
+                    raise ValueError(f"constraint {con.name!r}, decision {name!r}: costs must be finite and >= 0, got {c.tolist()}")
 
     @classmethod
     def build(
@@ -107,6 +153,7 @@ class Problem:
         loss: Sequence[Sequence[float] | np.ndarray],
         cost: Sequence[Sequence[float] | np.ndarray],
         budget: float,
+        constraints: Sequence[Constraint] = (),
     ) -> "Problem":
         """Construct from lists (or arrays); everything becomes tuples / float64 arrays."""
         return cls(
@@ -115,6 +162,7 @@ class Problem:
             loss=tuple(_as_vector(v) for v in loss),
             cost=tuple(_as_vector(v) for v in cost),
             budget=float(budget),
+            constraints=tuple(constraints),
         )
 
     @property
@@ -144,8 +192,18 @@ class Problem:
 
     @property
     def is_feasible(self) -> bool:
-        """Whether any plan fits the budget."""
-        return self.fits(self.min_budget)
+        """Whether any plan fits the budget (with extra constraints: whether each fits on its
+        own, a necessary condition; the MILP decides the rest)."""
+        return self.fits(self.min_budget) and all(c.fits(c.min_total) for c in self.constraints)
+
+    def constraint_totals(self, choice: Sequence[int]) -> dict[str, float]:
+        """Total of every extra constraint's table for a plan."""
+        return {c.name: float(sum(float(v[j]) for v, j in zip(c.cost, choice))) for c in self.constraints}
+
+    def feasible(self, choice: Sequence[int]) -> bool:
+        """Whether a plan meets the budget and every extra constraint."""
+        totals = self.constraint_totals(choice)
+        return self.fits(self.evaluate(choice)[1]) and all(c.fits(totals[c.name]) for c in self.constraints)
 
     @property
     def effective_budget(self) -> float:
@@ -180,6 +238,7 @@ class Allocator(ABC):
     - ``problem_``: the problem solved
     - ``wall_time_``: seconds spent in :meth:`solve`
     - ``solver_status_``: the backend's raw status string, or ``None``
+    - ``constraint_costs_``: totals of ``problem.constraints`` for ``choice_`` (empty without)
 
     An infeasible budget is a normal outcome (``status_ == "infeasible"``),
     never an exception; :class:`SolverError` is reserved for solver crashes.
@@ -187,6 +246,8 @@ class Allocator(ABC):
 
     #: Registry name, set by each subclass.
     name: ClassVar[str] = "base"
+    #: Whether the solver honours ``Problem.constraints`` (others refuse such problems).
+    supports_constraints: ClassVar[bool] = False
 
     status_: str
     choice_: tuple[int, ...] | None
@@ -217,8 +278,12 @@ class Allocator(ABC):
     def solve(self, problem: Problem) -> "Allocator":
         """Called once per (problem, budget): checks feasibility, runs :meth:`_solve`,
         then re-evaluates the plan exactly. Returns ``self``."""
+        if problem.constraints and not self.supports_constraints:
+            names = ", ".join(c.name for c in problem.constraints)
+            raise ValueError(f"solver {self.name!r} handles one budget, but the problem has extra constraints ({names}); use 'milp'")
         start = time.perf_counter()
         self.problem_ = problem
+        self.constraint_costs_ = {}
         self.min_budget_ = problem.min_budget
         self.choice_ = None
         self.loss_ = None
@@ -235,6 +300,7 @@ class Allocator(ABC):
                                       "this is a solver bug, try another solver (e.g. 'brute' on tiny cases)")
                 self.choice_ = tuple(int(j) for j in choice)
                 self.loss_, self.cost_ = problem.evaluate(self.choice_)
+                self.constraint_costs_ = problem.constraint_totals(self.choice_)
         self.wall_time_ = time.perf_counter() - start
         return self
 

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..registry import register
-from .base import Allocator, Problem, SolverError, Status, greedy_repair
+from .base import REL_TOL, Allocator, Problem, SolverError, Status, greedy_repair
 
 # HiGHS defaults (feasibility 1e-6/1e-7) are too loose to keep the budget within
 # 1e-9 or to match brute force; 1e-10 is HiGHS's minimum. With the budget row
@@ -85,9 +85,14 @@ class MILP(Allocator):
     can take HiGHS minutes; ``gap=1e-5`` keeps those at seconds.
     ``time_limit`` (seconds, HiGHS only) returns the best plan found so far with
     status ``optimal_inaccurate``.
+
+    Extra ``problem.constraints`` become further rows of the same program. The
+    reduction in step (1) is then skipped (its bound covers one budget row), so
+    every decision goes to HiGHS; fine for model-sized problems.
     """
 
     name = "milp"
+    supports_constraints = True
 
     def __init__(self, *, time_limit: float | None = None, verbose: bool = False, gap: float = 0.0) -> None:
         self.time_limit = time_limit
@@ -107,11 +112,13 @@ class MILP(Allocator):
         """Called by ``solve`` for feasible problems: reduce, then solve the core with HiGHS."""
         # A budget covering the unconstrained optimum makes the solver pointless.
         unconstrained = _unconstrained_optimum(problem)
-        if problem.evaluate(unconstrained)[1] <= problem.effective_budget:
+        if problem.evaluate(unconstrained)[1] <= problem.effective_budget and problem.feasible(unconstrained):
             self.solver_status_ = "skipped: budget not binding"
             return Status.OPTIMAL, unconstrained
 
         loss, cost, budget = _scaled_arrays(problem)
+        if problem.constraints:
+            return self._solve_constrained(problem, loss, cost, budget)
         keep, incumbent, lower = _lagrangian_reduction(loss, cost, budget)
         upper = float(loss[np.arange(problem.n_decisions), incumbent].sum())
         tolerance = max(self.gap, 0.0) * upper  # absolute, in scaled loss units
@@ -120,7 +127,7 @@ class MILP(Allocator):
             self.solver_status_ = "skipped: greedy plan within gap of the Lagrangian bound"
             return Status.OPTIMAL, tuple(int(j) for j in incumbent)
 
-        status, plan = self._solve_core(loss, cost, budget, keep, incumbent, core, tolerance)
+        status, plan = self._solve_core(loss, [(cost, budget)], keep, incumbent, core, tolerance)
         fitting = [tuple(int(j) for j in p) for p in (plan, incumbent) if p is not None]
         fitting = [p for p in fitting if problem.fits(problem.evaluate(p)[1])]
         if status == Status.OPTIMAL and plan is not None and fitting and fitting[0] == tuple(plan):
@@ -130,11 +137,39 @@ class MILP(Allocator):
             return Status.INACCURATE, greedy_repair(problem, incumbent)
         return Status.INACCURATE, min(fitting, key=lambda p: problem.evaluate(p)[0])
 
+    def _solve_constrained(
+        self, problem: Problem, loss: np.ndarray, cost: np.ndarray, budget: float
+    ) -> tuple[str, Sequence[int] | None]:
+        """Budget row plus one row per extra constraint, every decision handed to HiGHS."""
+        rows = [(cost, budget)]
+        for con in problem.constraints:
+            table = _padded(con.cost, loss.shape[1])
+            row_min = table.min(axis=1, keepdims=True)
+            spare = con.limit - float(row_min.sum()) + REL_TOL * abs(con.limit)
+            loss = np.where(table - row_min > spare, np.inf, loss)  # cannot fit even alone
+            scale = abs(con.limit) if abs(con.limit) > 1e-200 else 1.0
+            rows.append((table / scale, con.limit / scale))
+        keep = np.isfinite(loss)
+        if not keep.any(axis=1).all():
+            return Status.INFEASIBLE, None
+        incumbent = np.argmin(loss, axis=1)  # the only candidate of every fixed decision
+        core = np.flatnonzero(keep.sum(axis=1) > 1)
+        if core.size == 0:
+            return (Status.OPTIMAL, tuple(int(j) for j in incumbent)) if problem.feasible(incumbent) else (Status.INFEASIBLE, None)
+        status, plan = self._solve_core(loss, rows, keep, incumbent, core, 0.0)
+        if plan is None:
+            return status, None
+        plan = tuple(int(j) for j in plan)
+        if not problem.feasible(plan):  # beyond HiGHS's 1e-10 tolerances: should not happen
+            over = {k: v for k, v in problem.constraint_totals(plan).items()}
+            raise SolverError(f"HiGHS returned a plan outside the constraints (cost {problem.evaluate(plan)[1]}, totals {over}); "
+                              "try verbose=True, or check the cost tables for extreme ranges")
+        return status, plan
+
     def _solve_core(
         self,
         loss: np.ndarray,
-        cost: np.ndarray,
-        budget: float,
+        rows_in: list[tuple[np.ndarray, float]],
         keep: np.ndarray,
         incumbent: np.ndarray,
         core: np.ndarray,
@@ -142,6 +177,7 @@ class MILP(Allocator):
     ) -> tuple[str, np.ndarray | None]:
         """HiGHS on the undecided ``core``; the other decisions keep their only candidate.
 
+        ``rows_in`` holds ``(cost table, limit)`` per constraint row, the budget first.
         Returns ``(status, plan)``; ``plan`` is a full plan (or None) not yet checked
         against the budget. On a time limit it is HiGHS's best incumbent, if any.
         """
@@ -150,20 +186,23 @@ class MILP(Allocator):
         fixed = np.ones(loss.shape[0], dtype=bool)
         fixed[core] = False
         rows, cols = np.nonzero(keep[core])  # rows index into core, sorted
-        # Budget row over cost increments above each core decision's cheapest candidate,
-        # rescaled to a right-hand side of 1 so HiGHS's tolerance is relative to it.
-        base = np.where(keep[core], cost[core], np.inf).min(axis=1)
-        spare = budget - float(cost[fixed, incumbent[fixed]].sum()) - float(base.sum())
-        scale = spare if spare > 0 else 1.0
-        step = (cost[core[rows], cols] - base[rows]) / scale
-        step[(step > 0) & (step < _SMALL_MATRIX_VALUE)] = _SMALL_MATRIX_VALUE
         n_vars = rows.size
         one_hot = sp.csr_matrix((np.ones(n_vars), (rows, np.arange(n_vars))), shape=(core.size, n_vars))
         x = cp.Variable(n_vars, boolean=True)
-        model = cp.Problem(
-            cp.Minimize(loss[core[rows], cols] @ x),
-            [one_hot @ x == 1, step @ x <= max(spare, 0.0) / scale],
-        )
+        constraints = [one_hot @ x == 1]
+        for cost, limit in rows_in:
+            # Each row over cost increments above each core decision's cheapest candidate,
+            # rescaled to a right-hand side of 1 so HiGHS's tolerance is relative to it.
+            base = np.where(keep[core], cost[core], np.inf).min(axis=1)
+            spare = limit - float(cost[fixed, incumbent[fixed]].sum()) - float(base.sum())
+            if spare < -1e-9 * max(abs(limit), 1.0):  # the fixed decisions alone break this row
+                return Status.INFEASIBLE, None
+            # A spare of float noise (a plan exactly at the limit) must not blow the row up.
+            scale = spare if spare > 1e-9 * max(abs(limit), 1e-300) else 1.0
+            step = (cost[core[rows], cols] - base[rows]) / scale
+            step[(step > 0) & (step < _SMALL_MATRIX_VALUE)] = _SMALL_MATRIX_VALUE
+            constraints.append(step @ x <= max(spare, 0.0) / scale)
+        model = cp.Problem(cp.Minimize(loss[core[rows], cols] @ x), constraints)
         opts: dict[str, Any] = dict(_HIGHS_TOLERANCES, mip_rel_gap=max(self.gap, 0.0), mip_abs_gap=tolerance)
         if self.time_limit is not None:
             opts["time_limit"] = float(self.time_limit)
@@ -180,6 +219,8 @@ class MILP(Allocator):
             ) from exc
 
         self.solver_status_ = str(model.status)
+        if model.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
+            return Status.INFEASIBLE, None
         values = x.value if model.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) else _highs_incumbent(model)
         if values is None or np.size(values) != n_vars:
             return Status.INACCURATE, None
@@ -189,6 +230,15 @@ class MILP(Allocator):
         plan = incumbent.copy()
         plan[core] = cols[firsts]
         return (Status.OPTIMAL if model.status == cp.OPTIMAL else Status.INACCURATE), plan
+
+
+def _padded(table: Sequence[np.ndarray], k_max: int) -> np.ndarray:
+    """Decision x option array; padding repeats the row minimum so it never changes a row's min."""
+    out = np.empty((len(table), k_max))
+    for i, c in enumerate(table):
+        out[i, : c.size] = c
+        out[i, c.size :] = c.min()
+    return out
 
 
 def _highs_incumbent(model: Any) -> np.ndarray | None:
@@ -284,6 +334,7 @@ class BruteForce(Allocator):
     """
 
     name = "brute"
+    supports_constraints = True
     MAX_PLANS = 2_000_000
 
     def __init__(self) -> None:
@@ -303,8 +354,8 @@ class BruteForce(Allocator):
         # product() yields plans in lexicographic order, so a strict '<' keeps the smallest on ties.
         for choice in itertools.product(*(range(k) for k in sizes)):
             loss, cost = problem.evaluate(choice)
-            if cost <= budget and (best is None or (loss, cost) < best):
+            if cost <= budget and (best is None or (loss, cost) < best) and (not problem.constraints or problem.feasible(choice)):
                 best, best_choice = (loss, cost), choice
-        if best_choice is None:  # unreachable: the all-cheapest plan costs exactly min_budget
-            return Status.ERROR, None
+        if best_choice is None:  # only with extra constraints: the all-cheapest plan fits the budget alone
+            return Status.INFEASIBLE, None
         return Status.OPTIMAL, best_choice

@@ -1,0 +1,171 @@
+"""A prepared model + data + search space: the shared start of every search method.
+
+``Session.open(config)`` loads the model, builds the decisions, checks the budgets,
+computes the primitives and proxy tables (all cached), so a proxy MILP, an Optuna
+study or a predictor search can each turn choices into plans and measure them the
+same way, with the same evaluation cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .cache import cache_dir, content_key
+from .cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
+from .evaluate import Evaluator
+from .format import Format
+from .models import load_model, load_text, token_chunks
+from .plan import Plan, fingerprint, write_json_atomic
+from .primitives import compute_primitives, tokens_hash
+from .profiling import Stages
+from .proxies import load_proxy
+from .proxies.table import cached_proxy_table, decision_losses
+from .quant import applied
+from .solvers import Problem
+from .space import Decision, SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """Everything one search needs in memory. Build it with :meth:`open`."""
+
+    config: object  # SearchConfig (kept untyped to avoid an import cycle)
+    lm: object
+    space: SearchSpace
+    decisions: list[Decision]
+    budgets: list[Budget]
+    calib: torch.Tensor
+    eval_tokens: torch.Tensor | None
+    prims: object
+    tables: dict = field(default_factory=dict)
+    losses: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    stages: Stages = field(default_factory=Stages)
+
+    @classmethod
+    def open(cls, cfg, stages: Stages | None = None) -> "Session":
+        """Load, build and compute in stages; a typo in a proxy or budget fails before heavy work."""
+        stages = stages or Stages()
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        proxies = [load_proxy(p) for p in cfg.proxies]
+        space = SearchSpace.from_file(cfg.space).with_rules(cfg.rules)
+        with stages("load model"):
+            lm = load_model(cfg.model)
+        with stages("build space"):
+            decisions = space.build(lm.model)
+            budgets = [Budget.parse(b, decisions, space.base_format) for b in cfg.budgets]
+            check_budgets(budgets, decision_costs(decisions), sum(d.numel for d in decisions))
+        with stages("load data"):
+            calib = token_chunks(lm.tokenizer, load_text(cfg.calibration), cfg.calib_seq_len, cfg.calib_chunks)
+            evalt = token_chunks(lm.tokenizer, load_text(cfg.evaluation), cfg.eval_seq_len, cfg.eval_chunks) if cfg.measure else None
+        s = cls(cfg, lm, space, decisions, budgets, calib, evalt, None, stages=stages)
+        needs = set().union(*(p.needs for p in proxies))
+        with stages("primitives"):
+            s.prims = compute_primitives(lm.model, [m.name for m in s.members], calib, needs, cfg.use_cache, cfg.progress)
+        for p in proxies:
+            with stages(f"proxy table {p.name}"):
+                s.tables[p.name] = cached_proxy_table(p, lm.model, decisions, s.prims, cfg.use_cache, cfg.progress)
+                s.losses[p.name] = decision_losses(s.tables[p.name], decisions)
+        return s
+
+    # -- the search space as arrays -------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.lm.model
+
+    @property
+    def members(self):
+        return [m for d in self.decisions for m in d.members]
+
+    @property
+    def numel(self) -> int:
+        return sum(d.numel for d in self.decisions)
+
+    @property
+    def costs(self) -> list[np.ndarray]:
+        """Total effective bits of each option of each decision."""
+        return decision_costs(self.decisions)
+
+    def problem(self, proxy: str, total_bits: float | None = None) -> Problem:
+        """The knapsack for one proxy; ``total_bits`` defaults to 'everything fits'."""
+        costs = self.costs
+        budget = total_bits if total_bits is not None else float(sum(float(c.max()) for c in costs))
+        return Problem.build([d.name for d in self.decisions], [[f.key for f in d.formats] for d in self.decisions],
+                             self.losses[proxy], costs, budget)
+
+    def formats(self, choice: Sequence[int]) -> dict[str, Format]:
+        """Per-tensor formats of a choice (one option index per decision; tied members share it)."""
+        if len(choice) != len(self.decisions):
+            raise ValueError(f"choice has {len(choice)} entries for {len(self.decisions)} decisions")
+        return {m.name: d.formats[int(j)] for d, j in zip(self.decisions, choice) for m in d.members}
+
+    def effective_bits(self, formats: dict[str, Format]) -> float:
+        return plan_bits(formats, self.members)
+
+    # -- plans and their measurement ------------------------------------------------
+    @property
+    def provenance(self) -> dict:
+        cfg = self.config
+        data = {"calibration": cfg.calibration, "calib_tokens": int(self.calib.numel()), "calib_sha": tokens_hash(self.calib)}
+        return {"data": data, "seed": cfg.seed, "space": self.space.name, "mpsearch_version": __version__}
+
+    def make_plan(self, formats: dict[str, Format], budget: Budget | None = None, **provenance) -> Plan:
+        tensors = {n: {"weight": f} for n, f in formats.items()}
+        plan = Plan(self.lm.model_id, fingerprint(self.model), tensors, budget.to_dict() if budget else {}, {},
+                    {**self.provenance, **provenance})
+        plan.metrics.update({"effective_bits": plan_bits(formats, self.members), "size_bytes": plan_bytes(formats, self.members)})
+        return plan
+
+    @property
+    def evaluator(self) -> Evaluator:
+        """Fitted on first use: the reference model's log-probs on the evaluation tokens."""
+        if getattr(self, "_evaluator", None) is None:
+            if self.eval_tokens is None:
+                raise ValueError("this session was opened with measure=False; nothing to measure on")
+            with self.stages("evaluate reference"):
+                self._evaluator = Evaluator(self.eval_tokens, progress=self.config.progress).fit(self.model)
+        return self._evaluator
+
+    def measure(self, plan: Plan, desc: str = "eval") -> dict:
+        """Perplexity and KL of ``plan``; cached by (model weights, plan, eval tokens), so reruns resume."""
+        ev = self.evaluator
+        path = cache_dir() / "evals" / f"{content_key(self.prims.weights, plan_hash(plan), tokens_hash(ev.tokens), ev.batch_size)}.json"
+        if path.exists() and self.config.use_cache:
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                log.warning("evaluation cache %s is corrupt; measuring again", path)
+        with applied(self.model, plan):
+            q = ev.score(self.model, desc=desc).to_dict()
+        write_json_atomic(path, q)
+        return q
+
+    def measure_choice(self, choice: Sequence[int]) -> dict:
+        """Measured quality of a choice, plus its effective bits (for Optuna / the predictor)."""
+        plan = self.make_plan(self.formats(choice))
+        return {**self.measure(plan, desc="eval"), "effective_bits": plan.metrics["effective_bits"]}
+
+
+def check_budgets(budgets: list[Budget], costs: list[np.ndarray], numel: int) -> None:
+    """Fail before any heavy work when a budget is below the smallest feasible one."""
+    min_bits = sum(float(c.min()) for c in costs)
+    for b in budgets:
+        if b.total_bits(numel) < min_bits * (1 - 1e-12):
+            raise BudgetError(
+                f"budget {b.label} is infeasible: the smallest feasible budget is "
+                f"{min_bits / numel:.4f} effective bits per weight ({min_bits / 8 / 1e6:.3f} MB) for this search space"
+            )
+
+
+def plan_hash(plan: Plan) -> str:
+    body = json.dumps({n: {t: f.to_dict() for t, f in e.items() if f} for n, e in sorted(plan.tensors.items())}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:20]

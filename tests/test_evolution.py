@@ -1,0 +1,93 @@
+"""Optuna NSGA-II on measured quality: seeding, deduplication, pruning and resume."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpsearch.evolution import EvolutionConfig, Space, evolve, pareto_mask
+
+pytest.importorskip("optuna")
+
+
+def toy_space(n: int = 6) -> Space:
+    bits = np.array([2.0, 3.0, 4.0, 8.0])
+    return Space(tuple(f"d{i}" for i in range(n)), (("b2", "b3", "b4", "b8"),) * n,
+                 tuple(bits * 100 for _ in range(n)), 100 * n)
+
+
+class CountingMeasure:
+    """A stand-in for a model evaluation: deterministic, and it counts its calls per plan."""
+
+    def __init__(self, space: Space, fail_on_call: int | None = None) -> None:
+        self.space, self.calls, self.fail_on_call = space, [], fail_on_call
+
+    def __call__(self, choice):
+        if self.fail_on_call is not None and len(self.calls) + 1 == self.fail_on_call:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls.append(self.space.plan_hash(choice))
+        kl = sum(2.0 ** (-2 * (j + 1)) * (i + 1) for i, j in enumerate(choice))
+        return {"kl": kl, "ppl": 10 * (1 + kl), "nll": kl}
+
+
+def test_seeds_run_first_and_no_plan_is_measured_twice(tmp_path) -> None:
+    space = toy_space()
+    measure = CountingMeasure(space)
+    seeds = [(0,) * 6, (3,) * 6, (0,) * 6, (1, 2, 1, 2, 1, 2)]  # one duplicate seed
+    df = evolve(space, measure, tmp_path / "study.log", EvolutionConfig(trials=20, population=4), seeds, progress=False)
+    assert len(df) == 20
+    assert list(df["source"][:3]) == ["seed"] * 3 and set(df["source"][3:]) <= {"nsga2"}
+    assert len(measure.calls) == len(set(measure.calls))  # never evaluated twice
+    done = df[df.state == "COMPLETE"]
+    assert set(done.plan_hash) == set(measure.calls)
+    assert np.allclose(done.effective_bits[:3], [2.0, 8.0, 3.5])
+
+
+def test_resumed_study_continues_without_repeating_evaluations(tmp_path) -> None:
+    space, path = toy_space(), tmp_path / "study.log"
+    first = CountingMeasure(space)
+    evolve(space, first, path, EvolutionConfig(trials=8, population=4), [(0,) * 6], progress=False)
+    second = CountingMeasure(space)
+    df = evolve(space, second, path, EvolutionConfig(trials=16, population=4), [(0,) * 6], progress=False)
+    assert list(df.trial) == list(range(16))
+    assert not set(first.calls) & set(second.calls)  # plans measured in run 1 are answered by the study
+    assert len(second.calls) == len(set(second.calls))
+    again = CountingMeasure(space)
+    evolve(space, again, path, EvolutionConfig(trials=16, population=4), progress=False)
+    assert again.calls == []  # already complete: nothing to do
+
+
+def test_interrupted_trial_is_failed_and_the_study_finishes(tmp_path) -> None:
+    space, path = toy_space(), tmp_path / "study.log"
+    cfg = EvolutionConfig(trials=10, population=4)
+    broken = CountingMeasure(space, fail_on_call=4)
+    with pytest.raises(KeyboardInterrupt):
+        evolve(space, broken, path, cfg, [(0,) * 6, (3,) * 6], progress=False)
+    resumed = CountingMeasure(space)
+    df = evolve(space, resumed, path, cfg, progress=False)
+    assert (df.state == "FAIL").sum() == 1
+    assert df.state.isin(["COMPLETE", "PRUNED"]).sum() == 10
+    assert not set(broken.calls) & set(resumed.calls)
+
+
+def test_plans_outside_the_window_are_pruned_unmeasured(tmp_path) -> None:
+    space = toy_space()
+    measure = CountingMeasure(space)
+    cfg = EvolutionConfig(trials=12, population=4, min_bits=3.0, max_bits=4.5)
+    df = evolve(space, measure, tmp_path / "s.log", cfg, [(0,) * 6, (2,) * 6], progress=False)
+    assert df.loc[0, "state"] == "PRUNED"  # the 2-bit seed is below the window
+    measured = df[df.state == "COMPLETE"]
+    assert measured.effective_bits.between(3.0, 4.5).all()
+    assert len(measure.calls) == measured.plan_hash.nunique()
+
+
+def test_a_study_for_other_decisions_is_refused(tmp_path) -> None:
+    path = tmp_path / "s.log"
+    evolve(toy_space(4), CountingMeasure(toy_space(4)), path, EvolutionConfig(trials=2, population=2), progress=False)
+    with pytest.raises(ValueError, match="other decisions"):
+        evolve(toy_space(5), CountingMeasure(toy_space(5)), path, EvolutionConfig(trials=4, population=2), progress=False)
+
+
+def test_pareto_mask() -> None:
+    bits = np.array([3.0, 3.0, 4.0, 5.0, 4.5])
+    q = np.array([1.0, 2.0, 0.5, 0.6, 0.5])
+    assert pareto_mask(bits, q).tolist() == [True, False, True, False, False]
