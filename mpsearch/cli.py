@@ -1,4 +1,4 @@
-"""The ``mpsearch`` command: ``search``, ``apply``, ``eval`` and ``list``.
+"""The ``mpsearch`` command: ``search``, ``evolve``, ``apply``, ``eval`` and ``list``.
 
 Every command is a thin layer over one library call (``mpsearch.search``,
 ``mpsearch.apply_``, ``mpsearch.evaluate_plan``); errors in the input are printed as
@@ -15,23 +15,57 @@ from pathlib import Path
 from .models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 
 
-def _search(a: argparse.Namespace) -> int:
-    from .search import SearchConfig, search
+def search_config(a: argparse.Namespace):
+    from .search import SearchConfig
     from .space import Rule, SearchSpace
 
     base = SearchSpace.from_file(a.space).base_format
     rules = [Rule.parse_cli(kind, text, base) for kind in ("pin", "min_bits", "max_bits", "exclude") for text in getattr(a, kind)]
-    cfg = SearchConfig(
+    return SearchConfig(
         model=a.model, calibration=a.calibration, evaluation=a.evaluation, space=a.space,
-        proxies=tuple(a.proxy), budgets=tuple(a.budget), solver=a.solver, rules=tuple(rules),
+        proxies=tuple(a.proxy), budgets=tuple(a.budget), solver=getattr(a, "solver", "milp"), rules=tuple(rules),
         calib_seq_len=a.calib_seq_len, calib_chunks=a.calib_chunks, eval_seq_len=a.eval_seq_len,
-        eval_chunks=a.eval_chunks, baselines=not a.no_baselines, measure=not a.no_measure,
+        eval_chunks=a.eval_chunks, baselines=not getattr(a, "no_baselines", False), measure=not getattr(a, "no_measure", False),
         threads=a.threads, seed=a.seed, out_dir=a.out, use_cache=not a.no_cache, progress=not a.quiet,
     )
-    res = search(cfg)
+
+
+def _search(a: argparse.Namespace) -> int:
+    from .search import search
+
+    res = search(search_config(a))
     print(summary(res.table))
     print(f"\nplans: {res.out_dir / 'plans'}\nresults: {res.out_dir / 'results.csv'}")
     return 0
+
+
+def _evolve(a: argparse.Namespace) -> int:
+    from .evolution import EvolutionConfig, run_evolution
+    from .session import Session
+
+    lo, hi = _window(a.window)
+    evo = EvolutionConfig(trials=a.trials, population=a.population, objective=a.objective, min_bits=lo, max_bits=hi, seed=a.seed)
+    cfg = search_config(a)
+    if len(cfg.proxies) != 1:
+        raise ValueError("evolve seeds from one proxy's front; give a single --proxy")
+    session = Session.open(cfg)
+    df = run_evolution(session, cfg.proxies[0], evo, a.out)
+    measured = df.measured.astype(bool)
+    dup = measured & df.duplicate.astype(bool)
+    print(f"{len(df)} trials: {int((measured & ~dup).sum())} plans measured, {int(dup.sum())} repeats answered from the study, "
+          f"{int((~measured).sum())} outside the bits window (not measured)")
+    print(f"front: {a.out}/front.csv  trials: {a.out}/trials.csv  plot: {a.out}/pareto.png  study: {a.out}/study.log")
+    return 0
+
+
+def _window(text: str | None) -> tuple[float | None, float | None]:
+    if not text:
+        return None, None
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--window takes LOW:HIGH effective bits, e.g. 3.25:4.75; got {text!r}") from None
+    return lo, hi
 
 
 def summary(table) -> str:
@@ -88,28 +122,39 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    def search_args(sp: argparse.ArgumentParser, out: str) -> None:
+        common(sp)
+        sp.add_argument("--calibration", default=DEFAULT_CALIBRATION, help=f"calibration text (default {DEFAULT_CALIBRATION})")
+        sp.add_argument("--evaluation", default=DEFAULT_EVALUATION, help=f"held-out text (default {DEFAULT_EVALUATION})")
+        sp.add_argument("--space", default="llama", help="search-space file or built-in name (default llama)")
+        sp.add_argument("--proxy", action="append", default=None, help="proxy name or file; repeat for several (default fisher)")
+        sp.add_argument("--budget", action="append", default=None, help="bits/weight (3.5), size (48MB) or uniform:BITS[:GROUP]; repeatable (default uniform:3)")
+        sp.add_argument("--pin", action="append", default=[], metavar="NAME=BITS[:GROUP]", help="pin tensors (exact or re:) to a format")
+        sp.add_argument("--min-bits", dest="min_bits", action="append", default=[], metavar="NAME=B")
+        sp.add_argument("--max-bits", dest="max_bits", action="append", default=[], metavar="NAME=B")
+        sp.add_argument("--exclude", action="append", default=[], metavar="NAME", help="keep tensors unquantized, outside the budget")
+        sp.add_argument("--calib-chunks", type=int, default=8)
+        sp.add_argument("--calib-seq-len", type=int, default=512)
+        sp.add_argument("--eval-chunks", type=int, default=16)
+        sp.add_argument("--eval-seq-len", type=int, default=512)
+        sp.add_argument("--no-cache", action="store_true", help="recompute primitives and evaluations")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--out", default=out, help=f"output folder (default {out})")
+
     s = sub.add_parser("search", help="find plans for one or more budgets and measure them")
-    common(s)
-    s.add_argument("--calibration", default=DEFAULT_CALIBRATION, help=f"calibration text (default {DEFAULT_CALIBRATION})")
-    s.add_argument("--evaluation", default=DEFAULT_EVALUATION, help=f"held-out text (default {DEFAULT_EVALUATION})")
-    s.add_argument("--space", default="llama", help="search-space file or built-in name (default llama)")
-    s.add_argument("--proxy", action="append", default=None, help="proxy name or file; repeat for several (default fisher)")
-    s.add_argument("--budget", action="append", default=None, help="bits/weight (3.5), size (48MB) or uniform:BITS[:GROUP]; repeatable (default uniform:3)")
+    search_args(s, "runs/latest")
     s.add_argument("--solver", default="milp")
-    s.add_argument("--pin", action="append", default=[], metavar="NAME=BITS[:GROUP]", help="pin tensors (exact or re:) to a format")
-    s.add_argument("--min-bits", dest="min_bits", action="append", default=[], metavar="NAME=B")
-    s.add_argument("--max-bits", dest="max_bits", action="append", default=[], metavar="NAME=B")
-    s.add_argument("--exclude", action="append", default=[], metavar="NAME", help="keep tensors unquantized, outside the budget")
-    s.add_argument("--calib-chunks", type=int, default=8)
-    s.add_argument("--calib-seq-len", type=int, default=512)
-    s.add_argument("--eval-chunks", type=int, default=16)
-    s.add_argument("--eval-seq-len", type=int, default=512)
     s.add_argument("--no-baselines", action="store_true", help="skip the uniform and recipe baselines")
     s.add_argument("--no-measure", action="store_true", help="solve only; do not measure perplexity/KL")
-    s.add_argument("--no-cache", action="store_true", help="recompute primitives and evaluations")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
     s.set_defaults(func=_search)
+
+    e = sub.add_parser("evolve", help="NSGA-II on measured quality, seeded with the proxy's Pareto plans; rerun to resume")
+    search_args(e, "runs/evolve")
+    e.add_argument("--trials", type=int, default=48, help="total trials of the study, earlier runs included (default 48)")
+    e.add_argument("--population", type=int, default=16)
+    e.add_argument("--objective", default="kl", choices=["kl", "ppl", "nll"])
+    e.add_argument("--window", default=None, metavar="LOW:HIGH", help="effective-bits range to search (default: the budgets +- 0.25)")
+    e.set_defaults(func=_evolve)
 
     ap = sub.add_parser("apply", help="apply a saved plan and write the fake-quantized weights")
     common(ap)

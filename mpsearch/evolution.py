@@ -11,13 +11,14 @@ Pareto plans (``enqueue_trial``), so it can only add to the proxy's front.
 - Plans are deduplicated by content: a plan already measured in the study is
   answered from the study, never evaluated twice; the caller's ``measure`` may add
   its own disk cache on top.
-- Plans outside the effective-bits window are pruned before any measurement.
+- Plans outside the effective-bits window are never measured: they complete with a
+  window violation (Optuna constraint), so NSGA-II ranks them below every plan inside.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -86,11 +87,15 @@ def evolve(space: Space, measure: Measure, storage, config: EvolutionConfig = Ev
     """Run (or resume) the NSGA-II study in ``storage``; return every trial as a table.
 
     ``storage`` is an Optuna storage, a database URL (``sqlite:///study.db``) or a
-    journal file path. ``seeds`` are plans
-    (option index per decision) enqueued when the study is new.
+    journal file path. ``seeds`` are plans (option index per decision), e.g. the
+    proxy's Pareto plans: each is measured and added to the study as a member of
+    NSGA-II's first generation. (``enqueue_trial`` would not do: in Optuna 5 enqueued
+    trials never join the sampler's generation 0, so the random first generation,
+    mostly outside any useful bits window, would be the only parents.)
     """
     import optuna
-    from optuna.trial import TrialState
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
 
     if isinstance(storage, (str, Path)):
         url = str(storage)
@@ -108,49 +113,79 @@ def evolve(space: Space, measure: Measure, storage, config: EvolutionConfig = Ev
         # Left running by an interrupted run: its evaluation never finished.
         storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, t.number), TrialState.FAIL)
         log.info("trial %d was interrupted; marked failed and not counted", t.number)
-    if not study.trials:
-        for choice in _unique(space, seeds):
-            study.enqueue_trial(space.params(choice), user_attrs={"source": "seed"}, skip_if_exists=True)
 
-    seen = {t.user_attrs["plan_hash"]: t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    seen = {t.user_attrs["plan_hash"]: t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("measured")}
+    distributions = {d: CategoricalDistribution(list(o)) for d, o in zip(space.decisions, space.options)}
     index = [{o: j for j, o in enumerate(opts)} for opts in space.options]
+
+    def violation(bits: float) -> float:
+        """<= 0 inside the window; how far outside it otherwise (Optuna's constraint convention)."""
+        lo = config.min_bits if config.min_bits is not None else -np.inf
+        hi = config.max_bits if config.max_bits is not None else np.inf
+        return float(max(lo - bits, bits - hi, -1.0))
+
+    def quality_of(choice: tuple[int, ...], key: str) -> tuple[dict, bool]:
+        if key in seen:
+            return {k: v for k, v in seen[key].items() if k in ("kl", "ppl", "nll")}, True
+        return measure(choice), False
+
+    def attrs(choice, key, bits, quality, dup, source) -> dict:
+        out = {"plan_hash": key, "effective_bits": bits, "source": source, "measured": quality is not None, "duplicate": dup}
+        out.update({k: float(quality[k]) for k in ("kl", "ppl", "nll") if quality and k in quality})
+        return out
+
+    for choice in _unique(space, seeds):  # measured first; a resumed run skips the ones done
+        key, bits = space.plan_hash(choice), space.effective_bits(choice)
+        if key in seen or violation(bits) > 0:
+            continue
+        quality, dup = quality_of(choice, key)
+        user = attrs(choice, key, bits, quality, dup, "seed")
+        study.add_trial(create_trial(
+            values=[float(quality[config.objective]), bits], params=space.params(choice), distributions=distributions,
+            user_attrs=user, system_attrs={optuna.samplers.NSGAIISampler._GENERATION_KEY: 0}, constraints={"window": violation(bits)},
+        ))
+        seen[key] = user
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         choice = tuple(index[i][trial.suggest_categorical(d, list(space.options[i]))] for i, d in enumerate(space.decisions))
-        bits = space.effective_bits(choice)
-        key = space.plan_hash(choice)
-        trial.set_user_attr("plan_hash", key)
-        trial.set_user_attr("effective_bits", bits)
-        if "source" not in trial.user_attrs:
-            trial.set_user_attr("source", "nsga2")
-        if (config.min_bits is not None and bits < config.min_bits) or (config.max_bits is not None and bits > config.max_bits):
-            raise optuna.TrialPruned(f"{bits:.3f} effective bits is outside the window")
-        if key in seen:
-            quality, dup = {k: v for k, v in seen[key].items() if k in ("kl", "ppl", "nll")}, True
-        else:
-            quality, dup = measure(choice), False
-        trial.set_user_attr("duplicate", dup)
-        for k in ("kl", "ppl", "nll"):
-            if k in quality:
-                trial.set_user_attr(k, float(quality[k]))
-        seen[key] = dict(trial.user_attrs)
+        key, bits = space.plan_hash(choice), space.effective_bits(choice)
+        trial.set_constraint("window", violation(bits))
+        if violation(bits) > 0:  # not measured: NSGA-II ranks it below every plan inside the window
+            for k, v in attrs(choice, key, bits, None, False, "nsga2").items():
+                trial.set_user_attr(k, v)
+            return _OUTSIDE, bits
+        quality, dup = quality_of(choice, key)
+        user = attrs(choice, key, bits, quality, dup, "nsga2")
+        for k, v in user.items():
+            trial.set_user_attr(k, v)
+        seen[key] = user
         return float(quality[config.objective]), bits
 
-    done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     remaining = config.trials - len(done)
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, show_progress_bar=progress, catch=())
     return trials_table(study)
 
 
+#: The quality value recorded for unmeasured plans outside the bits window.
+_OUTSIDE = 1e12
+
+
 def trials_table(study) -> pd.DataFrame:
-    """One row per trial: number, state, source, bits, measured quality, plan hash, params."""
+    """One row per trial: number, state, source, bits, measured quality, plan hash, params.
+
+    ``measured`` is False for plans outside the bits window (their objective value is a
+    placeholder); ``duplicate`` is True when the study already held the plan's measurement.
+    """
     rows = []
     for t in study.trials:
-        rows.append({"trial": t.number, "state": t.state.name, "source": t.user_attrs.get("source"),
-                     "effective_bits": t.user_attrs.get("effective_bits"), "kl": t.user_attrs.get("kl"),
-                     "ppl": t.user_attrs.get("ppl"), "duplicate": t.user_attrs.get("duplicate"),
-                     "plan_hash": t.user_attrs.get("plan_hash"), "params": t.params})
+        u = t.user_attrs
+        rows.append({"trial": t.number, "state": t.state.name, "source": u.get("source"),
+                     "effective_bits": u.get("effective_bits"), "kl": u.get("kl"), "ppl": u.get("ppl"),
+                     "measured": u.get("measured", False), "duplicate": u.get("duplicate"),
+                     "plan_hash": u.get("plan_hash"), "params": t.params})
     return pd.DataFrame(rows)
 
 
@@ -174,3 +209,53 @@ def _unique(space: Space, seeds: Sequence[Sequence[int]]) -> list[tuple[int, ...
             keys.add(space.plan_hash(s))
             out.append(s)
     return out
+
+
+def front_seeds(problem, bits_per_choice: Callable[[Sequence[int]], float], lo: float, hi: float, k: int) -> list[tuple[int, ...]]:
+    """Up to ``k`` points of the proxy's Pareto front inside [lo, hi] bits, evenly spread by bits."""
+    from .solvers import pareto_front
+
+    front = pareto_front(problem)
+    points = [(bits_per_choice(front.choice(i)), i) for i in range(len(front))]
+    inside = [(b, i) for b, i in points if lo <= b <= hi]
+    if not inside:
+        return []
+    targets = np.linspace(inside[0][0], inside[-1][0], k)
+    picked = sorted({min(inside, key=lambda p: abs(p[0] - t))[1] for t in targets})
+    return [front.choice(i) for i in picked]
+
+
+def run_evolution(session, proxy: str, config: EvolutionConfig, out_dir: str | Path,
+                  extra_seeds: Sequence[Sequence[int]] = (), storage=None) -> pd.DataFrame:
+    """NSGA-II on a prepared :class:`~mpsearch.session.Session`, seeded from ``proxy``'s front.
+
+    Writes ``trials.csv``, ``front.csv`` (the measured Pareto front), the front's plans
+    and ``pareto.png`` under ``out_dir``; the study journal is ``out_dir/study.log``
+    unless ``storage`` is given, so running the same call again resumes.
+    """
+    from .report import pareto_plot
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    problem = session.problem(proxy)
+    space = Space(problem.decisions, problem.options, problem.cost, session.numel)
+    budget_bits = [b.total_bits(session.numel) / session.numel for b in session.budgets]
+    lo = config.min_bits if config.min_bits is not None else min(budget_bits) - 0.25
+    hi = config.max_bits if config.max_bits is not None else max(budget_bits) + 0.25
+    config = replace(config, min_bits=lo, max_bits=hi)
+    seeds = list(extra_seeds) + front_seeds(problem, space.effective_bits, lo, hi, config.population)
+    df = evolve(space, session.measure_choice, storage or out / "study.log", config, seeds, session.config.progress)
+    df.drop(columns=["params"]).to_csv(out / "trials.csv", index=False)
+    done = df[df.measured.astype(bool)].drop_duplicates("plan_hash")
+    front = done[pareto_mask(done.effective_bits.to_numpy(), done[config.objective].to_numpy())].sort_values("effective_bits")
+    front.drop(columns=["params"]).to_csv(out / "front.csv", index=False)
+    (out / "plans").mkdir(exist_ok=True)
+    index = [{o: j for j, o in enumerate(opts)} for opts in space.options]
+    for _, row in front.iterrows():
+        choice = [index[i][row.params[d]] for i, d in enumerate(space.decisions)]
+        plan = session.make_plan(session.formats(choice), proxy=proxy, search="nsga2", trial=int(row.trial))
+        plan.metrics.update({k: row[k] for k in ("kl", "ppl") if pd.notna(row[k])})
+        plan.save(out / "plans" / f"nsga2-{row.effective_bits:.3f}bits-trial{int(row.trial)}.json")
+    pareto_plot(done.assign(method=done.source), out / "pareto.png", y=config.objective,
+                title=f"NSGA-II on measured {config.objective} ({len(done)} plans measured)")
+    return df

@@ -108,6 +108,16 @@ class Session:
             raise ValueError(f"choice has {len(choice)} entries for {len(self.decisions)} decisions")
         return {m.name: d.formats[int(j)] for d, j in zip(self.decisions, choice) for m in d.members}
 
+    def choice_of(self, formats: dict[str, Format]) -> tuple[int, ...] | None:
+        """The choice that gives ``formats`` (None if a decision's members differ or a format is not an option)."""
+        choice = []
+        for d in self.decisions:
+            fmts = {formats.get(m.name) for m in d.members}
+            if len(fmts) != 1 or (f := fmts.pop()) not in d.formats:
+                return None
+            choice.append(d.formats.index(f))
+        return tuple(choice)
+
     def effective_bits(self, formats: dict[str, Format]) -> float:
         return plan_bits(formats, self.members)
 

@@ -81,3 +81,37 @@ def test_heuristic_solvers_refuse_extra_constraints_by_name() -> None:
 def test_malformed_constraints_name_the_problem(constraint: Constraint, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Problem.build(["a", "b"], [["x", "y"]] * 2, [[1, 0], [1, 0]], [[1, 2], [1, 2]], 3.0, [constraint])
+
+
+@pytest.mark.filterwarnings("ignore:PULP_CBC_CMD is deprecated:DeprecationWarning")
+def test_milp_matches_cbc_on_hawq_v3_resnet18() -> None:
+    """HAWQ-V3's published ResNet-18 ILP (size, BOPs and latency at once): same optimum as PuLP/CBC."""
+    import json
+    from pathlib import Path
+
+    pulp = pytest.importorskip("pulp")
+    net = json.loads((Path(__file__).parents[1] / "benchmarks" / "data" / "hawq_v3_ilp.json").read_text())["resnet18"]
+    trace = np.array(net["hutchinson_trace"])
+    loss = np.stack([trace * np.array(net["delta_w_sq_4bit"]), trace * np.array(net["delta_w_sq_8bit"])], 1)
+    tables = {"size": np.outer(net["parameters"], [0.5, 1.0]), "bops": np.outer(net["bops"], [1 / 64, 1 / 16]),
+              "latency": np.stack([net["latency_int4"], net["latency_int8"]], 1)}
+    limits = {k: t[:, 0].sum() + 0.5 * (t[:, 1].sum() - t[:, 0].sum()) for k, t in tables.items()}
+    n, ties = len(trace), net["ties"]
+    tied = {b for _, b in ties}
+    groups = [[i] + [b for a, b in ties if a == i] for i in range(n) if i not in tied]
+    merged = {k: [t[g].sum(0) for g in groups] for k, t in {**tables, "loss": loss}.items()}
+    p = Problem.build([str(g) for g in groups], [["4", "8"]] * len(groups), merged["loss"], merged["size"], limits["size"],
+                      [Constraint(k, merged[k], limits[k]) for k in ("bops", "latency")])
+    ours = MILP().solve(p)
+
+    prob = pulp.LpProblem("hawq", pulp.LpMinimize)
+    x = [pulp.LpVariable(f"x{i}", cat=pulp.LpBinary) for i in range(n)]  # 1 = 8 bit
+    for k, t in tables.items():
+        prob += pulp.lpSum(t[i, 0] + x[i] * (t[i, 1] - t[i, 0]) for i in range(n)) <= limits[k]
+    for a, b in ties:
+        prob += x[a] == x[b]
+    prob += pulp.lpSum(loss[i, 0] + x[i] * (loss[i, 1] - loss[i, 0]) for i in range(n))
+    prob.solve(pulp.PULP_CBC_CMD(msg=False))
+    assert pulp.LpStatus[prob.status] == "Optimal"
+    assert ours.status_ == Status.OPTIMAL
+    assert ours.loss_ == pytest.approx(pulp.value(prob.objective), rel=1e-9)

@@ -37,7 +37,7 @@ def test_seeds_run_first_and_no_plan_is_measured_twice(tmp_path) -> None:
     assert len(df) == 20
     assert list(df["source"][:3]) == ["seed"] * 3 and set(df["source"][3:]) <= {"nsga2"}
     assert len(measure.calls) == len(set(measure.calls))  # never evaluated twice
-    done = df[df.state == "COMPLETE"]
+    done = df[df.measured]
     assert set(done.plan_hash) == set(measure.calls)
     assert np.allclose(done.effective_bits[:3], [2.0, 8.0, 3.5])
 
@@ -65,19 +65,32 @@ def test_interrupted_trial_is_failed_and_the_study_finishes(tmp_path) -> None:
     resumed = CountingMeasure(space)
     df = evolve(space, resumed, path, cfg, progress=False)
     assert (df.state == "FAIL").sum() == 1
-    assert df.state.isin(["COMPLETE", "PRUNED"]).sum() == 10
+    assert (df.state == "COMPLETE").sum() == 10
     assert not set(broken.calls) & set(resumed.calls)
 
 
-def test_plans_outside_the_window_are_pruned_unmeasured(tmp_path) -> None:
+def test_plans_outside_the_window_are_never_measured(tmp_path) -> None:
     space = toy_space()
     measure = CountingMeasure(space)
     cfg = EvolutionConfig(trials=12, population=4, min_bits=3.0, max_bits=4.5)
-    df = evolve(space, measure, tmp_path / "s.log", cfg, [(0,) * 6, (2,) * 6], progress=False)
-    assert df.loc[0, "state"] == "PRUNED"  # the 2-bit seed is below the window
-    measured = df[df.state == "COMPLETE"]
-    assert measured.effective_bits.between(3.0, 4.5).all()
-    assert len(measure.calls) == measured.plan_hash.nunique()
+    df = evolve(space, measure, tmp_path / "s.log", cfg, [(0,) * 6, (2,) * 6, (1,) * 6], progress=False)
+    assert df.effective_bits[df.source == "seed"].tolist() == [4.0, 3.0]  # the 2-bit seed is below the window
+    assert df.effective_bits[df.measured].between(3.0, 4.5).all()
+    assert not df.effective_bits[~df.measured].between(3.0, 4.5).any()
+    assert len(measure.calls) == df.plan_hash[df.measured].nunique()
+
+
+def test_offspring_descend_from_the_seeds(tmp_path) -> None:
+    """Seeds join NSGA-II's first generation, so children stay near them (random plans would not)."""
+    space = toy_space(12)
+    rng = np.random.default_rng(0)
+    seeds = [tuple(rng.choice([0, 1, 2], 12, p=[0.3, 0.4, 0.3])) for _ in range(8)]
+    inside = [s for s in seeds if 2.9 <= space.effective_bits(s) <= 3.6]
+    cfg = EvolutionConfig(trials=40, population=4, min_bits=2.9, max_bits=3.6)
+    df = evolve(space, CountingMeasure(space), tmp_path / "s.log", cfg, inside, progress=False)
+    children = df[df.source == "nsga2"]
+    assert len(children) == 40 - len(inside)
+    assert children.measured.mean() >= 0.5  # random 12-decision plans land in this window ~14% of the time
 
 
 def test_a_study_for_other_decisions_is_refused(tmp_path) -> None:

@@ -100,3 +100,20 @@ def test_local_model_directory_and_text_file(tmp_path):
     plan = res.plans["mse-milp@4.0"]
     assert plan.model_id == str(tmp_path / "tiny") and plan.metrics["effective_bits"] <= 4.0 + 1e-9
     assert math.isfinite(plan.metrics["ppl"])
+
+
+def test_cli_evolve_resumes_where_it_stopped(tmp_path, capsys):
+    """NSGA-II on the default model: a second run of the same command continues the study."""
+    out = tmp_path / "evo"
+    args = ["evolve", "--budget", "uniform:3", "--population", "4", "--calib-chunks", "2", "--calib-seq-len", "128",
+            "--eval-chunks", "1", "--eval-seq-len", "64", "--out", str(out), "--quiet"]
+    assert main(args + ["--trials", "6"]) == 0
+    first = pd.read_csv(out / "trials.csv")
+    assert len(first) == 6 and (first.source == "seed").sum() >= 2
+    assert main(args + ["--trials", "9"]) == 0
+    second = pd.read_csv(out / "trials.csv")
+    assert second.trial.tolist() == list(range(9))
+    pd.testing.assert_frame_equal(second.iloc[:6], first)  # earlier trials are kept as they were
+    measured = second[second.measured]
+    assert measured.plan_hash.duplicated().sum() == measured.duplicate.sum()  # repeats come from the study
+    assert (out / "pareto.png").exists() and list((out / "plans").glob("nsga2-*.json"))
