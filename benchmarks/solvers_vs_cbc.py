@@ -162,7 +162,7 @@ def main() -> None:
         "hawq_problems": len(h), "hawq_same_optimum": int(h["same_optimum"].sum()), "hawq_same_plan": int(h["same_plan"].sum()),
         "hawq_median_cbc_over_ours": float(h["cbc_over_ours"].median()),
         "hawq_median_s_ours": float(h["s_ours"].median()), "hawq_median_s_cbc": float(h["s_cbc"].median()),
-        "synthetic": synth, "pulp_version": pulp.__version__, "repeats": a.repeats, "machine": machine(),
+        "synthetic": synth, "pulp_version": pulp.__version__, "repeats": a.repeats, "machine": machine(1),
     }
     write_json_atomic(RESULTS / "solvers_vs_cbc.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "synthetic"}, indent=1))

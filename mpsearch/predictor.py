@@ -7,9 +7,16 @@ measured KL:
 - proxy terms: the proxy's per-decision losses summed within each group of
   decisions (layer kind x depth), so the regressor can re-weight the proxy where
   it is miscalibrated (e.g. attention vs MLP, early vs late layers);
-- bits: the weights' bits below 16 summed within the same groups.
+- bits: the quantization noise power ``4**-bits`` (the classic ``2**(-2b)`` error model),
+  weight-averaged within the same groups, so the model stays convex in bits.
 
-With non-negative coefficients (scikit-learn's positive ridge), the prediction is
+The proxy's own total is a further feature, so the ridge penalty spreads weight over
+"the proxy, rescaled" and the group corrections instead of zeroing some groups (which
+would send them to 2 bits): measured plans of one proxy are highly collinear. Fit on
+diverse measured plans (an evolutionary search leaves them behind), not on the
+proxy's own plans alone.
+With non-negative coefficients (scikit-learn's positive ridge; the penalty chosen by
+leave-one-out error), the prediction is
 itself a sum over decisions, so "search on the predictor" is an exact MILP on the
 re-weighted per-option losses: no sampling noise. Each round fits, solves at every
 budget, measures the new plans and refits.
@@ -31,7 +38,7 @@ Measure = Callable[[tuple[int, ...]], dict]
 @dataclass(frozen=True)
 class PredictorConfig:
     rounds: int = 3
-    alpha: float = 1e-3  # ridge penalty on standardized features
+    alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge penalties tried (leave-one-out)
     depth_groups: int = 2  # split layers into this many depth ranges
     objective: str = "kl"
 
@@ -51,23 +58,26 @@ class QualityPredictor:
     """Additive, non-negative linear model of measured quality (scikit-learn style)."""
 
     def __init__(self, proxy_loss: Sequence[np.ndarray], bits: Sequence[np.ndarray], sizes: Sequence[int],
-                 groups: Sequence[str], alpha: float = 1e-3) -> None:
+                 groups: Sequence[str], alphas: Sequence[float] = PredictorConfig.alphas) -> None:
         self.proxy_loss = [np.asarray(v, float) for v in proxy_loss]
-        self.bits = [np.asarray(v, float) for v in bits]  # total effective bits per option
         self.sizes = np.asarray(sizes, float)
+        # per option: weight share x noise power 4**-bits, from the total effective bits per option
+        self.noise = [n / self.sizes.sum() * 4.0 ** (-np.asarray(b, float) / n) for b, n in zip(bits, self.sizes)]
         self.groups = list(groups)
         self.labels = sorted(set(self.groups))
-        self.alpha = alpha
+        self.alphas = tuple(alphas)
 
     def features(self, choices: Sequence[Sequence[int]]) -> np.ndarray:
+        """Columns: the proxy total, then the proxy per group, then the noise power per group."""
         g = {lab: k for k, lab in enumerate(self.labels)}
-        total = float(self.sizes.sum())
-        x = np.zeros((len(choices), 2 * len(self.labels)))
+        n = len(self.labels)
+        x = np.zeros((len(choices), 1 + 2 * n))
         for r, choice in enumerate(choices):
             for i, j in enumerate(choice):
                 k = g[self.groups[i]]
-                x[r, k] += self.proxy_loss[i][j]
-                x[r, len(self.labels) + k] += (16.0 * self.sizes[i] - self.bits[i][j]) / total
+                x[r, 0] += self.proxy_loss[i][j]
+                x[r, 1 + k] += self.proxy_loss[i][j]
+                x[r, 1 + n + k] += self.noise[i][j]
         return x
 
     def fit(self, choices: Sequence[Sequence[int]], quality: Sequence[float]) -> "QualityPredictor":
@@ -77,7 +87,17 @@ class QualityPredictor:
         if not np.all(np.isfinite(y)):
             raise ValueError("measured quality contains NaN or inf; cannot fit the predictor")
         self.scale_ = np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
-        model = Ridge(alpha=self.alpha, positive=True).fit(x / self.scale_, y)
+        xs = x / self.scale_
+
+        def loo_error(alpha: float) -> float:
+            errs = []
+            for i in range(len(y)):
+                keep = np.arange(len(y)) != i
+                errs.append(float(Ridge(alpha=alpha, positive=True).fit(xs[keep], y[keep]).predict(xs[i:i + 1])[0] - y[i]) ** 2)
+            return float(np.mean(errs))
+
+        self.alpha_ = min(self.alphas, key=loo_error) if len(y) >= 3 and len(self.alphas) > 1 else self.alphas[0]
+        model = Ridge(alpha=self.alpha_, positive=True).fit(xs, y)
         self.coef_ = model.coef_ / self.scale_
         self.intercept_ = float(model.intercept_)
         self.n_plans_ = len(y)
@@ -89,11 +109,11 @@ class QualityPredictor:
     def option_losses(self) -> list[np.ndarray]:
         """Per-decision, per-option share of the prediction: the MILP's objective."""
         g = {lab: k for k, lab in enumerate(self.labels)}
-        n, total = len(self.labels), float(self.sizes.sum())
+        n = len(self.labels)
         out = []
-        for i, (pl, b) in enumerate(zip(self.proxy_loss, self.bits)):
+        for i, (pl, noise) in enumerate(zip(self.proxy_loss, self.noise)):
             k = g[self.groups[i]]
-            out.append(self.coef_[k] * pl + self.coef_[n + k] * (16.0 * self.sizes[i] - b) / total)
+            out.append((self.coef_[0] + self.coef_[1 + k]) * pl + self.coef_[1 + n + k] * noise)
         return out
 
 
@@ -113,7 +133,7 @@ def predictor_search(problem: Problem, sizes: Sequence[int], budgets: Sequence[f
     choices = [tuple(int(j) for j in c) for c, _ in history]
     quality = [float(q[config.objective]) for _, q in history]
     rows = [{"round": -1, "choice": c, "effective_bits": None, config.objective: q, "predicted": None} for c, q in zip(choices, quality)]
-    pred = QualityPredictor(problem.loss, problem.cost, sizes, decision_groups(problem.decisions, config.depth_groups), config.alpha)
+    pred = QualityPredictor(problem.loss, problem.cost, sizes, decision_groups(problem.decisions, config.depth_groups), config.alphas)
     for rnd in tqdm(range(config.rounds), desc="predictor rounds", disable=not progress):
         pred.fit(choices, quality)
         losses = pred.option_losses()
