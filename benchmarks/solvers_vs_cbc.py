@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from mpsearch.solvers import MILP, Constraint, Problem
 from allocators import synthetic  # noqa: E402  (same folder)
 from foundation import RESULTS, machine  # noqa: E402
 
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="pulp")  # PuLP 3.3 announces its 4.0 API
 DATA = Path(__file__).parent / "data" / "hawq_v3_ilp.json"
 BITS = (4, 8)
 

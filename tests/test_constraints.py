@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from mpsearch.solvers import MILP, BruteForce, Constraint, Greedy, Problem, Status
 
-pytestmark = pytest.mark.skipif(not MILP.is_available(), reason="cvxpy HiGHS backend not installed")
+pytestmark = pytest.mark.skipif(not MILP.is_available(), reason="HiGHS (highspy) not installed")
 
 
 @st.composite
@@ -83,7 +83,7 @@ def test_malformed_constraints_name_the_problem(constraint: Constraint, message:
         Problem.build(["a", "b"], [["x", "y"]] * 2, [[1, 0], [1, 0]], [[1, 2], [1, 2]], 3.0, [constraint])
 
 
-@pytest.mark.filterwarnings("ignore:PULP_CBC_CMD is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # PuLP 3.3 announces its 4.0 API
 def test_milp_matches_cbc_on_hawq_v3_resnet18() -> None:
     """HAWQ-V3's published ResNet-18 ILP (size, BOPs and latency at once): same optimum as PuLP/CBC."""
     import json

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from mpsearch.registry import UnknownComponentError
 from mpsearch.solvers import MILP, Allocator, BruteForce, Problem, SolverError, Status, get_solver
 
-pytestmark = pytest.mark.skipif(not MILP.is_available(), reason="cvxpy HiGHS backend not installed")
+pytestmark = pytest.mark.skipif(not MILP.is_available(), reason="HiGHS (highspy) not installed")
 
 
 def within_budget(cost: float, budget: float) -> bool:

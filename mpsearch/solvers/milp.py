@@ -1,9 +1,8 @@
-"""Solvers: a MILP via cvxpy + HiGHS (exact up to a set gap), and brute force as a test reference."""
+"""Solvers: a MILP on HiGHS (exact up to a set gap), and brute force as a test reference."""
 from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -69,7 +68,7 @@ def _scaled_arrays(problem: Problem) -> tuple[np.ndarray, np.ndarray, float]:
 
 @register("solver", "milp")
 class MILP(Allocator):
-    """Multiple-choice knapsack as a binary program, solved by HiGHS through cvxpy.
+    """Multiple-choice knapsack as a binary program, solved by HiGHS (highspy, built directly).
 
     Steps: (1) a Lagrangian bound plus a greedy plan discards options that cannot
     be optimal and fixes most decisions (exact reduced-cost fixing); (2) the
@@ -101,12 +100,12 @@ class MILP(Allocator):
 
     @classmethod
     def is_available(cls) -> bool:
-        """Called before use: True iff cvxpy is importable and lists HiGHS."""
+        """Called before use: True iff HiGHS's Python interface (highspy) is importable."""
         try:
-            import cvxpy as cp
+            import highspy  # noqa: F401
         except ImportError:
             return False
-        return "HIGHS" in cp.installed_solvers()
+        return True
 
     def _solve(self, problem: Problem) -> tuple[str, Sequence[int] | None]:
         """Called by ``solve`` for feasible problems: reduce, then solve the core with HiGHS."""
@@ -181,15 +180,13 @@ class MILP(Allocator):
         Returns ``(status, plan)``; ``plan`` is a full plan (or None) not yet checked
         against the budget. On a time limit it is HiGHS's best incumbent, if any.
         """
-        import cvxpy as cp
-
         fixed = np.ones(loss.shape[0], dtype=bool)
         fixed[core] = False
         rows, cols = np.nonzero(keep[core])  # rows index into core, sorted
         n_vars = rows.size
+        # One-hot rows (== 1), then one row per constraint (<= its spare).
         one_hot = sp.csr_matrix((np.ones(n_vars), (rows, np.arange(n_vars))), shape=(core.size, n_vars))
-        x = cp.Variable(n_vars, boolean=True)
-        constraints = [one_hot @ x == 1]
+        blocks, upper = [one_hot], [np.ones(core.size)]
         for cost, limit in rows_in:
             # Each row over cost increments above each core decision's cheapest candidate,
             # rescaled to a right-hand side of 1 so HiGHS's tolerance is relative to it.
@@ -201,35 +198,63 @@ class MILP(Allocator):
             scale = spare if spare > 1e-9 * max(abs(limit), 1e-300) else 1.0
             step = (cost[core[rows], cols] - base[rows]) / scale
             step[(step > 0) & (step < _SMALL_MATRIX_VALUE)] = _SMALL_MATRIX_VALUE
-            constraints.append(step @ x <= max(spare, 0.0) / scale)
-        model = cp.Problem(cp.Minimize(loss[core[rows], cols] @ x), constraints)
+            blocks.append(sp.csr_matrix(step[None, :]))
+            upper.append([max(spare, 0.0) / scale])
+        matrix = sp.vstack(blocks, format="csr")
+        upper = np.concatenate(upper)
+        lower = np.concatenate([np.ones(core.size), np.full(len(rows_in), -np.inf)])
         opts: dict[str, Any] = dict(_HIGHS_TOLERANCES, mip_rel_gap=max(self.gap, 0.0), mip_abs_gap=tolerance)
         if self.time_limit is not None:
             opts["time_limit"] = float(self.time_limit)
-        try:
-            with warnings.catch_warnings():  # inaccuracy is reported through status_ instead
-                warnings.filterwarnings("ignore", message="Solution may be inaccurate", category=UserWarning)
-                model.solve(solver=cp.HIGHS, verbose=self.verbose, **opts)
-        except cp.error.SolverError as exc:
-            raise SolverError(
-                f"HiGHS failed on a core of {core.size} of {loss.shape[0]} decisions "
-                f"({n_vars} candidate options): {exc}. "
-                "Try verbose=True to see the HiGHS log, a time_limit, a larger gap, "
-                "or check the loss/cost ranges for extreme values."
-            ) from exc
-
-        self.solver_status_ = str(model.status)
-        if model.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
+        status, values = _run_highs(loss[core[rows], cols], matrix, lower, upper, opts, self.verbose)
+        self.solver_status_ = status
+        if status == "infeasible":
             return Status.INFEASIBLE, None
-        values = x.value if model.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) else _highs_incumbent(model)
-        if values is None or np.size(values) != n_vars:
+        if values is None:
+            if status not in ("time limit reached", "optimal"):
+                raise SolverError(
+                    f"HiGHS ended with '{status}' on a core of {core.size} of {loss.shape[0]} decisions "
+                    f"({n_vars} candidate options). Try verbose=True to see the HiGHS log, a time_limit, "
+                    "a larger gap, or check the loss/cost ranges for extreme values."
+                )
             return Status.INACCURATE, None
         # Round: per core decision, the candidate with the largest value.
-        order = np.lexsort((-np.asarray(values, dtype=float), rows))
+        order = np.lexsort((-values, rows))
         firsts = order[np.r_[0, np.flatnonzero(np.diff(rows[order])) + 1]]
         plan = incumbent.copy()
         plan[core] = cols[firsts]
-        return (Status.OPTIMAL if model.status == cp.OPTIMAL else Status.INACCURATE), plan
+        return (Status.OPTIMAL if status == "optimal" else Status.INACCURATE), plan
+
+
+def _run_highs(objective: np.ndarray, matrix: sp.csr_matrix, lower: np.ndarray, upper: np.ndarray,
+               options: dict[str, Any], verbose: bool) -> tuple[str, np.ndarray | None]:
+    """A binary program ``min objective @ x, lower <= matrix @ x <= upper`` handed to HiGHS directly.
+
+    Returns HiGHS's model status in words and the best feasible ``x`` it has (None if none).
+    Building the model by hand rather than through cvxpy saves its compile step, which
+    dominates on model-sized problems (tens of milliseconds per solve).
+    """
+    import highspy
+
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", bool(verbose))
+    for key, value in options.items():
+        h.setOptionValue(key, value)
+    n = objective.size
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = n, matrix.shape[0]
+    lp.col_cost_, lp.col_lower_, lp.col_upper_ = objective.astype(np.float64), np.zeros(n), np.ones(n)
+    lp.row_lower_, lp.row_upper_ = lower.astype(np.float64), upper.astype(np.float64)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+    lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = n, matrix.shape[0]
+    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = matrix.indptr, matrix.indices, matrix.data
+    lp.integrality_ = [highspy.HighsVarType.kInteger] * n
+    h.passModel(lp)
+    h.run()
+    status = h.modelStatusToString(h.getModelStatus()).lower()
+    has_plan = h.getInfo().primal_solution_status == 2  # kSolutionStatusFeasible
+    values = np.asarray(h.getSolution().col_value, dtype=float) if has_plan else None
+    return status, values
 
 
 def _padded(table: Sequence[np.ndarray], k_max: int) -> np.ndarray:
@@ -239,21 +264,6 @@ def _padded(table: Sequence[np.ndarray], k_max: int) -> np.ndarray:
         out[i, : c.size] = c
         out[i, c.size :] = c.min()
     return out
-
-
-def _highs_incumbent(model: Any) -> np.ndarray | None:
-    """HiGHS's best plan after a time limit, which cvxpy does not expose publicly.
-
-    Reads cvxpy's private solver cache; any surprise yields None and the caller falls
-    back to the greedy plan. Whatever comes back is re-checked against the budget.
-    """
-    try:
-        results = model._solver_cache["HIGHS"][2]
-        if int(results["info"].primal_solution_status) != 2:  # kSolutionStatusFeasible
-            return None
-        return np.asarray(results["solution"].col_value, dtype=float)
-    except Exception:  # noqa: BLE001 - private API; degrade to the greedy plan
-        return None
 
 
 def _greedy_fill(loss: np.ndarray, cost: np.ndarray, budget: float, choice: np.ndarray) -> np.ndarray:
