@@ -99,12 +99,11 @@ def main() -> None:
     # NSGA-II on measured KL, seeded with the Fisher front and the MILP plans.
     evo = EvolutionConfig(trials=a.trials, population=a.population, min_bits=3.2, max_bits=4.8, seed=0)
     trials = run_evolution(s, PROXY, evo, out / "pareto_run", extra_seeds=seeds)
-    keys = [[f.key for f in d.formats] for d in s.decisions]
     for _, t in trials[trials.measured.astype(bool)].iterrows():
         rows.append({"method": "nsga2", "budget": "", "effective_bits": t.effective_bits, "kl": t.kl, "ppl": t.ppl,
                      "nsga2_trial": int(t.trial), "nsga2_source": t.source})
         if not t.duplicate:
-            history.append((tuple(k.index(t.params[d.name]) for k, d in zip(keys, s.decisions)), {"kl": t.kl, "ppl": t.ppl}))
+            history.append((t.choice, {"kl": t.kl, "ppl": t.ppl}))
 
     # APQ: fit on every plan measured so far, search the predictor with the MILP, measure, refit.
     budgets_bits = [by_label[label].total_bits(numel) for label in BUDGETS]

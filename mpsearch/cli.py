@@ -1,4 +1,4 @@
-"""The ``mpsearch`` command: ``search``, ``evolve``, ``apply``, ``eval`` and ``list``.
+"""The ``mpsearch`` command: ``search``, ``evolve``, ``apply``, ``eval``, ``heatmap`` and ``list``.
 
 Every command is a thin layer over one library call (``mpsearch.search``,
 ``mpsearch.apply_``, ``mpsearch.evaluate_plan``); errors in the input are printed as
@@ -66,6 +66,22 @@ def _window(text: str | None) -> tuple[float | None, float | None]:
     except ValueError:
         raise ValueError(f"--window takes LOW:HIGH effective bits, e.g. 3.25:4.75; got {text!r}") from None
     return lo, hi
+
+
+def _heatmap(a: argparse.Namespace) -> int:
+    from .models import load_model
+    from .plan import Plan
+    from .report import bit_heatmap
+
+    plan = Plan.load(a.plan)
+    in_features = None
+    if a.model:
+        model = load_model(a.model).model
+        plan.check_model(model)
+        in_features = {n: m.in_features for n, m in model.named_modules() if hasattr(m, "in_features")}
+    out = bit_heatmap(plan.weight_formats(), a.out, in_features, title=f"{Path(a.plan).name}: {plan.metrics.get('effective_bits', float('nan')):.3f} effective bits")
+    print(f"wrote {out}")
+    return 0
 
 
 def summary(table) -> str:
@@ -169,6 +185,12 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-chunks", type=int, default=16)
     ev.add_argument("--eval-seq-len", type=int, default=512)
     ev.set_defaults(func=_eval)
+
+    hm = sub.add_parser("heatmap", help="draw a plan's per-layer bit map (PNG)")
+    hm.add_argument("plan")
+    hm.add_argument("--out", required=True, help="PNG file to write")
+    hm.add_argument("--model", default=None, help="load this model to show effective bits (scales and zeros included)")
+    hm.set_defaults(func=_heatmap)
 
     ls = sub.add_parser("list", help="list built-in proxies, solvers, quantizers and search spaces")
     ls.set_defaults(func=_list)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -54,7 +55,12 @@ class EvolutionConfig:
 
 @dataclass(frozen=True)
 class Space:
-    """What the search chooses among: options per decision and their total bits."""
+    """What the search chooses among: options per decision and their total bits.
+
+    Options must run from cheapest to most expensive: each decision is an integer
+    parameter (an index into its options), so NSGA-II's polynomial mutation moves a
+    tensor to a neighbouring format instead of any format at random.
+    """
 
     decisions: tuple[str, ...]
     options: tuple[tuple[str, ...], ...]
@@ -68,9 +74,14 @@ class Space:
         body = "|".join(f"{d}={o[j]}" for d, o, j in zip(self.decisions, self.options, choice))
         return hashlib.sha256(body.encode()).hexdigest()[:20]
 
-    def params(self, choice: Sequence[int]) -> dict[str, str]:
-        """The trial parameters for a plan (used to enqueue seeds)."""
-        return {d: o[j] for d, o, j in zip(self.decisions, self.options, choice)}
+    def params(self, choice: Sequence[int]) -> dict[str, int]:
+        """The trial parameters of a plan: one option index per decision."""
+        return {d: int(j) for d, j in zip(self.decisions, choice)}
+
+    def check(self) -> None:
+        for d, b in zip(self.decisions, self.bits):
+            if np.any(np.diff(b) < 0):
+                raise ValueError(f"decision {d!r}: options must be ordered from cheapest to most expensive")
 
 
 def journal_storage(path: str | Path):
@@ -94,20 +105,25 @@ def evolve(space: Space, measure: Measure, storage, config: EvolutionConfig = Ev
     mostly outside any useful bits window, would be the only parents.)
     """
     import optuna
-    from optuna.distributions import CategoricalDistribution
+    from optuna.distributions import IntDistribution
+    from optuna.samplers.nsgaii import PolynomialMutation
     from optuna.trial import TrialState, create_trial
 
     if isinstance(storage, (str, Path)):
         url = str(storage)
         storage = optuna.storages.get_storage(url) if "://" in url else journal_storage(url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.NSGAIISampler(population_size=config.population, seed=config.seed)
+    space.check()
+    with warnings.catch_warnings():  # PolynomialMutation is marked experimental in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.NSGAIISampler(population_size=config.population, seed=config.seed, mutation=PolynomialMutation())
     study = optuna.create_study(study_name=config.study_name, storage=storage, sampler=sampler,
                                 directions=["minimize", "minimize"], load_if_exists=True)
-    if study.user_attrs.get("decisions") not in (None, list(space.decisions)):
-        raise ValueError(f"study {config.study_name!r} in this storage searches other decisions; "
+    signature = [f"{d}:{','.join(o)}" for d, o in zip(space.decisions, space.options)]
+    if study.user_attrs.get("space") not in (None, signature):
+        raise ValueError(f"study {config.study_name!r} in this storage searches other decisions or formats; "
                          "use a new storage file or another study_name")
-    study.set_user_attr("decisions", list(space.decisions))
+    study.set_user_attr("space", signature)
     study_id = storage.get_study_id_from_name(config.study_name)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         # Left running by an interrupted run: its evaluation never finished.
@@ -116,8 +132,7 @@ def evolve(space: Space, measure: Measure, storage, config: EvolutionConfig = Ev
 
     seen = {t.user_attrs["plan_hash"]: t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.user_attrs.get("measured")}
-    distributions = {d: CategoricalDistribution(list(o)) for d, o in zip(space.decisions, space.options)}
-    index = [{o: j for j, o in enumerate(opts)} for opts in space.options]
+    distributions = {d: IntDistribution(0, len(o) - 1) for d, o in zip(space.decisions, space.options)}
 
     def violation(bits: float) -> float:
         """<= 0 inside the window; how far outside it otherwise (Optuna's constraint convention)."""
@@ -148,7 +163,7 @@ def evolve(space: Space, measure: Measure, storage, config: EvolutionConfig = Ev
         seen[key] = user
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
-        choice = tuple(index[i][trial.suggest_categorical(d, list(space.options[i]))] for i, d in enumerate(space.decisions))
+        choice = tuple(trial.suggest_int(d, 0, len(space.options[i]) - 1) for i, d in enumerate(space.decisions))
         key, bits = space.plan_hash(choice), space.effective_bits(choice)
         trial.set_constraint("window", violation(bits))
         if violation(bits) > 0:  # not measured: NSGA-II ranks it below every plan inside the window
@@ -225,37 +240,62 @@ def front_seeds(problem, bits_per_choice: Callable[[Sequence[int]], float], lo: 
     return [front.choice(i) for i in picked]
 
 
+def hull_space(problem, numel: int, seeds: Sequence[Sequence[int]]) -> tuple[Space, list[list[int]]]:
+    """The evolution's space: per decision, the options on the proxy's lower convex hull
+    (the only ones any budget's proxy optimum uses) plus any option a seed uses, ordered
+    by cost. Returns the space and, per decision, the original option index of each option.
+    """
+    from .solvers.lagrangian import decision_hull
+
+    kept = []
+    for i, (loss, cost) in enumerate(zip(problem.loss, problem.cost)):
+        keep = set(decision_hull(loss, cost)) | {int(seed[i]) for seed in seeds}
+        kept.append(sorted(keep, key=lambda j: (cost[j], loss[j], j)))
+    space = Space(problem.decisions, tuple(tuple(problem.options[i][j] for j in k) for i, k in enumerate(kept)),
+                  tuple(problem.cost[i][k] for i, k in enumerate(kept)), numel)
+    return space, kept
+
+
 def run_evolution(session, proxy: str, config: EvolutionConfig, out_dir: str | Path,
                   extra_seeds: Sequence[Sequence[int]] = (), storage=None) -> pd.DataFrame:
     """NSGA-II on a prepared :class:`~mpsearch.session.Session`, seeded from ``proxy``'s front.
 
-    Writes ``trials.csv``, ``front.csv`` (the measured Pareto front), the front's plans
-    and ``pareto.png`` under ``out_dir``; the study journal is ``out_dir/study.log``
-    unless ``storage`` is given, so running the same call again resumes.
+    Searches each decision's proxy-hull formats (:func:`hull_space`). Writes
+    ``trials.csv``, ``front.csv`` (the measured Pareto front), the front's plans and
+    ``pareto.png`` under ``out_dir``; the study journal is ``out_dir/study.log`` unless
+    ``storage`` is given, so running the same call again resumes.
     """
     from .report import pareto_plot
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     problem = session.problem(proxy)
-    space = Space(problem.decisions, problem.options, problem.cost, session.numel)
     budget_bits = [b.total_bits(session.numel) / session.numel for b in session.budgets]
     lo = config.min_bits if config.min_bits is not None else min(budget_bits) - 0.25
     hi = config.max_bits if config.max_bits is not None else max(budget_bits) + 0.25
     config = replace(config, min_bits=lo, max_bits=hi)
-    seeds = list(extra_seeds) + front_seeds(problem, space.effective_bits, lo, hi, config.population)
-    df = evolve(space, session.measure_choice, storage or out / "study.log", config, seeds, session.config.progress)
+    full = Space(problem.decisions, problem.options, problem.cost, session.numel)
+    seeds = [tuple(int(j) for j in c) for c in extra_seeds] + front_seeds(problem, full.effective_bits, lo, hi, config.population)
+    space, kept = hull_space(problem, session.numel, seeds)
+    position = [{j: k for k, j in enumerate(row)} for row in kept]
+
+    def original(choice: Sequence[int]) -> tuple[int, ...]:
+        return tuple(kept[i][j] for i, j in enumerate(choice))
+
+    local_seeds = [tuple(position[i][j] for i, j in enumerate(c)) for c in seeds]
+    df = evolve(space, lambda c: session.measure_choice(original(c)), storage or out / "study.log", config,
+                local_seeds, session.config.progress)
     df.drop(columns=["params"]).to_csv(out / "trials.csv", index=False)
     done = df[df.measured.astype(bool)].drop_duplicates("plan_hash")
     front = done[pareto_mask(done.effective_bits.to_numpy(), done[config.objective].to_numpy())].sort_values("effective_bits")
     front.drop(columns=["params"]).to_csv(out / "front.csv", index=False)
     (out / "plans").mkdir(exist_ok=True)
-    index = [{o: j for j, o in enumerate(opts)} for opts in space.options]
     for _, row in front.iterrows():
-        choice = [index[i][row.params[d]] for i, d in enumerate(space.decisions)]
+        choice = original([row.params[d] for d in space.decisions])
         plan = session.make_plan(session.formats(choice), proxy=proxy, search="nsga2", trial=int(row.trial))
         plan.metrics.update({k: row[k] for k in ("kl", "ppl") if pd.notna(row[k])})
         plan.save(out / "plans" / f"nsga2-{row.effective_bits:.3f}bits-trial{int(row.trial)}.json")
     pareto_plot(done.assign(method=done.source), out / "pareto.png", y=config.objective,
                 title=f"NSGA-II on measured {config.objective} ({len(done)} plans measured)")
-    return df
+    complete = [isinstance(p, dict) and len(p) == len(space.decisions) for p in df.params]  # failed trials may be partial
+    return df.assign(choice=[original([p[d] for d in space.decisions]) if ok else None for p, ok in zip(df.params, complete)])

@@ -34,7 +34,10 @@ def pareto_plot(df: pd.DataFrame, path: str | Path, y: str = "kl", method: str =
         raise ValueError(f"pareto_plot needs columns {sorted(missing)}")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name, g in df.dropna(subset=[y]).groupby(method, sort=False):
+    data = df.dropna(subset=[y])
+    if log_y:  # an exact plan (KL 0) would vanish from a log axis: show it at the floor
+        data = data.assign(**{y: data[y].clip(lower=1e-4)})
+    for name, g in data.groupby(method, sort=False):
         pts = ax.scatter(g["effective_bits"], g[y], s=14, alpha=0.45)
         front = g[pareto_mask(g["effective_bits"].to_numpy(), g[y].to_numpy())].sort_values("effective_bits")
         ax.step(front["effective_bits"], front[y], where="post", color=pts.get_facecolor()[0][:3], label=f"{name} ({len(g)})", lw=1.6)

@@ -3,7 +3,7 @@
 Stages: load model and data -> build the search space -> primitives (cached) ->
 proxy tables -> predicted Pareto front per proxy -> allocator per (proxy, budget) ->
 baselines at the same budgets -> measure every plan (perplexity, KL) -> plans (JSON),
-results.csv, stages.csv, front_<proxy>.csv.
+results.csv, stages.csv, front_<proxy>.csv, pareto.png.
 """
 from __future__ import annotations
 
@@ -118,6 +118,11 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
         write_outputs(out, plans, table, stage_df, session.tables, cfg)
         for name, f in fronts.items():
             f.to_csv(out / f"front_{safe_name(name)}.csv", index=False)
+        if cfg.measure:
+            from .report import pareto_plot
+
+            plotted = table[table.kind != "reference"].assign(method=lambda d: [n.split("@")[0] for n in d.plan])
+            pareto_plot(plotted, out / "pareto.png", y="kl", title="measured KL vs effective bits, per method")
     return SearchResult(plans, table, stage_df, out, session.tables, fronts)
 
 

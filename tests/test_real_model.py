@@ -59,6 +59,13 @@ def test_saved_plan_loads_and_checks_its_model(result):
         apply_(tiny_llama(), plan)
 
 
+def test_cli_heatmap_of_a_saved_plan(result, tmp_path, capsys):
+    assert (result.out_dir / "pareto.png").exists()
+    path = result.out_dir / "plans" / "fisher-milp@uniform_3.json"
+    assert main(["heatmap", str(path), "--out", str(tmp_path / "h.png"), "--model", "smollm2"]) == 0
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_cli_eval_of_a_saved_plan(result, capsys):
     path = result.out_dir / "plans" / "uniform-u3g64a.json"
     assert main(["eval", str(path), "--eval-chunks", "1", "--eval-seq-len", "64", "--quiet"]) == 0
