@@ -135,12 +135,20 @@ def main() -> None:
     for method in ("nsga2", "apq"):
         matched[f"{method}_vs_milp"] = matched[method] / matched["milp"] - 1
     done = trials[trials.measured.astype(bool)]
+    # How far the measured front moves beyond the proxy's: each NSGA-II plan against the
+    # measured seed plans (the proxy's front), linearly interpolated at its bits.
+    seeds_m = done[done.source == "seed"].sort_values("effective_bits")
+    kids = done[(done.source == "nsga2") & ~done.duplicate.astype(bool)]
+    ratio = kids.kl.to_numpy() / np.interp(kids.effective_bits, seeds_m.effective_bits, seeds_m.kl)
     summary = {
         "reference": ref.to_dict(), "eval_tokens": int(ref.tokens), "budgets": list(BUDGETS),
         "matched_kl": matched.to_dict(orient="records"),
         "nsga2": {"trials": int(len(trials)), "measured": int(len(done) - done.duplicate.astype(bool).sum()),
                   "front_points": int(pareto_mask(done.effective_bits.to_numpy(), done.kl.to_numpy()).sum()),
-                  "front_from_nsga2": int(done[pareto_mask(done.effective_bits.to_numpy(), done.kl.to_numpy())].source.eq("nsga2").sum())},
+                  "front_from_nsga2": int(done[pareto_mask(done.effective_bits.to_numpy(), done.kl.to_numpy())].source.eq("nsga2").sum()),
+                  "children_measured": int(len(kids)), "children_below_proxy_front": int((ratio < 1).sum()),
+                  "best_kl_ratio_to_proxy_front": float(ratio.min()) if len(ratio) else None,
+                  "median_kl_ratio_to_proxy_front": float(np.median(ratio)) if len(ratio) else None},
         "apq_rounds": 2, "solve_seconds": solve_times, "stages": s.stages.records,
         "wall_seconds": time.perf_counter() - t_start, "threads": a.threads, "machine": machine(a.threads),
     }

@@ -23,6 +23,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def pareto_plot(df: pd.DataFrame, path: str | Path, y: str = "kl", method: str = "method",
                 title: str = "", log_y: bool = True) -> Path:
     """Scatter every evaluated plan (effective bits vs ``y``), one colour per ``method``,
@@ -48,12 +57,7 @@ def pareto_plot(df: pd.DataFrame, path: str | Path, y: str = "kl", method: str =
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(title or f"measured {y} vs size: every evaluated plan, fronts as lines")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def bit_grid(formats: Mapping[str, Format], in_features: Mapping[str, int] | None = None) -> pd.DataFrame:
@@ -91,9 +95,4 @@ def bit_heatmap(formats: Mapping[str, Format], path: str | Path, in_features: Ma
             ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=6, color="w" if v < np.nanmean(grid.to_numpy()) else "k")
     fig.colorbar(im, ax=ax, label="effective bits" if in_features else "bits")
     ax.set_title(title or "bits per tensor", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
