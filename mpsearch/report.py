@@ -44,8 +44,9 @@ def pareto_plot(df: pd.DataFrame, path: str | Path, y: str = "kl", method: str =
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     data = df.dropna(subset=[y])
-    if log_y:  # an exact plan (KL 0) would vanish from a log axis: show it at the floor
-        data = data.assign(**{y: data[y].clip(lower=1e-4)})
+    if log_y:  # an exact plan (KL 0) would vanish from a log axis: draw it at half the smallest positive value
+        positive = data[y][data[y] > 0]
+        data = data.assign(**{y: data[y].clip(lower=float(positive.min()) / 2 if len(positive) else 1e-6)})
     for name, g in data.groupby(method, sort=False):
         pts = ax.scatter(g["effective_bits"], g[y], s=14, alpha=0.45)
         front = g[pareto_mask(g["effective_bits"].to_numpy(), g[y].to_numpy())].sort_values("effective_bits")
