@@ -145,7 +145,7 @@ def evolve(space: Space, measure: Measure, storage, config: EvolutionConfig = Ev
             return {k: v for k, v in seen[key].items() if k in ("kl", "ppl", "nll")}, True
         return measure(choice), False
 
-    def attrs(choice, key, bits, quality, dup, source) -> dict:
+    def attrs(key: str, bits: float, quality: dict | None, dup: bool, source: str) -> dict:
         out = {"plan_hash": key, "effective_bits": bits, "source": source, "measured": quality is not None, "duplicate": dup}
         out.update({k: float(quality[k]) for k in ("kl", "ppl", "nll") if quality and k in quality})
         return out
@@ -155,9 +155,10 @@ def evolve(space: Space, measure: Measure, storage, config: EvolutionConfig = Ev
         if key in seen or violation(bits) > 0:
             continue
         quality, dup = quality_of(choice, key)
-        user = attrs(choice, key, bits, quality, dup, "seed")
+        user = attrs(key, bits, quality, dup, "seed")
         study.add_trial(create_trial(
             values=[float(quality[config.objective]), bits], params=space.params(choice), distributions=distributions,
+            # The sampler's own generation tag (a private name, pinned by test_offspring_descend_from_the_seeds).
             user_attrs=user, system_attrs={optuna.samplers.NSGAIISampler._GENERATION_KEY: 0}, constraints={"window": violation(bits)},
         ))
         seen[key] = user
@@ -167,11 +168,11 @@ def evolve(space: Space, measure: Measure, storage, config: EvolutionConfig = Ev
         key, bits = space.plan_hash(choice), space.effective_bits(choice)
         trial.set_constraint("window", violation(bits))
         if violation(bits) > 0:  # not measured: NSGA-II ranks it below every plan inside the window
-            for k, v in attrs(choice, key, bits, None, False, "nsga2").items():
+            for k, v in attrs(key, bits, None, False, "nsga2").items():
                 trial.set_user_attr(k, v)
             return _OUTSIDE, bits
         quality, dup = quality_of(choice, key)
-        user = attrs(choice, key, bits, quality, dup, "nsga2")
+        user = attrs(key, bits, quality, dup, "nsga2")
         for k, v in user.items():
             trial.set_user_attr(k, v)
         seen[key] = user
