@@ -60,10 +60,10 @@ def test_batched_probes_equal_one_at_a_time(small, monkeypatch):
 
 def test_tolerance_stops_early_with_every_tensor_below_it(small):
     model, toks = small
-    names = [NAME, "model.layers.0.mlp.down_proj"]
-    est = hutchinson(model, names, toks, probes=4000, batch=50, tol=0.2, min_probes=50, progress=False)
-    assert est.probes < 4000
-    assert all(v < 0.2 for v in est.rel_se().values())
+    # lm_head's trace is large next to its probe noise; a random-init block's trace can be ~0
+    est = hutchinson(model, ["lm_head"], toks, probes=4000, batch=50, tol=0.1, min_probes=50, progress=False)
+    assert 50 <= est.probes < 4000
+    assert est.rel_se()["lm_head"] < 0.1
 
 
 def test_chunks_estimate_the_same_trace(small):
