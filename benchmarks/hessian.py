@@ -8,10 +8,10 @@ Prejudice; Rademacher probes (same count both sides, hence the same variance).
 - PyHessian 0.1 (installed here only, ``pip install --no-deps pyhessian==0.1``): its
   ``hessian`` object on the same weights (requires_grad on the decision weights only),
   its ``hessian_vector_product`` per probe, per-tensor ``v . Hv`` taken from its Hv (its
-  ``trace()`` returns only the total, so per-tensor traces need this), and also its
-  ``trace()`` for the total.
+  ``trace()`` returns only the total, so per-tensor traces need this).
 
-Reports time and peak memory of each, the ratio, and agreement of the estimates.
+Each side runs in a fresh process. Reports time and peak memory of each, the ratio,
+and agreement of the per-tensor estimates (z-scores of the difference).
 
     .venv/bin/python benchmarks/hessian.py [--probes 8] [--threads 2]
 """
@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
@@ -56,69 +56,72 @@ class Logits(nn.Module):
         return logits.reshape(-1, logits.shape[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--probes", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    ph = pyhessian()
-    from pyhessian.utils import hessian_vector_product
-
+def run_side(side: str, probes: int, batch: int, threads: int) -> dict:
+    """One side in this (fresh) process: per-tensor trace samples, time and peak memory."""
+    torch.set_num_threads(threads)
     lm = load_model()
     model = lm.model
     model.set_attn_implementation("eager")  # both sides: SDPA's CPU kernel has no double backward
     names = [m.name for d in SearchSpace.from_file("llama").build(model) for m in d.members]
     toks = token_chunks(lm.tokenizer, load_text("austen:prideprejudice"), 256, 4)
     stages = Stages()
+    if side == "ours":
+        with stages(side):
+            est = hutchinson(model, names, toks, probes=probes, batch=batch, progress=False)
+        mean, se = [est.trace[n] for n in names], [est.trace_se[n] for n in names]
+    else:
+        ph = pyhessian()
+        from pyhessian.utils import hessian_vector_product
 
-    with stages("ours"):
-        t0 = time.perf_counter()
-        ours = hutchinson(model, names, toks, probes=a.probes, batch=a.batch, progress=True)
-        t_ours = time.perf_counter() - t0
+        modules = dict(model.named_modules())
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for n in names:
+            modules[n].weight.requires_grad_(True)
+        with stages(side):
+            h = ph.hessian(Logits(model), nn.CrossEntropyLoss(), data=(toks, toks[:, 1:].reshape(-1)), cuda=False)
+            samples = np.zeros((probes, len(names)))
+            for k in range(probes):
+                v = [torch.randint_like(p, high=2) * 2 - 1 for p in h.params]
+                hv = hessian_vector_product(h.gradsH, h.params, v)
+                samples[k] = [float((x * y).sum()) for x, y in zip(hv, v)]
+        mean, se = samples.mean(0).tolist(), (samples.std(0, ddof=1) / np.sqrt(probes)).tolist()
+    rec = stages.records[-1]
+    return {"side": side, "seconds": rec["seconds"], "peak_rss_mb": rec["peak_rss_mb"], "rss_before_mb": rec["rss_before_mb"],
+            "names": names, "mean": mean, "se": se, "tokens": int(toks.numel())}
 
-    modules = dict(model.named_modules())
-    params = [modules[n].weight for n in names]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    with stages("pyhessian per-tensor"):
-        t0 = time.perf_counter()
-        h = ph.hessian(Logits(model), nn.CrossEntropyLoss(), data=(toks, toks[:, 1:].reshape(-1)), cuda=False)
-        samples = np.zeros((a.probes, len(names)))
-        for k in range(a.probes):
-            v = [torch.randint_like(p, high=2) * 2 - 1 for p in h.params]
-            hv = hessian_vector_product(h.gradsH, h.params, v)
-            samples[k] = [float((x * y).sum()) for x, y in zip(hv, v)]
-        t_ph = time.perf_counter() - t0
-    with stages("pyhessian trace() total"):
-        t0 = time.perf_counter()
-        totals = h.trace(maxIter=a.probes, tol=0.0)
-        t_ph_total = time.perf_counter() - t0  # reuses the graph built above
-    del h
 
-    ph_mean = samples.mean(0)
-    ph_se = samples.std(0, ddof=1) / np.sqrt(a.probes)
-    o_mean = np.array([ours.trace[n] for n in names])
-    o_se = np.array([ours.trace_se[n] for n in names])
-    z = np.abs(o_mean - ph_mean) / np.sqrt(o_se**2 + ph_se**2)
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--probes", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--side", choices=["ours", "pyhessian"], help=argparse.SUPPRESS)  # internal: one side per process
+    a = ap.parse_args()
+    if a.side:
+        print("RESULT " + json.dumps(run_side(a.side, a.probes, a.batch, a.threads)))
+        return
+    pyhessian()  # install before timing anything
+    sides = {}
+    for side in ("pyhessian", "ours"):  # each in a fresh process: no allocator warm-up carried over
+        out = subprocess.run([sys.executable, __file__, "--side", side, "--probes", str(a.probes), "--batch", str(a.batch),
+                              "--threads", str(a.threads)], capture_output=True, text=True, check=True).stdout
+        sides[side] = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
+        print(side, sides[side]["seconds"], "s")
+    o, p = sides["ours"], sides["pyhessian"]
+    o_mean, o_se, p_mean, p_se = (np.array(x) for x in (o["mean"], o["se"], p["mean"], p["se"]))
+    z = np.abs(o_mean - p_mean) / np.sqrt(o_se**2 + p_se**2)
     result = {
-        "probes": a.probes, "batch": a.batch, "tensors": len(names), "tokens": int(toks.numel()),
-        "seconds_ours": t_ours, "seconds_pyhessian_per_tensor": t_ph, "seconds_pyhessian_trace_total_only": t_ph_total,
-        "speedup_vs_pyhessian_per_tensor": t_ph / t_ours,
-        "total_trace_ours": float(o_mean.sum()), "total_trace_pyhessian": float(ph_mean.sum()),
-        "total_trace_pyhessian_trace()": float(np.mean(totals)), "pyhessian_trace_probes": len(totals),
+        "probes": a.probes, "batch": a.batch, "tensors": len(o["names"]), "tokens": o["tokens"],
+        "seconds_ours": o["seconds"], "seconds_pyhessian": p["seconds"], "pyhessian_over_ours": p["seconds"] / o["seconds"],
+        "peak_rss_mb_ours": o["peak_rss_mb"], "peak_rss_mb_pyhessian": p["peak_rss_mb"],
+        "total_trace_ours": float(o_mean.sum()), "total_trace_pyhessian": float(p_mean.sum()),
         "median_abs_z": float(np.median(z)), "share_within_2se": float((z < 2).mean()),
-        "log_trace_correlation": float(np.corrcoef(np.log(np.abs(o_mean)), np.log(np.abs(ph_mean)))[0, 1]),
-        "median_rel_se_ours": float(np.median(o_se / np.abs(o_mean))), "median_rel_se_pyhessian": float(np.median(ph_se / np.abs(ph_mean))),
-        "stages": stages.records, "machine": machine(a.threads),
+        "median_rel_se_ours": float(np.median(o_se / np.abs(o_mean))), "median_rel_se_pyhessian": float(np.median(p_se / np.abs(p_mean))),
+        "machine": machine(a.threads),
     }
     write_json_atomic(RESULTS / "hessian.json", result)
-    print({k: v for k, v in result.items() if k not in ("stages", "machine")})
-    for r in stages.records:
-        print(r)
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from .format import Format
 from .models import load_model, load_text, token_chunks
 from .plan import Plan, fingerprint, write_json_atomic
 from .primitives import compute_primitives, tokens_hash
+from .primitives.sensitivity import measured_kl
 from .profiling import Stages
 from .proxies import load_proxy
 from .proxies.table import cached_proxy_table, decision_losses
@@ -32,6 +33,8 @@ from .solvers import Problem
 from .space import Decision, SearchSpace
 
 log = logging.getLogger(__name__)
+#: measured-KL sensitivity runs on the first calibration sequences only: 2 x 512 tokens by default
+KL_SEQUENCES = 2
 
 
 @dataclass
@@ -71,6 +74,10 @@ class Session:
         needs = set().union(*(p.needs for p in proxies))
         with stages("primitives"):
             s.prims = compute_primitives(lm.model, [m.name for m in s.members], calib, needs, cfg.use_cache, cfg.progress)
+        if "kl" in needs:
+            with stages("measured KL per (tensor, format)"):
+                table = measured_kl(lm.model, decisions, calib[:KL_SEQUENCES], s.prims.weights, cfg.use_cache, cfg.progress)
+                s.prims.kl = {(t, f): float(v) for t, f, v in table[["tensor", "format", "kl"]].itertuples(index=False)}
         for p in proxies:
             with stages(f"proxy table {p.name}"):
                 s.tables[p.name] = cached_proxy_table(p, lm.model, decisions, s.prims, cfg.use_cache, cfg.progress)

@@ -37,6 +37,8 @@ class Primitives:
     weights: str = ""
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     xtx: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: measured KL when only that tensor is quantized, keyed by (tensor, format key)
+    kl: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def check_finite(self) -> None:
         for kind in CALIBRATED:

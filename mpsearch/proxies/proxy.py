@@ -10,7 +10,7 @@ import torch
 
 from mpsearch.proxies.expr import Expression, ExpressionError, parse
 
-PRIMITIVE_NAMES: frozenset[str] = frozenset({"w", "dw", "fisher", "xtx", "numel", "bits", "qerr"})
+PRIMITIVE_NAMES: frozenset[str] = frozenset({"w", "dw", "fisher", "xtx", "numel", "bits", "qerr", "kl"})
 
 _REQUIRED = ("name", "expression")
 _OPTIONAL = ("description",)

@@ -41,6 +41,10 @@ def proxy_table(proxy: Proxy, model: nn.Module, decisions: list[Decision], prims
                 dw = quantize(w, fmt) - w
                 qerr = float((dw.double() ** 2).sum())
                 env = {**base, "dw": dw, "qerr": qerr, "bits": fmt.effective_bits(m.in_features)}
+                if "kl" in proxy.needs:
+                    if (m.name, fmt.key) not in prims.kl:
+                        raise KeyError(f"measured KL was not computed for {m.name} in format {fmt.key}")
+                    env["kl"] = prims.kl[(m.name, fmt.key)]
                 value = proxy.evaluate(env)
                 if not np.isfinite(value):
                     raise ValueError(f"proxy {proxy.name!r} gives {value} for {m.name} in format {fmt.key}")

@@ -1,0 +1,133 @@
+"""Measured sensitivity: the KL of the model's output when only one tensor is quantized.
+
+The expensive ground truth per (tensor, format) that ExLlamaV2 and AIMET measure. Made
+fast by reusing one reference pass: the inputs of every decoder layer (and the
+arguments the model passes it: rotary embeddings, masks) are recorded once, so
+quantizing a tensor of layer ``l`` only reruns layers ``l..L-1``, the final norm and
+the head. Results are cached per model weights + tokens, saved after every layer, so
+an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..cache import cache_dir, content_key
+from ..quant import quantize
+
+log = logging.getLogger(__name__)
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def measured_kl(model: nn.Module, decisions, tokens: torch.Tensor, weights_key: str = "", use_cache: bool = True,
+                progress: bool = True) -> pd.DataFrame:
+    """One row per (member tensor, candidate format): ``kl`` = mean per-token KL(ref || quantized).
+
+    ``decisions`` are the search space's decisions (each member is measured alone, in
+    every format of its decision). ``weights_key`` identifies the weights for the cache
+    (e.g. ``Primitives.weights``); without it nothing is cached.
+    """
+    pairs = [(m.name, f) for d in decisions for m in d.members for f in d.formats]
+    path = None
+    done: dict[tuple[str, str], float] = {}
+    if use_cache and weights_key:
+        from . import tokens_hash
+
+        key = content_key(weights_key, tokens_hash(tokens), sorted({(t, f.key) for t, f in pairs}), "kl-v1")
+        path = cache_dir() / "sensitivity" / f"{key}.json"
+        done = _load(path)
+    todo = [(t, f) for t, f in pairs if (t, f.key) not in done]
+    if todo:
+        tail, ref = _tail_runner(model, tokens)
+        modules = dict(model.named_modules())
+        by_layer: dict[int, list] = {}
+        for t, f in todo:
+            by_layer.setdefault(_layer_of(t), []).append((t, f))
+        bar = tqdm(total=len(todo), desc="measured KL per (tensor, format)", disable=not progress, unit="pair")
+        with torch.no_grad():
+            for layer in sorted(by_layer):
+                for t, f in by_layer[layer]:
+                    w = modules[t].weight
+                    original = w.detach().clone()
+                    try:
+                        w.copy_(quantize(original, f))
+                        done[(t, f.key)] = _kl(ref, tail(layer))
+                    finally:
+                        w.copy_(original)
+                    bar.update()
+                if path is not None:
+                    _save(path, done)  # per layer: an interruption loses at most one layer
+        bar.close()
+    return pd.DataFrame([(t, f.key, done[(t, f.key)]) for t, f in pairs], columns=["tensor", "format", "kl"])
+
+
+def _layer_of(name: str) -> int:
+    m = _LAYER.search(name)
+    if not m:
+        raise ValueError(f"cannot tell which decoder layer {name!r} belongs to (expected 'layers.<N>.')")
+    return int(m[1])
+
+
+def _tail_runner(model: nn.Module, tokens: torch.Tensor) -> tuple[Callable[[int], torch.Tensor], torch.Tensor]:
+    """Record every decoder layer's call once; return ``tail(l)`` (log-probs from layer l on) and the reference log-probs."""
+    body = getattr(model, "model", None)
+    layers = getattr(body, "layers", None)
+    if layers is None or not hasattr(body, "norm") or not hasattr(model, "lm_head"):
+        raise ValueError("measured KL needs a decoder with model.model.layers, model.model.norm and model.lm_head (Llama-style)")
+    calls: dict[int, tuple[tuple, dict]] = {}
+
+    def recorder(i: int):
+        def hook(module, args, kwargs):
+            calls[i] = (tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args), dict(kwargs))
+        return hook
+
+    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            ref = F.log_softmax(model(input_ids=tokens, use_cache=False).logits[:, :-1].float(), dim=-1)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def tail(start: int) -> torch.Tensor:
+        args, kwargs = calls[start]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        for i in range(start, len(layers)):
+            a, kw = calls[i]
+            if a:
+                out = layers[i](hidden, *a[1:], **kw)
+            else:
+                out = layers[i](**{**kw, "hidden_states": hidden})
+            hidden = out[0] if isinstance(out, tuple) else out
+        logits = model.lm_head(body.norm(hidden))[:, :-1].float()
+        return F.log_softmax(logits, dim=-1)
+
+    return tail, ref
+
+
+def _kl(ref: torch.Tensor, logp: torch.Tensor) -> float:
+    return float((ref.exp() * (ref - logp)).sum(-1).mean())
+
+
+def _load(path) -> dict[tuple[str, str], float]:
+    if not path.exists():
+        return {}
+    try:
+        return {(r[0], r[1]): float(r[2]) for r in json.loads(path.read_text())}
+    except (json.JSONDecodeError, ValueError, TypeError, IndexError) as e:
+        log.warning("measured-KL cache %s is corrupt (%s); measuring again", path, e)
+        return {}
+
+
+def _save(path, done: dict[tuple[str, str], float]) -> None:
+    from ..plan import write_json_atomic
+
+    write_json_atomic(path, [[t, f, v] for (t, f), v in sorted(done.items())])
