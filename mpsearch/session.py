@@ -33,8 +33,9 @@ from .solvers import Problem
 from .space import Decision, SearchSpace
 
 log = logging.getLogger(__name__)
-#: measured-KL sensitivity runs on the first calibration sequences only: 2 x 512 tokens by default
-KL_SEQUENCES = 2
+#: measured-KL sensitivity runs on a slice of the calibration text: 1 sequence x 256 tokens
+#: (each of the ~3,000 (tensor, format) pairs reruns part of the model on it)
+KL_SLICE = (1, 256)
 
 
 @dataclass
@@ -76,7 +77,7 @@ class Session:
             s.prims = compute_primitives(lm.model, [m.name for m in s.members], calib, needs, cfg.use_cache, cfg.progress)
         if "kl" in needs:
             with stages("measured KL per (tensor, format)"):
-                table = measured_kl(lm.model, decisions, calib[:KL_SEQUENCES], s.prims.weights, cfg.use_cache, cfg.progress)
+                table = measured_kl(lm.model, decisions, calib[: KL_SLICE[0], : KL_SLICE[1]], s.prims.weights, cfg.use_cache, cfg.progress)
                 s.prims.kl = {(t, f): float(v) for t, f, v in table[["tensor", "format", "kl"]].itertuples(index=False)}
         for p in proxies:
             with stages(f"proxy table {p.name}"):
