@@ -23,7 +23,7 @@ from .evaluate import Evaluator
 from .format import Format
 from .models import load_model, load_text, token_chunks
 from .plan import Plan, fingerprint, write_json_atomic
-from .primitives import compute_primitives, tokens_hash
+from .primitives import Primitives, compute_primitives, tokens_hash
 from .primitives.sensitivity import measured_kl
 from .profiling import Stages
 from .proxies import load_proxy
@@ -49,7 +49,7 @@ class Session:
     budgets: list[Budget]
     calib: torch.Tensor
     eval_tokens: torch.Tensor | None
-    prims: object
+    prims: Primitives | None
     tables: dict = field(default_factory=dict)
     losses: dict[str, list[np.ndarray]] = field(default_factory=dict)
     stages: Stages = field(default_factory=Stages)

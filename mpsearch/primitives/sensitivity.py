@@ -46,7 +46,8 @@ def measured_kl(model: nn.Module, decisions, tokens: torch.Tensor, weights_key: 
         done = _load(path)
     todo = [(t, f) for t, f in pairs if (t, f.key) not in done]
     if todo:
-        tail, ref = _tail_runner(model, tokens)
+        tail, ref_logp = _tail_runner(model, tokens)
+        ref = _Reference(ref_logp)
         modules = dict(model.named_modules())
         by_layer: dict[int, list] = {}
         for t, f in todo:
@@ -59,7 +60,7 @@ def measured_kl(model: nn.Module, decisions, tokens: torch.Tensor, weights_key: 
                     original = w.detach().clone()
                     try:
                         w.copy_(quantize(original, f))
-                        done[(t, f.key)] = _kl(ref, tail(layer))
+                        done[(t, f.key)] = ref.kl(tail(layer))
                     finally:
                         w.copy_(original)
                     bar.update()
@@ -113,8 +114,16 @@ def _tail_runner(model: nn.Module, tokens: torch.Tensor) -> tuple[Callable[[int]
     return tail, ref
 
 
-def _kl(ref: torch.Tensor, logp: torch.Tensor) -> float:
-    return float((ref.exp() * (ref - logp)).sum(-1).mean())
+class _Reference:
+    """The reference distribution with its probabilities and entropy computed once."""
+
+    def __init__(self, logp: torch.Tensor) -> None:
+        self.p = logp.exp()
+        self.neg_entropy = (self.p * logp).sum(-1)  # per position
+
+    def kl(self, logq: torch.Tensor) -> float:
+        """Mean over positions of KL(p || q) = sum p log p - sum p log q."""
+        return float((self.neg_entropy - (self.p * logq).sum(-1)).mean())
 
 
 def _load(path) -> dict[tuple[str, str], float]:
