@@ -156,12 +156,12 @@ class MILP(Allocator):
         if core.size == 0:
             return (Status.OPTIMAL, tuple(int(j) for j in incumbent)) if problem.feasible(incumbent) else (Status.INFEASIBLE, None)
         status, plan = self._solve_core(loss, rows, keep, incumbent, core, 0.0)
-        if plan is None:
-            return status, None
+        if plan is None:  # infeasible, or a time limit before any feasible plan
+            return (Status.INFEASIBLE if status == Status.INFEASIBLE else Status.ERROR), None
         plan = tuple(int(j) for j in plan)
         if not problem.feasible(plan):  # beyond HiGHS's 1e-10 tolerances: should not happen
-            over = {k: v for k, v in problem.constraint_totals(plan).items()}
-            raise SolverError(f"HiGHS returned a plan outside the constraints (cost {problem.evaluate(plan)[1]}, totals {over}); "
+            totals = problem.constraint_totals(plan)
+            raise SolverError(f"HiGHS returned a plan outside the constraints (cost {problem.evaluate(plan)[1]}, totals {totals}); "
                               "try verbose=True, or check the cost tables for extreme ranges")
         return status, plan
 
