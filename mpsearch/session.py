@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -130,15 +131,20 @@ class Session:
         return plan_bits(formats, self.members)
 
     # -- plans and their measurement ------------------------------------------------
-    @property
+    @cached_property
+    def fingerprint(self) -> str:
+        return fingerprint(self.model)
+
+    @cached_property
     def provenance(self) -> dict:
+        """Computed once: every measured trial makes a plan, and hashing the calibration each time is waste."""
         cfg = self.config
         data = {"calibration": cfg.calibration, "calib_tokens": int(self.calib.numel()), "calib_sha": tokens_hash(self.calib)}
         return {"data": data, "seed": cfg.seed, "space": self.space.name, "mpsearch_version": __version__}
 
     def make_plan(self, formats: dict[str, Format], budget: Budget | None = None, **provenance) -> Plan:
         tensors = {n: {"weight": f} for n, f in formats.items()}
-        plan = Plan(self.lm.model_id, fingerprint(self.model), tensors, budget.to_dict() if budget else {}, {},
+        plan = Plan(self.lm.model_id, self.fingerprint, tensors, budget.to_dict() if budget else {}, {},
                     {**self.provenance, **provenance})
         plan.metrics.update({"effective_bits": plan_bits(formats, self.members), "size_bytes": plan_bytes(formats, self.members)})
         return plan

@@ -112,7 +112,6 @@ def hutchinson(
         if attn is not None:
             model.set_attn_implementation(attn)
     mean, se = _stats(sums, sq, done)
-    n_chunks = len(chunks)
     out = HessianEstimate(
         trace={t: float(mean[i]) for i, t in enumerate(tensors)},
         trace_se={t: float(se[i]) for i, t in enumerate(tensors)},
