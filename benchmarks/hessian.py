@@ -14,6 +14,15 @@ Each side runs in a fresh process. Reports time and peak memory of each, the rat
 and agreement of the per-tensor estimates (z-scores of the difference).
 
     .venv/bin/python benchmarks/hessian.py [--probes 8] [--threads 2]
+    .venv/bin/python benchmarks/hessian.py --mode dataloader [--sequences 8] [--probes-ours 2] [--probes 4]
+
+``--mode dataloader`` is the setting of the ``hessian`` primitive: more tokens than fit
+one graph (8 x 256 here). PyHessian's ``dataloader_hv_product`` rebuilds every
+batch's graph for every probe and uses one probe for the whole data; ours builds each
+sequence's graph once, draws independent probes per sequence and reuses the graph.
+The estimators differ, so the comparison is at equal variance: per tensor,
+``(time x SE^2)`` of each side (the time each needs to reach a given standard error),
+and the median over tensors of PyHessian's over ours.
 """
 from __future__ import annotations
 
@@ -56,19 +65,35 @@ class Logits(nn.Module):
         return logits.reshape(-1, logits.shape[-1])
 
 
-def run_side(side: str, probes: int, batch: int, threads: int) -> dict:
+def run_side(side: str, probes: int, batch: int, threads: int, mode: str = "batch", sequences: int = 4) -> dict:
     """One side in this (fresh) process: per-tensor trace samples, time and peak memory."""
     torch.set_num_threads(threads)
     lm = load_model()
     model = lm.model
     model.set_attn_implementation("eager")  # both sides: SDPA's CPU kernel has no double backward
     names = [m.name for d in SearchSpace.from_file("llama").build(model) for m in d.members]
-    toks = token_chunks(lm.tokenizer, load_text("austen:prideprejudice"), 256, 4)
+    toks = token_chunks(lm.tokenizer, load_text("austen:prideprejudice"), 256, sequences)
     stages = Stages()
     if side == "ours":
-        with stages(side):
-            est = hutchinson(model, names, toks, probes=probes, batch=batch, progress=False)
+        with stages(side):  # dataloader mode: one graph per sequence, `probes` independent probes each
+            est = hutchinson(model, names, toks, probes=probes, batch=batch, chunk=1 if mode == "dataloader" else None, progress=False)
         mean, se = [est.trace[n] for n in names], [est.trace_se[n] for n in names]
+    elif mode == "dataloader":
+        ph = pyhessian()
+        modules = dict(model.named_modules())
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for n in names:
+            modules[n].weight.requires_grad_(True)
+        batches = [(seq[None], seq[1:]) for seq in toks]
+        with stages(side):
+            h = ph.hessian(Logits(model), nn.CrossEntropyLoss(), dataloader=batches, cuda=False)
+            samples = np.zeros((probes, len(names)))
+            for k in range(probes):
+                v = [torch.randint_like(p, high=2) * 2 - 1 for p in h.params]
+                _, hv = h.dataloader_hv_product(v)
+                samples[k] = [float((x * y).sum()) for x, y in zip(hv, v)]
+        mean, se = samples.mean(0).tolist(), (samples.std(0, ddof=1) / np.sqrt(probes)).tolist()
     else:
         ph = pyhessian()
         from pyhessian.utils import hessian_vector_product
@@ -96,31 +121,41 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=8)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mode", choices=["batch", "dataloader"], default="batch")
+    ap.add_argument("--sequences", type=int, default=None, help="sequences of 256 tokens (default 4, or 8 in dataloader mode)")
+    ap.add_argument("--probes-ours", type=int, default=None, help="dataloader mode: our probes per sequence (default 2)")
     ap.add_argument("--side", choices=["ours", "pyhessian"], help=argparse.SUPPRESS)  # internal: one side per process
     a = ap.parse_args()
+    sequences = a.sequences or (8 if a.mode == "dataloader" else 4)
     if a.side:
-        print("RESULT " + json.dumps(run_side(a.side, a.probes, a.batch, a.threads)))
+        print("RESULT " + json.dumps(run_side(a.side, a.probes, a.batch, a.threads, a.mode, sequences)))
         return
     pyhessian()  # install before timing anything
     sides = {}
     for side in ("pyhessian", "ours"):  # each in a fresh process: no allocator warm-up carried over
-        out = subprocess.run([sys.executable, __file__, "--side", side, "--probes", str(a.probes), "--batch", str(a.batch),
-                              "--threads", str(a.threads)], capture_output=True, text=True, check=True).stdout
+        probes = (a.probes_ours or 2) if side == "ours" and a.mode == "dataloader" else a.probes
+        out = subprocess.run([sys.executable, __file__, "--side", side, "--probes", str(probes), "--batch", str(a.batch),
+                              "--threads", str(a.threads), "--mode", a.mode, "--sequences", str(sequences)],
+                             capture_output=True, text=True, check=True).stdout
         sides[side] = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
         print(side, sides[side]["seconds"], "s")
     o, p = sides["ours"], sides["pyhessian"]
     o_mean, o_se, p_mean, p_se = (np.array(x) for x in (o["mean"], o["se"], p["mean"], p["se"]))
     z = np.abs(o_mean - p_mean) / np.sqrt(o_se**2 + p_se**2)
+    work = (p["seconds"] * p_se**2) / (o["seconds"] * o_se**2)  # time to equal SE, theirs over ours, per tensor
     result = {
-        "probes": a.probes, "batch": a.batch, "tensors": len(o["names"]), "tokens": o["tokens"],
+        "mode": a.mode, "sequences": sequences, "probes": a.probes,
+        "probes_ours": (a.probes_ours or 2) if a.mode == "dataloader" else a.probes, "batch": a.batch, "tensors": len(o["names"]), "tokens": o["tokens"],
         "seconds_ours": o["seconds"], "seconds_pyhessian": p["seconds"], "pyhessian_over_ours": p["seconds"] / o["seconds"],
         "peak_rss_mb_ours": o["peak_rss_mb"], "peak_rss_mb_pyhessian": p["peak_rss_mb"],
         "total_trace_ours": float(o_mean.sum()), "total_trace_pyhessian": float(p_mean.sum()),
         "median_abs_z": float(np.median(z)), "share_within_2se": float((z < 2).mean()),
         "median_rel_se_ours": float(np.median(o_se / np.abs(o_mean))), "median_rel_se_pyhessian": float(np.median(p_se / np.abs(p_mean))),
+        "equal_variance_speedup_median": float(np.median(work)),
+        "equal_variance_speedup_quartiles": [float(np.quantile(work, 0.25)), float(np.quantile(work, 0.75))],
         "machine": machine(a.threads),
     }
-    write_json_atomic(RESULTS / "hessian.json", result)
+    write_json_atomic(RESULTS / ("hessian.json" if a.mode == "batch" else "hessian_dataloader.json"), result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
 
 

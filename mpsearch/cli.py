@@ -25,6 +25,7 @@ def search_config(a: argparse.Namespace):
         model=a.model, calibration=a.calibration, evaluation=a.evaluation, space=a.space,
         proxies=tuple(a.proxy), budgets=tuple(a.budget), solver=getattr(a, "solver", "milp"), rules=tuple(rules),
         calib_seq_len=a.calib_seq_len, calib_chunks=a.calib_chunks, eval_seq_len=a.eval_seq_len,
+        hessian_probes=a.hessian_probes, hessian_sequences=a.hessian_sequences,
         eval_chunks=a.eval_chunks, baselines=not getattr(a, "no_baselines", False), measure=not getattr(a, "no_measure", False),
         threads=a.threads, seed=a.seed, out_dir=a.out, use_cache=not a.no_cache, progress=not a.quiet,
     )
@@ -119,6 +120,7 @@ def _eval(a: argparse.Namespace) -> int:
 
 def _list(a: argparse.Namespace) -> int:
     from . import registry, solvers  # noqa: F401
+    from .primitives import families
     from .proxies import list_proxies
 
     spaces = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "search_spaces").glob("*.toml"))
@@ -126,6 +128,10 @@ def _list(a: argparse.Namespace) -> int:
     print("solvers:", ", ".join(registry.names("solver")))
     print("quantizers:", ", ".join(registry.names("quantizer")))
     print("search spaces:", ", ".join(spaces))
+    print("primitives (family: names):")
+    for name, fam in families().items():
+        print(f"  {name}: {', '.join(fam.provides)}  ({fam.about})")
+    print("  per (tensor, format): w, dw, numel, bits, qerr, kl (measured KL, its own pass)")
     return 0
 
 
@@ -151,6 +157,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--exclude", action="append", default=[], metavar="NAME", help="keep tensors unquantized, outside the budget")
         sp.add_argument("--calib-chunks", type=int, default=8)
         sp.add_argument("--calib-seq-len", type=int, default=512)
+        sp.add_argument("--hessian-probes", type=int, default=2, help="Hutchinson probes per calibration sequence (default 2)")
+        sp.add_argument("--hessian-sequences", type=int, default=0, help="calibration sequences for the Hessian (default 0 = all)")
         sp.add_argument("--eval-chunks", type=int, default=16)
         sp.add_argument("--eval-seq-len", type=int, default=512)
         sp.add_argument("--no-cache", action="store_true", help="recompute primitives and evaluations")

@@ -41,6 +41,9 @@ class SearchConfig:
     rules: tuple[Rule, ...] = ()
     calib_seq_len: int = 512
     calib_chunks: int = 8
+    #: Hutchinson probes per calibration sequence, and how many sequences (0 = all)
+    hessian_probes: int = 2
+    hessian_sequences: int = 0
     eval_seq_len: int = 512
     eval_chunks: int = 16
     baselines: bool = True

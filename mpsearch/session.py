@@ -24,11 +24,11 @@ from .evaluate import Evaluator
 from .format import Format
 from .models import load_model, load_text, token_chunks
 from .plan import Plan, fingerprint, write_json_atomic
-from .primitives import Primitives, compute_primitives, tokens_hash
+from .primitives import Primitives, PrimitiveSettings, compute_primitives, tokens_hash
 from .primitives.sensitivity import measured_kl
 from .profiling import Stages
 from .proxies import load_proxy
-from .proxies.table import cached_proxy_table, decision_losses
+from .proxies.table import cached_proxy_tables, decision_losses
 from .quant import applied
 from .solvers import Problem
 from .space import Decision, SearchSpace
@@ -74,16 +74,16 @@ class Session:
             evalt = token_chunks(lm.tokenizer, load_text(cfg.evaluation), cfg.eval_seq_len, cfg.eval_chunks) if cfg.measure else None
         s = cls(cfg, lm, space, decisions, budgets, calib, evalt, None, stages=stages)
         needs = set().union(*(p.needs for p in proxies))
-        with stages("primitives"):
-            s.prims = compute_primitives(lm.model, [m.name for m in s.members], calib, needs, cfg.use_cache, cfg.progress)
+        settings = PrimitiveSettings(hessian_probes=cfg.hessian_probes, hessian_sequences=cfg.hessian_sequences, seed=cfg.seed)
+        s.prims = compute_primitives(lm.model, [m.name for m in s.members], calib, needs, cfg.use_cache, cfg.progress,
+                                     settings, stages)
         if "kl" in needs:
             with stages("measured KL per (tensor, format)"):
                 table = measured_kl(lm.model, decisions, calib[: KL_SLICE[0], : KL_SLICE[1]], s.prims.weights, cfg.use_cache, cfg.progress)
                 s.prims.kl = {(t, f): float(v) for t, f, v in table[["tensor", "format", "kl"]].itertuples(index=False)}
-        for p in proxies:
-            with stages(f"proxy table {p.name}"):
-                s.tables[p.name] = cached_proxy_table(p, lm.model, decisions, s.prims, cfg.use_cache, cfg.progress)
-                s.losses[p.name] = decision_losses(s.tables[p.name], decisions)
+        with stages("proxy tables"):
+            s.tables = cached_proxy_tables(proxies, lm.model, decisions, s.prims, cfg.use_cache, cfg.progress)
+        s.losses = {name: decision_losses(table, decisions) for name, table in s.tables.items()}
         return s
 
     # -- the search space as arrays -------------------------------------------------

@@ -116,6 +116,13 @@ FUNCTION_CASES = [
     ("sum(w)", lambda e: e["w"].sum()),
     ("mean(w)", lambda e: e["w"].mean()),
     ("norm(w)", lambda e: torch.sqrt((e["w"] ** 2).sum())),
+    ("sum(sigmoid(w))", lambda e: (1 / (1 + (-e["w"]).exp())).sum()),
+    ("sum(tanh(w))", lambda e: e["w"].tanh().sum()),
+    ("sum(reciprocal(fisher + 1))", lambda e: (1 / (e["fisher"] + 1)).sum()),
+    ("sum(minmax(w) * dw)", lambda e: ((e["w"] - e["w"].min()) / (e["w"].max() - e["w"].min()) * e["dw"]).sum()),
+    ("max(minmax(w))", lambda e: 1.0),
+    ("sum(softmax(w))", lambda e: 1.0),
+    ("sum(softmax(w) * w)", lambda e: ((e["w"].exp() / e["w"].exp().sum()) * e["w"]).sum()),
     ("max(w)", lambda e: e["w"].max()),
     ("min(w)", lambda e: e["w"].min()),
     ("sum(normalize(fisher) * dw**2)",
@@ -136,10 +143,11 @@ def test_operators_and_functions_match_torch(text: str, direct) -> None:
 
 def test_every_function_is_covered() -> None:
     used = {t.split("(")[0] for t, _ in FUNCTION_CASES}
-    used |= {"abs", "normalize", "minimum", "maximum", "sqrt", "log", "exp", "square", "sign"}
+    used |= {"abs", "normalize", "minimum", "maximum", "sqrt", "log", "exp", "square", "sign",
+             "sigmoid", "tanh", "reciprocal", "minmax", "softmax"}
     assert set(FUNCTIONS) == {
         "abs", "sqrt", "log", "exp", "square", "sign", "sum", "mean", "norm", "max", "min",
-        "normalize", "minimum", "maximum",
+        "normalize", "minimum", "maximum", "sigmoid", "tanh", "reciprocal", "minmax", "softmax",
     }
     assert set(FUNCTIONS) <= used
 

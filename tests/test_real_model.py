@@ -124,3 +124,17 @@ def test_cli_evolve_resumes_where_it_stopped(tmp_path, capsys):
     measured = second[second.measured]
     assert measured.plan_hash.duplicated().sum() == measured.duplicate.sum()  # repeats come from the study
     assert (out / "pareto.png").exists() and list((out / "plans").glob("nsga2-*.json"))
+
+
+def test_every_primitive_family_and_proxy_on_the_default_model(tmp_path):
+    """Hessian, synflow, activation and gradient proxies plan on SmolLM2 (measured KL is in test_sensitivity)."""
+    from mpsearch.proxies import list_proxies
+
+    proxies = tuple(p for p in list_proxies() if p != "measured_kl")
+    res = search(SearchConfig(proxies=proxies, budgets=("uniform:4",), out_dir=str(tmp_path), measure=False, baselines=False,
+                              hessian_probes=1, hessian_sequences=1, **{**SMALL, "calib_chunks": 1}))
+    for p in proxies:
+        table = res.proxy_tables[p]
+        assert np.isfinite(table.predicted).all(), p
+        plan = res.plans[f"{p}-milp@uniform:4"]
+        assert plan.metrics["effective_bits"] <= 4.5 + 1e-9

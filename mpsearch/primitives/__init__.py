@@ -1,13 +1,16 @@
 """Primitives: what proxies are built from, computed once per model + data + settings.
 
-Cached on disk as safetensors under the cache folder, keyed by the model fingerprint,
-the calibration tokens and the settings; written atomically, checked on load (a
-corrupt or foreign file is named and recomputed, never silently used). The
-quantization error of every (tensor, format) is a table; ``dw`` itself is recomputed
-on demand because RTN is deterministic and storing every candidate would be GBs.
+Primitives come in families (:mod:`.gradients`, :mod:`.activations`, :mod:`.hessian`,
+:mod:`.synflow`), each one pass over the calibration tokens. Only the families a
+proxy needs are computed; each is cached on disk as safetensors under the cache
+folder, keyed by the weights, the tokens, the tensors and the family's settings,
+written atomically and checked on load (a corrupt or incomplete file is named and
+recomputed, never silently used; NaN is an error that names the tensor). The measured
+KL per (tensor, format) lives in :mod:`.sensitivity` because it depends on the formats.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -17,34 +20,59 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import registry
 from ..cache import atomic_path, cache_dir, content_key
-from .calibration import calibrate
+from . import activations, gradients, hessian, synflow  # noqa: F401 - register the families
+from .base import Family, PrimitiveError, PrimitiveSettings, Values
 
 log = logging.getLogger(__name__)
-CALIBRATED = ("fisher", "xtx")
+
+__all__ = ["Family", "PrimitiveError", "PrimitiveSettings", "Primitives", "compute_primitives", "families",
+           "family_of", "primitive_names", "tokens_hash", "weights_hash"]
 
 
-class PrimitiveError(RuntimeError):
-    """Primitives that are missing, corrupt, or contain NaN/inf."""
+def families() -> dict[str, Family]:
+    """Every registered primitive family by name."""
+    return {n: registry.get("primitive family", n) for n in registry.names("primitive family")}
+
+
+def primitive_names() -> frozenset[str]:
+    """Every primitive a family provides."""
+    return frozenset(p for f in families().values() for p in f.provides)
+
+
+def family_of(primitive: str) -> Family:
+    for f in families().values():
+        if primitive in f.provides:
+            return f
+    raise KeyError(f"no primitive family provides {primitive!r}; known primitives: {', '.join(sorted(primitive_names()))}")
 
 
 @dataclass
 class Primitives:
-    """Per-tensor arrays keyed by module name; ``key`` identifies model + data + settings,
-    ``weights`` the model's parameter values."""
+    """Per-tensor arrays by primitive name; ``key`` identifies model + data + settings of
+    what is loaded, ``weights`` the model's parameter values."""
 
     key: str
     weights: str = ""
-    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
-    xtx: dict[str, torch.Tensor] = field(default_factory=dict)
+    values: Values = field(default_factory=dict)
     #: measured KL when only that tensor is quantized, keyed by (tensor, format key)
     kl: dict[tuple[str, str], float] = field(default_factory=dict)
 
-    def check_finite(self) -> None:
-        for kind in CALIBRATED:
-            for name, t in getattr(self, kind).items():
-                if not torch.isfinite(t).all():
-                    raise PrimitiveError(f"{kind} statistics of {name} contain NaN or inf (check the model and calibration data)")
+    def get(self, primitive: str, tensor: str) -> torch.Tensor:
+        if primitive not in self.values:
+            raise KeyError(f"primitive {primitive!r} was not computed (computed: {', '.join(sorted(self.values)) or 'none'})")
+        if tensor not in self.values[primitive]:
+            raise KeyError(f"primitive {primitive!r} was not computed for {tensor}")
+        return self.values[primitive][tensor]
+
+    @property
+    def fisher(self) -> dict[str, torch.Tensor]:
+        return self.values.get("fisher", {})
+
+    @property
+    def xtx(self) -> dict[str, torch.Tensor]:
+        return self.values.get("xtx", {})
 
 
 def tokens_hash(tokens: torch.Tensor) -> str:
@@ -70,52 +98,69 @@ def compute_primitives(
     needs: set[str] | frozenset[str],
     use_cache: bool = True,
     progress: bool = True,
+    settings: PrimitiveSettings | None = None,
+    stages=None,
+    refresh: bool = False,
 ) -> Primitives:
-    """Fisher and/or ``xtx`` for ``tensors`` if a proxy ``needs`` them; cached by content."""
-    want = [k for k in CALIBRATED if k in needs]
+    """The primitives in ``needs`` (other names are ignored) for ``tensors``, by family, cached by content.
+
+    ``stages`` (a :class:`mpsearch.profiling.Stages`) records each family's time and memory;
+    ``refresh`` recomputes the families and overwrites their cache entries.
+    """
+    settings = settings or PrimitiveSettings()
     weights = weights_hash(model)
-    key = content_key(weights, tokens_hash(tokens), sorted(tensors), "calib-v1")
-    prims = Primitives(key=key, weights=weights)
-    if not want:
-        return prims
-    path = cache_dir() / "primitives" / f"{key}.safetensors"
-    if use_cache and path.exists():
-        loaded = _load(path, tensors)
-        if loaded is not None:
-            prims.fisher, prims.xtx = loaded
-            prims.check_finite()
-            return prims
-    fisher, xtx = calibrate(model, tensors, tokens, fisher=True, xtx=True, progress=progress)
-    prims.fisher, prims.xtx = fisher, xtx
-    prims.check_finite()
-    if use_cache:
-        _save(path, prims)
+    base = content_key(weights, tokens_hash(tokens), sorted(tensors), "prims-v2")
+    wanted = [f for f in families().values() if set(f.provides) & set(needs)]
+    keys = {f.name: content_key(base, f.name, f.version, {s: getattr(settings, s) for s in f.settings}) for f in wanted}
+    prims = Primitives(key=content_key(base, sorted(keys.items())), weights=weights)
+    for fam in wanted:
+        path = cache_dir() / "primitives" / f"{fam.name}-{keys[fam.name]}.safetensors"
+        values = _load(path, fam, tensors) if use_cache and not refresh and path.exists() else None
+        if values is None:
+            with stages(f"primitives: {fam.name}") if stages is not None else contextlib.nullcontext():
+                values = fam.compute(model, tensors, tokens, settings, progress)
+            _check_finite(fam, values)
+            if use_cache:
+                _save(path, values, keys[fam.name])
+        prims.values.update(values)
     return prims
 
 
-def _save(path: Path, prims: Primitives) -> None:
+def _check_finite(fam: Family, values: Values) -> None:
+    for name in fam.provides:
+        for tensor, t in values[name].items():
+            if not torch.isfinite(t).all():
+                raise PrimitiveError(f"{name} statistics of {tensor} contain NaN or inf (check the model and calibration data)")
+
+
+def _save(path: Path, values: Values, key: str) -> None:
     from safetensors.torch import save_file
 
-    state = {f"{kind}::{name}": t.contiguous() for kind in CALIBRATED for name, t in getattr(prims, kind).items()}
+    state = {f"{name}::{tensor}": t.contiguous() for name, per in values.items() for tensor, t in per.items()}
     tmp = atomic_path(path)
-    save_file(state, str(tmp), metadata={"key": prims.key})
+    save_file(state, str(tmp), metadata={"key": key})
     os.replace(tmp, path)
 
 
-def _load(path: Path, tensors: list[str]) -> tuple[dict, dict] | None:
+def _load(path: Path, fam: Family, tensors: list[str]) -> Values | None:
     """Read a cache entry; a corrupt or incomplete one is reported and ignored."""
     from safetensors import safe_open
 
     try:
-        out: tuple[dict, dict] = ({}, {})
+        out: Values = {name: {} for name in fam.provides}
         with safe_open(str(path), framework="pt") as f:
             for k in f.keys():
-                kind, name = k.split("::", 1)
-                out[CALIBRATED.index(kind)][name] = f.get_tensor(k)
+                name, tensor = k.split("::", 1)
+                out[name][tensor] = f.get_tensor(k)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss
         log.warning("primitive cache %s is unreadable (%s); recomputing", path, e)
         return None
-    if any(set(d) != set(tensors) for d in out):
+    if any(set(per) != set(tensors) for per in out.values()):
         log.warning("primitive cache %s is incomplete; recomputing", path)
+        return None
+    try:
+        _check_finite(fam, out)
+    except PrimitiveError as e:
+        log.warning("primitive cache %s is unusable (%s); recomputing", path, e)
         return None
     return out

@@ -25,6 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..registry import register
+from .base import Family, PrimitiveSettings, Values, linear_modules
+
 log = logging.getLogger(__name__)
 
 
@@ -60,10 +63,7 @@ def hutchinson(
     (default: all of them; lower it if memory runs out). Each chunk gets the same number
     of probes; the result averages the chunks.
     """
-    modules = dict(model.named_modules())
-    missing = [t for t in tensors if not isinstance(modules.get(t), nn.Linear)]
-    if missing:
-        raise KeyError(f"not linear layers of this model: {missing[:5]}")
+    modules = linear_modules(model, tensors)
     if probes < 1 or batch < 1:
         raise ValueError(f"probes and batch must be >= 1, got {probes}, {batch}")
     params = [modules[t].weight for t in tensors]
@@ -151,3 +151,21 @@ def _hvp(grads, params, zs):
         log.debug("batched HVP unavailable (%s); probing one at a time", e)
         outs = [torch.autograd.grad(grads, params, grad_outputs=[z[k] for z in zs], retain_graph=True) for k in range(zs[0].shape[0])]
         return [torch.stack([o[i] for o in outs]) for i in range(len(params))]
+
+
+def _hessian_family(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings,
+                    progress: bool = True) -> Values:
+    """The primitive family: each calibration sequence is one graph with ``hessian_probes`` probes."""
+    seqs = tokens[: settings.hessian_sequences] if settings.hessian_sequences else tokens
+    est = hutchinson(model, tensors, seqs, probes=settings.hessian_probes, chunk=1, seed=settings.seed, progress=progress)
+    return {
+        "htrace": {t: torch.tensor(v, dtype=torch.float64) for t, v in est.trace.items()},
+        "htrace_se": {t: torch.tensor(v, dtype=torch.float64) for t, v in est.trace_se.items()},
+        "hdiag": est.diag,
+    }
+
+
+FAMILY = register("primitive family", "hessian")(Family(
+    "hessian", ("htrace", "htrace_se", "hdiag"), _hessian_family, settings=("hessian_probes", "hessian_sequences", "seed"),
+    about="Hutchinson Hessian trace per tensor (with its standard error) and diagonal estimate z*Hz",
+))

@@ -28,6 +28,15 @@ def _normalize(x: Value) -> Value:
     return x / (torch.mean(torch.abs(x)) + 1e-12)
 
 
+def _minmax(x: Value) -> Value:
+    lo, hi = torch.amin(x), torch.amax(x)
+    return (x - lo) / (hi - lo + 1e-12)
+
+
+def _softmax(x: Value) -> Value:
+    return torch.softmax(x.reshape(-1), 0).reshape(x.shape)
+
+
 #: name -> (arity, torch implementation)
 FUNCTIONS: dict[str, tuple[int, Callable[..., Value]]] = {
     "abs": (1, torch.abs),
@@ -42,6 +51,12 @@ FUNCTIONS: dict[str, tuple[int, Callable[..., Value]]] = {
     "max": (1, torch.amax),
     "min": (1, torch.amin),
     "normalize": (1, _normalize),
+    # EMQ's further unary operations
+    "sigmoid": (1, torch.sigmoid),
+    "tanh": (1, torch.tanh),
+    "reciprocal": (1, torch.reciprocal),
+    "minmax": (1, _minmax),
+    "softmax": (1, _softmax),
     "minimum": (2, torch.minimum),
     "maximum": (2, torch.maximum),
 }

@@ -8,9 +8,12 @@ from typing import Mapping
 
 import torch
 
+from mpsearch.primitives import primitive_names
 from mpsearch.proxies.expr import Expression, ExpressionError, parse
 
-PRIMITIVE_NAMES: frozenset[str] = frozenset({"w", "dw", "fisher", "xtx", "numel", "bits", "qerr", "kl"})
+#: per (tensor, format) values every table provides, plus every primitive family's names
+FORMAT_NAMES: frozenset[str] = frozenset({"w", "dw", "numel", "bits", "qerr", "kl"})
+PRIMITIVE_NAMES: frozenset[str] = FORMAT_NAMES | primitive_names()
 
 _REQUIRED = ("name", "expression")
 _OPTIONAL = ("description",)

@@ -11,7 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..cache import atomic_path, cache_dir, content_key
-from ..primitives import Primitives
+from ..primitives import Primitives, primitive_names
+from ..primitives.activations import KERNEL_BITS
 from ..quant import quantize
 from ..space import Decision
 from .proxy import Proxy
@@ -19,56 +20,83 @@ from .proxy import Proxy
 log = logging.getLogger(__name__)
 
 
-def proxy_table(proxy: Proxy, model: nn.Module, decisions: list[Decision], prims: Primitives, progress: bool = True) -> pd.DataFrame:
-    """One row per (decision member, candidate format): predicted loss and the raw error.
+COLUMNS = ["decision", "tensor", "format", "option", "bits", "numel", "qerr", "predicted"]
 
-    Columns: decision, tensor, format, option (index into the decision's formats),
-    bits (effective), numel, qerr (sum of dW^2), predicted (the proxy's value).
+
+def proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decision], prims: Primitives,
+                 progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Every proxy's table in one sweep: each (tensor, format) is quantized once, whatever the number of proxies.
+
+    A table has one row per (decision member, candidate format): the columns decision,
+    tensor, format, option (index into the decision's formats), bits (effective),
+    numel, qerr (sum of dW^2) and predicted (the proxy's value).
     """
     modules = dict(model.named_modules())
-    rows = []
+    needs = frozenset().union(*(p.needs for p in proxies))
+    rows: dict[str, list] = {p.name: [] for p in proxies}
     total = sum(len(d.members) * len(d.formats) for d in decisions)
-    bar = tqdm(total=total, desc=f"proxy {proxy.name}", disable=not progress, unit="pair")
+    names = ", ".join(p.name for p in proxies)
+    bar = tqdm(total=total, desc=f"proxy {names}" if len(names) < 40 else f"{len(proxies)} proxies", disable=not progress, unit="pair")
     for d in decisions:
         for m in d.members:
             w = modules[m.name].weight.detach().float()
             base = {"w": w, "numel": float(m.numel)}
-            if "fisher" in proxy.needs:
-                base["fisher"] = _need(prims.fisher, m.name, "fisher")
-            if "xtx" in proxy.needs:
-                base["xtx"] = _need(prims.xtx, m.name, "xtx")
+            base.update({name: prims.get(name, m.name) for name in needs & primitive_names()})
             for j, fmt in enumerate(d.formats):
                 dw = quantize(w, fmt) - w
                 qerr = float((dw.double() ** 2).sum())
                 env = {**base, "dw": dw, "qerr": qerr, "bits": fmt.effective_bits(m.in_features)}
-                if "kl" in proxy.needs:
+                if "kernel" in env:
+                    env["kernel"] = _kernel_at(base["kernel"], fmt)
+                if "kl" in needs:
                     if (m.name, fmt.key) not in prims.kl:
                         raise KeyError(f"measured KL was not computed for {m.name} in format {fmt.key}")
                     env["kl"] = prims.kl[(m.name, fmt.key)]
-                value = proxy.evaluate(env)
-                if not np.isfinite(value):
-                    raise ValueError(f"proxy {proxy.name!r} gives {value} for {m.name} in format {fmt.key}")
-                rows.append((d.name, m.name, fmt.key, j, env["bits"], m.numel, qerr, value))
+                for p in proxies:
+                    value = p.evaluate(env)
+                    if not np.isfinite(value):
+                        raise ValueError(f"proxy {p.name!r} gives {value} for {m.name} in format {fmt.key}")
+                    rows[p.name].append((d.name, m.name, fmt.key, j, env["bits"], m.numel, qerr, value))
                 bar.update()
     bar.close()
-    return pd.DataFrame(rows, columns=["decision", "tensor", "format", "option", "bits", "numel", "qerr", "predicted"])
+    return {name: pd.DataFrame(r, columns=COLUMNS) for name, r in rows.items()}
 
 
-def cached_proxy_table(proxy: Proxy, model: nn.Module, decisions: list[Decision], prims: Primitives, use_cache: bool = True, progress: bool = True) -> pd.DataFrame:
-    """:func:`proxy_table`, cached by primitives key + expression + the decisions' formats."""
-    key = content_key(prims.key, proxy.expression.text, [(d.name, [f.key for f in d.formats]) for d in decisions], "table-v1")
-    path = cache_dir() / "tables" / f"{key}.csv"
-    if use_cache and path.exists():
-        try:
-            return pd.read_csv(path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            log.warning("proxy table cache %s is corrupt (%s); recomputing", path, e)
-    table = proxy_table(proxy, model, decisions, prims, progress)
-    if use_cache:
-        tmp = atomic_path(path)
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    return table
+def proxy_table(proxy: Proxy, model: nn.Module, decisions: list[Decision], prims: Primitives, progress: bool = True) -> pd.DataFrame:
+    """One proxy's table (see :func:`proxy_tables`)."""
+    return proxy_tables([proxy], model, decisions, prims, progress)[proxy.name]
+
+
+def cached_proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decision], prims: Primitives,
+                        use_cache: bool = True, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """:func:`proxy_tables`, each cached by primitives key + expression + the decisions' formats;
+    the ones not cached are computed together."""
+    if len({p.name for p in proxies}) != len(proxies):
+        raise ValueError(f"two proxies share a name: {[p.name for p in proxies]}")
+    formats = [(d.name, [f.key for f in d.formats]) for d in decisions]
+    paths = {p.name: cache_dir() / "tables" / f"{content_key(prims.key, p.expression.text, formats, 'table-v1')}.csv" for p in proxies}
+    out: dict[str, pd.DataFrame] = {}
+    for p in proxies:
+        if use_cache and paths[p.name].exists():
+            try:
+                out[p.name] = pd.read_csv(paths[p.name])
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+                log.warning("proxy table cache %s is corrupt (%s); recomputing", paths[p.name], e)
+    todo = [p for p in proxies if p.name not in out]
+    if todo:
+        for name, table in proxy_tables(todo, model, decisions, prims, progress).items():
+            out[name] = table
+            if use_cache:
+                tmp = atomic_path(paths[name])
+                table.to_csv(tmp, index=False)
+                os.replace(tmp, paths[name])
+    return {p.name: out[p.name] for p in proxies}
+
+
+def cached_proxy_table(proxy: Proxy, model: nn.Module, decisions: list[Decision], prims: Primitives, use_cache: bool = True,
+                       progress: bool = True) -> pd.DataFrame:
+    """One proxy's cached table (see :func:`cached_proxy_tables`)."""
+    return cached_proxy_tables([proxy], model, decisions, prims, use_cache, progress)[proxy.name]
 
 
 def decision_losses(table: pd.DataFrame, decisions: list[Decision]) -> list[np.ndarray]:
@@ -77,7 +105,9 @@ def decision_losses(table: pd.DataFrame, decisions: list[Decision]) -> list[np.n
     return [np.array([sums[(d.name, j)] for j in range(len(d.formats))], dtype=np.float64) for d in decisions]
 
 
-def _need(store: dict[str, torch.Tensor], name: str, kind: str) -> torch.Tensor:
-    if name not in store:
-        raise KeyError(f"primitive {kind!r} was not computed for {name}")
-    return store[name]
+def _kernel_at(kernel: torch.Tensor, fmt) -> torch.Tensor:
+    """The quantization-kernel entry for the format's bits (activations quantized like the weights)."""
+    i = fmt.bits - KERNEL_BITS[0]
+    if not 0 <= i < kernel.numel():
+        raise ValueError(f"the quantization kernel covers {KERNEL_BITS[0]}-{KERNEL_BITS[-1]} bits, not format {fmt.key}")
+    return kernel[i]

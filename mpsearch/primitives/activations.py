@@ -1,0 +1,147 @@
+"""Activation primitives: statistics of every decision layer's input, one forward pass.
+
+Per decision tensor (all over the calibration tokens):
+
+- ``xtx``: ``diag(X^T X) / n`` (GPTQ's Hessian diagonal up to a factor);
+- ``hinv``: ``diag((X^T X / n + damp I)^-1)``, with GPTQ's damping of 1% of the mean
+  diagonal. GPTQ's (and BAQ's) loss of quantizing column ``j`` alone is
+  ``||dW[:, j]||^2 / hinv[j]``: the error left after the other columns compensate;
+- ``act_entropy``: Shannon entropy (nats) of each token's activation mass
+  ``|x| / sum |x|``, averaged over tokens; low when a few channels dominate (outliers).
+  Q-VLM uses activation entropy to predict how much a layer's error propagates;
+- ``act_absmax``: the largest ``|x|``;
+- ``act_kurtosis``: kurtosis of all input elements (3 for a Gaussian; heavy tails above);
+- ``act_outlier``: fraction of elements with ``|x|`` above 6x their token's RMS;
+- ``kernel``: CrossQuant's quantization kernel, the fraction of elements that symmetric
+  per-token round-to-nearest at ``b`` bits sends to zero (``|x| < absmax / (2^(b-1)-1) / 2``),
+  for ``b = 2..16`` (index ``b - 2``); a proxy reads the entry of its format's bits.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..registry import register
+from .base import Family, PrimitiveSettings, Values, linear_modules
+
+KERNEL_BITS = tuple(range(2, 17))
+GPTQ_DAMP = 0.01
+OUTLIER_RMS = 6.0
+
+
+def _contribution(x: torch.Tensor) -> dict:
+    """What one call's input ``x`` (``[tokens, dim]`` float32) adds to the running sums."""
+    x64 = x.double()
+    a = x.abs()
+    ratio = a / a.amax(1, keepdim=True).clamp_min(1e-30)
+    p = a / a.sum(1, keepdim=True).clamp_min(1e-30)
+    rms = x.pow(2).mean(1, keepdim=True).sqrt()
+    return {
+        "xtx": x.T @ x,
+        "diag": (x64 * x64).sum(0),
+        "moments": torch.stack([(x64**k).sum() for k in range(1, 5)]),
+        "absmax": float(a.max()),
+        "entropy": float(torch.special.entr(p).sum(1).double().sum()),
+        "outliers": int((a > OUTLIER_RMS * rms).sum()),
+        "kernel": torch.tensor([float((ratio < 0.5 / (2 ** (b - 1) - 1)).sum()) for b in KERNEL_BITS], dtype=torch.float64),
+        "tokens": x.shape[0],
+    }
+
+
+class _Stats:
+    """Running sums for one layer's input."""
+
+    def __init__(self, dim: int) -> None:
+        self.xtx = torch.zeros(dim, dim, dtype=torch.float32)
+        self.diag = torch.zeros(dim, dtype=torch.float64)
+        self.moments = torch.zeros(4, dtype=torch.float64)
+        self.absmax = 0.0
+        self.entropy = 0.0
+        self.outliers = 0
+        self.kernel = torch.zeros(len(KERNEL_BITS), dtype=torch.float64)
+        self.tokens = 0
+
+    def add(self, c: dict) -> None:
+        self.xtx += c["xtx"]
+        self.diag += c["diag"]
+        self.moments += c["moments"]
+        self.absmax = max(self.absmax, c["absmax"])
+        self.entropy += c["entropy"]
+        self.outliers += c["outliers"]
+        self.kernel += c["kernel"]
+        self.tokens += c["tokens"]
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        n, dim = self.tokens, self.diag.numel()
+        elems = n * dim
+        mu, m2, m3, m4 = (self.moments / elems).tolist()
+        var = m2 - mu * mu
+        central4 = m4 - 4 * mu * m3 + 6 * mu * mu * m2 - 3 * mu**4
+        return {
+            "xtx": (self.diag / n).float(),
+            "hinv": _damped_inverse_diag(self.xtx.double() / n),
+            "act_entropy": _scalar(self.entropy / n),
+            "act_absmax": _scalar(self.absmax),
+            "act_kurtosis": _scalar(central4 / var**2 if var > 0 else 0.0),
+            "act_outlier": _scalar(self.outliers / elems),
+            "kernel": (self.kernel / elems).float(),
+        }
+
+
+def _scalar(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float64)
+
+
+def _damped_inverse_diag(h: torch.Tensor) -> torch.Tensor:
+    """``diag((H + damp I)^-1)`` the way GPTQ prepares H: dead columns get 1 on the diagonal."""
+    h = h.clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(GPTQ_DAMP * float(h.diagonal().mean()))
+    chol = torch.linalg.cholesky(h)
+    return torch.cholesky_inverse(chol).diagonal().float()
+
+
+def activations(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings | None = None,
+                progress: bool = True) -> Values:
+    modules = linear_modules(model, tensors)
+    stats: dict[str, _Stats] = {}
+    #: tensor -> the tensor whose input it shares (q/k/v, gate/up): statistics computed once
+    alias: dict[str, str] = {}
+    last: list = [None, None]  # the previous hook's input object and tensor
+
+    def hook_for(t: str):
+        def hook(mod, args, out):
+            x = args[0]
+            if last[0] is x:
+                if alias.setdefault(t, last[1]) != last[1]:
+                    raise RuntimeError(f"{t} changed which layer it shares its input with between sequences")
+                return
+            if t in alias:
+                raise RuntimeError(f"{t} stopped sharing its input with {alias[t]}")
+            last[0], last[1] = x, t
+            stats.setdefault(t, _Stats(modules[t].in_features)).add(_contribution(x.detach().reshape(-1, x.shape[-1]).float()))
+        return hook
+
+    handles = [modules[t].register_forward_hook(hook_for(t)) for t in tensors]
+    try:
+        with torch.no_grad():
+            for seq in tqdm(tokens, desc="activations (x^T x, entropy, kurtosis, kernel)", disable=not progress, unit="seq"):
+                model(input_ids=seq.unsqueeze(0), use_cache=False)
+                last[0] = last[1] = None
+    finally:
+        for h in handles:
+            h.remove()
+    finished = {t: s.finish() for t, s in stats.items()}
+    out: Values = {}
+    for t in tensors:
+        for name, value in finished[alias.get(t, t)].items():
+            out.setdefault(name, {})[t] = value.clone() if t in alias else value  # safetensors refuses shared memory
+    return out
+
+
+FAMILY = register("primitive family", "activations")(Family(
+    "activations", ("xtx", "hinv", "act_entropy", "act_absmax", "act_kurtosis", "act_outlier", "kernel"), activations,
+    about="layer-input statistics: diag and damped inverse of X^T X, entropy, abs-max, kurtosis, outliers, quantization kernel",
+))

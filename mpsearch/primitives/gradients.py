@@ -1,0 +1,46 @@
+"""Gradient primitives: one forward + backward per calibration sequence.
+
+- ``fisher``: the empirical Fisher diagonal, the mean over sequences of the squared
+  per-sequence gradient (not the square of the batch gradient, which cancels signs);
+- ``grad``: the mean gradient (the batch gradient), for gradient norm and SNIP.
+
+Only decision weights get gradients, so the backward pass is no wider than needed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..registry import register
+from .base import Family, PrimitiveSettings, Values, linear_modules
+
+
+def gradients(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings | None = None,
+              progress: bool = True) -> Values:
+    modules = linear_modules(model, tensors)
+    params = [modules[t].weight for t in tensors]
+    f_acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    g_acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for seq in tqdm(tokens, desc="gradients (fisher, grad)", disable=not progress, unit="seq"):
+            ids = seq.unsqueeze(0)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            for f, g, grad in zip(f_acc, g_acc, torch.autograd.grad(loss, params)):
+                f += grad.float() ** 2
+                g += grad
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    n = len(tokens)
+    return {"fisher": {t: f / n for t, f in zip(tensors, f_acc)},
+            "grad": {t: (g / n).float() for t, g in zip(tensors, g_acc)}}
+
+
+FAMILY = register("primitive family", "gradients")(Family(
+    "gradients", ("fisher", "grad"), gradients, version="v2",
+    about="empirical Fisher diagonal (mean squared per-sequence gradient) and the mean gradient",
+))
