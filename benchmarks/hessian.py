@@ -20,7 +20,8 @@ and agreement of the per-tensor estimates (z-scores of the difference).
 one graph (8 x 256 here). PyHessian's ``dataloader_hv_product`` rebuilds every
 batch's graph for every probe and uses one probe for the whole data; ours builds each
 sequence's graph once, draws independent probes per sequence and reuses the graph.
-The estimators differ, so the comparison is at equal variance: per tensor,
+With ``--shared`` ours uses PyHessian's estimator (one probe for all the data) and
+still builds each graph once. The comparison is at equal variance: per tensor,
 ``(time x SE^2)`` of each side (the time each needs to reach a given standard error),
 and the median over tensors of PyHessian's over ours.
 """
@@ -65,7 +66,17 @@ class Logits(nn.Module):
         return logits.reshape(-1, logits.shape[-1])
 
 
-def run_side(side: str, probes: int, batch: int, threads: int, mode: str = "batch", sequences: int = 4) -> dict:
+def grads_on_decisions_only(model: nn.Module, names: list[str]) -> None:
+    """PyHessian differentiates every parameter with requires_grad: only the decision weights, as ours."""
+    modules = dict(model.named_modules())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        modules[n].weight.requires_grad_(True)
+
+
+def run_side(side: str, probes: int, batch: int, threads: int, mode: str = "batch", sequences: int = 4,
+             shared: bool = False) -> dict:
     """One side in this (fresh) process: per-tensor trace samples, time and peak memory."""
     torch.set_num_threads(threads)
     lm = load_model()
@@ -76,15 +87,12 @@ def run_side(side: str, probes: int, batch: int, threads: int, mode: str = "batc
     stages = Stages()
     if side == "ours":
         with stages(side):  # dataloader mode: one graph per sequence, `probes` independent probes each
-            est = hutchinson(model, names, toks, probes=probes, batch=batch, chunk=1 if mode == "dataloader" else None, progress=False)
+            est = hutchinson(model, names, toks, probes=probes, batch=batch, chunk=1 if mode == "dataloader" else None,
+                             share_probes=shared, progress=False)
         mean, se = [est.trace[n] for n in names], [est.trace_se[n] for n in names]
     elif mode == "dataloader":
         ph = pyhessian()
-        modules = dict(model.named_modules())
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for n in names:
-            modules[n].weight.requires_grad_(True)
+        grads_on_decisions_only(model, names)
         batches = [(seq[None], seq[1:]) for seq in toks]
         with stages(side):
             h = ph.hessian(Logits(model), nn.CrossEntropyLoss(), dataloader=batches, cuda=False)
@@ -98,11 +106,7 @@ def run_side(side: str, probes: int, batch: int, threads: int, mode: str = "batc
         ph = pyhessian()
         from pyhessian.utils import hessian_vector_product
 
-        modules = dict(model.named_modules())
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for n in names:
-            modules[n].weight.requires_grad_(True)
+        grads_on_decisions_only(model, names)
         with stages(side):
             h = ph.hessian(Logits(model), nn.CrossEntropyLoss(), data=(toks, toks[:, 1:].reshape(-1)), cuda=False)
             samples = np.zeros((probes, len(names)))
@@ -124,18 +128,19 @@ def main() -> None:
     ap.add_argument("--mode", choices=["batch", "dataloader"], default="batch")
     ap.add_argument("--sequences", type=int, default=None, help="sequences of 256 tokens (default 4, or 8 in dataloader mode)")
     ap.add_argument("--probes-ours", type=int, default=None, help="dataloader mode: our probes per sequence (default 2)")
+    ap.add_argument("--shared", action="store_true", help="dataloader mode: ours shares each probe across sequences (PyHessian's estimator)")
     ap.add_argument("--side", choices=["ours", "pyhessian"], help=argparse.SUPPRESS)  # internal: one side per process
     a = ap.parse_args()
     sequences = a.sequences or (8 if a.mode == "dataloader" else 4)
     if a.side:
-        print("RESULT " + json.dumps(run_side(a.side, a.probes, a.batch, a.threads, a.mode, sequences)))
+        print("RESULT " + json.dumps(run_side(a.side, a.probes, a.batch, a.threads, a.mode, sequences, a.shared)))
         return
     pyhessian()  # install before timing anything
     sides = {}
     for side in ("pyhessian", "ours"):  # each in a fresh process: no allocator warm-up carried over
         probes = (a.probes_ours or 2) if side == "ours" and a.mode == "dataloader" else a.probes
         out = subprocess.run([sys.executable, __file__, "--side", side, "--probes", str(probes), "--batch", str(a.batch),
-                              "--threads", str(a.threads), "--mode", a.mode, "--sequences", str(sequences)],
+                              "--threads", str(a.threads), "--mode", a.mode, "--sequences", str(sequences)] + ["--shared"] * a.shared,
                              capture_output=True, text=True, check=True).stdout
         sides[side] = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
         print(side, sides[side]["seconds"], "s")
@@ -144,7 +149,7 @@ def main() -> None:
     z = np.abs(o_mean - p_mean) / np.sqrt(o_se**2 + p_se**2)
     work = (p["seconds"] * p_se**2) / (o["seconds"] * o_se**2)  # time to equal SE, theirs over ours, per tensor
     result = {
-        "mode": a.mode, "sequences": sequences, "probes": a.probes,
+        "mode": a.mode, "shared_probes": a.shared, "sequences": sequences, "probes": a.probes,
         "probes_ours": (a.probes_ours or 2) if a.mode == "dataloader" else a.probes, "batch": a.batch, "tensors": len(o["names"]), "tokens": o["tokens"],
         "seconds_ours": o["seconds"], "seconds_pyhessian": p["seconds"], "pyhessian_over_ours": p["seconds"] / o["seconds"],
         "peak_rss_mb_ours": o["peak_rss_mb"], "peak_rss_mb_pyhessian": p["peak_rss_mb"],
@@ -155,7 +160,7 @@ def main() -> None:
         "equal_variance_speedup_quartiles": [float(np.quantile(work, 0.25)), float(np.quantile(work, 0.75))],
         "machine": machine(a.threads),
     }
-    write_json_atomic(RESULTS / ("hessian.json" if a.mode == "batch" else "hessian_dataloader.json"), result)
+    write_json_atomic(RESULTS / ("hessian.json" if a.mode == "batch" else f"hessian_dataloader{'_shared' * a.shared}.json"), result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
 
 

@@ -28,6 +28,17 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: i
     return model
 
 
+def layer_inputs(model, tokens, name: str) -> torch.Tensor:
+    """Every input row the linear ``name`` sees over ``tokens`` (one forward per sequence), float64."""
+    seen = []
+    h = dict(model.named_modules())[name].register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for seq in tokens:
+            model(input_ids=seq[None])
+    h.remove()
+    return torch.cat(seen).double()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(request, tmp_path, monkeypatch):
     """Tiny-model tests get their own cache folder; tests on the real default model share

@@ -71,3 +71,16 @@ def test_chunks_estimate_the_same_trace(small):
     split = hutchinson(model, [NAME], toks, probes=600, batch=100, chunk=1, progress=False)
     se = (whole.trace_se[NAME] ** 2 + split.trace_se[NAME] ** 2) ** 0.5
     assert abs(whole.trace[NAME] - split.trace[NAME]) < 4 * se
+
+
+def test_shared_probes_over_chunks_equal_one_graph_with_those_probes(small):
+    """Sharing probes across chunks is exactly the whole-data estimator, whatever the chunking."""
+    model, toks = small
+    whole = hutchinson(model, [NAME], toks, probes=5, share_probes=True, seed=7, progress=False)
+    split = hutchinson(model, [NAME], toks, probes=5, chunk=1, share_probes=True, seed=7, progress=False)
+    assert split.trace[NAME] == pytest.approx(whole.trace[NAME], rel=1e-4)
+    assert split.trace_se[NAME] == pytest.approx(whole.trace_se[NAME], rel=1e-4)
+    torch.testing.assert_close(split.diag[NAME], whole.diag[NAME], rtol=1e-4, atol=1e-6)
+    h = exact_hessian(model, toks, NAME)
+    many = hutchinson(model, [NAME], toks, probes=400, chunk=1, share_probes=True, progress=False)
+    assert abs(many.trace[NAME] - float(h.diagonal().sum())) < 4 * many.trace_se[NAME]

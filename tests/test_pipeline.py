@@ -16,6 +16,8 @@ from mpsearch.quant import applied
 from mpsearch.solvers import Problem, get_solver
 from mpsearch.space import SearchSpace
 
+from .conftest import layer_inputs
+
 UP = "model.layers.0.mlp.up_proj"
 
 
@@ -39,13 +41,7 @@ def test_fisher_is_mean_of_squared_per_sequence_gradients(model, tokens):
 
 def test_xtx_is_mean_input_second_moment(model, tokens):
     prims = compute_primitives(model, [UP], tokens, {"xtx"}, use_cache=False, progress=False)
-    seen = []
-    h = dict(model.named_modules())[UP].register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        for seq in tokens:
-            model(input_ids=seq[None])
-    h.remove()
-    x = torch.cat(seen).double()
+    x = layer_inputs(model, tokens, UP)
     torch.testing.assert_close(prims.xtx[UP].double(), (x * x).mean(0), rtol=1e-5, atol=1e-9)
 
 

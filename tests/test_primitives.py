@@ -15,21 +15,11 @@ from mpsearch.proxies import PRIMITIVE_NAMES, list_proxies, load_proxy
 from mpsearch.proxies.table import proxy_table
 from mpsearch.space import SearchSpace
 
-from .conftest import tiny_llama
+from .conftest import layer_inputs, tiny_llama
 
 UP = "model.layers.0.mlp.up_proj"
 GATE = "model.layers.0.mlp.gate_proj"
 DOWN = "model.layers.1.mlp.down_proj"
-
-
-def inputs(model, tokens, name):
-    seen = []
-    h = dict(model.named_modules())[name].register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        for seq in tokens:
-            model(input_ids=seq[None])
-    h.remove()
-    return torch.cat(seen).double()
 
 
 def test_every_primitive_name_has_one_family_and_proxies_can_read_it():
@@ -55,7 +45,7 @@ def test_mean_gradient(model, tokens):
 def test_activation_statistics_match_a_direct_computation(model, tokens):
     prims = compute_primitives(model, [UP, GATE, DOWN], tokens, {"hinv", "act_entropy"}, use_cache=False, progress=False)
     for name in (UP, DOWN):
-        x = inputs(model, tokens, name)
+        x = layer_inputs(model, tokens, name)
         h = x.T @ x / len(x)
         h += GPTQ_DAMP * h.diagonal().mean() * torch.eye(len(h), dtype=h.dtype)
         torch.testing.assert_close(prims.get("hinv", name).double(), torch.linalg.inv(h).diagonal(), rtol=1e-3, atol=1e-8)

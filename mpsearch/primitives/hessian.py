@@ -56,12 +56,17 @@ def hutchinson(
     chunk: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    share_probes: bool = False,
 ) -> HessianEstimate:
     """Hutchinson estimates of the Hessian of the mean next-token loss over ``tokens``.
 
     ``tokens`` is ``[n_seq, seq_len]``; ``chunk`` sequences share one gradient graph
     (default: all of them; lower it if memory runs out). Each chunk gets the same number
-    of probes; the result averages the chunks.
+    of probes; the result averages the chunks. With ``share_probes`` every chunk gets
+    the *same* probes and their ``Hz`` add up to the whole data's (PyHessian's
+    estimator, whose variance is that of the averaged Hessian, often much lower than
+    independent probes per chunk), while each chunk's graph is still built only once;
+    it keeps one ``Hz`` per probe in memory.
     """
     modules = linear_modules(model, tensors)
     if probes < 1 or batch < 1:
@@ -77,6 +82,7 @@ def hutchinson(
     flags = [p.requires_grad for p in model.parameters()]
     attn = _double_backward_attention(model)
     done = 0
+    shared = [[torch.zeros_like(p) for p in params] for _ in range(probes)] if share_probes else []
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -87,6 +93,12 @@ def hutchinson(
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss * (len(ids) / len(tokens))
             grads = torch.autograd.grad(loss, params, create_graph=True)
             done = 0
+            for k, acc in enumerate(shared):  # the same probe k in every chunk: Hz adds up over chunks
+                zs = _probe(params, seed, k)
+                for a, hz in zip(acc, _hvp(grads, params, zs)):
+                    a += hz[0]
+                bar.update(1)
+                done = probes
             while done < probes:
                 b = min(batch, probes - done)
                 zs = [torch.empty((b, *p.shape), dtype=p.dtype).bernoulli_(0.5, generator=gen).mul_(2).sub_(1) for p in params]
@@ -111,6 +123,15 @@ def hutchinson(
             p.requires_grad_(f)
         if attn is not None:
             model.set_attn_implementation(attn)
+    for k, acc in enumerate(shared):
+        for i, (z, hz) in enumerate(zip(_probe(params, seed, k), acc)):
+            val = float((z[0] * hz).sum())
+            sums[0, i] += val
+            sq[0, i] += val * val
+            if diag:
+                diag_acc[i] += (z[0] * hz).float()
+    if shared:
+        sums, sq = sums[:1], sq[:1]
     mean, se = _stats(sums, sq, done)
     out = HessianEstimate(
         trace={t: float(mean[i]) for i, t in enumerate(tensors)},
@@ -120,6 +141,12 @@ def hutchinson(
     if diag:
         out.diag = {t: d / done for t, d in zip(tensors, diag_acc)}  # each chunk adds its share of H
     return out
+
+
+def _probe(params: list[torch.Tensor], seed: int, k: int) -> list[torch.Tensor]:
+    """Rademacher probe number ``k``, reproducible from ``(seed, k)`` so it need not be stored."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
+    return [torch.empty((1, *p.shape), dtype=p.dtype).bernoulli_(0.5, generator=gen).mul_(2).sub_(1) for p in params]
 
 
 def _double_backward_attention(model: nn.Module) -> str | None:
