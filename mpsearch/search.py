@@ -61,6 +61,8 @@ class SearchConfig:
             raise ValueError("give at least one budget")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.hessian_probes < 1 or self.hessian_sequences < 0:
+            raise ValueError(f"hessian_probes must be >= 1 and hessian_sequences >= 0, got {self.hessian_probes}, {self.hessian_sequences}")
         if self.calibration == self.evaluation:
             raise ValueError(f"calibration and evaluation data are both {self.calibration!r}: never evaluate on calibration text")
 

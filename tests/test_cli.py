@@ -12,6 +12,7 @@ from mpsearch.cli import main
     (["search", "--pin", "no-equals"], "NAME=VALUE"),
     (["search", "--calibration", "austen:emma", "--evaluation", "austen:emma"], "never evaluate on calibration text"),
     (["search", "--threads", "0"], "threads"),
+    (["search", "--hessian-probes", "0"], "hessian_probes must be >= 1"),
 ])
 def test_search_input_errors(argv, needle, capsys):
     assert main(argv) == 2
