@@ -36,7 +36,7 @@ def time_family(name: str, threads: int, out: Path) -> None:
 
     from mpsearch.models import load_model, load_text, token_chunks
     from mpsearch.models.data import DEFAULT_CALIBRATION
-    from mpsearch.primitives import compute_primitives, families
+    from mpsearch.primitives import compute_primitives, families, weights_hash
     from mpsearch.primitives.sensitivity import measured_kl
     from mpsearch.profiling import Stages
     from mpsearch.session import KL_SLICE
@@ -49,9 +49,8 @@ def time_family(name: str, threads: int, out: Path) -> None:
     calib = token_chunks(lm.tokenizer, load_text(DEFAULT_CALIBRATION), 512, 8)
     stages = Stages()
     if name == "measured_kl":
-        prims = compute_primitives(lm.model, tensors, calib, set(), progress=False)
         with stages("primitives: measured_kl"):
-            measured_kl(lm.model, decisions, calib[: KL_SLICE[0], : KL_SLICE[1]], prims.weights, use_cache=True, progress=True)
+            measured_kl(lm.model, decisions, calib[: KL_SLICE[0], : KL_SLICE[1]], weights_hash(lm.model), use_cache=True, progress=True)
     else:
         compute_primitives(lm.model, tensors, calib, set(families()[name].provides), progress=True, stages=stages, refresh=True)
     out.write_text(json.dumps(stages.records[-1]))

@@ -66,7 +66,8 @@ def hutchinson(
     the *same* probes and their ``Hz`` add up to the whole data's (PyHessian's
     estimator, whose variance is that of the averaged Hessian, often much lower than
     independent probes per chunk), while each chunk's graph is still built only once;
-    it keeps one ``Hz`` per probe in memory.
+    it keeps one ``Hz`` per probe in memory and goes one probe at a time (``batch`` and
+    ``tol`` do not apply: every probe needs every chunk before it counts).
     """
     modules = linear_modules(model, tensors)
     if probes < 1 or batch < 1:
