@@ -18,14 +18,24 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 MORE_BITS_TENSORS = re.compile(r".*(?:self_attn\.v_proj|mlp\.down_proj)$")
 
 
+def allowed(d: Decision, m: Member, want: Format) -> Format:
+    """``want`` if the decision may take it; otherwise the option the rules leave (pins, bit
+    bounds) with the nearest effective bits, more bits on a tie. Baselines honour the same
+    rules as the search, so pinned tensors cost the same in every plan of a comparison."""
+    if want in d.formats:
+        return want
+    target = want.effective_bits(m.in_features)
+    return min(d.formats, key=lambda f: (abs(f.effective_bits(m.in_features) - target), -f.effective_bits(m.in_features)))
+
+
 def uniform_formats(decisions: list[Decision], fmt: Format) -> dict[str, Format]:
-    """Every decision tensor in ``fmt`` (an error names a tensor it does not fit)."""
+    """Every decision tensor in ``fmt``, where the rules allow it (an error names a tensor it does not fit)."""
     out = {}
     for d in decisions:
         for m in d.members:
             if not fmt.fits(m.in_features):
                 raise ValueError(f"uniform {fmt.key}: group size does not divide {m.name}'s input dimension {m.in_features}")
-            out[m.name] = fmt
+            out[m.name] = allowed(d, m, fmt)
     return out
 
 
@@ -43,16 +53,17 @@ def recipe_split(members: list[Member]) -> set[str]:
     return {name for name, i in layers.items() if MORE_BITS_TENSORS.match(name) and use_more_bits(i, n)}
 
 
-def recipe_plan_formats(members: list[Member], low: Format, high: Format) -> dict[str, Format]:
-    more = recipe_split(members)
-    return {m.name: (high if m.name in more else low) for m in members}
+def recipe_plan_formats(decisions: list[Decision], low: Format, high: Format) -> dict[str, Format]:
+    """``high`` for the recipe's more-bits tensors, ``low`` for the rest, where the rules allow."""
+    more = recipe_split([m for d in decisions for m in d.members])
+    return {m.name: allowed(d, m, high if m.name in more else low) for d in decisions for m in d.members}
 
 
-def natural_recipe(members: list[Member], base: Format, bits: int) -> dict[str, Format]:
+def natural_recipe(decisions: list[Decision], base: Format, bits: int) -> dict[str, Format]:
     """The recipe at its own size: ``bits`` for most tensors, ``bits + 2`` (at most 8) for
     the more-bits tensors, both with the base group size (``bits=4`` is Q4_K_M-like)."""
     low = replace(base, bits=bits)
-    return recipe_plan_formats(members, low, replace(base, bits=min(bits + 2, 8)))
+    return recipe_plan_formats(decisions, low, replace(base, bits=min(bits + 2, 8)))
 
 
 def recipe_formats(decisions: list[Decision], budget_bits: float, candidates: list[Format]) -> dict[str, Format] | None:
@@ -70,7 +81,7 @@ def recipe_formats(decisions: list[Decision], budget_bits: float, candidates: li
         for high in usable:
             if high.bits <= low.bits:
                 continue
-            fmts = recipe_plan_formats(members, low, high)
+            fmts = recipe_plan_formats(decisions, low, high)
             bits = plan_bits(fmts, members)
             if bits > budget_bits + 1e-9:
                 continue

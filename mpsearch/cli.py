@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 import sys
 from pathlib import Path
@@ -45,18 +46,27 @@ def _evolve(a: argparse.Namespace) -> int:
     from .session import Session
 
     lo, hi = _window(a.window)
-    evo = EvolutionConfig(trials=a.trials, population=a.population, objective=a.objective, min_bits=lo, max_bits=hi, seed=a.seed)
     cfg = search_config(a)
     if len(cfg.proxies) != 1:
         raise ValueError("evolve seeds from one proxy's front; give a single --proxy")
+    evo = EvolutionConfig(trials=a.trials, population=a.population, objective=a.objective, min_bits=lo, max_bits=hi, seed=a.seed,
+                          study_name=a.study_name)
     session = Session.open(cfg)
     df = run_evolution(session, cfg.proxies[0], evo, a.out)
-    measured = df.measured.astype(bool)
-    dup = measured & df.duplicate.astype(bool)
-    print(f"{len(df)} trials: {int((measured & ~dup).sum())} plans measured, {int(dup.sum())} repeats answered from the study, "
-          f"{int((~measured).sum())} outside the bits window (not measured)")
+    print(trial_summary(df))
     print(f"front: {a.out}/front.csv  trials: {a.out}/trials.csv  plot: {a.out}/pareto.png  study: {a.out}/study.log")
     return 0
+
+
+def trial_summary(df) -> str:
+    """Counts by what happened to each trial: measured, repeated, outside the window, failed (killed)."""
+    complete = df.state == "COMPLETE"
+    measured = complete & df.measured.fillna(False).astype(bool)
+    dup = measured & df.duplicate.fillna(False).astype(bool)
+    outside = complete & ~measured
+    failed = ~complete
+    return (f"{len(df)} trials: {int((measured & ~dup).sum())} plans measured, {int(dup.sum())} repeats answered from the study, "
+            f"{int(outside.sum())} outside the bits window (not measured), {int(failed.sum())} failed or interrupted")
 
 
 def _window(text: str | None) -> tuple[float | None, float | None]:
@@ -66,6 +76,8 @@ def _window(text: str | None) -> tuple[float | None, float | None]:
         lo, hi = (float(v) for v in text.split(":"))
     except ValueError:
         raise ValueError(f"--window takes LOW:HIGH effective bits, e.g. 3.25:4.75; got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        raise ValueError(f"--window LOW:HIGH needs finite LOW <= HIGH, got {text!r}")
     return lo, hi
 
 
@@ -92,28 +104,39 @@ def summary(table) -> str:
 
 def _apply(a: argparse.Namespace) -> int:
     import torch
-    from safetensors.torch import save_file
 
     from .models import load_model
     from .plan import Plan
     from .quant import apply_
+    from .quant.apply import check_plan
 
     torch.set_num_threads(a.threads)
     plan = Plan.load(a.plan)
-    lm = load_model(a.model)
-    apply_(lm.model, plan)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in lm.model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(out / "model.safetensors"), metadata={"plan": str(a.plan), "note": "fake-quantized (dequantized) weights"})
-    print(f"applied {len(plan.tensors)} tensor formats; wrote {out / 'model.safetensors'}")
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise ValueError(f"--out {out} is a folder with other files in it; give a new or empty folder")
+    lm = load_model(a.model)
+    resolved = check_plan(lm.model, plan, space=a.space, all_tensors=a.all_tensors)
+    apply_(lm.model, plan, space=a.space, all_tensors=a.all_tensors)
+    save_model_dir(lm, out, plan_path=str(a.plan))
+    print(f"applied formats to {len(resolved.weight_formats())} tensors; wrote a model folder {out} "
+          f"(load it with --model {out}; weights are dequantized fp32 values on the plan's grid)")
     return 0
+
+
+def save_model_dir(lm, out: Path, plan_path: str) -> None:
+    """A folder transformers (and ``--model``) loads: config, tokenizer, safetensors weights."""
+    out.mkdir(parents=True, exist_ok=True)
+    lm.model.save_pretrained(out, safe_serialization=True)
+    lm.tokenizer.save_pretrained(out)
+    (out / "mpsearch_plan.txt").write_text(f"fake-quantized (dequantized) weights of plan {plan_path}\n")
 
 
 def _eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_plan
 
-    res = evaluate_plan(a.plan, model=a.model, evaluation=a.evaluation, seq_len=a.eval_seq_len, chunks=a.eval_chunks, threads=a.threads, progress=not a.quiet)
+    res = evaluate_plan(a.plan, model=a.model, evaluation=a.evaluation, seq_len=a.eval_seq_len, chunks=a.eval_chunks, threads=a.threads,
+                        progress=not a.quiet, space=a.space, all_tensors=a.all_tensors)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -144,30 +167,40 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    def eval_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--eval-chunks", type=int, default=16, help="held-out sequences to measure on (default 16)")
+        sp.add_argument("--eval-seq-len", type=int, default=512, help="tokens per held-out sequence (default 512)")
+
+    def scope_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--space", default="llama", help="search space whose decision tensors the plan's patterns and _default reach (default llama)")
+        sp.add_argument("--all-tensors", action="store_true",
+                        help="let patterns and _default reach every 2-D weight, embeddings and LM head included")
+
     def search_args(sp: argparse.ArgumentParser, out: str) -> None:
         common(sp)
         sp.add_argument("--calibration", default=DEFAULT_CALIBRATION, help=f"calibration text (default {DEFAULT_CALIBRATION})")
         sp.add_argument("--evaluation", default=DEFAULT_EVALUATION, help=f"held-out text (default {DEFAULT_EVALUATION})")
         sp.add_argument("--space", default="llama", help="search-space file or built-in name (default llama)")
         sp.add_argument("--proxy", action="append", default=None, help="proxy name or file; repeat for several (default fisher)")
-        sp.add_argument("--budget", action="append", default=None, help="bits/weight (3.5), size (48MB) or uniform:BITS[:GROUP]; repeatable (default uniform:3)")
+        sp.add_argument("--budget", action="append", default=None, help="bits/weight (3.5), size (48MB), uniform:BITS[:GROUP] or recipe:BITS; repeatable (default uniform:3)")
         sp.add_argument("--pin", action="append", default=[], metavar="NAME=BITS[:GROUP]", help="pin tensors (exact or re:) to a format")
-        sp.add_argument("--min-bits", dest="min_bits", action="append", default=[], metavar="NAME=B")
-        sp.add_argument("--max-bits", dest="max_bits", action="append", default=[], metavar="NAME=B")
+        sp.add_argument("--min-bits", dest="min_bits", action="append", default=[], metavar="NAME=B",
+                        help="at least B bits for tensors NAME (exact or re:); repeatable")
+        sp.add_argument("--max-bits", dest="max_bits", action="append", default=[], metavar="NAME=B",
+                        help="at most B bits for tensors NAME (exact or re:); repeatable")
         sp.add_argument("--exclude", action="append", default=[], metavar="NAME", help="keep tensors unquantized, outside the budget")
-        sp.add_argument("--calib-chunks", type=int, default=8)
-        sp.add_argument("--calib-seq-len", type=int, default=512)
+        sp.add_argument("--calib-chunks", type=int, default=8, help="calibration sequences (default 8)")
+        sp.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
         sp.add_argument("--hessian-probes", type=int, default=2, help="Hutchinson probes per calibration sequence (default 2)")
         sp.add_argument("--hessian-sequences", type=int, default=0, help="calibration sequences for the Hessian (default 0 = all)")
-        sp.add_argument("--eval-chunks", type=int, default=16)
-        sp.add_argument("--eval-seq-len", type=int, default=512)
+        eval_args(sp)
         sp.add_argument("--no-cache", action="store_true", help="recompute primitives and evaluations")
-        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--seed", type=int, default=0, help="random seed of probes and samplers (default 0)")
         sp.add_argument("--out", default=out, help=f"output folder (default {out})")
 
     s = sub.add_parser("search", help="find plans for one or more budgets and measure them")
     search_args(s, "runs/latest")
-    s.add_argument("--solver", default="milp")
+    s.add_argument("--solver", default="milp", help="allocator: milp (default), baq, greedy, lagrangian, brute (see `mpsearch list`)")
     s.add_argument("--no-baselines", action="store_true", help="skip the uniform and recipe baselines")
     s.add_argument("--no-measure", action="store_true", help="solve only; do not measure perplexity/KL")
     s.set_defaults(func=_search)
@@ -175,27 +208,30 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evolve", help="NSGA-II on measured quality, seeded with the proxy's Pareto plans; rerun to resume")
     search_args(e, "runs/evolve")
     e.add_argument("--trials", type=int, default=48, help="total trials of the study, earlier runs included (default 48)")
-    e.add_argument("--population", type=int, default=16)
-    e.add_argument("--objective", default="kl", choices=["kl", "ppl", "nll"])
+    e.add_argument("--population", type=int, default=16, help="NSGA-II population size (default 16)")
+    e.add_argument("--objective", default="kl", choices=["kl", "ppl", "nll"], help="measured quality to minimise (default kl)")
+    e.add_argument("--study-name", default="mpsearch", help="Optuna study name inside the journal (default mpsearch); "
+                   "give each proxy its own name to keep several studies in one --out")
     e.add_argument("--window", default=None, metavar="LOW:HIGH", help="effective-bits range to search (default: the budgets +- 0.25)")
     e.set_defaults(func=_evolve)
 
-    ap = sub.add_parser("apply", help="apply a saved plan and write the fake-quantized weights")
+    ap = sub.add_parser("apply", help="apply a saved plan and write a loadable model folder with the fake-quantized weights")
     common(ap)
-    ap.add_argument("plan")
-    ap.add_argument("--out", required=True)
+    scope_args(ap)
+    ap.add_argument("plan", help="plan JSON file")
+    ap.add_argument("--out", required=True, help="model folder to write (config, tokenizer, model.safetensors); --model takes it")
     ap.set_defaults(func=_apply)
 
     ev = sub.add_parser("eval", help="measure a saved plan: perplexity and KL to the reference")
     common(ev)
-    ev.add_argument("plan")
-    ev.add_argument("--evaluation", default=DEFAULT_EVALUATION)
-    ev.add_argument("--eval-chunks", type=int, default=16)
-    ev.add_argument("--eval-seq-len", type=int, default=512)
+    scope_args(ev)
+    ev.add_argument("plan", help="plan JSON file")
+    ev.add_argument("--evaluation", default=DEFAULT_EVALUATION, help=f"held-out text (default {DEFAULT_EVALUATION})")
+    eval_args(ev)
     ev.set_defaults(func=_eval)
 
     hm = sub.add_parser("heatmap", help="draw a plan's per-layer bit map (PNG)")
-    hm.add_argument("plan")
+    hm.add_argument("plan", help="plan JSON file")
     hm.add_argument("--out", required=True, help="PNG file to write")
     hm.add_argument("--model", default=None, help="load this model to show effective bits (scales and zeros included)")
     hm.set_defaults(func=_heatmap)

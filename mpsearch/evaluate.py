@@ -76,19 +76,28 @@ def _nll_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:
     return float(F.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1), reduction="sum"))
 
 
-def evaluate_plan(plan, model: str = "smollm2", evaluation: str | None = None, seq_len: int = 512, chunks: int = 16, threads: int = 2, progress: bool = True) -> dict:
-    """Load ``model``, measure the reference and ``plan`` on held-out text: ppl and KL for both."""
+def evaluate_plan(plan, model: str = "smollm2", evaluation: str | None = None, seq_len: int = 512, chunks: int = 16, threads: int = 2,
+                  progress: bool = True, space: str = "llama", all_tensors: bool = False) -> dict:
+    """Load ``model``, measure the reference and ``plan`` on held-out text: ppl and KL for both.
+
+    The plan is checked against the model (fingerprint, every format fits its tensor)
+    before the reference pass; ``space``/``all_tensors`` as in :func:`mpsearch.quant.apply_`.
+    """
     from .models import load_model, load_text, token_chunks
-    from .models.data import DEFAULT_EVALUATION
+    from .models.data import DEFAULT_EVALUATION, DataError
     from .plan import Plan
     from .quant import applied
+    from .quant.apply import check_plan
 
+    if seq_len < 2 or chunks < 1:
+        raise DataError(f"need --eval-seq-len >= 2 and --eval-chunks >= 1, got {seq_len}, {chunks}")
     torch.set_num_threads(threads)
     plan = Plan.load(plan) if not isinstance(plan, Plan) else plan
+    text = load_text(evaluation or DEFAULT_EVALUATION)
     lm = load_model(model)
-    plan.check_model(lm.model)
-    tokens = token_chunks(lm.tokenizer, load_text(evaluation or DEFAULT_EVALUATION), seq_len, chunks)
+    check_plan(lm.model, plan, space=space, all_tensors=all_tensors)
+    tokens = token_chunks(lm.tokenizer, text, seq_len, chunks)
     ev = Evaluator(tokens, progress=progress).fit(lm.model)
-    with applied(lm.model, plan):
+    with applied(lm.model, plan, space=space, all_tensors=all_tensors):
         q = ev.score(lm.model)
     return {"plan": q.to_dict(), "reference": ev.reference_.to_dict()}

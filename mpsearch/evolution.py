@@ -85,12 +85,59 @@ class Space:
 
 
 def journal_storage(path: str | Path):
-    """The default storage: a journal file next to the run's outputs (no server, resumable)."""
+    """The default storage: a journal file next to the run's outputs (no server, resumable).
+
+    A torn last line (a write cut short by a full disk or a power loss) is cut off first,
+    with a warning, so the study stays readable (:func:`repair_journal`).
+    """
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    repair_journal(path)
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+def repair_journal(path: str | Path) -> int:
+    """Cut unreadable lines off the end of an Optuna journal file; return how many bytes were cut.
+
+    Optuna appends one JSON object per line. An append cut short leaves a last line
+    without its newline; Optuna skips it on read, but its next append continues that
+    line and the study becomes unreadable for good. The cut bytes are kept beside the
+    journal (``<name>.torn``). A bad line *before* a good one is not a torn write: that
+    is an error naming the line.
+    """
+    import json
+
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    data = path.read_bytes()
+    lines = data.split(b"\n")  # the part after the last newline is lines[-1] (b"" when none is torn)
+    good = len(lines) - 1
+    while good > 0:
+        try:
+            json.loads(lines[good - 1])
+            break
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            good -= 1
+    for i, line in enumerate(lines[:good]):
+        try:
+            json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: line {i + 1} of the study journal is corrupt and later lines are not; "
+                             "it cannot be repaired automatically") from None
+    tail_start = sum(len(x) + 1 for x in lines[:good])
+    if tail_start == len(data):
+        return 0
+    torn = path.with_name(path.name + ".torn")
+    with open(torn, "ab") as f:
+        f.write(data[tail_start:] + b"\n")
+    with open(path, "r+b") as f:
+        f.truncate(tail_start)
+    log.warning("%s: cut %d bytes of a torn write off the end of the study journal (kept in %s)",
+                path, len(data) - tail_start, torn)
+    return len(data) - tail_start
 
 
 def evolve(space: Space, measure: Measure, storage, config: EvolutionConfig = EvolutionConfig(),

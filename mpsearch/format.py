@@ -18,6 +18,11 @@ PER_CHANNEL = -1
 FULL_BITS = 16
 
 
+def _is_int(v: Any) -> bool:
+    """True for integers; ``True``/``False`` are not sizes."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 class FormatError(ValueError):
     """A format that is malformed or does not fit the tensor it is given to."""
 
@@ -33,12 +38,24 @@ class Format:
     params: tuple[tuple[str, Any], ...] = field(default=())
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= FULL_BITS:
+        if not _is_int(self.bits) or not 1 <= self.bits <= FULL_BITS:
             raise FormatError(f"bits must be an integer in 1..{FULL_BITS}, got {self.bits!r}")
-        if not isinstance(self.group_size, int) or (self.group_size < 1 and self.group_size != PER_CHANNEL):
+        if not _is_int(self.group_size) or (self.group_size < 1 and self.group_size != PER_CHANNEL):
             raise FormatError(f"group_size must be a positive integer or {PER_CHANNEL} (per channel), got {self.group_size!r}")
         if not isinstance(self.symmetric, bool):
             raise FormatError(f"symmetric must be true or false, got {self.symmetric!r}")
+        if not isinstance(self.quantizer, str):
+            raise FormatError(f"quantizer must be a name, got {self.quantizer!r}")
+        for k, v in self.params:
+            if not isinstance(k, str) or not (v is None or isinstance(v, (bool, int, float, str))):
+                raise FormatError(f"params: {k!r} must map to a number, string or boolean, got {v!r}")
+        from .quant.quantizer import get_quantizer  # the quantizer decides what it accepts
+        from .registry import UnknownComponentError
+
+        try:
+            get_quantizer(self.quantizer).check(self)
+        except UnknownComponentError as e:
+            raise FormatError(str(e)) from None
 
     @property
     def is_full(self) -> bool:
@@ -88,9 +105,13 @@ class Format:
             raise FormatError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(known)}")
         if "bits" not in d:
             raise FormatError(f"{where}: missing key 'bits'")
-        params = d.get("params", {}) or {}
+        params = d.get("params", {})
+        if params is None:
+            params = {}
         if not isinstance(params, dict):
             raise FormatError(f"{where}.params: expected an object")
+        if not _is_int(d["bits"]):
+            raise FormatError(f"{where}.bits: must be an integer in 1..{FULL_BITS}, got {d['bits']!r}")
         try:
             return Format(
                 bits=d["bits"],

@@ -51,8 +51,13 @@ class Plan:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------ precedence
-    def resolve(self, names: Iterable[str]) -> "Plan":
-        """Expand ``re:`` patterns and ``_default`` against ``names``; unknown exact names raise."""
+    def resolve(self, names: Iterable[str], pattern_names: Iterable[str] | None = None) -> "Plan":
+        """Expand ``re:`` patterns and ``_default``; unknown exact names raise.
+
+        Exact names may address any of ``names``; patterns and ``_default`` reach only
+        ``pattern_names`` (the search space's decision tensors; all of ``names`` when
+        ``None``), so ``{"_default": ...}`` never quantizes an embedding or LM head by accident.
+        """
         names = list(names)
         known = set(names)
         exact = {k: v for k, v in self.tensors.items() if not k.startswith("re:") and k != "_default"}
@@ -62,11 +67,18 @@ class Plan:
         patterns = [(k, re.compile(k[3:]), v) for k, v in self.tensors.items() if k.startswith("re:")]
         default = self.tensors.get("_default")
         out: dict[str, dict[str, Format | None]] = {}
-        unmatched = [k for k, rx, _ in patterns if not any(rx.fullmatch(n) for n in names)]
+        scope = set(names if pattern_names is None else pattern_names)
+        unmatched = [k for k, rx, _ in patterns if not any(rx.fullmatch(n) for n in scope)]
         if unmatched:
-            raise PlanError(f"plan pattern(s) match no tensor of the model: {unmatched}")
+            where = "tensor of the model" if pattern_names is None else "decision tensor of the search space"
+            raise PlanError(f"plan pattern(s) match no {where}: {unmatched}")
         for n in names:
-            entry = exact[n] if n in exact else next((e for _, rx, e in patterns if rx.fullmatch(n)), default)
+            if n in exact:
+                entry = exact[n]
+            elif n in scope:
+                entry = next((e for _, rx, e in patterns if rx.fullmatch(n)), default)
+            else:
+                entry = None
             if entry is not None:
                 out[n] = dict(entry)
         return Plan(self.model_id, self.model_fingerprint, out, dict(self.budget), dict(self.metrics), dict(self.provenance))
@@ -146,9 +158,13 @@ class Plan:
     def load(path: str | Path) -> "Plan":
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise PlanError(f"no plan file at {path}") from None
+        except IsADirectoryError:
+            raise PlanError(f"{path} is a folder, not a plan file") from None
+        except UnicodeDecodeError:
+            raise PlanError(f"{path}: not a plan (a binary file, not UTF-8 JSON text)") from None
         except json.JSONDecodeError as e:
             raise PlanError(f"{path}: not valid JSON: {e}") from None
         try:

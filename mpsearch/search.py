@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from .plan import Plan, write_json_atomic
 from .quant import Format
 from .session import Session
-from .solvers import Status, get_solver, pareto_front
+from .solvers import Status, get_solver, pareto_front  # also registers the solvers
 from .space import Decision, Rule
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,39 @@ class SearchConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        """Everything that can be checked without the model is checked here, so a typo
+        fails in a second, before the model loads (see :meth:`check`)."""
         if not self.proxies:
             raise ValueError("give at least one proxy")
         if not self.budgets:
             raise ValueError("give at least one budget")
+        for name in ("calib_chunks", "eval_chunks", "calib_seq_len", "eval_seq_len", "threads", "hessian_probes", "hessian_sequences", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        for name, least in (("calib_chunks", 1), ("eval_chunks", 1), ("calib_seq_len", 2), ("eval_seq_len", 2)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.hessian_probes < 1 or self.hessian_sequences < 0:
             raise ValueError(f"hessian_probes must be >= 1 and hessian_sequences >= 0, got {self.hessian_probes}, {self.hessian_sequences}")
         if self.calibration == self.evaluation:
             raise ValueError(f"calibration and evaluation data are both {self.calibration!r}: never evaluate on calibration text")
+        self.check()
+
+    def check(self) -> None:
+        """Budgets, solver, proxies, search space and rules resolve (no model needed)."""
+        from .cost import parse_budget_text
+        from .proxies import load_proxy
+        from .space import SearchSpace
+
+        for b in self.budgets:
+            parse_budget_text(b)
+        registry.get("solver", self.solver)
+        for p in self.proxies:
+            load_proxy(p)
+        SearchSpace.from_file(self.space).with_rules(self.rules)
 
 
 @dataclass
@@ -107,18 +131,23 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
         for name, table in session.tables.items():
             plan.metrics[f"predicted_{name}"] = predicted_loss(table, plan.weight_formats())
 
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    if out is not None:  # plans and predictions first; then results.csv holds the plans measured so far
+        write_outputs(out, plans, results_table(plans, None), pd.DataFrame(stages.records), session.tables, cfg)
     reference_row = None
     if cfg.measure:
         ev = session.evaluator
         reference_row = {"plan": "reference (unquantized)", "kind": "reference", "effective_bits": 32.0, **ev.reference_.to_dict()}
-        for name, plan in plans.items():
+        for i, (name, plan) in enumerate(plans.items()):
             with stages(f"evaluate {name}"):
                 plan.metrics.update(session.measure(plan, desc=f"eval {name}"))
             plan.provenance["evaluation"] = {"data": cfg.evaluation, "tokens": int(ev.tokens.numel())}
+            if out is not None:  # results.csv grows as each plan is measured
+                plan.save(out / "plans" / f"{safe_name(name)}.json")
+                write_csv_atomic(out / "results.csv", results_table(dict(list(plans.items())[: i + 1]), reference_row))
 
     table = results_table(plans, reference_row)
     stage_df = pd.DataFrame(stages.records)
-    out = Path(cfg.out_dir) if cfg.out_dir else None
     if out is not None:
         write_outputs(out, plans, table, stage_df, session.tables, cfg)
         for name, f in fronts.items():
@@ -177,13 +206,22 @@ def write_outputs(out: Path, plans: dict[str, Plan], table: pd.DataFrame, stages
     (out / "plans").mkdir(parents=True, exist_ok=True)
     for name, plan in plans.items():
         plan.save(out / "plans" / f"{safe_name(name)}.json")
-    table.to_csv(out / "results.csv", index=False)
-    stages.to_csv(out / "stages.csv", index=False)
+    write_csv_atomic(out / "results.csv", table)
+    write_csv_atomic(out / "stages.csv", stages)
     for name, t in tables.items():
-        t.to_csv(out / f"proxy_table_{safe_name(name)}.csv", index=False)
+        write_csv_atomic(out / f"proxy_table_{safe_name(name)}.csv", t)
     cfg_d = asdict(cfg)
     cfg_d["rules"] = [repr(r) for r in cfg.rules]
     write_json_atomic(out / "config.json", cfg_d)
+
+
+def write_csv_atomic(path: Path, df: pd.DataFrame) -> None:
+    """A reader (or a killed run) never sees half a table."""
+    from .cache import atomic_path
+
+    tmp = atomic_path(path)
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
 
 
 def safe_name(name: str) -> str:

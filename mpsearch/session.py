@@ -18,18 +18,18 @@ import numpy as np
 import torch
 
 from . import __version__
-from .cache import cache_dir, content_key
+from .cache import CacheEntryError, cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
 from .cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
 from .evaluate import Evaluator
 from .format import Format
 from .models import load_model, load_text, token_chunks
 from .plan import Plan, fingerprint, write_json_atomic
-from .primitives import Primitives, PrimitiveSettings, compute_primitives, tokens_hash
-from .primitives.sensitivity import measured_kl
+from .primitives import Primitives, PrimitiveSettings, compute_primitives
+from .primitives.sensitivity import kl_key, measured_kl
 from .profiling import Stages
 from .proxies import load_proxy
 from .proxies.table import cached_proxy_tables, decision_losses
-from .quant import applied
+from .quant import applied, format_identity
 from .solvers import Problem
 from .space import Decision, SearchSpace
 
@@ -63,15 +63,18 @@ class Session:
         torch.manual_seed(cfg.seed)
         proxies = [load_proxy(p) for p in cfg.proxies]
         space = SearchSpace.from_file(cfg.space).with_rules(cfg.rules)
+        with stages("load text"):
+            calib_text = load_text(cfg.calibration)
+            eval_text = load_text(cfg.evaluation) if cfg.measure else None
         with stages("load model"):
             lm = load_model(cfg.model)
         with stages("build space"):
             decisions = space.build(lm.model)
             budgets = [Budget.parse(b, decisions, space.base_format) for b in cfg.budgets]
             check_budgets(budgets, decision_costs(decisions), sum(d.numel for d in decisions))
-        with stages("load data"):
-            calib = token_chunks(lm.tokenizer, load_text(cfg.calibration), cfg.calib_seq_len, cfg.calib_chunks)
-            evalt = token_chunks(lm.tokenizer, load_text(cfg.evaluation), cfg.eval_seq_len, cfg.eval_chunks) if cfg.measure else None
+        with stages("tokenize"):
+            calib = token_chunks(lm.tokenizer, calib_text, cfg.calib_seq_len, cfg.calib_chunks)
+            evalt = token_chunks(lm.tokenizer, eval_text, cfg.eval_seq_len, cfg.eval_chunks) if cfg.measure else None
         s = cls(cfg, lm, space, decisions, budgets, calib, evalt, None, stages=stages)
         needs = set().union(*(p.needs for p in proxies))
         settings = PrimitiveSettings(hessian_probes=cfg.hessian_probes, hessian_sequences=cfg.hessian_sequences, seed=cfg.seed)
@@ -79,8 +82,10 @@ class Session:
                                      settings, stages)
         if "kl" in needs:
             with stages("measured KL per (tensor, format)"):
-                table = measured_kl(lm.model, decisions, calib[: KL_SLICE[0], : KL_SLICE[1]], s.prims.weights, cfg.use_cache, cfg.progress)
+                kl_tokens = calib[: KL_SLICE[0], : KL_SLICE[1]]
+                table = measured_kl(lm.model, decisions, kl_tokens, s.prims.weights, cfg.use_cache, cfg.progress)
                 s.prims.kl = {(t, f): float(v) for t, f, v in table[["tensor", "format", "kl"]].itertuples(index=False)}
+                s.prims.kl_key = kl_key(s.prims.weights, kl_tokens, [(m.name, f) for d in decisions for m in d.members for f in d.formats])
         with stages("proxy tables"):
             s.tables = cached_proxy_tables(proxies, lm.model, decisions, s.prims, cfg.use_cache, cfg.progress)
         s.losses = {name: decision_losses(table, decisions) for name, table in s.tables.items()}
@@ -160,17 +165,24 @@ class Session:
         return self._evaluator
 
     def measure(self, plan: Plan, desc: str = "eval") -> dict:
-        """Perplexity and KL of ``plan``; cached by (model weights, plan, eval tokens), so reruns resume."""
+        """Perplexity and KL of ``plan``; cached by (model weights, plan with its quantizer
+        versions, evaluation tokens with their shape), checked on read, so reruns resume."""
         ev = self.evaluator
-        path = cache_dir() / "evals" / f"{content_key(self.prims.weights, plan_hash(plan), tokens_hash(ev.tokens), ev.batch_size)}.json"
-        if path.exists() and self.config.use_cache:
-            try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError:
-                log.warning("evaluation cache %s is corrupt; measuring again", path)
+        key = content_key(self.prims.weights, plan_hash(plan), tokens_hash(ev.tokens), ev.batch_size, EVAL_SCHEMA)
+        path = cache_dir() / "evals" / f"{key}.json"
+        if self.config.use_cache:
+            q = read_json(path, key, EVAL_SCHEMA, lambda v: check_quality(v, ev.reference_.tokens))
+            if q is not None:
+                return q
         with applied(self.model, plan):
             q = ev.score(self.model, desc=desc).to_dict()
-        write_json_atomic(path, q)
+        try:
+            check_quality(q, ev.reference_.tokens)
+        except CacheEntryError as e:  # measured, not cached: a rerun measures it again
+            log.warning("plan %s measured %s: %s; not cached", desc, {k: q[k] for k in ("ppl", "kl")}, e)
+            return q
+        if self.config.use_cache:
+            write_json(path, q, key, EVAL_SCHEMA)
         return q
 
     def measure_choice(self, choice: Sequence[int]) -> dict:
@@ -180,16 +192,34 @@ class Session:
 
 
 def check_budgets(budgets: list[Budget], costs: list[np.ndarray], numel: int) -> None:
-    """Fail before any heavy work when a budget is below the smallest feasible one."""
+    """Fail before any heavy work when a budget is below the smallest feasible one; warn
+    when it is above what the space can use (every tensor at its largest format)."""
     min_bits = sum(float(c.min()) for c in costs)
+    max_bits = sum(float(c.max()) for c in costs)
     for b in budgets:
         if b.total_bits(numel) < min_bits * (1 - 1e-12):
             raise BudgetError(
                 f"budget {b.label} is infeasible: the smallest feasible budget is "
                 f"{min_bits / numel:.4f} effective bits per weight ({min_bits / 8 / 1e6:.3f} MB) for this search space"
             )
+        if b.total_bits(numel) > max_bits * (1 + 1e-12):
+            log.warning("budget %s exceeds what the search space can use: at most %.4f effective bits per weight "
+                        "(%.3f MB, every tensor in its largest format); the plan for it is that largest plan",
+                        b.label, max_bits / numel, max_bits / 8 / 1e6)
+
+
+EVAL_SCHEMA = "evaluation/v1"
+
+
+def check_quality(q: dict, tokens: int) -> None:
+    """A measurement has finite ppl, KL and NLL over exactly the evaluation's target tokens."""
+    require(isinstance(q, dict) and {"ppl", "kl", "nll", "eval_tokens"} <= set(q), "missing ppl, kl, nll or eval_tokens")
+    require_finite([q["ppl"], q["kl"], q["nll"]], "the measurement")
+    require(q["eval_tokens"] == tokens, f"measured on {q['eval_tokens']} tokens, the evaluation has {tokens}")
 
 
 def plan_hash(plan: Plan) -> str:
-    body = json.dumps({n: {t: f.to_dict() for t, f in e.items() if f} for n, e in sorted(plan.tensors.items())}, sort_keys=True)
+    """The formats of a plan, with the version of every quantizer they use."""
+    body = json.dumps({n: {t: [f.to_dict(), format_identity(f)] for t, f in e.items() if f} for n, e in sorted(plan.tensors.items())},
+                      sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:20]

@@ -22,6 +22,28 @@ class SpaceError(ValueError):
     """A search-space file or rule that is malformed or matches nothing."""
 
 
+def check_pattern(pattern: Any, where: str) -> None:
+    """A name or a ``re:`` regex that compiles; the error names where it came from."""
+    if not isinstance(pattern, str) or not pattern:
+        raise SpaceError(f"{where}: expected a tensor name or 're:<regex>', got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise SpaceError(f"{where}: bad regex {pattern!r}: {e}") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _list(table: dict, key: str, default: list, prefix: str = "") -> list:
+    value = table.get(key, default)
+    if not isinstance(value, list):
+        raise SpaceError(f"{prefix}{key}: expected a list, got {value!r}")
+    return value
+
+
 def matches(pattern: str, name: str) -> bool:
     """Exact name, or ``re:<regex>`` matched in full."""
     if pattern.startswith("re:"):
@@ -40,11 +62,15 @@ class Rule:
     exclude: bool = False
 
     def __post_init__(self) -> None:
-        if self.match.startswith("re:"):
-            try:
-                re.compile(self.match[3:])
-            except re.error as e:
-                raise SpaceError(f"rule {self.match!r}: bad regex: {e}") from None
+        check_pattern(self.match, "rule match")
+        for name in ("min_bits", "max_bits"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or not 1 <= v <= FULL_BITS):
+                raise SpaceError(f"rule {self.match!r}: {name} must be an integer in 1..{FULL_BITS}, got {v!r}")
+        if not isinstance(self.exclude, bool):
+            raise SpaceError(f"rule {self.match!r}: exclude must be true or false, got {self.exclude!r}")
+        if self.pin is not None and not isinstance(self.pin, Format):
+            raise SpaceError(f"rule {self.match!r}: pin must be a format, got {self.pin!r}")
         if not (self.pin or self.min_bits is not None or self.max_bits is not None or self.exclude):
             raise SpaceError(f"rule {self.match!r} says nothing: give pin, min_bits, max_bits or exclude")
 
@@ -69,10 +95,14 @@ class Rule:
             if kind == "pin":
                 bits, _, group = value.partition(":")
                 b = int(bits)
-                if b >= FULL_BITS:
+                if not 1 <= b <= FULL_BITS:
+                    raise ValueError(f"bits must be 1..{FULL_BITS} ({FULL_BITS} = unquantized), got {b}")
+                if b == FULL_BITS:
                     return Rule(match=name, pin=Format.full())
                 return Rule(match=name, pin=replace(base, bits=b, group_size=int(group) if group else base.group_size))
             return Rule(match=name, **{kind: int(value)})
+        except SpaceError:
+            raise
         except ValueError as e:
             raise SpaceError(f"--{kind.replace('_', '-')} {text!r}: {e}") from None
 
@@ -125,14 +155,21 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         for b in self.bits:
-            if not isinstance(b, int) or not 1 <= b < FULL_BITS:
+            if not _is_int(b) or not 1 <= b < FULL_BITS:
                 raise SpaceError(f"bits: {b!r} is not an integer in 1..{FULL_BITS - 1}")
         for g in self.group_sizes:
-            if not isinstance(g, int) or (g < 1 and g != PER_CHANNEL):
+            if not _is_int(g) or (g < 1 and g != PER_CHANNEL):
                 raise SpaceError(f"group_sizes: {g!r} is not a positive integer or {PER_CHANNEL}")
+        for kind in ("targets", "ignore", "tie"):
+            if isinstance(getattr(self, kind), str):
+                raise SpaceError(f"{kind}: expected a list of patterns, got the string {getattr(self, kind)!r}")
+            for t in getattr(self, kind):
+                check_pattern(t, kind)
         for t in self.tie:
             if not t.startswith("re:") or re.compile(t[3:]).groups < 1:
                 raise SpaceError(f"tie pattern {t!r} must be 're:' with a capture group naming the tied set")
+        if not isinstance(self.include_full, bool):
+            raise SpaceError(f"include_full must be true or false, got {self.include_full!r}")
 
     # ---------------------------------------------------------------- loading
     @staticmethod
@@ -145,48 +182,59 @@ class SearchSpace:
                 raise SpaceError(f"no search space file {str(path)!r}; built-in spaces: {known}")
             path = builtin
         try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise SpaceError(f"{path}: not valid TOML: {e}") from None
+        except IsADirectoryError:
+            raise SpaceError(f"{path} is a folder, not a search-space file") from None
         return SearchSpace.from_dict(data, source=str(path))
 
     @staticmethod
     def from_dict(data: dict[str, Any], source: str = "") -> "SearchSpace":
+        """Build and check a space; every error names the file and the key."""
         where = source or "search space"
+        try:
+            return SearchSpace._from_dict(data, source)
+        except (FormatError, SpaceError) as e:
+            raise SpaceError(f"{where}: {e}") from None
+
+    @staticmethod
+    def _from_dict(data: dict[str, Any], source: str) -> "SearchSpace":
         known = {"name", "description", "targets", "ignore", "formats", "tie", "rules"}
         extra = set(data) - known
         if extra:
-            raise SpaceError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(known)}")
-        fm = dict(data.get("formats", {}))
+            raise SpaceError(f"unknown key(s) {sorted(extra)}; allowed: {sorted(known)}")
+        fm = data.get("formats", {})
+        if not isinstance(fm, dict):
+            raise SpaceError("[formats] must be a table")
         fknown = {"bits", "group_sizes", "symmetric", "quantizer", "include_full"}
         if set(fm) - fknown:
-            raise SpaceError(f"{where}: unknown key(s) in [formats]: {sorted(set(fm) - fknown)}; allowed: {sorted(fknown)}")
+            raise SpaceError(f"unknown key(s) in [formats]: {sorted(set(fm) - fknown)}; allowed: {sorted(fknown)}")
         base = Format(bits=4, group_size=64, symmetric=fm.get("symmetric", False), quantizer=fm.get("quantizer", "uniform"))
         rules = []
-        for i, r in enumerate(data.get("rules", [])):
+        for i, r in enumerate(_list(data, "rules", [])):
             rk = {"match", "pin", "min_bits", "max_bits", "exclude"}
-            if set(r) - rk or "match" not in r:
-                raise SpaceError(f"{where}: rules[{i}] needs 'match' and only {sorted(rk)}; got {sorted(r)}")
+            if not isinstance(r, dict) or set(r) - rk or "match" not in r:
+                raise SpaceError(f"rules[{i}] needs 'match' and only {sorted(rk)}; got {r!r}")
             pin = r.get("pin")
             if pin is not None:
+                if not isinstance(pin, dict):
+                    raise SpaceError(f"rules[{i}].pin must be a table like {{bits = 8, group_size = 64}}, got {pin!r}")
                 pin = Format.from_dict({**base.to_dict(), **pin} if pin.get("bits") != FULL_BITS else pin, f"rules[{i}].pin")
             rules.append(Rule(match=r["match"], pin=pin, min_bits=r.get("min_bits"), max_bits=r.get("max_bits"), exclude=r.get("exclude", False)))
-        try:
-            return SearchSpace(
-                name=data.get("name", Path(source).stem or "custom"),
-                targets=tuple(data.get("targets", ("re:.*",))),
-                ignore=tuple(data.get("ignore", ())),
-                bits=tuple(fm.get("bits", (2, 3, 4, 5, 6, 8))),
-                group_sizes=tuple(fm.get("group_sizes", (32, 64, 128))),
-                symmetric=base.symmetric,
-                quantizer=base.quantizer,
-                include_full=fm.get("include_full", True),
-                tie=tuple(data.get("tie", ())),
-                rules=tuple(rules),
-                source=source,
-            )
-        except FormatError as e:
-            raise SpaceError(f"{where}: {e}") from None
+        return SearchSpace(
+            name=str(data.get("name", Path(source).stem or "custom")),
+            targets=tuple(_list(data, "targets", ["re:.*"])),
+            ignore=tuple(_list(data, "ignore", [])),
+            bits=tuple(_list(fm, "bits", [2, 3, 4, 5, 6, 8], "formats.")),
+            group_sizes=tuple(_list(fm, "group_sizes", [32, 64, 128], "formats.")),
+            symmetric=base.symmetric,
+            quantizer=base.quantizer,
+            include_full=fm.get("include_full", True),
+            tie=tuple(_list(data, "tie", [])),
+            rules=tuple(rules),
+            source=source,
+        )
 
     def with_rules(self, rules: Iterable[Rule]) -> "SearchSpace":
         """A copy with extra rules applied after the file's own (command-line overrides)."""

@@ -57,3 +57,48 @@ def model():
 def tokens():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 256, (3, 32), generator=g)
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer built offline (no download), for whole-search tests."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {"<unk>": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+
+
+def tiny_text(seed: int, words: int = 1500) -> str:
+    """Deterministic word salad: enough characters for a few short token windows."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = ["the", "quant", "bits", "model", "plan", "weight", "of", "and", "a", "search", "tensor", "format"]
+    return " ".join(rng.choice(vocab) for _ in range(words))
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A saved tiny Llama with its tokenizer, and calibration / evaluation text files.
+
+    Returns ``config(**overrides)``, a :class:`mpsearch.SearchConfig` for a whole search on them.
+    """
+    from mpsearch.search import SearchConfig
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab=len(tok))
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "calib.txt").write_text(tiny_text(1))
+    (tmp_path / "eval.txt").write_text(tiny_text(2))
+
+    def config(**overrides) -> SearchConfig:
+        base = dict(model=str(tmp_path / "tiny"), calibration=str(tmp_path / "calib.txt"), evaluation=str(tmp_path / "eval.txt"),
+                    proxies=("fisher",), budgets=("uniform:3",), calib_chunks=4, calib_seq_len=32, eval_chunks=2, eval_seq_len=32,
+                    out_dir=str(tmp_path / "out"), progress=False)
+        return SearchConfig(**{**base, **overrides})
+
+    return config

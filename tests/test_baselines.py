@@ -31,7 +31,7 @@ def test_recipe_gives_v_and_down_more_bits_in_chosen_layers(setup):
     layers = sorted({int(n.split(".")[2]) for n in more})
     assert layers == [i for i in range(8) if use_more_bits(i, 8)]
     assert all(n.endswith(("self_attn.v_proj", "mlp.down_proj")) for n in more)
-    fmts = natural_recipe(members, space.base_format, 4)
+    fmts = natural_recipe(decisions, space.base_format, 4)
     assert {fmts[n].bits for n in more} == {6}
     assert {f.bits for n, f in fmts.items() if n not in more} == {4}
     assert Budget.parse("recipe:4", decisions, space.base_format).limit == pytest.approx(plan_bits(fmts, members))

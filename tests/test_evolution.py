@@ -104,3 +104,29 @@ def test_pareto_mask() -> None:
     bits = np.array([3.0, 3.0, 4.0, 5.0, 4.5])
     q = np.array([1.0, 2.0, 0.5, 0.6, 0.5])
     assert pareto_mask(bits, q).tolist() == [True, False, True, False, False]
+
+
+@pytest.mark.parametrize("torn", [b'{"op_code": 5, "worker_id": "x", "trial_id"', b"\x00\xff garbage", b'{"op_code": 5}\n\x00\xff'])
+def test_a_torn_last_journal_line_is_cut_off_and_the_study_resumes(tmp_path, caplog, torn) -> None:
+    """Issue 10 item 4: a half-written last line made the study unreadable for good."""
+    space, path = toy_space(), tmp_path / "study.log"
+    evolve(space, CountingMeasure(space), path, EvolutionConfig(trials=8, population=4), [(0,) * 6], progress=False)
+    good = path.read_bytes()
+    if torn.startswith(b'{"op_code": 5}\n'):  # a complete line that is not a valid op, then a torn one: both go
+        torn = torn.replace(b'{"op_code": 5}', b"not json")
+    path.write_bytes(good + torn)
+    with caplog.at_level("WARNING"):
+        df = evolve(space, CountingMeasure(space), path, EvolutionConfig(trials=12, population=4), progress=False)
+    assert list(df.trial) == list(range(12)) and (df.state == "COMPLETE").all()
+    assert "torn write" in caplog.text and str(path) in caplog.text
+    assert (tmp_path / "study.log.torn").read_bytes().startswith(torn)
+    assert path.read_bytes().startswith(good)
+
+
+def test_a_corrupt_journal_line_before_good_ones_is_an_error_naming_it(tmp_path) -> None:
+    from mpsearch.evolution import repair_journal
+
+    path = tmp_path / "study.log"
+    path.write_bytes(b'{"a": 1}\nbroken\n{"b": 2}\n')
+    with pytest.raises(ValueError, match="line 2 of the study journal"):
+        repair_journal(path)

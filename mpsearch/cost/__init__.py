@@ -5,6 +5,7 @@ search space stay in their original precision and are reported separately.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -50,31 +51,65 @@ class Budget:
         (default: the space's base group size): "the same size as uniform 3-bit".
         ``recipe:B`` is the size of the llama.cpp-style recipe with B bits for most tensors
         and B+2 for attention V / FFN down in the chosen layers (``recipe:4`` ~ Q4_K_M).
+        Baselines honour the search space's rules (pins, bit bounds), see
+        :func:`mpsearch.baselines.uniform_formats`.
         """
         from ..baselines import natural_recipe, uniform_formats  # baselines build on costs
 
-        t = str(text).strip()
+        kind, t, args = parse_budget_text(text)
         members = [mm for d in decisions for mm in d.members]
-        m = re.fullmatch(r"recipe:(\d+)", t)
-        if m:
-            fmts = natural_recipe(members, base, int(m[1]))
-            return Budget("bits", plan_bits(fmts, members), t, fmts, f"recipe-{m[1]}bit")
-        m = re.fullmatch(r"uniform:(\d+)(?::(-?\d+))?", t)
-        if m:
-            fmt = Format(int(m[1]), int(m[2]) if m[2] else base.group_size, base.symmetric, base.quantizer)
+        if kind == "recipe":
+            fmts = natural_recipe(decisions, base, args[0])
+            return Budget("bits", plan_bits(fmts, members), t, fmts, f"recipe-{args[0]}bit")
+        if kind == "uniform":
+            bits, group = args
             try:
+                fmt = Format(bits, group if group is not None else base.group_size, base.symmetric, base.quantizer)
                 fmts = uniform_formats(decisions, fmt)
             except ValueError as e:
                 raise BudgetError(f"budget {t}: {e}") from None
             return Budget("bits", plan_bits(fmts, members), t, fmts, f"uniform-{fmt.key}")
-        m = re.fullmatch(r"([0-9.]+)\s*(KB|MB|GB|B)", t, re.IGNORECASE)
-        if m:
-            scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m[2].upper()]
-            return Budget("bytes", float(m[1]) * scale, t)
-        try:
-            return Budget("bits", float(t), t)
-        except ValueError:
-            raise BudgetError(f"cannot read budget {text!r}: use bits per weight (3.5), a size (48MB), uniform:BITS[:GROUP] or recipe:BITS") from None
+        if kind == "bytes":
+            return Budget("bytes", args[0], t)
+        return Budget("bits", args[0], t)
+
+
+_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}
+
+
+def parse_budget_text(text: str) -> tuple[str, str, tuple]:
+    """Read a budget without a model: ``(kind, text, args)``; every error says what is wrong.
+
+    Called when the configuration is built, so a typo fails before the model loads.
+    """
+    t = str(text).strip()
+    how = "use bits per weight (3.5), a size (48MB), uniform:BITS[:GROUP] or recipe:BITS"
+    m = re.fullmatch(r"recipe:(\d+)", t)
+    if m:
+        if not 1 <= int(m[1]) <= 8:
+            raise BudgetError(f"budget {t}: the recipe's bits must be 1..8, got {m[1]}")
+        return "recipe", t, (int(m[1]),)
+    m = re.fullmatch(r"uniform:(\d+)(?::(-?\d+))?", t)
+    if m:
+        bits, group = int(m[1]), (int(m[2]) if m[2] else None)
+        if not 1 <= bits <= 15:
+            raise BudgetError(f"budget {t}: uniform bits must be 1..15, got {bits}")
+        if group is not None and group < 1 and group != -1:
+            raise BudgetError(f"budget {t}: the group size must be positive or -1 (per channel), got {group}")
+        return "uniform", t, (bits, group)
+    if t.lower().startswith(("uniform", "recipe")):
+        raise BudgetError(f"cannot read budget {text!r}: {how}")
+    m = re.fullmatch(r"([-+0-9.eE]+|nan|inf)\s*(KB|MB|GB|B)", t, re.IGNORECASE)
+    number, unit = (m[1], m[2].upper()) if m else (t, None)
+    try:
+        value = float(number)
+    except ValueError:
+        raise BudgetError(f"cannot read budget {text!r}: {how}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise BudgetError(f"budget {text!r} must be a positive number ({'a size' if unit else 'bits per weight'}), got {value}")
+    if unit:
+        return "bytes", t, (value * _UNITS[unit],)
+    return "bits", t, (value,)
 
 
 def decision_costs(decisions: list[Decision]) -> list[np.ndarray]:

@@ -97,12 +97,27 @@ def _fetch_deb(dest: Path) -> Path:
 
 
 def _read_austen() -> dict[str, list[str]]:
+    """The novels; a corrupt copy in our own cache is removed and fetched again once
+    (a system-wide or ``$MPSEARCH_AUSTEN_DIR`` copy is only reported: it is not ours)."""
+    d = austen_dir()
+    try:
+        return _read_rdata(d)
+    except DataError as e:
+        ours = cache_dir() / "data" / DEB_PACKAGE
+        if ours not in d.parents:
+            raise
+        from ..cache import discard
+
+        discard(ours, str(e))
+        return _read_rdata(austen_dir())
+
+
+def _read_rdata(d: Path) -> dict[str, list[str]]:
     """Read R's lazy-load database (``Rdata.rdx`` index + zlib records in ``Rdata.rdb``)."""
     import warnings
 
     import rdata
 
-    d = austen_dir()
     warnings.filterwarnings("ignore", message="Unknown file type", module="rdata")
     try:
         index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress((d / "Rdata.rdx").read_bytes())))
@@ -116,8 +131,8 @@ def _read_austen() -> dict[str, list[str]]:
                 raise DataError(f"{d}/Rdata.rdb: record {name} is {len(raw)} bytes, index says {size}")
             out[str(name)] = [str(x) for x in rdata.conversion.convert(rdata.parser.parse_data(raw, expand_altrep=True))]
         return out
-    except (OSError, zlib.error, ValueError, KeyError) as e:
-        raise DataError(f"could not read the Jane Austen data in {d}: {e}; delete it to fetch again") from None
+    except (OSError, zlib.error, ValueError, KeyError, TypeError, EOFError, struct.error) as e:
+        raise DataError(f"could not read the Jane Austen data in {d}: {e}") from None
 
 
 def _load_hf(spec: str) -> TextData:

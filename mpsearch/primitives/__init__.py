@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +20,13 @@ import torch
 from torch import nn
 
 from .. import registry
-from ..cache import atomic_path, cache_dir, content_key
+from ..cache import cache_dir, content_key, load_tensors, save_tensors, tokens_hash
 from . import activations, gradients, hessian, synflow  # noqa: F401 - register the families
-from .base import Family, PrimitiveError, PrimitiveSettings, Values
+from .base import Checkpoint, Family, PrimitiveError, PrimitiveSettings, Values
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Family", "PrimitiveError", "PrimitiveSettings", "Primitives", "compute_primitives", "families",
+__all__ = ["Checkpoint", "Family", "PrimitiveError", "PrimitiveSettings", "Primitives", "compute_primitives", "families",
            "family_of", "primitive_names", "tokens_hash", "weights_hash"]
 
 
@@ -56,6 +55,10 @@ class Primitives:
     key: str
     weights: str = ""
     values: Values = field(default_factory=dict)
+    #: cache key of each family computed (a proxy table is keyed by the families its proxy reads)
+    family_keys: dict[str, str] = field(default_factory=dict)
+    #: cache key of the measured KL in ``kl`` ("" when not computed)
+    kl_key: str = ""
     #: measured KL when only that tensor is quantized, keyed by (tensor, format key)
     kl: dict[tuple[str, str], float] = field(default_factory=dict)
 
@@ -66,6 +69,16 @@ class Primitives:
             raise KeyError(f"primitive {primitive!r} was not computed for {tensor}")
         return self.values[primitive][tensor]
 
+    def key_for(self, needs: set[str] | frozenset[str]) -> str:
+        """The part of the key that a value reading only ``needs`` depends on (not the other families)."""
+        fams = sorted({family_of(n).name for n in needs if n in primitive_names()})
+        missing = [f for f in fams if f not in self.family_keys]
+        if missing:
+            raise KeyError(f"primitive families {missing} were not computed")
+        if "kl" in needs and not self.kl_key:
+            raise KeyError("measured KL was not computed")
+        return content_key(self.weights, [self.family_keys[f] for f in fams], self.kl_key if "kl" in needs else "")
+
     @property
     def fisher(self) -> dict[str, torch.Tensor]:
         return self.values.get("fisher", {})
@@ -75,10 +88,6 @@ class Primitives:
         return self.values.get("xtx", {})
 
 
-def tokens_hash(tokens: torch.Tensor) -> str:
-    return hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
 def weights_hash(model: nn.Module) -> str:
     """Hash of every parameter's values (the fingerprint only covers names and shapes).
 
@@ -86,7 +95,7 @@ def weights_hash(model: nn.Module) -> str:
     """
     h = hashlib.blake2b(digest_size=16)
     for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
+        h.update(f"{name}|{p.dtype}|{tuple(p.shape)};".encode())
         h.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if p.numel() else b"")
     return h.hexdigest()
 
@@ -101,27 +110,37 @@ def compute_primitives(
     settings: PrimitiveSettings | None = None,
     stages=None,
     refresh: bool = False,
+    checkpoint_every: float = 30.0,
 ) -> Primitives:
     """The primitives in ``needs`` (other names are ignored) for ``tensors``, by family, cached by content.
 
     ``stages`` (a :class:`mpsearch.profiling.Stages`) records each family's time and memory;
-    ``refresh`` recomputes the families and overwrites their cache entries.
+    ``refresh`` recomputes the families and overwrites their cache entries. With the
+    cache on, resumable families save their running state at most every
+    ``checkpoint_every`` seconds, and a rerun after a kill resumes at the next sequence.
     """
     settings = settings or PrimitiveSettings()
     weights = weights_hash(model)
     base = content_key(weights, tokens_hash(tokens), sorted(tensors), "prims-v2")
     wanted = [f for f in families().values() if set(f.provides) & set(needs)]
     keys = {f.name: content_key(base, f.name, f.version, {s: getattr(settings, s) for s in f.settings}) for f in wanted}
-    prims = Primitives(key=content_key(base, sorted(keys.items())), weights=weights)
+    prims = Primitives(key=content_key(base, sorted(keys.items())), weights=weights, family_keys=keys)
     for fam in wanted:
         path = cache_dir() / "primitives" / f"{fam.name}-{keys[fam.name]}.safetensors"
-        values = _load(path, fam, tensors) if use_cache and not refresh and path.exists() else None
+        values = _load(path, keys[fam.name], fam, tensors) if use_cache and not refresh else None
         if values is None:
+            partial = path.with_name(path.name.replace(".safetensors", ".partial.safetensors"))
+            extra = {}
+            if use_cache and fam.resumable:
+                if refresh:
+                    partial.unlink(missing_ok=True)
+                extra["checkpoint"] = Checkpoint(partial, keys[fam.name], every=checkpoint_every)
             with stages(f"primitives: {fam.name}") if stages is not None else contextlib.nullcontext():
-                values = fam.compute(model, tensors, tokens, settings, progress)
+                values = fam.compute(model, tensors, tokens, settings, progress, **extra)
             _check_finite(fam, values)
             if use_cache:
                 _save(path, values, keys[fam.name])
+                partial.unlink(missing_ok=True)
         prims.values.update(values)
     return prims
 
@@ -134,33 +153,29 @@ def _check_finite(fam: Family, values: Values) -> None:
 
 
 def _save(path: Path, values: Values, key: str) -> None:
-    from safetensors.torch import save_file
-
-    state = {f"{name}::{tensor}": t.contiguous() for name, per in values.items() for tensor, t in per.items()}
-    tmp = atomic_path(path)
-    save_file(state, str(tmp), metadata={"key": key})
-    os.replace(tmp, path)
+    save_tensors(path, {f"{name}::{tensor}": t for name, per in values.items() for tensor, t in per.items()}, key)
 
 
-def _load(path: Path, fam: Family, tensors: list[str]) -> Values | None:
-    """Read a cache entry; a corrupt or incomplete one is reported and ignored."""
-    from safetensors import safe_open
+def _load(path: Path, key: str, fam: Family, tensors: list[str]) -> Values | None:
+    """Read a cache entry; a corrupt, incomplete or non-finite one is reported, removed and recomputed."""
+    from ..cache import discard
 
-    try:
-        out: Values = {name: {} for name in fam.provides}
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
-                name, tensor = k.split("::", 1)
-                out[name][tensor] = f.get_tensor(k)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a cache miss
-        log.warning("primitive cache %s is unreadable (%s); recomputing", path, e)
+    state = load_tensors(path, key)
+    if state is None:
         return None
+    out: Values = {name: {} for name in fam.provides}
+    for k, t in state.items():
+        name, _, tensor = k.partition("::")
+        if name not in out:
+            discard(path, f"unexpected entry {k!r}")
+            return None
+        out[name][tensor] = t
     if any(set(per) != set(tensors) for per in out.values()):
-        log.warning("primitive cache %s is incomplete; recomputing", path)
+        discard(path, "incomplete: it does not cover every tensor and primitive of its family")
         return None
     try:
         _check_finite(fam, out)
     except PrimitiveError as e:
-        log.warning("primitive cache %s is unusable (%s); recomputing", path, e)
+        discard(path, str(e))
         return None
     return out

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..registry import register
-from .base import Family, PrimitiveSettings, Values, linear_modules
+from .base import Checkpoint, Family, PrimitiveSettings, Values, linear_modules
 
 KERNEL_BITS = tuple(range(2, 17))
 GPTQ_DAMP = 0.01
@@ -72,6 +72,22 @@ class _Stats:
         self.kernel += c["kernel"]
         self.tokens += c["tokens"]
 
+    SCALARS = ("absmax", "entropy", "outliers", "tokens")
+    TENSORS = ("xtx", "diag", "moments", "kernel")
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every running sum as a tensor (for a checkpoint)."""
+        return {**{k: getattr(self, k) for k in self.TENSORS}, **{k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in self.SCALARS}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "_Stats":
+        s = cls(state["diag"].numel())
+        for k in cls.TENSORS:
+            setattr(s, k, state[k].clone())
+        s.absmax, s.entropy = float(state["absmax"]), float(state["entropy"])
+        s.outliers, s.tokens = int(state["outliers"]), int(state["tokens"])
+        return s
+
     def finish(self) -> dict[str, torch.Tensor]:
         n, dim = self.tokens, self.diag.numel()
         elems = n * dim
@@ -104,11 +120,16 @@ def _damped_inverse_diag(h: torch.Tensor) -> torch.Tensor:
 
 
 def activations(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings | None = None,
-                progress: bool = True) -> Values:
+                progress: bool = True, checkpoint: Checkpoint | None = None) -> Values:
     modules = linear_modules(model, tensors)
-    stats: dict[str, _Stats] = {}
+    start, saved, extra = checkpoint.resume() if checkpoint else (0, {}, {})
+    per: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in saved.items():
+        t, _, field_ = k.partition("::")
+        per.setdefault(t, {})[field_] = v
+    stats: dict[str, _Stats] = {t: _Stats.from_state(st) for t, st in per.items()}
     #: tensor -> the tensor whose input it shares (q/k/v, gate/up): statistics computed once
-    alias: dict[str, str] = {}
+    alias: dict[str, str] = dict(extra.get("alias", {}))
     last: list = [None, None]  # the previous hook's input object and tensor
 
     def hook_for(t: str):
@@ -127,9 +148,15 @@ def activations(model: nn.Module, tensors: list[str], tokens: torch.Tensor, sett
     handles = [modules[t].register_forward_hook(hook_for(t)) for t in tensors]
     try:
         with torch.no_grad():
-            for seq in tqdm(tokens, desc="activations (x^T x, entropy, kurtosis, kernel)", disable=not progress, unit="seq"):
-                model(input_ids=seq.unsqueeze(0), use_cache=False)
+            bar = tqdm(total=len(tokens), initial=start, desc="activations (x^T x, entropy, kurtosis, kernel)", disable=not progress, unit="seq")
+            for i in range(start, len(tokens)):
+                model(input_ids=tokens[i].unsqueeze(0), use_cache=False)
                 last[0] = last[1] = None
+                bar.update()
+                if checkpoint and i + 1 < len(tokens):
+                    checkpoint.save(i + 1, lambda: {f"{t}::{k}": v for t, s in stats.items() for k, v in s.state().items()},
+                                    {"alias": alias})
+            bar.close()
     finally:
         for h in handles:
             h.remove()
@@ -142,6 +169,6 @@ def activations(model: nn.Module, tensors: list[str], tokens: torch.Tensor, sett
 
 
 FAMILY = register("primitive family", "activations")(Family(
-    "activations", ("xtx", "hinv", "act_entropy", "act_absmax", "act_kurtosis", "act_outlier", "kernel"), activations,
+    "activations", ("xtx", "hinv", "act_entropy", "act_absmax", "act_kurtosis", "act_outlier", "kernel"), activations, resumable=True,
     about="layer-input statistics: diag and damped inverse of X^T X, entropy, abs-max, kurtosis, outliers, quantization kernel",
 ))

@@ -13,25 +13,31 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..registry import register
-from .base import Family, PrimitiveSettings, Values, linear_modules
+from .base import Checkpoint, Family, PrimitiveSettings, Values, linear_modules
 
 
 def gradients(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings | None = None,
-              progress: bool = True) -> Values:
+              progress: bool = True, checkpoint: Checkpoint | None = None) -> Values:
     modules = linear_modules(model, tensors)
     params = [modules[t].weight for t in tensors]
-    f_acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    g_acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    start, saved, _ = checkpoint.resume() if checkpoint else (0, {}, {})
+    f_acc = [saved.get(f"f::{t}", torch.zeros_like(p, dtype=torch.float32)) for t, p in zip(tensors, params)]
+    g_acc = [saved.get(f"g::{t}", torch.zeros_like(p, dtype=torch.float64)) for t, p in zip(tensors, params)]
     flags = [p.requires_grad for p in params]
     try:
         for p in params:
             p.requires_grad_(True)
-        for seq in tqdm(tokens, desc="gradients (fisher, grad)", disable=not progress, unit="seq"):
-            ids = seq.unsqueeze(0)
+        bar = tqdm(total=len(tokens), initial=start, desc="gradients (fisher, grad)", disable=not progress, unit="seq")
+        for i in range(start, len(tokens)):
+            ids = tokens[i].unsqueeze(0)
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             for f, g, grad in zip(f_acc, g_acc, torch.autograd.grad(loss, params)):
                 f += grad.float() ** 2
                 g += grad
+            bar.update()
+            if checkpoint and i + 1 < len(tokens):
+                checkpoint.save(i + 1, lambda: {**{f"f::{t}": f for t, f in zip(tensors, f_acc)}, **{f"g::{t}": g for t, g in zip(tensors, g_acc)}})
+        bar.close()
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
@@ -41,6 +47,6 @@ def gradients(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settin
 
 
 FAMILY = register("primitive family", "gradients")(Family(
-    "gradients", ("fisher", "grad"), gradients, version="v2",
+    "gradients", ("fisher", "grad"), gradients, version="v2", resumable=True,
     about="empirical Fisher diagonal (mean squared per-sequence gradient) and the mean gradient",
 ))

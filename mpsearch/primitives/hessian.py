@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..registry import register
-from .base import Family, PrimitiveSettings, Values, linear_modules
+from .base import Checkpoint, Family, PrimitiveSettings, Values, linear_modules
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ def hutchinson(
     seed: int = 0,
     progress: bool = True,
     share_probes: bool = False,
+    checkpoint: Checkpoint | None = None,
 ) -> HessianEstimate:
     """Hutchinson estimates of the Hessian of the mean next-token loss over ``tokens``.
 
@@ -68,7 +69,12 @@ def hutchinson(
     independent probes per chunk), while each chunk's graph is still built only once;
     it keeps one ``Hz`` per probe in memory and goes one probe at a time (``batch`` and
     ``tol`` do not apply: every probe needs every chunk before it counts).
+
+    ``checkpoint`` (independent probes only) saves the sums and the probe generator
+    after each chunk, so a killed run resumes at the next chunk with the same result.
     """
+    if checkpoint is not None and share_probes:
+        raise ValueError("a checkpoint needs independent probes per chunk (share_probes=False)")
     modules = linear_modules(model, tensors)
     if probes < 1 or batch < 1:
         raise ValueError(f"probes and batch must be >= 1, got {probes}, {batch}")
@@ -84,13 +90,20 @@ def hutchinson(
     attn = _double_backward_attention(model)
     done = 0
     shared = [[torch.zeros_like(p) for p in params] for _ in range(probes)] if share_probes else []
+    start, saved, extra = checkpoint.resume() if checkpoint else (0, {}, {})
+    if start:
+        sums, sq, done = saved["sums"], saved["sq"], int(extra["done"])
+        diag_acc = [saved[f"diag::{t}"] for t in tensors] if diag else []
+        gen.set_state(saved["generator"])
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        bar = tqdm(total=len(chunks) * probes, desc="hutchinson (Hz probes)", disable=not progress, unit="probe")
+        bar = tqdm(total=len(chunks) * probes, initial=start * probes, desc="hutchinson (Hz probes)", disable=not progress, unit="probe")
         for c, ids in enumerate(chunks):
+            if c < start:
+                continue
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss * (len(ids) / len(tokens))
             grads = torch.autograd.grad(loss, params, create_graph=True)
             done = 0
@@ -118,6 +131,9 @@ def hutchinson(
                         bar.update(probes - done)
                         break
             del grads, loss
+            if checkpoint and c + 1 < len(chunks):
+                checkpoint.save(c + 1, lambda: {"sums": sums, "sq": sq, "generator": gen.get_state(),
+                                                **{f"diag::{t}": d for t, d in zip(tensors, diag_acc)}}, {"done": done})
         bar.close()
     finally:
         for p, f in zip(model.parameters(), flags):
@@ -182,10 +198,11 @@ def _hvp(grads, params, zs):
 
 
 def _hessian_family(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings,
-                    progress: bool = True) -> Values:
+                    progress: bool = True, checkpoint: Checkpoint | None = None) -> Values:
     """The primitive family: each calibration sequence is one graph with ``hessian_probes`` probes."""
     seqs = tokens[: settings.hessian_sequences] if settings.hessian_sequences else tokens
-    est = hutchinson(model, tensors, seqs, probes=settings.hessian_probes, chunk=1, seed=settings.seed, progress=progress)
+    est = hutchinson(model, tensors, seqs, probes=settings.hessian_probes, chunk=1, seed=settings.seed, progress=progress,
+                     checkpoint=checkpoint)
     return {
         "htrace": {t: torch.tensor(v, dtype=torch.float64) for t, v in est.trace.items()},
         "htrace_se": {t: torch.tensor(v, dtype=torch.float64) for t, v in est.trace_se.items()},
@@ -194,6 +211,6 @@ def _hessian_family(model: nn.Module, tensors: list[str], tokens: torch.Tensor, 
 
 
 FAMILY = register("primitive family", "hessian")(Family(
-    "hessian", ("htrace", "htrace_se", "hdiag"), _hessian_family, settings=("hessian_probes", "hessian_sequences", "seed"),
+    "hessian", ("htrace", "htrace_se", "hdiag"), _hessian_family, settings=("hessian_probes", "hessian_sequences", "seed"), resumable=True,
     about="Hutchinson Hessian trace per tensor (with its standard error) and diagonal estimate z*Hz",
 ))

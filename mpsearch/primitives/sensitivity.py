@@ -9,7 +9,6 @@ an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from typing import Callable
@@ -20,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..cache import cache_dir, content_key
-from ..quant import quantize
+from ..cache import cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
+from ..quant import format_identity, quantize
 
 log = logging.getLogger(__name__)
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -39,11 +38,9 @@ def measured_kl(model: nn.Module, decisions, tokens: torch.Tensor, weights_key: 
     path = None
     done: dict[tuple[str, str], float] = {}
     if use_cache and weights_key:
-        from . import tokens_hash
-
-        key = content_key(weights_key, tokens_hash(tokens), sorted({(t, f.key) for t, f in pairs}), "kl-v1")
+        key = kl_key(weights_key, tokens, pairs)
         path = cache_dir() / "sensitivity" / f"{key}.json"
-        done = _load(path)
+        done = _load(path, key, {(t, f.key) for t, f in pairs})
     todo = [(t, f) for t, f in pairs if (t, f.key) not in done]
     if todo:
         tail, ref_logp = _tail_runner(model, tokens)
@@ -65,7 +62,7 @@ def measured_kl(model: nn.Module, decisions, tokens: torch.Tensor, weights_key: 
                         w.copy_(original)
                     bar.update()
                 if path is not None:
-                    _save(path, done)  # per layer: an interruption loses at most one layer
+                    write_json(path, [[t, f, v] for (t, f), v in sorted(done.items())], key, SCHEMA)  # per layer: an interruption loses at most one layer
         bar.close()
     return pd.DataFrame([(t, f.key, done[(t, f.key)]) for t, f in pairs], columns=["tensor", "format", "kl"])
 
@@ -126,17 +123,20 @@ class _Reference:
         return float((self.neg_entropy - (self.p * logq).sum(-1)).mean())
 
 
-def _load(path) -> dict[tuple[str, str], float]:
-    if not path.exists():
-        return {}
-    try:
-        return {(r[0], r[1]): float(r[2]) for r in json.loads(path.read_text())}
-    except (json.JSONDecodeError, ValueError, TypeError, IndexError) as e:
-        log.warning("measured-KL cache %s is corrupt (%s); measuring again", path, e)
-        return {}
+SCHEMA = "measured-kl/v1"
 
 
-def _save(path, done: dict[tuple[str, str], float]) -> None:
-    from ..plan import write_json_atomic
+def kl_key(weights_key: str, tokens: torch.Tensor, pairs) -> str:
+    """Everything the measured KL depends on: weights, tokens (values, shape), each format's identity."""
+    return content_key(weights_key, tokens_hash(tokens), sorted({(t, format_identity(f)) for t, f in pairs}), SCHEMA)
 
-    write_json_atomic(path, [[t, f, v] for (t, f), v in sorted(done.items())])
+
+def _load(path, key: str, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], float]:
+    """Finished (tensor, format) values of a (possibly partial) run; a bad entry is removed and measured again."""
+    def check(rows) -> None:
+        require(isinstance(rows, list) and all(isinstance(r, list) and len(r) == 3 for r in rows), "not a list of [tensor, format, kl]")
+        require_finite((r[2] for r in rows), "a measured KL")
+        require(all((r[0], r[1]) in pairs for r in rows), "it holds pairs this search does not have")
+
+    rows = read_json(path, key, SCHEMA, check)
+    return {(r[0], r[1]): float(r[2]) for r in rows} if rows else {}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import pandas as pd
@@ -10,10 +9,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..cache import atomic_path, cache_dir, content_key
+from ..cache import cache_dir, content_key, read_frame, require, require_finite, write_frame
 from ..primitives import Primitives, primitive_names
 from ..primitives.activations import KERNEL_BITS
-from ..quant import quantize
+from ..quant import format_identity, quantize
 from ..space import Decision
 from .proxy import Proxy
 
@@ -21,6 +20,7 @@ log = logging.getLogger(__name__)
 
 
 COLUMNS = ["decision", "tensor", "format", "option", "bits", "numel", "qerr", "predicted"]
+SCHEMA = "proxy-table/v2"
 
 
 def proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decision], prims: Primitives,
@@ -67,29 +67,45 @@ def proxy_table(proxy: Proxy, model: nn.Module, decisions: list[Decision], prims
     return proxy_tables([proxy], model, decisions, prims, progress)[proxy.name]
 
 
+def table_key(proxy: Proxy, decisions: list[Decision], prims: Primitives) -> str:
+    """A table depends on the weights, the primitives *its own* proxy reads, its expression,
+    and every decision's members and formats (quantizer versions included); not on which
+    other proxies ran beside it."""
+    layout = [(d.name, [m.name for m in d.members], [format_identity(f) for f in d.formats]) for d in decisions]
+    return content_key(prims.key_for(proxy.needs), proxy.expression.text, layout, SCHEMA)
+
+
+def check_table(table: pd.DataFrame, decisions: list[Decision]) -> None:
+    """A cached table must be exactly the table these decisions give: every row, every column, finite values."""
+    require(list(table.columns) == COLUMNS, f"columns {list(table.columns)}, expected {COLUMNS}")
+    expected = [(d.name, m.name, f.key, j) for d in decisions for m in d.members for j, f in enumerate(d.formats)]
+    require(len(table) == len(expected), f"{len(table)} rows, expected {len(expected)}: incomplete")
+    got = list(zip(table["decision"], table["tensor"], table["format"], table["option"]))
+    require(got == expected, "its rows are not this search space's (tensor, format) pairs")
+    for col in ("bits", "numel", "qerr", "predicted"):
+        require_finite(table[col].tolist(), f"column {col}")
+
+
 def cached_proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decision], prims: Primitives,
                         use_cache: bool = True, progress: bool = True) -> dict[str, pd.DataFrame]:
-    """:func:`proxy_tables`, each cached by primitives key + expression + the decisions' formats;
-    the ones not cached are computed together."""
+    """:func:`proxy_tables`, each cached by its own :func:`table_key` and checked on read
+    (:func:`check_table`); the ones not cached are computed together."""
     if len({p.name for p in proxies}) != len(proxies):
         raise ValueError(f"two proxies share a name: {[p.name for p in proxies]}")
-    formats = [(d.name, [f.key for f in d.formats]) for d in decisions]
-    paths = {p.name: cache_dir() / "tables" / f"{content_key(prims.key, p.expression.text, formats, 'table-v1')}.csv" for p in proxies}
+    keys = {p.name: table_key(p, decisions, prims) for p in proxies}
+    paths = {name: cache_dir() / "tables" / f"{key}.csv" for name, key in keys.items()}
     out: dict[str, pd.DataFrame] = {}
-    for p in proxies:
-        if use_cache and paths[p.name].exists():
-            try:
-                out[p.name] = pd.read_csv(paths[p.name])
-            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-                log.warning("proxy table cache %s is corrupt (%s); recomputing", paths[p.name], e)
+    if use_cache:
+        for p in proxies:
+            table = read_frame(paths[p.name], keys[p.name], SCHEMA, lambda t: check_table(t, decisions))
+            if table is not None:
+                out[p.name] = table
     todo = [p for p in proxies if p.name not in out]
     if todo:
         for name, table in proxy_tables(todo, model, decisions, prims, progress).items():
             out[name] = table
             if use_cache:
-                tmp = atomic_path(paths[name])
-                table.to_csv(tmp, index=False)
-                os.replace(tmp, paths[name])
+                write_frame(paths[name], table, keys[name], SCHEMA)
     return {p.name: out[p.name] for p in proxies}
 
 

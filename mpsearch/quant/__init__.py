@@ -3,19 +3,19 @@ from __future__ import annotations
 
 import torch
 
-from .. import registry
-from . import uniform  # noqa: F401  (registers quantizers)
 from ..format import FULL_BITS, PER_CHANNEL, Format, FormatError
+from . import uniform  # noqa: F401  (registers quantizers)
+from .quantizer import Quantizer, format_identity, get_quantizer, quantizer_version
 
 
 def quantize(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Fake-quantize ``w`` with ``fmt``; 16 bits returns the tensor unchanged."""
     if fmt.is_full:
         return w.detach().clone()
-    return registry.get("quantizer", fmt.quantizer)(w, fmt)
+    return get_quantizer(fmt.quantizer)(w, fmt)
 
 
-__all__ = ["Format", "FormatError", "FULL_BITS", "PER_CHANNEL", "quantize"]
+__all__ = ["Format", "FormatError", "FULL_BITS", "PER_CHANNEL", "Quantizer", "format_identity", "get_quantizer", "quantize", "quantizer_version"]
 
 from .apply import applied, apply, apply_, quantizable_names  # noqa: E402
 

@@ -8,30 +8,65 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..format import FormatError
 from ..plan import Plan, PlanError
 from . import quantize
+from .quantizer import get_quantizer
 
 
 def quantizable_names(model: nn.Module) -> list[str]:
-    """Names a plan may address: every module with a 2-D ``weight``."""
+    """Names a plan may address by exact name: every module with a 2-D ``weight``."""
     return [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
 
 
-@torch.no_grad()
-def apply_(model: nn.Module, plan: Plan, check: bool = True) -> nn.Module:
-    """Fake-quantize ``model``'s weights in place as ``plan`` says; returns ``model``.
+def space_names(model: nn.Module, space: str = "llama") -> list[str]:
+    """The tensors the search space ``space`` makes decisions (targets, less ignore)."""
+    from ..space import SearchSpace
 
-    The model fingerprint is checked first (``check=False`` skips it, for a plan made
-    for a sibling model with the same tensor names), then every entry is resolved to
-    an exact module name; nothing is changed if any entry is invalid.
+    return [m.name for m in SearchSpace.from_file(space).linear_members(model)]
+
+
+def check_plan(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama", all_tensors: bool = False) -> Plan:
+    """The plan resolved to exact names and checked against ``model``, before any work is done.
+
+    - the fingerprint (``check=False`` skips it, for a sibling model with the same names);
+    - patterns and ``_default`` reach only the decision tensors of ``space``
+      (``all_tensors=True``: every 2-D weight, embeddings and LM head included);
+    - every format fits its tensor (group size divides the row) and its quantizer
+      accepts it; errors name the tensor.
     """
     if check:
         plan.check_model(model)
-    resolved = plan.resolve(quantizable_names(model))
+    names = quantizable_names(model)
+    scope = None
+    if not all_tensors and any(k.startswith("re:") or k == "_default" for k in plan.tensors):
+        scope = space_names(model, space)
+    resolved = plan.resolve(names, scope)
+    modules = dict(model.named_modules())
     for name, entry in resolved.tensors.items():
-        for target in entry:
-            if target != "weight" and entry[target] is not None:
+        for target, fmt in entry.items():
+            if fmt is None:
+                continue
+            if target != "weight":
                 raise PlanError(f"tensors[{name!r}].{target}: activation/KV quantization is not supported by this backend yet")
+            in_features = modules[name].weight.shape[1]
+            if not fmt.fits(in_features):
+                raise PlanError(f"tensors[{name!r}].weight: group size {fmt.group_size} does not divide its input dimension {in_features}")
+            try:
+                get_quantizer(fmt.quantizer).check(fmt)
+            except FormatError as e:
+                raise PlanError(f"tensors[{name!r}].weight: {e}") from None
+    return resolved
+
+
+@torch.no_grad()
+def apply_(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama", all_tensors: bool = False) -> nn.Module:
+    """Fake-quantize ``model``'s weights in place as ``plan`` says; returns ``model``.
+
+    The plan is checked first (:func:`check_plan`); nothing is changed if any entry is
+    invalid. ``space``/``all_tensors`` say what patterns and ``_default`` may reach.
+    """
+    resolved = check_plan(model, plan, check, space, all_tensors)
     modules = dict(model.named_modules())
     new = {n: quantize(modules[n].weight, f) for n, f in resolved.weight_formats().items()}
     for n, w in new.items():
@@ -39,19 +74,19 @@ def apply_(model: nn.Module, plan: Plan, check: bool = True) -> nn.Module:
     return model
 
 
-def apply(model: nn.Module, plan: Plan, check: bool = True) -> nn.Module:
+def apply(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama", all_tensors: bool = False) -> nn.Module:
     """A quantized deep copy; ``model`` is untouched."""
-    return apply_(copy.deepcopy(model), plan, check)
+    return apply_(copy.deepcopy(model), plan, check, space, all_tensors)
 
 
 @contextlib.contextmanager
-def applied(model: nn.Module, plan: Plan, check: bool = True) -> Iterator[nn.Module]:
+def applied(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama", all_tensors: bool = False) -> Iterator[nn.Module]:
     """Quantize in place for the ``with`` block, then restore the original weights."""
     modules = dict(model.named_modules())
-    names = plan.resolve(quantizable_names(model)).weight_formats()
+    names = check_plan(model, plan, check, space, all_tensors).weight_formats()
     saved = {n: modules[n].weight.detach().clone() for n in names}
     try:
-        yield apply_(model, plan, check)
+        yield apply_(model, plan, check, space, all_tensors)
     finally:
         with torch.no_grad():
             for n, w in saved.items():

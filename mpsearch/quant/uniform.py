@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import register
 from ..format import Format, FormatError
+from ..registry import register
+from .quantizer import Quantizer
 
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:
@@ -13,7 +14,6 @@ def _fp16(t: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(r) & (r != 0) | (t == 0), r, t)
 
 
-@register("quantizer", "uniform")
 def quantize_uniform(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Fake-quantize a 2-D weight ``[out, in]`` with groups along ``in``.
 
@@ -46,7 +46,12 @@ def quantize_uniform(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     return q.reshape(out_f, in_f).to(w.dtype)
 
 
-@register("quantizer", "none")
 def quantize_none(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     """The unquantized format: the tensor itself."""
     return w.detach().clone()
+
+
+UNIFORM = register("quantizer", "uniform")(Quantizer(
+    "uniform", quantize_uniform, version="v1",
+    about="round-to-nearest, per-group fp16 scale (and fp16 zero point when asymmetric)"))
+NONE = register("quantizer", "none")(Quantizer("none", quantize_none, about="unquantized (fp16 storage)"))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import math
 from typing import Any, Sequence
 
@@ -236,8 +238,7 @@ def _run_highs(objective: np.ndarray, matrix: sp.csr_matrix, lower: np.ndarray, 
     """
     import highspy
 
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", bool(verbose))
+    h = _new_highs(verbose)
     for key, value in options.items():
         h.setOptionValue(key, value)
     n = objective.size
@@ -255,6 +256,28 @@ def _run_highs(objective: np.ndarray, matrix: sp.csr_matrix, lower: np.ndarray, 
     has_plan = h.getInfo().primal_solution_status == 2  # kSolutionStatusFeasible
     values = np.asarray(h.getSolution().col_value, dtype=float) if has_plan else None
     return status, values
+
+
+def _new_highs(verbose: bool):
+    """A HiGHS instance; unless ``verbose``, its once-per-process banner (printed by the
+    C++ constructor straight to file descriptor 1) does not reach stdout."""
+    import ctypes
+    import highspy
+
+    if verbose:
+        return highspy.Highs()
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        h = highspy.Highs()
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers go to /dev/null, not to the restored stdout
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+    h.setOptionValue("output_flag", False)
+    return h
 
 
 def _padded(table: Sequence[np.ndarray], k_max: int) -> np.ndarray:
