@@ -273,3 +273,16 @@ def test_a_corrupt_cached_austen_copy_is_fetched_again(monkeypatch, tmp_path, ca
         text = data.austen_novel("persuasion")
     assert text.startswith("Persuasion") or "Persuasion" in text[:200]
     assert len(fetches) == 2 and str(ours) in caplog.text
+
+
+def test_the_model_identity_covers_its_config():
+    from mpsearch.primitives import weights_hash
+
+    a, b = tiny_llama(), tiny_llama()
+    assert weights_hash(a) == weights_hash(b)
+    b.config.rms_norm_eps = 1e-3
+    assert weights_hash(a) != weights_hash(b)
+    b.config.rms_norm_eps = a.config.rms_norm_eps
+    b.config._name_or_path = "/somewhere/else"
+    b.config.architectures = ["LlamaForCausalLM"]  # set by save_pretrained
+    assert weights_hash(a) == weights_hash(b)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,12 +89,23 @@ class Primitives:
         return self.values.get("xtx", {})
 
 
-def weights_hash(model: nn.Module) -> str:
-    """Hash of every parameter's values (the fingerprint only covers names and shapes).
+#: config keys that do not change a model's outputs (where it was loaded from, what saved it;
+#: dtype is in the parameters' bytes already)
+_NOT_IDENTITY = frozenset({"name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"})
 
-    Cache keys use it so two checkpoints of one architecture never share an entry.
+
+def weights_hash(model: nn.Module) -> str:
+    """Hash of every parameter's values, dtype and shape, and of the model's config (the
+    fingerprint only covers names and shapes).
+
+    Cache keys use it as the model's identity: two checkpoints of one architecture, or
+    one checkpoint under two configs (RoPE base, norm epsilon), never share an entry.
     """
     h = hashlib.blake2b(digest_size=16)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        settings = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _NOT_IDENTITY}
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, p in sorted(model.state_dict().items()):
         h.update(f"{name}|{p.dtype}|{tuple(p.shape)};".encode())
         h.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if p.numel() else b"")
