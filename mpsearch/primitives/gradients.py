@@ -18,35 +18,50 @@ from .base import Checkpoint, Family, PrimitiveSettings, Values, linear_modules
 
 def gradients(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings | None = None,
               progress: bool = True, checkpoint: Checkpoint | None = None) -> Values:
+    """One backward per sequence; each weight's gradient is folded into the sums the moment
+    it is ready and then freed (a post-accumulate hook), so the pass never holds a full set
+    of gradients next to the two sums."""
     modules = linear_modules(model, tensors)
     params = [modules[t].weight for t in tensors]
     start, saved, _ = checkpoint.resume() if checkpoint else (0, {}, {})
     f_acc = [saved.get(f"f::{t}", torch.zeros_like(p, dtype=torch.float32)) for t, p in zip(tensors, params)]
-    g_acc = [saved.get(f"g::{t}", torch.zeros_like(p, dtype=torch.float64)) for t, p in zip(tensors, params)]
+    g_acc = [saved.get(f"g::{t}", torch.zeros_like(p, dtype=torch.float32)) for t, p in zip(tensors, params)]
     flags = [p.requires_grad for p in params]
+
+    def fold(f: torch.Tensor, g: torch.Tensor):
+        def hook(p: torch.Tensor) -> None:
+            grad = p.grad.float()
+            f.addcmul_(grad, grad)
+            g.add_(grad)
+            p.grad = None
+        return hook
+
+    handles = []
     try:
-        for p in params:
+        for p, f, g in zip(params, f_acc, g_acc):
             p.requires_grad_(True)
+            p.grad = None
+            handles.append(p.register_post_accumulate_grad_hook(fold(f, g)))
         bar = tqdm(total=len(tokens), initial=start, desc="gradients (fisher, grad)", disable=not progress, unit="seq")
         for i in range(start, len(tokens)):
             ids = tokens[i].unsqueeze(0)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            for f, g, grad in zip(f_acc, g_acc, torch.autograd.grad(loss, params)):
-                f += grad.float() ** 2
-                g += grad
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
             bar.update()
             if checkpoint and i + 1 < len(tokens):
                 checkpoint.save(i + 1, lambda: {**{f"f::{t}": f for t, f in zip(tensors, f_acc)}, **{f"g::{t}": g for t, g in zip(tensors, g_acc)}})
         bar.close()
     finally:
+        for h in handles:
+            h.remove()
         for p, flag in zip(params, flags):
+            p.grad = None
             p.requires_grad_(flag)
     n = len(tokens)
     return {"fisher": {t: f / n for t, f in zip(tensors, f_acc)},
-            "grad": {t: (g / n).float() for t, g in zip(tensors, g_acc)}}
+            "grad": {t: g / n for t, g in zip(tensors, g_acc)}}
 
 
 FAMILY = register("primitive family", "gradients")(Family(
-    "gradients", ("fisher", "grad"), gradients, version="v2", resumable=True,
+    "gradients", ("fisher", "grad"), gradients, version="v3", resumable=True,
     about="empirical Fisher diagonal (mean squared per-sequence gradient) and the mean gradient",
 ))
