@@ -176,15 +176,52 @@ def require(cond: bool, message: str) -> None:
 # ---------------------------------------------------------------- safetensors entries
 def tensors_digest(state: dict) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
-    import torch
-
     h = hashlib.sha256()
     for name in sorted(state):
-        t = state[name].detach().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        _digest_update(h, name, state[name])
     return h.hexdigest()
+
+
+def _digest_update(h, name: str, t) -> None:
+    import torch
+
+    t = t.detach().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def load_tensors_into(path: Path, key: str, into: dict) -> set[str]:
+    """Copy a checked safetensors entry tensor by tensor into the tensors of ``into`` (e.g. a
+    model's ``state_dict()``), so a model is never held twice; returns the names loaded.
+
+    Raises :class:`CacheEntryError` (the caller discards the entry) on a wrong key, a name
+    ``into`` lacks, a shape mismatch, a bad checksum, or a file safetensors cannot read.
+    """
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+                raise CacheEntryError(f"written for key {meta.get('key')}, expected {key}")
+            names = sorted(f.keys())
+            for name in names:
+                t = f.get_tensor(name)
+                _digest_update(h, name, t)
+                if name not in into:
+                    raise CacheEntryError(f"holds {name!r}, which the model does not have")
+                if into[name].shape != t.shape:
+                    raise CacheEntryError(f"{name} has shape {tuple(t.shape)}, the model's is {tuple(into[name].shape)}")
+                into[name].copy_(t)
+    except CacheEntryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types for truncated or garbled files
+        raise CacheEntryError(f"{type(e).__name__}: {e}") from None
+    if meta.get("sha256") != h.hexdigest():
+        raise CacheEntryError("checksum mismatch: altered")
+    return set(names)
 
 
 def save_tensors(path: Path, state: dict, key: str, metadata: dict[str, str] | None = None) -> Path:

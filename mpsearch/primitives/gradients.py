@@ -9,6 +9,7 @@ Only decision weights get gradients, so the backward pass is no wider than neede
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -45,7 +46,7 @@ def gradients(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settin
         bar = tqdm(total=len(tokens), initial=start, desc="gradients (fisher, grad)", disable=not progress, unit="seq")
         for i in range(start, len(tokens)):
             ids = tokens[i].unsqueeze(0)
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            loss_backward(model, ids)
             bar.update()
             if checkpoint and i + 1 < len(tokens):
                 checkpoint.save(i + 1, lambda: {**{f"f::{t}": f for t, f in zip(tensors, f_acc)}, **{f"g::{t}": g for t, g in zip(tensors, g_acc)}})
@@ -57,11 +58,36 @@ def gradients(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settin
             p.grad = None
             p.requires_grad_(flag)
     n = len(tokens)
-    return {"fisher": {t: f / n for t, f in zip(tensors, f_acc)},
-            "grad": {t: g / n for t, g in zip(tensors, g_acc)}}
+    return {"fisher": {t: f.div_(n) for t, f in zip(tensors, f_acc)},
+            "grad": {t: g.div_(n) for t, g in zip(tensors, g_acc)}}
+
+
+def loss_backward(model: nn.Module, ids: torch.Tensor, positions: int = 128) -> None:
+    """``backward()`` of the mean next-token loss over ``ids`` ``[1, T]``.
+
+    For a decoder with ``model.model`` and ``model.lm_head`` (Llama, Gemma), the head and
+    the loss run a slice of ``positions`` at a time and the body's backward once, so the
+    logits of the whole sequence (T x vocabulary: 0.5 GB for Gemma's 262k at T = 512)
+    never exist at once, nor their gradient. Anything else: the model's own loss.
+    """
+    body, head, cfg = getattr(model, "model", None), getattr(model, "lm_head", None), getattr(model, "config", None)
+    if body is None or head is None or getattr(cfg, "logit_scale", None) is not None or ids.shape[0] != 1:
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        return
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    hidden = body(input_ids=ids, use_cache=False).last_hidden_state
+    h = hidden.detach().requires_grad_(True)
+    targets = ids[:, 1:]
+    for s in range(0, targets.shape[1], positions):
+        logits = head(h[:, s: s + min(positions, targets.shape[1] - s)]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        t = targets[:, s: s + positions]
+        (F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum") / targets.numel()).backward()
+    hidden.backward(h.grad)
 
 
 FAMILY = register("primitive family", "gradients")(Family(
-    "gradients", ("fisher", "grad"), gradients, version="v3", resumable=True,
+    "gradients", ("fisher", "grad"), gradients, version="v4", resumable=True,
     about="empirical Fisher diagonal (mean squared per-sequence gradient) and the mean gradient",
 ))
