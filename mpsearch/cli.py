@@ -39,9 +39,10 @@ def _search(a: argparse.Namespace) -> int:
 
     res = search(search_config(a))
     print(summary(res.table))
-    for proxy, c in res.summary.get("correlation", {}).items():
-        print(f"{proxy}: rank correlation of predicted and measured KL over {c['plans']} plans: "
-              f"Spearman {c['spearman']:.3f}, Kendall {c['kendall']:.3f}")
+    for key, where in (("correlation", "evaluation text"), ("slice_correlation", "refinement slice")):
+        for proxy, c in res.summary.get(key, {}).items():
+            print(f"{proxy}: rank correlation of predicted and measured KL over {c['plans']} plans ({where}): "
+                  f"Spearman {c['spearman']:.3f}, Kendall {c['kendall']:.3f}")
     for budget, source in res.summary.get("returned", {}).items():
         print(f"returned @ {budget}: {source} (best measured KL on the refinement slice)")
     for line in res.summary.get("warnings", []):

@@ -2,9 +2,9 @@
 
 The reference (unquantized) model's log-probabilities are computed once per
 :class:`Evaluator` and spilled to a temporary file (fp16), then read back a slice at a
-time; logits are turned into log-probabilities a slice of positions at a time too. So
-memory holds one batch's logits and one slice, and does not grow with vocabulary x
-evaluation tokens (Gemma's 262k vocabulary over 16 x 512 tokens would be 4 GB).
+time; the LM head runs on a slice of positions at a time too
+(:mod:`mpsearch.models.decoder`). So memory holds one slice of logits, and does not grow
+with vocabulary x evaluation tokens (Gemma's 262k vocabulary over 16 x 512 tokens would be 4 GB).
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class Evaluator:
     positions are turned into log-probabilities at once.
     """
 
-    def __init__(self, tokens: torch.Tensor, batch_size: int = 1, progress: bool = True, positions: int = 128) -> None:
+    def __init__(self, tokens: torch.Tensor, batch_size: int = 1, progress: bool = True, positions: int = 64) -> None:
         self.tokens = tokens
         self.batch_size = batch_size
         self.progress = progress
@@ -95,14 +95,13 @@ class Evaluator:
 
     def _logprobs(self, model: nn.Module, desc: str):
         """Yield ``(log_probs[B, P, V], targets[B, P])`` per batch and slice of at most ``positions`` positions."""
+        from .models.decoder import logit_slices
+
         model.eval()
         batches = torch.split(self.tokens, self.batch_size)
         for ids in tqdm(batches, desc=desc, disable=not self.progress, unit="batch", leave=False):
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-            targets = ids[:, 1:]
-            for s in range(0, targets.shape[1], self.positions):
-                yield F.log_softmax(logits[:, s: s + self.positions].float(), dim=-1), targets[:, s: s + self.positions]
-            del logits
+            for logits, targets in logit_slices(model, ids, self.positions):
+                yield F.log_softmax(logits, dim=-1), targets
 
 
 def _nll_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:

@@ -92,7 +92,7 @@ def refine_budget(session, budget: Budget, plans: dict[str, Plan], config: Refin
             if spent >= config.evaluations or session.choice_cost(choice) > limit:
                 return None
             spent += 1
-            new = f"{proxy}-refined{len(made) + 1}@{budget.label}"
+            new = f"{proxy}-refine{len(made) + 1}@{budget.label}"
             made[new] = session.make_plan(session.formats(choice), budget, proxy=proxy, refine=how, kind="refined")
             by_choice[choice] = new
             return measure(new, made[new])

@@ -142,8 +142,10 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
                                                                          kind="proxy")
     if cfg.baselines:
         plans.update(baseline_plans(session))
+    refinement = None
     if cfg.measure and cfg.refine > 0:
-        plans.update(refined_plans(session, plans, RefineConfig(cfg.refine, cfg.seed)))
+        extra, refinement = refined_plans(session, plans, RefineConfig(cfg.refine, cfg.seed))
+        plans.update(extra)
 
     for plan in plans.values():
         for name, table in session.tables.items():
@@ -166,12 +168,14 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
 
     table = results_table(plans, reference_row)
     stage_df = pd.DataFrame(stages.records)
-    summary = search_summary(table, list(session.tables)) if cfg.measure else {}
+    summary = search_summary(table, list(session.tables), refinement) if cfg.measure else {}
     for line in summary.get("warnings", []):
         log.warning("%s", line)
     if out is not None:
         write_outputs(out, plans, table, stage_df, session.tables, cfg)
         write_json_atomic(out / "summary.json", summary)
+        if refinement is not None:
+            write_csv_atomic(out / "refinement.csv", refinement)
         for name, f in fronts.items():
             f.to_csv(out / f"front_{safe_name(name)}.csv", index=False)
         if cfg.measure:
@@ -182,31 +186,45 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
     return SearchResult(plans, table, stage_df, out, session.tables, fronts, summary)
 
 
-def refined_plans(session: Session, plans: dict[str, Plan], config: RefineConfig) -> dict[str, Plan]:
-    """Per budget: the refinement's new plans, and ``returned@<budget>``, the best measured plan."""
+def refined_plans(session: Session, plans: dict[str, Plan], config: RefineConfig) -> tuple[dict[str, Plan], pd.DataFrame]:
+    """Per budget: each proxy's best refined plan, and ``returned@<budget>``, the best measured
+    plan. Also every plan measured on the slice, as a table (the refinement's record)."""
     out: dict[str, Plan] = {}
+    rows = []
     for b in session.budgets:
         mine = {n: p for n, p in plans.items() if p.budget.get("label") == b.label}
         with session.stages(f"refine @ {b.label}"):
             r = refine_budget(session, b, mine, config)
-        for name, plan in {**mine, **r.plans}.items():
+        every = {**mine, **r.plans}
+        for name, plan in every.items():
             plan.metrics["slice_kl"] = r.slice_kl[name]
-        out.update(r.plans)
-        best = {**mine, **r.plans}[r.returned]
-        returned = Plan(best.model_id, best.model_fingerprint, best.tensors, dict(best.budget), dict(best.metrics),
-                        {**best.provenance, "kind": "returned", "returned_from": r.returned,
-                         "refinement": {"plans_measured": len(r.slice_kl), "slice_tokens": int(session.slice_tokens.numel())}})
-        out[f"returned@{b.label}"] = returned
-    return out
+            rows.append({"budget": b.label, "plan": name, "kind": plan.provenance.get("kind"), "proxy": plan.provenance.get("proxy"),
+                         "effective_bits": plan.metrics["effective_bits"], "slice_kl": r.slice_kl[name],
+                         **{f"predicted_{p}": predicted_loss(t, plan.weight_formats()) for p, t in session.tables.items()}})
+        for proxy in {p.provenance.get("proxy") for p in r.plans.values()}:
+            best = min((n for n, p in r.plans.items() if p.provenance.get("proxy") == proxy), key=r.slice_kl.get)
+            out[f"{proxy}-refined@{b.label}"] = r.plans[best]
+        best = every[r.returned]
+        name = next((n for n, p in {**mine, **out}.items() if p is best), r.returned)
+        out[f"returned@{b.label}"] = Plan(
+            best.model_id, best.model_fingerprint, best.tensors, dict(best.budget), dict(best.metrics),
+            {**best.provenance, "kind": "returned", "returned_from": name,
+             "refinement": {"plans_measured": len(r.slice_kl), "slice_tokens": int(session.slice_tokens.numel())}})
+    return out, pd.DataFrame(rows)
 
 
-def search_summary(table: pd.DataFrame, proxies: list[str]) -> dict:
-    """Each proxy's rank correlation with measured KL over the plans measured, and a warning
-    for every proxy plan that measures worse than a baseline it was predicted to beat."""
+def search_summary(table: pd.DataFrame, proxies: list[str], refinement: pd.DataFrame | None = None) -> dict:
+    """Each proxy's rank correlation with measured KL, over the plans measured on the evaluation
+    text and over every plan the refinement measured on its slice; a warning for every proxy plan
+    that measures worse than a baseline it was predicted to beat; the plan each budget returned."""
     plans = table[~table.kind.isin(["reference", "returned"])]
     corr = {p: rank_correlation(plans[f"predicted_{p}"].tolist(), plans["kl"].tolist()) for p in proxies if f"predicted_{p}" in plans}
-    returned = {r.budget: r.source for _, r in table[table.kind == "returned"].iterrows()} if "source" in table else {}
-    return {"correlation": corr, "warnings": proxy_warnings(table, proxies), "returned": returned}
+    out = {"correlation": corr, "warnings": proxy_warnings(table, proxies)}
+    if refinement is not None and len(refinement):
+        out["slice_correlation"] = {p: rank_correlation(refinement[f"predicted_{p}"].tolist(), refinement["slice_kl"].tolist())
+                                    for p in proxies if f"predicted_{p}" in refinement}
+        out["returned"] = {r.budget: r.source for _, r in table[table.kind == "returned"].iterrows()}
+    return out
 
 
 def solver_params(name: str, decisions: list[Decision]) -> dict:

