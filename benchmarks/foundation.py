@@ -1,11 +1,12 @@
-"""Benchmark: the foundation search on the embedded default model (SmolLM2-135M).
+"""Benchmark: the foundation search on the embedded default model (SmolLM2-135M), or on
+``--model gemma3-270m`` (results then in foundation_gemma3-270m.*).
 
 Perplexity and KL on held-out text (Persuasion) for uniform 3- and 4-bit, the
 llama.cpp-style recipe (at its own 3/5- and 4/6-bit sizes, and squeezed to the uniform
 sizes), and MILP plans of the mse, fisher and input_moment proxies at each of those effective bits
 (calibrated on Pride and Prejudice); wall time and memory of each stage. Writes benchmarks/results/foundation.{json,csv,md}.
 
-    .venv/bin/python benchmarks/foundation.py [--threads 2] [--eval-chunks 16]
+    .venv/bin/python benchmarks/foundation.py [--threads 2] [--eval-chunks 16] [--model gemma3-270m]
 """
 from __future__ import annotations
 
@@ -53,26 +54,27 @@ def main() -> None:
     ap.add_argument("--calib-chunks", type=int, default=8)
     ap.add_argument("--eval-chunks", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--out", default=str(RESULTS / "foundation"))
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--out", default=None, help="results path without suffix (default benchmarks/results/foundation[_MODEL])")
     ap.add_argument("--reuse-cache", action="store_true", help="use ~/.cache/mpsearch (stage timings then show cache hits)")
     a = ap.parse_args()
     if not a.reuse_cache:  # a fresh cache, so every stage's time and memory is real work
         os.environ["MPSEARCH_CACHE"] = tempfile.mkdtemp(prefix="mpsearch-bench-")
     cfg = SearchConfig(
-        proxies=FOUNDATION_PROXIES, budgets=("uniform:3", "uniform:4", "recipe:3", "recipe:4"), threads=a.threads,
+        model=a.model, proxies=FOUNDATION_PROXIES, refine=0, budgets=("uniform:3", "uniform:4", "recipe:3", "recipe:4"), threads=a.threads,
         calib_chunks=a.calib_chunks, calib_seq_len=a.seq_len, eval_chunks=a.eval_chunks, eval_seq_len=a.seq_len,
-        out_dir=str(RESULTS / "foundation_run"),
+        out_dir=str(RESULTS / ("foundation_run" if a.model == "smollm2" else f"foundation_run_{a.model}")),
     )
     t0 = time.perf_counter()
     res = search(cfg)
     total = time.perf_counter() - t0
     ref = res.table[res.table.kind == "reference"]
     table = pd.concat([ref, res.table[res.table.kind != "reference"].sort_values(["budget", "ppl"])])
-    out = Path(a.out)
+    out = Path(a.out or RESULTS / ("foundation" if a.model == "smollm2" else f"foundation_{a.model}"))
     table.to_csv(out.with_suffix(".csv"), index=False)
     write_json_atomic(out.with_suffix(".json"), {
         "machine": machine(a.threads),
-        "settings": {"calibration": cfg.calibration, "calib_tokens": cfg.calib_chunks * cfg.calib_seq_len, "evaluation": cfg.evaluation, "eval_tokens": cfg.eval_chunks * cfg.eval_seq_len, "space": cfg.space},
+        "settings": {"model": a.model, "calibration": cfg.calibration, "calib_tokens": cfg.calib_chunks * cfg.calib_seq_len, "evaluation": cfg.evaluation, "eval_tokens": cfg.eval_chunks * cfg.eval_seq_len, "space": cfg.space},
         "total_seconds": round(total, 1),
         "results": json.loads(table.to_json(orient="records")),
         "stages": json.loads(res.stages.to_json(orient="records")),

@@ -153,6 +153,7 @@ def _eval(a: argparse.Namespace) -> int:
 
 def _list(a: argparse.Namespace) -> int:
     from . import registry, solvers  # noqa: F401
+    from .models.loader import PACKAGED
     from .primitives import families
     from .proxies import list_proxies
 
@@ -161,6 +162,7 @@ def _list(a: argparse.Namespace) -> int:
     print("solvers:", ", ".join(registry.names("solver")))
     print("quantizers:", ", ".join(registry.names("quantizer")))
     print("search spaces:", ", ".join(spaces))
+    print("packaged models:", ", ".join(PACKAGED), "(or a .gguf file, a model folder, a hub id)")
     print("primitives (family: names):")
     for name, fam in families().items():
         print(f"  {name}: {', '.join(fam.provides)}  ({fam.about})")
@@ -173,7 +175,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--model", default="smollm2", help="smollm2 (embedded, default), a local directory, or a Hugging Face id")
+        sp.add_argument("--model", default="smollm2", help="smollm2 (embedded, default), gemma3-270m (setup.sh --gemma), "
+                        "a .gguf file, a local model folder, or a Hugging Face id")
         sp.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
