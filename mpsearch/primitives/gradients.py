@@ -63,7 +63,7 @@ def gradients(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settin
             "grad": {t: g.div_(n) for t, g in zip(tensors, g_acc)}}
 
 
-def loss_backward(model: nn.Module, ids: torch.Tensor, positions: int = 128) -> None:
+def loss_backward(model: nn.Module, ids: torch.Tensor, positions: int = 32) -> None:
     """``backward()`` of the mean next-token loss over ``ids`` ``[1, T]``.
 
     For a decoder the head and the loss run a slice of ``positions`` at a time and the
