@@ -12,7 +12,6 @@ import json
 import os
 import tempfile
 import time
-from pathlib import Path
 
 from mpsearch.plan import write_json_atomic
 from mpsearch.search import SearchConfig, search

@@ -24,7 +24,7 @@ from .evaluate import Evaluator
 from .format import Format
 from .models import load_model, load_text, token_chunks
 from .models.data import conventions, text_tokens
-from .plan import Plan, fingerprint, write_json_atomic
+from .plan import Plan, fingerprint
 from .primitives import Primitives, PrimitiveSettings, compute_primitives
 from .primitives.sensitivity import kl_key, measured_kl
 from .profiling import Stages
