@@ -1,7 +1,8 @@
 """Measured refinement: a search never returns a plan that measures worse than its own baselines.
 
 A proxy is an additive guess; on a model where it misleads, its MILP plan can measure
-worse than uniform (Fisher on Gemma-3-270M did, by 20-29% in KL). So after the MILP,
+worse than uniform (Fisher on Gemma-3-270M did, by 20-29% in KL, while its calibration
+windows lacked the BOS Gemma expects). So after the MILP,
 for every budget, plans are *measured* on a small slice of calibration text (KL to the
 reference; never the evaluation text, which stays for the final report):
 

@@ -168,22 +168,22 @@ class Session:
     @property
     def evaluator(self) -> Evaluator:
         """Fitted on first use: the reference model's log-probs on the evaluation tokens."""
-        if getattr(self, "_evaluator", None) is None:
-            if self.eval_tokens is None:
-                raise ValueError("this session was opened with measure=False; nothing to measure on")
-            with self.stages("evaluate reference"):
-                self._evaluator = Evaluator(self.eval_tokens, progress=self.config.progress).fit(self.model)
-        return self._evaluator
+        if self.eval_tokens is None:
+            raise ValueError("this session was opened with measure=False; nothing to measure on")
+        return self._fitted("_evaluator", self.eval_tokens, "evaluate reference", self.config.progress)
 
     @property
     def slice_evaluator(self) -> Evaluator:
         """Fitted on first use on the refinement slice: calibration text after the calibration windows."""
-        if getattr(self, "_slice_evaluator", None) is None:
-            if self.slice_tokens is None:
-                raise ValueError("this session has no refinement slice (refine=0 or measure=False)")
-            with self.stages("evaluate reference on the refinement slice"):
-                self._slice_evaluator = Evaluator(self.slice_tokens, progress=False).fit(self.model)
-        return self._slice_evaluator
+        if self.slice_tokens is None:
+            raise ValueError("this session has no refinement slice (refine=0 or measure=False)")
+        return self._fitted("_slice_evaluator", self.slice_tokens, "evaluate reference on the refinement slice", False)
+
+    def _fitted(self, attr: str, tokens: torch.Tensor, stage: str, progress: bool) -> Evaluator:
+        if getattr(self, attr, None) is None:
+            with self.stages(stage):
+                setattr(self, attr, Evaluator(tokens, progress=progress).fit(self.model))
+        return getattr(self, attr)
 
     def choice_cost(self, choice: Sequence[int]) -> float:
         """Total effective bits of a choice."""
