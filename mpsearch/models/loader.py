@@ -149,6 +149,7 @@ def cached_model(d: Path, key: str, convert, dtype: torch.dtype) -> tuple[nn.Mod
     shutil.rmtree(d, ignore_errors=True)
     os.replace(part, d)
     log.info("converted in %.1f s", time.time() - t0)
+    del model, tok  # read back from the folder (checked), not held twice
     loaded = _read_cached_model(d, key, dtype)
     if loaded is None:
         raise ModelError(f"the model just converted into {d} cannot be read back (disk full?)")
