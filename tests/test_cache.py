@@ -287,3 +287,24 @@ def test_the_model_identity_covers_its_config():
     b.config._name_or_path = "/somewhere/else"
     b.config.architectures = ["LlamaForCausalLM"]  # set by save_pretrained
     assert weights_hash(a) == weights_hash(b)
+
+
+@pytest.mark.parametrize("corrupt", [truncate, random_bytes, empty])
+def test_a_corrupt_checkpoint_is_discarded_and_the_pass_starts_over(model, corrupt, caplog):
+    from mpsearch.primitives import compute_primitives
+
+    tokens = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(5))
+    names = ["model.layers.0.mlp.up_proj"]
+    whole = compute_primitives(model, names, tokens, {"fisher"}, use_cache=False, progress=False)
+    first = Interrupt(model.model, stop_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        compute_primitives(model, names, tokens, {"fisher"}, progress=False, checkpoint_every=0)
+    first.restore()
+    (partial,) = (cache_dir() / "primitives").glob("*.partial.safetensors")
+    corrupt(partial)
+    second = Interrupt(model.model)
+    with caplog.at_level(logging.WARNING):
+        again = compute_primitives(model, names, tokens, {"fisher"}, progress=False, checkpoint_every=0)
+    second.restore()
+    assert second.calls == 4 and str(partial) in caplog.text  # named, removed, every sequence again
+    assert torch.equal(again.fisher[names[0]], whole.fisher[names[0]])
