@@ -191,6 +191,11 @@ def _digest_update(h, name: str, t) -> None:
         h.update(t.reshape(-1).view(torch.uint8).numpy())
 
 
+def _check_metadata(meta: dict, key: str) -> None:
+    if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+        raise CacheEntryError(f"written for key {meta.get('key')}, expected {key}")
+
+
 def load_tensors_into(path: Path, key: str, into: dict) -> set[str]:
     """Copy a checked safetensors entry tensor by tensor into the tensors of ``into`` (e.g. a
     model's ``state_dict()``), so a model is never held twice; returns the names loaded.
@@ -204,8 +209,7 @@ def load_tensors_into(path: Path, key: str, into: dict) -> set[str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
-                raise CacheEntryError(f"written for key {meta.get('key')}, expected {key}")
+            _check_metadata(meta, key)
             names = sorted(f.keys())
             for name in names:
                 t = f.get_tensor(name)
@@ -251,8 +255,7 @@ def load_tensors_and_metadata(path: Path, key: str) -> tuple[dict, dict[str, str
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
-        if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
-            raise CacheEntryError(f"written for key {meta.get('key')}, expected {key}")
+        _check_metadata(meta, key)
         if meta.get("sha256") != tensors_digest(state):
             raise CacheEntryError("checksum mismatch: altered")
     except Exception as e:  # noqa: BLE001 - safetensors raises its own types for truncated or garbled files

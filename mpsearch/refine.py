@@ -69,21 +69,18 @@ def refine_budget(session, budget: Budget, plans: dict[str, Plan], config: Refin
             measured[name] = float(session.measure(plan, desc=f"refine {name}", evaluator=session.slice_evaluator)["kl"])
         return measured[name]
 
+    choices = {name: session.choice_of(plan.weight_formats()) for name, plan in plans.items()}
     for name, plan in plans.items():
         measure(name, plan)
-        choice = session.choice_of(plan.weight_formats())
-        if choice is not None:
-            by_choice.setdefault(choice, name)
+        if choices[name] is not None:
+            by_choice.setdefault(choices[name], name)
+    # baselines that are valid choices: the trust region's anchors
+    anchors = [c for n, c in choices.items() if c is not None and plans[n].provenance.get("kind") in ("uniform", "recipe")]
     made: dict[str, Plan] = {}
     for name, plan in plans.items():
-        proxy = plan.provenance.get("proxy")
-        if proxy is None or "refine" in plan.provenance:
+        proxy, start = plan.provenance.get("proxy"), choices[name]
+        if proxy is None or "refine" in plan.provenance or start is None:
             continue
-        start = session.choice_of(plan.weight_formats())
-        if start is None:
-            continue
-        anchors = [session.choice_of(p.weight_formats()) for p in plans.values() if p.provenance.get("kind") in ("uniform", "recipe")]
-        anchors = [a for a in anchors if a is not None]
         spent = 0
 
         def add(choice: tuple, how: str) -> float | None:
