@@ -1,6 +1,7 @@
-"""Benchmark: every built-in proxy's MILP plan on the default model, and what each primitive costs.
+"""Benchmark: every built-in proxy's MILP plan on the default model (or ``--model
+gemma3-270m``, results then in proxies_gemma3-270m.*), and what each primitive costs.
 
-    .venv/bin/python benchmarks/proxies.py [--threads 2] [--time-kl]
+    .venv/bin/python benchmarks/proxies.py [--threads 2] [--time-kl] [--model gemma3-270m]
 
 1. Each primitive family (gradients, activations, hessian, synflow) is computed afresh
    in its own process on the default calibration (8 x 512 tokens of Pride and
@@ -12,7 +13,10 @@
    (3.5) and uniform 4-bit (4.5), next to uniform and the llama.cpp-style recipe, all
    measured (perplexity, KL to the unquantized model) on 8,192 tokens of Persuasion.
 
-Writes benchmarks/results/proxies.{csv,md,json} and proxies_primitives.csv.
+The plans are the proxies' own MILP plans (no measured refinement), so the table ranks
+the proxies, not the search that guards them.
+
+Writes benchmarks/results/proxies[_MODEL].{csv,md,json} and proxies_primitives[_MODEL].csv.
 """
 from __future__ import annotations
 
@@ -30,12 +34,16 @@ from foundation import RESULTS, machine  # noqa: E402  (same folder)
 BUDGETS = ("uniform:3", "uniform:4")
 
 
-def time_family(name: str, threads: int, out: Path) -> None:
+def suffix(model: str) -> str:
+    return "" if model == "smollm2" else f"_{model}"
+
+
+def time_family(name: str, threads: int, out: Path, model: str) -> None:
     """Child process: compute one family afresh (or the measured KL) and write its stage record."""
     import torch
 
     from mpsearch.models import load_model, load_text, token_chunks
-    from mpsearch.models.data import DEFAULT_CALIBRATION
+    from mpsearch.models.data import DEFAULT_CALIBRATION, conventions
     from mpsearch.primitives import compute_primitives, families, weights_hash
     from mpsearch.primitives.sensitivity import measured_kl
     from mpsearch.profiling import Stages
@@ -43,10 +51,12 @@ def time_family(name: str, threads: int, out: Path) -> None:
     from mpsearch.space import SearchSpace
 
     torch.set_num_threads(threads)
-    lm = load_model("smollm2")
+    lm = load_model(model)
     decisions = SearchSpace.from_file("llama").build(lm.model)
     tensors = [m.name for d in decisions for m in d.members]
-    calib = token_chunks(lm.tokenizer, load_text(DEFAULT_CALIBRATION), 512, 8)
+    # the windows the search builds (BOS where the tokenizer adds one), so the cache entries are the search's
+    lead = conventions(lm.tokenizer)["calibration_leading"]
+    calib = token_chunks(lm.tokenizer, load_text(DEFAULT_CALIBRATION), 512, 8, lead=lead)
     stages = Stages()
     if name == "measured_kl":
         with stages("primitives: measured_kl"):
@@ -59,13 +69,14 @@ def time_family(name: str, threads: int, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="smollm2")
     ap.add_argument("--time-kl", action="store_true", help="also time the measured-KL pass (clear its cache first to time it cold)")
     ap.add_argument("--skip-timing", action="store_true", help="reuse cached primitives; only run the search")
     ap.add_argument("--family", help=argparse.SUPPRESS)  # internal: run one family in this process
     ap.add_argument("--record", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.family:
-        time_family(a.family, a.threads, Path(a.record))
+        time_family(a.family, a.threads, Path(a.record), a.model)
         return
 
     from mpsearch.primitives import families
@@ -77,20 +88,22 @@ def main() -> None:
     if not a.skip_timing:
         for name in [*families(), *(["measured_kl"] if a.time_kl else [])]:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                subprocess.run([sys.executable, __file__, "--family", name, "--record", f.name, "--threads", str(a.threads)], check=True)
+                subprocess.run([sys.executable, __file__, "--family", name, "--record", f.name, "--threads", str(a.threads), "--model", a.model], check=True)
                 rec = json.loads(Path(f.name).read_text())
             records.append({"family": name, "provides": ", ".join(families()[name].provides) if name in families() else "kl",
                             "seconds": rec["seconds"], "peak_rss_mb": rec["peak_rss_mb"], "rss_before_mb": rec["rss_before_mb"]})
             print(records[-1], flush=True)
-        pd.DataFrame(records).to_csv(RESULTS / "proxies_primitives.csv", index=False)
+        pd.DataFrame(records).to_csv(RESULTS / f"proxies_primitives{suffix(a.model)}.csv", index=False)
 
     proxies = tuple(list_proxies())
-    res = search(SearchConfig(proxies=proxies, budgets=BUDGETS, threads=a.threads, out_dir=str(RESULTS / "proxies_run")))
+    res = search(SearchConfig(model=a.model, proxies=proxies, budgets=BUDGETS, threads=a.threads, refine=0,
+                              out_dir=str(RESULTS / f"proxies_run{suffix(a.model)}")))
     table = res.table
-    table.to_csv(RESULTS / "proxies.csv", index=False)
-    (RESULTS / "proxies.md").write_text(summary(table, proxies))
-    (RESULTS / "proxies.json").write_text(json.dumps({"machine": machine(a.threads), "budgets": BUDGETS, "primitives": records,
-                                                      "stages": res.stages.to_dict("records")}, indent=1))
+    out = RESULTS / f"proxies{suffix(a.model)}"
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    out.with_suffix(".md").write_text(summary(table, proxies))
+    out.with_suffix(".json").write_text(json.dumps({"machine": machine(a.threads), "model": a.model, "budgets": BUDGETS, "primitives": records,
+                                                    "stages": res.stages.to_dict("records")}, indent=1))
     print(summary(table, proxies))
 
 

@@ -1,17 +1,15 @@
 """A number format for one tensor: bits, group size, symmetry, quantizer kind.
 
-Effective bits always count the per-group scale (fp16) and, when asymmetric, the
-per-group zero point (fp16): 4-bit asymmetric with groups of 64 is 4 + 32/64 = 4.5
-bits per weight, the way GGUF and EXL2 report bits per weight.
+Effective bits are the stored bits per weight, and the format's quantizer owns them:
+for round-to-nearest uniform they count the per-group fp16 scale and, when
+asymmetric, the fp16 zero point (4-bit asymmetric with groups of 64 is 4 + 32/64 =
+4.5); a GGUF type counts its block layout exactly (Q4_K is 4.5, Q3_K 3.4375).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: bits of storage for one scale and for one zero point
-SCALE_BITS = 16
-ZERO_BITS = 16
 #: ``group_size`` value meaning one group per output row (per-channel)
 PER_CHANNEL = -1
 #: ``bits`` value meaning "leave the tensor unquantized" (stored as fp16)
@@ -66,28 +64,54 @@ class Format:
     def full() -> "Format":
         return Format(bits=FULL_BITS, group_size=PER_CHANNEL, symmetric=True, quantizer="none")
 
+    def _quantizer(self):
+        from .quant.quantizer import get_quantizer
+
+        return get_quantizer(self.quantizer)
+
     def fits(self, in_features: int) -> bool:
-        """A group size must divide the row length (the input dimension)."""
-        return self.is_full or self.group_size == PER_CHANNEL or in_features % self.group_size == 0
+        """Whether the layout tiles a row of ``in_features`` (a group size must divide it)."""
+        return self.is_full or self._quantizer().fits(self, in_features)
 
     def group_len(self, in_features: int) -> int:
         return in_features if self.group_size == PER_CHANNEL else self.group_size
 
     def effective_bits(self, in_features: int) -> float:
-        """Bits per weight including scales and zero points."""
+        """Stored bits per weight, as the quantizer's layout counts them (scales, zeros, super-blocks)."""
         if self.is_full:
             return float(FULL_BITS)
-        overhead = SCALE_BITS + (0 if self.symmetric else ZERO_BITS)
-        return self.bits + overhead / self.group_len(in_features)
+        return self._quantizer().bits_per_weight(self, in_features)
 
     @property
     def key(self) -> str:
-        """Short readable label, e.g. ``u4g64a`` or ``fp16``."""
-        if self.is_full:
-            return "fp16"
-        g = "ch" if self.group_size == PER_CHANNEL else str(self.group_size)
-        prefix = "u" if self.quantizer == "uniform" else self.quantizer
-        return f"{prefix}{self.bits}g{g}{'s' if self.symmetric else 'a'}"
+        """Short readable label, e.g. ``u4g64a``, ``q4_k`` or ``fp16``."""
+        return "fp16" if self.is_full else self._quantizer().key(self)
+
+    @staticmethod
+    def parse(key: str) -> "Format":
+        """The format a key names: ``fp16``, a fixed-layout quantizer (``q4_k``) or
+        ``u4g64a``-style (``{u|NAME}{bits}g{group|ch}{a|s}``)."""
+        import re
+
+        from .quant.quantizer import get_quantizer
+        from .registry import UnknownComponentError, names
+
+        if key == "fp16":
+            return Format.full()
+        if key in names("quantizer"):
+            q = get_quantizer(key)
+            if q.fixed:
+                return Format(quantizer=key, **dict(q.fixed))
+        m = re.fullmatch(r"([a-z][a-z0-9_]*?)(\d+)g(\d+|ch)([as])", key)
+        if not m:
+            raise FormatError(f"{key!r} is not a format key (e.g. 'u4g64a', 'q4_k', 'fp16')")
+        name = "uniform" if m.group(1) == "u" else m.group(1)
+        try:
+            get_quantizer(name)
+        except UnknownComponentError as e:
+            raise FormatError(f"format {key!r}: {e}") from None
+        group = PER_CHANNEL if m.group(3) == "ch" else int(m.group(3))
+        return Format(int(m.group(2)), group, m.group(4) == "s", name)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -103,6 +127,14 @@ class Format:
         extra = set(d) - known
         if extra:
             raise FormatError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(known)}")
+        if "bits" not in d and "quantizer" in d:  # a fixed layout (e.g. {"quantizer": "q4_k"}) supplies the rest
+            from .quant.quantizer import get_quantizer
+            from .registry import UnknownComponentError
+
+            try:
+                d = {**get_quantizer(d["quantizer"]).default_fields(), **d}
+            except (UnknownComponentError, TypeError) as e:
+                raise FormatError(f"{where}: {e}") from None
         if "bits" not in d:
             raise FormatError(f"{where}: missing key 'bits'")
         params = d.get("params", {})

@@ -84,8 +84,8 @@ class Rule:
         return True
 
     @staticmethod
-    def parse_cli(kind: str, text: str, base: Format) -> "Rule":
-        """``--pin NAME=BITS[:GROUP]``, ``--min-bits NAME=B``, ``--max-bits NAME=B``, ``--exclude NAME``."""
+    def parse_cli(kind: str, text: str, base: Format | None) -> "Rule":
+        """``--pin NAME=BITS[:GROUP]`` or ``NAME=KEY`` (``q8_0``), ``--min-bits NAME=B``, ``--max-bits NAME=B``, ``--exclude NAME``."""
         if kind == "exclude":
             return Rule(match=text, exclude=True)
         name, sep, value = text.rpartition("=")
@@ -93,6 +93,10 @@ class Rule:
             raise SpaceError(f"--{kind.replace('_', '-')} expects NAME=VALUE, got {text!r}")
         try:
             if kind == "pin":
+                if not value.split(":")[0].isdigit():  # a format key: --pin NAME=q8_0
+                    return Rule(match=name, pin=Format.parse(value))
+                if base is None:
+                    raise ValueError("this space lists its formats: pin one by key, e.g. NAME=q8_0")
                 bits, _, group = value.partition(":")
                 b = int(bits)
                 if not 1 <= b <= FULL_BITS:
@@ -103,7 +107,7 @@ class Rule:
             return Rule(match=name, **{kind: int(value)})
         except SpaceError:
             raise
-        except ValueError as e:
+        except (ValueError, FormatError) as e:
             raise SpaceError(f"--{kind.replace('_', '-')} {text!r}: {e}") from None
 
 
@@ -149,6 +153,8 @@ class SearchSpace:
     symmetric: bool = False
     quantizer: str = "uniform"
     include_full: bool = True
+    #: an explicit list of formats (e.g. GGUF types) instead of the bits x group_sizes grid
+    formats: tuple[Format, ...] = ()
     tie: tuple[str, ...] = ()
     rules: tuple[Rule, ...] = field(default=())
     source: str = ""
@@ -207,9 +213,20 @@ class SearchSpace:
         fm = data.get("formats", {})
         if not isinstance(fm, dict):
             raise SpaceError("[formats] must be a table")
-        fknown = {"bits", "group_sizes", "symmetric", "quantizer", "include_full"}
+        fknown = {"bits", "group_sizes", "symmetric", "quantizer", "include_full", "list"}
         if set(fm) - fknown:
             raise SpaceError(f"unknown key(s) in [formats]: {sorted(set(fm) - fknown)}; allowed: {sorted(fknown)}")
+        listed: tuple[Format, ...] = ()
+        if "list" in fm:
+            clash = sorted({"bits", "group_sizes", "symmetric", "quantizer"} & set(fm))
+            if clash:
+                raise SpaceError(f"[formats]: 'list' names every format; it cannot be combined with {clash}")
+            keys = _list(fm, "list", [], "formats.")
+            if not keys or not all(isinstance(k, str) for k in keys):
+                raise SpaceError(f"formats.list must be a non-empty list of format keys like 'q4_k', got {keys!r}")
+            listed = tuple(Format.parse(k) for k in keys)
+            if any(f.is_full for f in listed):
+                raise SpaceError("formats.list: leave fp16 out and use include_full")
         base = Format(bits=4, group_size=64, symmetric=fm.get("symmetric", False), quantizer=fm.get("quantizer", "uniform"))
         rules = []
         for i, r in enumerate(_list(data, "rules", [])):
@@ -217,10 +234,13 @@ class SearchSpace:
             if not isinstance(r, dict) or set(r) - rk or "match" not in r:
                 raise SpaceError(f"rules[{i}] needs 'match' and only {sorted(rk)}; got {r!r}")
             pin = r.get("pin")
-            if pin is not None:
+            if isinstance(pin, str):
+                pin = Format.parse(pin)
+            elif pin is not None:
                 if not isinstance(pin, dict):
                     raise SpaceError(f"rules[{i}].pin must be a table like {{bits = 8, group_size = 64}}, got {pin!r}")
-                pin = Format.from_dict({**base.to_dict(), **pin} if pin.get("bits") != FULL_BITS else pin, f"rules[{i}].pin")
+                whole = pin.get("bits") == FULL_BITS or ("quantizer" in pin and "bits" not in pin)  # fp16, or a fixed layout
+                pin = Format.from_dict(pin if whole else {**base.to_dict(), **pin}, f"rules[{i}].pin")
             rules.append(Rule(match=r["match"], pin=pin, min_bits=r.get("min_bits"), max_bits=r.get("max_bits"), exclude=r.get("exclude", False)))
         return SearchSpace(
             name=str(data.get("name", Path(source).stem or "custom")),
@@ -231,6 +251,7 @@ class SearchSpace:
             symmetric=base.symmetric,
             quantizer=base.quantizer,
             include_full=fm.get("include_full", True),
+            formats=listed,
             tie=tuple(_list(data, "tie", [])),
             rules=tuple(rules),
             source=source,
@@ -241,12 +262,18 @@ class SearchSpace:
         return replace(self, rules=self.rules + tuple(rules))
 
     @property
-    def base_format(self) -> Format:
+    def base_format(self) -> Format | None:
+        """The grid's 4-bit format (what ``--pin NAME=8`` and ``uniform:3`` vary); None for a listed space."""
+        if self.formats:
+            return None
         return Format(bits=4, group_size=64, symmetric=self.symmetric, quantizer=self.quantizer)
 
     def candidate_formats(self) -> list[Format]:
-        """The grid of formats, before per-tensor fitting and rules (a pin may add one)."""
-        fmts = [replace(self.base_format, bits=b, group_size=g) for b in self.bits for g in self.group_sizes]
+        """The grid (or list) of formats, before per-tensor fitting and rules (a pin may add one)."""
+        if self.formats:
+            fmts = list(self.formats)
+        else:
+            fmts = [replace(self.base_format, bits=b, group_size=g) for b in self.bits for g in self.group_sizes]
         if self.include_full:
             fmts.append(Format.full())
         return fmts

@@ -102,3 +102,31 @@ def test_budgets_and_effective_bits(space, model):
         check_budgets([Budget("bits", 2.0)], costs, numel)
     with pytest.raises(BudgetError, match="cannot read budget"):
         Budget.parse("lots", decisions, space.base_format)
+
+
+def test_a_listed_space_offers_each_type_only_where_its_block_tiles_the_row():
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(hidden=64, intermediate=256)  # down_proj rows are 256 wide, the rest 64
+    decisions = SearchSpace.from_file("gguf").build(model)
+    down = [d for d in decisions if d.name.endswith("down_proj")]
+    other = [d for d in decisions if not d.name.endswith("down_proj")]
+    assert down and all("q4_k" in {f.key for f in d.formats} for d in down)
+    assert other and all({f.key for f in d.formats} == {"q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "q8_0", "fp16"} for d in other)
+    assert len(decisions) == 14  # no ties: q, k and v each take their own type
+
+
+def test_a_listed_space_takes_key_pins_and_format_budgets_and_refuses_grid_budgets(model):
+    space = SearchSpace.from_file("gguf").with_rules([Rule.parse_cli("pin", r"re:.*\.o_proj=q8_0", None)])
+    decisions = space.build(model)
+    assert all([f.key for f in d.formats] == ["q8_0"] for d in decisions if d.name.endswith("o_proj"))
+    b = Budget.parse("uniform:q4_0", decisions, space.base_format)
+    assert b.reference_name == "uniform-q4_0" and b.limit > 4.5  # the pinned o_proj costs 8.5
+    with pytest.raises(BudgetError, match="lists its formats"):
+        Budget.parse("uniform:3", decisions, space.base_format)
+    with pytest.raises(SpaceError, match="pin one by key"):
+        Rule.parse_cli("pin", "x=8", None)
+    with pytest.raises(SpaceError, match="cannot be combined"):
+        SearchSpace.from_dict({"formats": {"list": ["q4_0"], "bits": [4]}})
+    with pytest.raises(SpaceError, match="not a format key"):
+        SearchSpace.from_dict({"formats": {"list": ["q4k"]}})

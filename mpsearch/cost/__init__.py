@@ -44,11 +44,12 @@ class Budget:
         return {"metric": self.metric, "limit": self.limit, "label": self.label or str(self.limit)}
 
     @staticmethod
-    def parse(text: str, decisions: list[Decision], base: Format) -> "Budget":
-        """``3.5`` (bits/weight) | ``48MB``/``500KB``/``1000B`` | ``uniform:3[:128]`` | ``recipe:4``.
+    def parse(text: str, decisions: list[Decision], base: Format | None) -> "Budget":
+        """``3.5`` (bits/weight) | ``48MB``/``500KB``/``1000B`` | ``uniform:3[:128]`` | ``uniform:q4_k`` | ``recipe:4``.
 
         ``uniform:B[:G]`` is the effective bits of the uniform B-bit plan with groups of G
         (default: the space's base group size): "the same size as uniform 3-bit".
+        ``uniform:KEY`` is every tensor in the format KEY (``q4_k``, ``u4g64a``).
         ``recipe:B`` is the size of the llama.cpp-style recipe with B bits for most tensors
         and B+2 for attention V / FFN down in the chosen layers (``recipe:4`` ~ Q4_K_M).
         Baselines honour the search space's rules (pins, bit bounds), see
@@ -58,6 +59,15 @@ class Budget:
 
         kind, t, args = parse_budget_text(text)
         members = [mm for d in decisions for mm in d.members]
+        if kind == "uniform_format":
+            try:
+                fmts = uniform_formats(decisions, args[0])
+            except ValueError as e:
+                raise BudgetError(f"budget {t}: {e}") from None
+            return Budget("bits", plan_bits(fmts, members), t, fmts, f"uniform-{args[0].key}")
+        if base is None and kind in ("recipe", "uniform"):
+            raise BudgetError(f"budget {t}: this search space lists its formats instead of a bits x group grid; "
+                              "name one (uniform:q4_k) or give bits per weight (4.5) or a size (48MB)")
         if kind == "recipe":
             fmts = natural_recipe(decisions, base, args[0])
             return Budget("bits", plan_bits(fmts, members), t, fmts, f"recipe-{args[0]}bit")
@@ -83,7 +93,7 @@ def parse_budget_text(text: str) -> tuple[str, str, tuple]:
     Called when the configuration is built, so a typo fails before the model loads.
     """
     t = str(text).strip()
-    how = "use bits per weight (3.5), a size (48MB), uniform:BITS[:GROUP] or recipe:BITS"
+    how = "use bits per weight (3.5), a size (48MB), uniform:BITS[:GROUP], uniform:FORMAT (e.g. uniform:q4_k) or recipe:BITS"
     m = re.fullmatch(r"recipe:(\d+)", t)
     if m:
         if not 1 <= int(m[1]) <= 8:
@@ -97,6 +107,13 @@ def parse_budget_text(text: str) -> tuple[str, str, tuple]:
         if group is not None and group < 1 and group != -1:
             raise BudgetError(f"budget {t}: the group size must be positive or -1 (per channel), got {group}")
         return "uniform", t, (bits, group)
+    m = re.fullmatch(r"uniform:([a-z][a-z0-9_]*)", t)
+    if m:
+        try:
+            fmt = Format.parse(m[1])
+        except ValueError as e:
+            raise BudgetError(f"budget {t}: {e}") from None
+        return "uniform_format", t, (fmt,)
     if t.lower().startswith(("uniform", "recipe")):
         raise BudgetError(f"cannot read budget {text!r}: {how}")
     m = re.fullmatch(r"([-+0-9.eE]+|nan|inf)\s*(KB|MB|GB|B)", t, re.IGNORECASE)

@@ -1,27 +1,43 @@
-"""What a registered quantizer is: the rounding function, what it accepts, and its version.
+"""What a registered quantizer is: the rounding function, what it accepts, its stored
+layout, and its version.
 
 A format names its quantizer; the quantizer decides whether the format is valid
 (bits, parameters) when the format is built, so a plan with ``"quantizer": "gptq"``
-or junk ``params`` fails on load, not at apply. ``version`` is part of every cache key
-that depends on quantized values: bump it when the rounding changes.
+or junk ``params`` fails on load, not at apply. The quantizer also owns the layout:
+which row lengths it fits and the exact bits per weight it stores (scales, zeros,
+super-block scales, codebooks), so budgets and reports read the cost from the one
+place that knows it. ``version`` is part of every cache key that depends on
+quantized values: bump it when the rounding changes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from .. import registry
-from ..format import Format, FormatError
+from ..format import PER_CHANNEL, Format, FormatError
+
+#: bits of storage for one per-group scale and one zero point (fp16 each)
+SCALE_BITS = 16
+ZERO_BITS = 16
 
 
 @dataclass(frozen=True)
 class Quantizer:
-    """``fn(w, fmt)`` fake-quantizes a 2-D weight; ``check(fmt)`` raises :class:`FormatError` for what it cannot do."""
+    """``fn(w, fmt, importance)`` fake-quantizes a 2-D weight ``[out, in]``; ``importance``
+    (``[in]``, optional) weights each input column's error in the scale search.
+    ``check(fmt)`` raises :class:`FormatError` for what it cannot do.
+
+    The default layout is per-group: ``bits`` per weight plus an fp16 scale (and an
+    fp16 zero point when asymmetric) per group. A quantizer with another layout passes
+    ``storage_bits`` (bits per weight of a format at a row length) and ``fixed`` (the
+    format fields its layout pins, e.g. GGUF's Q4_K is 4 bits in blocks of 256).
+    """
 
     name: str
-    fn: Callable[[torch.Tensor, Format], torch.Tensor]
+    fn: Callable[..., torch.Tensor]
     version: str = "v1"
     #: the ``params`` keys it reads (any other key is an error)
     params: tuple[str, ...] = ()
@@ -29,12 +45,22 @@ class Quantizer:
     min_bits: int = 1
     min_bits_symmetric: int = 2
     about: str = ""
+    #: format fields the layout pins (``bits``, ``group_size``, ``symmetric``); its key is then the name
+    fixed: tuple[tuple[str, Any], ...] = ()
+    #: ``storage_bits(fmt, in_features)``: exact stored bits per weight (default: per-group fp16 scale/zero)
+    storage_bits: Callable[[Format, int], float] | None = None
+    #: whether the formats read ``importance`` (then values depend on calibration data)
+    uses_importance: bool = False
 
     def check(self, fmt: Format) -> None:
         extra = sorted(set(dict(fmt.params)) - set(self.params))
         if extra:
             allowed = ", ".join(self.params) or "none"
             raise FormatError(f"quantizer {self.name!r} takes no params {extra} (allowed: {allowed})")
+        for field_name, value in self.fixed:
+            if getattr(fmt, field_name) != value:
+                want = ", ".join(f"{k}={v!r}" for k, v in self.fixed)
+                raise FormatError(f"quantizer {self.name!r} has a fixed layout ({want}); got {field_name}={getattr(fmt, field_name)!r}")
         if fmt.is_full:
             return
         least = self.min_bits_symmetric if fmt.symmetric else self.min_bits
@@ -42,8 +68,32 @@ class Quantizer:
             kind = "symmetric" if fmt.symmetric else "asymmetric"
             raise FormatError(f"{kind} {self.name} quantization needs at least {least} bits, got {fmt.bits}")
 
-    def __call__(self, w: torch.Tensor, fmt: Format) -> torch.Tensor:
-        return self.fn(w, fmt)
+    def __call__(self, w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fn(w, fmt, importance)
+
+    # -------------------------------------------------------------- layout
+    def bits_per_weight(self, fmt: Format, in_features: int) -> float:
+        """Exact stored bits per weight of ``fmt`` on rows of ``in_features``."""
+        if self.storage_bits is not None:
+            return float(self.storage_bits(fmt, in_features))
+        group = in_features if fmt.group_size == PER_CHANNEL else fmt.group_size
+        return fmt.bits + (SCALE_BITS + (0 if fmt.symmetric else ZERO_BITS)) / group
+
+    def fits(self, fmt: Format, in_features: int) -> bool:
+        """A group (or block) must tile the row."""
+        return fmt.group_size == PER_CHANNEL or in_features % fmt.group_size == 0
+
+    def key(self, fmt: Format) -> str:
+        """Short readable label: the name for a fixed layout, else e.g. ``u4g64a``."""
+        if self.fixed:
+            return self.name
+        g = "ch" if fmt.group_size == PER_CHANNEL else str(fmt.group_size)
+        prefix = "u" if self.name == "uniform" else self.name
+        return f"{prefix}{fmt.bits}g{g}{'s' if fmt.symmetric else 'a'}"
+
+    def default_fields(self) -> dict[str, Any]:
+        """The fields a plan may leave out for this quantizer (its fixed layout)."""
+        return dict(self.fixed)
 
 
 def get_quantizer(name: str) -> Quantizer:

@@ -14,7 +14,7 @@ def _fp16(t: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(r) & (r != 0) | (t == 0), r, t)
 
 
-def quantize_uniform(w: torch.Tensor, fmt: Format) -> torch.Tensor:
+def quantize_uniform(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None) -> torch.Tensor:
     """Fake-quantize a 2-D weight ``[out, in]`` with groups along ``in``.
 
     Asymmetric: levels 0..2^b-1 between each group's min and max. Symmetric: levels
@@ -46,7 +46,7 @@ def quantize_uniform(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     return q.reshape(out_f, in_f).to(w.dtype)
 
 
-def quantize_none(w: torch.Tensor, fmt: Format) -> torch.Tensor:
+def quantize_none(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None) -> torch.Tensor:
     """The unquantized format: the tensor itself."""
     return w.detach().clone()
 
