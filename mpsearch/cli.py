@@ -29,7 +29,7 @@ def search_config(a: argparse.Namespace):
         hessian_probes=a.hessian_probes, hessian_sequences=a.hessian_sequences,
         eval_chunks=a.eval_chunks, baselines=not getattr(a, "no_baselines", False), measure=not getattr(a, "no_measure", False),
         refine=getattr(a, "refine", 0), refine_chunks=getattr(a, "refine_chunks", 4), refine_seq_len=getattr(a, "refine_seq_len", 256),
-        bos=a.bos,
+        bos=a.bos, imatrix=not getattr(a, "no_imatrix", False),
         threads=a.threads, seed=a.seed, out_dir=a.out, use_cache=not a.no_cache, progress=not a.quiet,
     )
 
@@ -142,6 +142,18 @@ def save_model_dir(lm, out: Path, plan_path: str) -> None:
     (out / "mpsearch_plan.txt").write_text(f"fake-quantized (dequantized) weights of plan {plan_path}\n")
 
 
+def _export(a: argparse.Namespace) -> int:
+    import torch
+
+    from .export import export
+
+    torch.set_num_threads(a.threads)
+    options = {"full_type": a.full_type} if a.to == "gguf" else {}
+    out = export(a.plan, a.to, a.out, model=a.model, **options)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def _eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_plan
 
@@ -161,6 +173,9 @@ def _list(a: argparse.Namespace) -> int:
     print("proxies:", ", ".join(list_proxies()))
     print("solvers:", ", ".join(registry.names("solver")))
     print("quantizers:", ", ".join(registry.names("quantizer")))
+    import mpsearch.export  # noqa: F401  (registers the exporters)
+
+    print("exporters:", ", ".join(registry.names("exporter")))
     print("search spaces:", ", ".join(spaces))
     print("packaged models:", ", ".join(PACKAGED), "(or a .gguf file, a model folder, a hub id)")
     print("primitives (family: names):")
@@ -195,8 +210,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--evaluation", default=DEFAULT_EVALUATION, help=f"held-out text (default {DEFAULT_EVALUATION})")
         sp.add_argument("--space", default="llama", help="search-space file or built-in name (default llama)")
         sp.add_argument("--proxy", action="append", default=None, help="proxy name or file; repeat for several (default fisher)")
-        sp.add_argument("--budget", action="append", default=None, help="bits/weight (3.5), size (48MB), uniform:BITS[:GROUP] or recipe:BITS; repeatable (default uniform:3)")
-        sp.add_argument("--pin", action="append", default=[], metavar="NAME=BITS[:GROUP]", help="pin tensors (exact or re:) to a format")
+        sp.add_argument("--budget", action="append", default=None, help="bits/weight (3.5), size (48MB), uniform:BITS[:GROUP], uniform:FORMAT (uniform:q4_k) or recipe:BITS; repeatable (default uniform:3)")
+        sp.add_argument("--pin", action="append", default=[], metavar="NAME=BITS[:GROUP]", help="pin tensors (exact or re:) to a format: bits[:group] on a grid space, a key (q8_0) on a listed one")
         sp.add_argument("--min-bits", dest="min_bits", action="append", default=[], metavar="NAME=B",
                         help="at least B bits for tensors NAME (exact or re:); repeatable")
         sp.add_argument("--max-bits", dest="max_bits", action="append", default=[], metavar="NAME=B",
@@ -211,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
                         help="which windows start with the tokenizer's BOS (default auto: all, where the tokenizer adds one); "
                              "the others are for diagnosis")
         sp.add_argument("--no-cache", action="store_true", help="recompute primitives and evaluations")
+        sp.add_argument("--no-imatrix", action="store_true",
+                        help="quantize GGUF types without the calibration importance vector (llama.cpp without --imatrix)")
         sp.add_argument("--seed", type=int, default=0, help="random seed of probes and samplers (default 0)")
         sp.add_argument("--out", default=out, help=f"output folder (default {out})")
 
@@ -249,6 +266,14 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--evaluation", default=DEFAULT_EVALUATION, help=f"held-out text (default {DEFAULT_EVALUATION})")
     eval_args(ev)
     ev.set_defaults(func=_eval)
+
+    ex = sub.add_parser("export", help="write a saved plan for another tool: a GGUF file, llama-quantize's tensor-type file")
+    common(ex)
+    ex.add_argument("plan", help="plan JSON file")
+    ex.add_argument("--to", required=True, help="gguf | llama.cpp-tensor-types (see `mpsearch list`)")
+    ex.add_argument("--out", required=True, help="file to write")
+    ex.add_argument("--full-type", default="f16", choices=["f16", "f32"], help="GGUF type of unquantized (fp16) entries (default f16)")
+    ex.set_defaults(func=_export)
 
     hm = sub.add_parser("heatmap", help="draw a plan's per-layer bit map (PNG)")
     hm.add_argument("plan", help="plan JSON file")

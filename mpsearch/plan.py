@@ -6,6 +6,13 @@ be exact names or ``re:`` patterns, plus ``_default``; precedence is
 exact name > first matching ``re:`` pattern (in file order) > ``_default``.
 :meth:`Plan.resolve` expands patterns to exact names, and a saved plan is always
 explicit. The model fingerprint is checked before a plan touches a model.
+
+Formats whose quantizer weights its scale search by an importance vector (GGUF types,
+like llama.cpp with an imatrix) give values that depend on calibration data. Such a
+plan carries its ``importance`` (per tensor, the layer input's mean square per column);
+:meth:`Plan.save` writes it beside the JSON as ``NAME.importance.safetensors`` and
+records the file and its SHA-256, so applying or exporting the plan later reproduces
+exactly the values that were measured.
 """
 from __future__ import annotations
 
@@ -18,13 +25,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import torch
 from torch import nn
 
 from .format import Format, FormatError
 
 FORMAT_ID = "mpsearch.plan/v1"
 TARGETS = ("weight", "input", "k_cache", "v_cache")
-TOP_KEYS = {"format", "model", "tensors", "budget", "metrics", "provenance"}
+TOP_KEYS = {"format", "model", "tensors", "budget", "metrics", "provenance", "importance"}
+
+
+def importance_digest(importance: Mapping[str, torch.Tensor] | None) -> str:
+    """SHA-256 of importance vectors (names, shapes, float32 values); "" for none."""
+    if not importance:
+        return ""
+    h = hashlib.sha256()
+    for name in sorted(importance):
+        t = importance[name].detach().to(torch.float32).contiguous()
+        h.update(f"{name}|{tuple(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class PlanError(ValueError):
@@ -49,6 +69,8 @@ class Plan:
     budget: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: per-tensor importance (``[in_features]``) for quantizers that weight their scale search
+    importance: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------ precedence
     def resolve(self, names: Iterable[str], pattern_names: Iterable[str] | None = None) -> "Plan":
@@ -81,7 +103,11 @@ class Plan:
                 entry = None
             if entry is not None:
                 out[n] = dict(entry)
-        return Plan(self.model_id, self.model_fingerprint, out, dict(self.budget), dict(self.metrics), dict(self.provenance))
+        return Plan(self.model_id, self.model_fingerprint, out, dict(self.budget), dict(self.metrics), dict(self.provenance),
+                    self.importance)
+
+    def importance_for(self, name: str) -> torch.Tensor | None:
+        return None if self.importance is None else self.importance.get(name)
 
     def weight_formats(self) -> dict[str, Format]:
         """Exact tensor name -> weight format, for quantized weights only."""
@@ -149,10 +175,22 @@ class Plan:
         return Plan(m["id"], m["fingerprint"], tensors, dict(d.get("budget", {})), dict(d.get("metrics", {})), dict(d.get("provenance", {})))
 
     def save(self, path: str | Path) -> Path:
-        """Write JSON atomically (patterns must be resolved first: saved plans are explicit)."""
+        """Write JSON atomically (patterns must be resolved first: saved plans are explicit);
+        importance vectors go beside it (``NAME.importance.safetensors``)."""
         if any(k.startswith("re:") or k == "_default" for k in self.tensors):
             raise PlanError("resolve the plan against the model before saving: saved plans name every tensor")
-        return write_json_atomic(path, self.to_dict())
+        d = self.to_dict()
+        if self.importance:
+            from safetensors.torch import save_file
+
+            path = Path(path)
+            side = path.with_name(path.stem + ".importance.safetensors")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = side.with_name(f".{side.name}.tmp")
+            save_file({k: v.detach().to(torch.float32).contiguous() for k, v in self.importance.items()}, str(tmp))
+            os.replace(tmp, side)
+            d["importance"] = {"file": side.name, "sha256": importance_digest(self.importance)}
+        return write_json_atomic(path, d)
 
     @staticmethod
     def load(path: str | Path) -> "Plan":
@@ -168,9 +206,31 @@ class Plan:
         except json.JSONDecodeError as e:
             raise PlanError(f"{path}: not valid JSON: {e}") from None
         try:
-            return Plan.from_dict(d)
+            plan = Plan.from_dict(d)
         except PlanError as e:
             raise PlanError(f"{path}: {e}") from None
+        if isinstance(d, dict) and d.get("importance"):
+            plan.importance = _load_importance(path, d["importance"])
+        return plan
+
+
+def _load_importance(path: Path, ref: Any) -> dict[str, torch.Tensor]:
+    """The importance file a saved plan names, checked against its recorded SHA-256."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not isinstance(ref, Mapping) or not isinstance(ref.get("file"), str) or not isinstance(ref.get("sha256"), str):
+        raise PlanError(f"{path}: importance: expected an object with string keys 'file' and 'sha256'")
+    side = path.with_name(Path(ref["file"]).name)
+    try:
+        imp = load_file(str(side))
+    except FileNotFoundError:
+        raise PlanError(f"{path}: its importance file {side.name} is missing (it holds the imatrix its GGUF formats were quantized with)") from None
+    except (SafetensorError, OSError) as e:
+        raise PlanError(f"{path}: its importance file {side.name} cannot be read: {e}") from None
+    if importance_digest(imp) != ref["sha256"]:
+        raise PlanError(f"{path}: its importance file {side.name} does not match the SHA-256 the plan records")
+    return imp
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

@@ -56,6 +56,9 @@ class SearchConfig:
     #: which windows start with the tokens the tokenizer puts in front (BOS): auto (all), none,
     #: calibration or evaluation only. Only for diagnosis: anything but auto shows the model text it never saw
     bos: str = "auto"
+    #: weight the scale search of formats that take one (GGUF types) by each layer input's
+    #: mean square per column, as llama.cpp does with an imatrix from the calibration text
+    imatrix: bool = True
     baselines: bool = True
     measure: bool = True
     threads: int = 2
@@ -84,6 +87,8 @@ class SearchConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.hessian_probes < 1 or self.hessian_sequences < 0:
             raise ValueError(f"hessian_probes must be >= 1 and hessian_sequences >= 0, got {self.hessian_probes}, {self.hessian_sequences}")
+        if not isinstance(self.imatrix, bool):
+            raise ValueError(f"imatrix must be true or false, got {self.imatrix!r}")
         if self.bos not in BOS_CHOICES:
             raise ValueError(f"bos must be one of {', '.join(BOS_CHOICES)}, got {self.bos!r}")
         if self.calibration == self.evaluation:
@@ -209,7 +214,8 @@ def refined_plans(session: Session, plans: dict[str, Plan], config: RefineConfig
         out[f"returned@{b.label}"] = Plan(
             best.model_id, best.model_fingerprint, best.tensors, dict(best.budget), dict(best.metrics),
             {**best.provenance, "kind": "returned", "returned_from": name,
-             "refinement": {"plans_measured": len(r.slice_kl), "slice_tokens": int(session.slice_tokens.numel())}})
+             "refinement": {"plans_measured": len(r.slice_kl), "slice_tokens": int(session.slice_tokens.numel())}},
+            importance=best.importance)
     return out, pd.DataFrame(rows)
 
 

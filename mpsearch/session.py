@@ -24,13 +24,13 @@ from .evaluate import Evaluator
 from .format import Format
 from .models import load_model, load_text, token_chunks
 from .models.data import conventions, text_tokens
-from .plan import Plan, fingerprint
+from .plan import Plan, fingerprint, importance_digest
 from .primitives import Primitives, PrimitiveSettings, compute_primitives
 from .primitives.sensitivity import kl_key, measured_kl
 from .profiling import Stages
 from .proxies import load_proxy
 from .proxies.table import cached_proxy_tables, decision_losses
-from .quant import applied, format_identity
+from .quant import applied, format_identity, get_quantizer
 from .solvers import Problem
 from .space import Decision, SearchSpace
 
@@ -52,6 +52,9 @@ class Session:
     calib: torch.Tensor
     eval_tokens: torch.Tensor | None
     prims: Primitives | None
+    #: per tensor, the layer input's mean square per column (llama.cpp's imatrix), for the
+    #: formats whose quantizer weights its scale search by it; None when none does
+    importance: dict[str, torch.Tensor] | None = None
     #: the refinement slice (calibration text after the calibration windows), or None
     slice_tokens: torch.Tensor | None = None
     tables: dict = field(default_factory=dict)
@@ -86,17 +89,23 @@ class Session:
                                       skip=text_tokens(calib, lm.tokenizer, cl), lead=cl)
         s = cls(cfg, lm, space, decisions, budgets, calib, evalt, None, slice_tokens=sliced, stages=stages)
         needs = set().union(*(p.needs for p in proxies))
+        weighted = cfg.imatrix and any(get_quantizer(f.quantizer).uses_importance for d in decisions for f in d.formats)
+        if weighted:
+            needs = needs | {"xtx"}
         settings = PrimitiveSettings(hessian_probes=cfg.hessian_probes, hessian_sequences=cfg.hessian_sequences, seed=cfg.seed)
         s.prims = compute_primitives(lm.model, [m.name for m in s.members], calib, needs, cfg.use_cache, cfg.progress,
                                      settings, stages)
+        if weighted:
+            s.importance = {m.name: s.prims.xtx[m.name].detach().clone() for m in s.members}
         if "kl" in needs:
             with stages("measured KL per (tensor, format)"):
                 kl_tokens = calib[: KL_SLICE[0], : KL_SLICE[1]]
-                table = measured_kl(lm.model, decisions, kl_tokens, s.prims.weights, cfg.use_cache, cfg.progress)
+                table = measured_kl(lm.model, decisions, kl_tokens, s.prims.weights, cfg.use_cache, cfg.progress, s.importance)
                 s.prims.kl = {(t, f): float(v) for t, f, v in table[["tensor", "format", "kl"]].itertuples(index=False)}
-                s.prims.kl_key = kl_key(s.prims.weights, kl_tokens, [(m.name, f) for d in decisions for m in d.members for f in d.formats])
+                s.prims.kl_key = kl_key(s.prims.weights, kl_tokens, [(m.name, f) for d in decisions for m in d.members for f in d.formats],
+                                        s.importance)
         with stages("proxy tables"):
-            s.tables = cached_proxy_tables(proxies, lm.model, decisions, s.prims, cfg.use_cache, cfg.progress)
+            s.tables = cached_proxy_tables(proxies, lm.model, decisions, s.prims, cfg.use_cache, cfg.progress, s.importance)
         s.losses = {name: decision_losses(table, decisions) for name, table in s.tables.items()}
         s.prims.values.clear()  # the tables hold all the allocators read; the arrays are as large as the model
         return s
@@ -156,12 +165,15 @@ class Session:
         cfg = self.config
         data = {"calibration": cfg.calibration, "calib_tokens": int(self.calib.numel()), "calib_sha": tokens_hash(self.calib),
                 "windows": conventions(self.lm.tokenizer, cfg.bos)}
-        return {"data": data, "seed": cfg.seed, "space": self.space.name, "mpsearch_version": __version__}
+        out = {"data": data, "seed": cfg.seed, "space": self.space.name, "mpsearch_version": __version__}
+        if self.importance:
+            out["importance"] = "calibration: each layer input's mean square per column (llama.cpp's imatrix)"
+        return out
 
     def make_plan(self, formats: dict[str, Format], budget: Budget | None = None, **provenance) -> Plan:
         tensors = {n: {"weight": f} for n, f in formats.items()}
         plan = Plan(self.lm.model_id, self.fingerprint, tensors, budget.to_dict() if budget else {}, {},
-                    {**self.provenance, **provenance})
+                    {**self.provenance, **provenance}, importance=self.importance)
         plan.metrics.update({"effective_bits": plan_bits(formats, self.members), "size_bytes": plan_bytes(formats, self.members)})
         return plan
 
@@ -250,7 +262,10 @@ def check_quality(q: dict, tokens: int) -> None:
 
 
 def plan_hash(plan: Plan) -> str:
-    """The formats of a plan, with the version of every quantizer they use."""
-    body = json.dumps({n: {t: [f.to_dict(), format_identity(f)] for t, f in e.items() if f} for n, e in sorted(plan.tensors.items())},
-                      sort_keys=True)
+    """The formats of a plan, with the version of every quantizer they use, and the
+    importance vectors the quantizers that read one get."""
+    used = {n for n, f in plan.weight_formats().items() if get_quantizer(f.quantizer).uses_importance}
+    imp = {n: t for n, t in (plan.importance or {}).items() if n in used}
+    formats = {n: {t: [f.to_dict(), format_identity(f)] for t, f in e.items() if f} for n, e in sorted(plan.tensors.items())}
+    body = json.dumps({"tensors": formats, "importance": importance_digest(imp)} if imp else formats, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:20]

@@ -103,3 +103,66 @@ def tiny_run(tmp_path):
         return SearchConfig(**{**base, **overrides})
 
     return config
+
+
+def tiny_gguf(path, seed: int = 0, hidden: int = 256, intermediate: int = 512, layers: int = 2, source_type: str = "q8_0"):
+    """A tiny Llama written as a GGUF file (byte-level BPE tokenizer, no download): the
+    source model for the GGUF export tests. Block linears are stored in ``source_type``."""
+    import gguf
+    import numpy as np
+
+    from mpsearch.format import Format
+    from mpsearch.quant.ggml import TYPES, pack
+
+    g = np.random.default_rng(seed)
+    byte_chars = [chr(c) for c in range(33, 127)]  # printable ASCII, each one token
+    tokens = ["<unk>", "<s>", "</s>", "Ġ", "Ċ", *byte_chars]
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(intermediate)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_rope_dimension_count(hidden // 4)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_merges([])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    v = len(tokens)
+
+    def f32(name, *shape, scale=0.02):
+        w.add_tensor(name, (g.standard_normal(shape) * scale).astype(np.float32))
+
+    def lin(name, out, inp):
+        x = torch.from_numpy((g.standard_normal((out, inp)) * 0.05).astype(np.float32))
+        t = TYPES[source_type]
+        w.add_tensor(name, pack(x, Format.parse(source_type)), raw_dtype=t.qtype)
+
+    f32("token_embd.weight", v, hidden)
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, dtype=np.float32))
+        lin(f"blk.{i}.attn_q.weight", hidden, hidden)
+        lin(f"blk.{i}.attn_k.weight", hidden // 2, hidden)
+        lin(f"blk.{i}.attn_v.weight", hidden // 2, hidden)
+        lin(f"blk.{i}.attn_output.weight", hidden, hidden)
+        lin(f"blk.{i}.ffn_gate.weight", intermediate, hidden)
+        lin(f"blk.{i}.ffn_up.weight", intermediate, hidden)
+        lin(f"blk.{i}.ffn_down.weight", hidden, intermediate)
+    w.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    f32("output.weight", v, hidden)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

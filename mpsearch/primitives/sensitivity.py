@@ -20,25 +20,28 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..cache import cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
-from ..quant import format_identity, quantize
+from ..plan import importance_digest
+from ..quant import format_identity, get_quantizer, quantize
 
 log = logging.getLogger(__name__)
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def measured_kl(model: nn.Module, decisions, tokens: torch.Tensor, weights_key: str = "", use_cache: bool = True,
-                progress: bool = True) -> pd.DataFrame:
+                progress: bool = True, importance: dict[str, torch.Tensor] | None = None) -> pd.DataFrame:
     """One row per (member tensor, candidate format): ``kl`` = mean per-token KL(ref || quantized).
 
     ``decisions`` are the search space's decisions (each member is measured alone, in
     every format of its decision). ``weights_key`` identifies the weights for the cache
-    (e.g. ``Primitives.weights``); without it nothing is cached.
+    (e.g. ``Primitives.weights``); without it nothing is cached. ``importance`` (per
+    tensor) goes to the quantizers that weight their scale search by it.
     """
     pairs = [(m.name, f) for d in decisions for m in d.members for f in d.formats]
+    importance = importance or {}
     path = None
     done: dict[tuple[str, str], float] = {}
     if use_cache and weights_key:
-        key = kl_key(weights_key, tokens, pairs)
+        key = kl_key(weights_key, tokens, pairs, importance)
         path = cache_dir() / "sensitivity" / f"{key}.json"
         done = _load(path, key, {(t, f.key) for t, f in pairs})
     todo = [(t, f) for t, f in pairs if (t, f.key) not in done]
@@ -56,7 +59,7 @@ def measured_kl(model: nn.Module, decisions, tokens: torch.Tensor, weights_key: 
                     w = modules[t].weight
                     original = w.detach().clone()
                     try:
-                        w.copy_(quantize(original, f))
+                        w.copy_(quantize(original, f, importance.get(t)))
                         done[(t, f.key)] = ref.kl(tail(layer))
                     finally:
                         w.copy_(original)
@@ -126,9 +129,14 @@ class _Reference:
 SCHEMA = "measured-kl/v1"
 
 
-def kl_key(weights_key: str, tokens: torch.Tensor, pairs) -> str:
-    """Everything the measured KL depends on: weights, tokens (values, shape), each format's identity."""
-    return content_key(weights_key, tokens_hash(tokens), sorted({(t, format_identity(f)) for t, f in pairs}), SCHEMA)
+def kl_key(weights_key: str, tokens: torch.Tensor, pairs, importance: dict[str, torch.Tensor] | None = None) -> str:
+    """Everything the measured KL depends on: weights, tokens (values, shape), each format's
+    identity, and the importance vectors of the quantizers that read one."""
+    parts = [weights_key, tokens_hash(tokens), sorted({(t, format_identity(f)) for t, f in pairs}), SCHEMA]
+    used = {t: importance[t] for t, f in pairs if importance and t in importance and get_quantizer(f.quantizer).uses_importance}
+    if used:
+        parts.append(importance_digest(used))
+    return content_key(*parts)
 
 
 def _load(path, key: str, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], float]:

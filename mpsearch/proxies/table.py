@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from ..cache import cache_dir, content_key, read_frame, require, require_finite, write_frame
 from ..primitives import Primitives, primitive_names
 from ..primitives.activations import KERNEL_BITS
-from ..quant import format_identity, quantize
+from ..plan import importance_digest
+from ..quant import format_identity, get_quantizer, quantize
 from ..space import Decision
 from .proxy import Proxy
 
@@ -24,13 +25,15 @@ SCHEMA = "proxy-table/v2"
 
 
 def proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decision], prims: Primitives,
-                 progress: bool = True) -> dict[str, pd.DataFrame]:
+                 progress: bool = True, importance: dict[str, torch.Tensor] | None = None) -> dict[str, pd.DataFrame]:
     """Every proxy's table in one sweep: each (tensor, format) is quantized once, whatever the number of proxies.
 
     A table has one row per (decision member, candidate format): the columns decision,
     tensor, format, option (index into the decision's formats), bits (effective),
-    numel, qerr (sum of dW^2) and predicted (the proxy's value).
+    numel, qerr (sum of dW^2) and predicted (the proxy's value). ``dW`` is each format's
+    real error: quantizers that weight their search by ``importance`` get it.
     """
+    importance = importance or {}
     modules = dict(model.named_modules())
     needs = frozenset().union(*(p.needs for p in proxies))
     rows: dict[str, list] = {p.name: [] for p in proxies}
@@ -43,7 +46,7 @@ def proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decisio
             base = {"w": w, "numel": float(m.numel)}
             base.update({name: prims.get(name, m.name) for name in needs & primitive_names()})
             for j, fmt in enumerate(d.formats):
-                dw = quantize(w, fmt) - w
+                dw = quantize(w, fmt, importance.get(m.name)) - w
                 qerr = float((dw.double() ** 2).sum())
                 env = {**base, "dw": dw, "qerr": qerr, "bits": fmt.effective_bits(m.in_features)}
                 if "kernel" in env:
@@ -67,12 +70,17 @@ def proxy_table(proxy: Proxy, model: nn.Module, decisions: list[Decision], prims
     return proxy_tables([proxy], model, decisions, prims, progress)[proxy.name]
 
 
-def table_key(proxy: Proxy, decisions: list[Decision], prims: Primitives) -> str:
+def table_key(proxy: Proxy, decisions: list[Decision], prims: Primitives, importance: dict[str, torch.Tensor] | None = None) -> str:
     """A table depends on the weights, the primitives *its own* proxy reads, its expression,
-    and every decision's members and formats (quantizer versions included); not on which
-    other proxies ran beside it."""
+    every decision's members and formats (quantizer versions included), and the importance
+    vectors the formats' quantizers read; not on which other proxies ran beside it."""
     layout = [(d.name, [m.name for m in d.members], [format_identity(f) for f in d.formats]) for d in decisions]
-    return content_key(prims.key_for(proxy.needs), proxy.expression.text, layout, SCHEMA)
+    parts = [prims.key_for(proxy.needs), proxy.expression.text, layout, SCHEMA]
+    used = {m.name: importance[m.name] for d in decisions for m in d.members
+            if importance and m.name in importance and any(get_quantizer(f.quantizer).uses_importance for f in d.formats)}
+    if used:
+        parts.append(importance_digest(used))
+    return content_key(*parts)
 
 
 def check_table(table: pd.DataFrame, decisions: list[Decision]) -> None:
@@ -87,12 +95,13 @@ def check_table(table: pd.DataFrame, decisions: list[Decision]) -> None:
 
 
 def cached_proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decision], prims: Primitives,
-                        use_cache: bool = True, progress: bool = True) -> dict[str, pd.DataFrame]:
+                        use_cache: bool = True, progress: bool = True,
+                        importance: dict[str, torch.Tensor] | None = None) -> dict[str, pd.DataFrame]:
     """:func:`proxy_tables`, each cached by its own :func:`table_key` and checked on read
     (:func:`check_table`); the ones not cached are computed together."""
     if len({p.name for p in proxies}) != len(proxies):
         raise ValueError(f"two proxies share a name: {[p.name for p in proxies]}")
-    keys = {p.name: table_key(p, decisions, prims) for p in proxies}
+    keys = {p.name: table_key(p, decisions, prims, importance) for p in proxies}
     paths = {name: cache_dir() / "tables" / f"{key}.csv" for name, key in keys.items()}
     out: dict[str, pd.DataFrame] = {}
     if use_cache:
@@ -102,7 +111,7 @@ def cached_proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[
                 out[p.name] = table
     todo = [p for p in proxies if p.name not in out]
     if todo:
-        for name, table in proxy_tables(todo, model, decisions, prims, progress).items():
+        for name, table in proxy_tables(todo, model, decisions, prims, progress, importance).items():
             out[name] = table
             if use_cache:
                 write_frame(paths[name], table, keys[name], SCHEMA)

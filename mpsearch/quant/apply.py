@@ -56,6 +56,9 @@ def check_plan(model: nn.Module, plan: Plan, check: bool = True, space: str = "l
                 get_quantizer(fmt.quantizer).check(fmt)
             except FormatError as e:
                 raise PlanError(f"tensors[{name!r}].weight: {e}") from None
+            imp = resolved.importance_for(name)
+            if imp is not None and tuple(imp.shape) != (in_features,):
+                raise PlanError(f"importance[{name!r}] has shape {tuple(imp.shape)}; the tensor's rows are {in_features} wide")
     return resolved
 
 
@@ -68,7 +71,7 @@ def apply_(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama
     """
     resolved = check_plan(model, plan, check, space, all_tensors)
     modules = dict(model.named_modules())
-    new = {n: quantize(modules[n].weight, f) for n, f in resolved.weight_formats().items()}
+    new = {n: quantize(modules[n].weight, f, resolved.importance_for(n)) for n, f in resolved.weight_formats().items()}
     for n, w in new.items():
         modules[n].weight.copy_(w)
     return model

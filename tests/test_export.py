@@ -1,0 +1,135 @@
+"""Exports: a GGUF file whose planned tensors transformers reads back as exactly the
+simulated values (logits equal), and llama-quantize's tensor-type file."""
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+
+from mpsearch.export import ExportError, export
+from mpsearch.format import Format
+from mpsearch.models import load_model
+from mpsearch.plan import Plan, fingerprint
+from mpsearch.quant import applied
+from mpsearch.space import SearchSpace
+from tests.conftest import tiny_gguf
+
+
+@pytest.fixture
+def source(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPSEARCH_CACHE", str(tmp_path / "cache"))
+    path = tiny_gguf(tmp_path / "tiny.gguf")
+    return path, load_model(str(path))
+
+
+def gguf_plan(lm, pick, importance=True) -> Plan:
+    """One format per decision of the gguf space, chosen by ``pick(decision)``."""
+    decisions = SearchSpace.from_file("gguf").build(lm.model)
+    tensors = {m.name: {"weight": pick(d)} for d in decisions for m in d.members}
+    imp = None
+    if importance:
+        g = torch.Generator().manual_seed(3)
+        imp = {m.name: torch.rand(m.in_features, generator=g) ** 2 for d in decisions for m in d.members}
+    return Plan(lm.model_id, fingerprint(lm.model), tensors, importance=imp)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_an_exported_gguf_loads_in_transformers_with_the_simulated_logits(source, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path, lm = source
+    cycle = iter(range(10**6))
+    plan = gguf_plan(lm, lambda d: [f for f in d.formats if not f.is_full][next(cycle) % (len(d.formats) - 1)])
+    types = {f.key for f in plan.weight_formats().values()}
+    assert len(types) == 12  # every GGUF type once at least
+    plan.save(tmp_path / "plan.json")
+    out = export(tmp_path / "plan.json", to="gguf", out=tmp_path / "out.gguf", model=str(path))
+
+    ids = torch.tensor([[1, 40, 50, 60, 3, 70, 80, 90, 4, 45]])
+    with applied(lm.model, Plan.load(tmp_path / "plan.json")):
+        want = logits(lm.model, ids)
+    back = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(back, ids), want, rtol=0, atol=0)
+    reader = gguf.GGUFReader(out)
+    written = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
+    assert written["blk.0.attn_q.weight"] == plan.tensors["model.layers.0.self_attn.q_proj"]["weight"].key
+    assert written["token_embd.weight"] == "f32"  # outside the plan: copied as it was
+    assert reader.fields["tokenizer.ggml.tokens"].contents()[:3] == ["<unk>", "<s>", "</s>"]
+
+
+def test_the_importance_vector_changes_the_exported_bytes(source, tmp_path):
+    path, lm = source
+    q4 = Format.parse("q4_0")
+    a = export(gguf_plan(lm, lambda d: q4), to="gguf", out=tmp_path / "a.gguf", model=str(path))
+    b = export(gguf_plan(lm, lambda d: q4, importance=False), to="gguf", out=tmp_path / "b.gguf", model=str(path))
+    ta, tb = (next(t for t in gguf.GGUFReader(f).tensors if t.name == "blk.0.ffn_up.weight") for f in (a, b))
+    assert (ta.data != tb.data).any()
+
+
+def test_a_format_without_a_ggml_type_is_refused_naming_the_tensor(source, tmp_path):
+    path, lm = source
+    plan = gguf_plan(lm, lambda d: Format(4, 32))
+    with pytest.raises(ExportError, match=r"model\.layers\.\d+\..*u4g32a has no GGML type"):
+        export(plan, to="gguf", out=tmp_path / "x.gguf", model=str(path))
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_model_that_is_not_a_gguf_file_is_refused(tiny_run, tmp_path):
+    folder = tiny_run().model
+    lm = load_model(folder)
+    plan = gguf_plan(lm, lambda d: Format.parse("q8_0"), importance=False)
+    with pytest.raises(ExportError, match="convert_hf_to_gguf"):
+        export(plan, to="gguf", out=tmp_path / "x.gguf", model=folder)
+
+
+def test_the_tensor_type_file_has_one_anchored_line_per_tensor(source, tmp_path):
+    path, lm = source
+    plan = gguf_plan(lm, lambda d: d.formats[-1] if d.name.endswith("down_proj") else Format.parse("iq4_nl"), importance=False)
+    out = export(plan, to="llama.cpp-tensor-types", out=tmp_path / "types.txt", model=str(path))
+    lines = out.read_text().splitlines()
+    assert len(lines) == 14 and "#" not in out.read_text()
+    assert r"^blk\.0\.attn_q\.weight$=IQ4_NL" in lines
+    assert r"^blk\.1\.ffn_down\.weight$=F16" in lines
+
+
+def test_a_search_in_the_gguf_space_saves_plans_with_their_imatrix_and_they_export_exactly(tmp_path, monkeypatch):
+    """The whole path on a tiny GGUF model: calibration importance -> proxy table with the
+    imatrix-weighted error -> MILP plan -> saved with its importance -> `mpsearch export`
+    -> transformers reads back the simulated values."""
+    from transformers import AutoModelForCausalLM
+
+    from mpsearch.cli import main
+    from mpsearch.search import SearchConfig, search
+    from tests.conftest import tiny_text
+
+    monkeypatch.setenv("MPSEARCH_CACHE", str(tmp_path / "cache"))
+    path = tiny_gguf(tmp_path / "tiny.gguf")
+    (tmp_path / "calib.txt").write_text(tiny_text(1))
+    (tmp_path / "eval.txt").write_text(tiny_text(2))
+    cfg = SearchConfig(model=str(path), calibration=str(tmp_path / "calib.txt"), evaluation=str(tmp_path / "eval.txt"), space="gguf",
+                       proxies=("fisher",), budgets=("5.0", "uniform:q4_k"), calib_chunks=2, calib_seq_len=32, eval_chunks=2,
+                       eval_seq_len=32, refine=2, refine_chunks=1, refine_seq_len=32, out_dir=str(tmp_path / "out"), progress=False)
+    res = search(cfg)
+    plan_file = tmp_path / "out" / "plans" / "returned@5.0.json"
+    assert plan_file.exists(), sorted(p.name for p in (tmp_path / "out" / "plans").iterdir())
+    plan = Plan.load(plan_file)
+    assert plan.importance and set(plan.importance) == set(plan.weight_formats())
+    assert plan.metrics["effective_bits"] <= 5.0 + 1e-9
+    assert "imatrix" in plan.provenance["importance"]
+    assert res.table.loc[res.table.plan == "uniform-q4_k", "effective_bits"].item() == 4.5
+
+    assert main(["export", str(plan_file), "--to", "gguf", "--out", str(tmp_path / "plan.gguf"), "--model", str(path), "--quiet"]) == 0
+    lm = load_model(str(path))
+    ids = torch.tensor([[1, 40, 50, 60, 3, 70, 80]])
+    with applied(lm.model, plan):
+        want = logits(lm.model, ids)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="plan.gguf", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(back, ids), want, rtol=0, atol=0)
+
+    no_imatrix = search(SearchConfig(**{**cfg.__dict__, "imatrix": False, "out_dir": str(tmp_path / "plain")}))
+    assert Plan.load(tmp_path / "plain" / "plans" / "returned@5.0.json").importance is None
+    assert no_imatrix.table.kl.notna().all()
