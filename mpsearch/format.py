@@ -100,8 +100,8 @@ class Format:
             return Format.full()
         if key in names("quantizer"):
             q = get_quantizer(key)
-            if q.fixed:
-                return Format(quantizer=key, **dict(q.fixed))
+            if {"bits", "group_size"} <= set(q.default_fields()):
+                return Format(quantizer=key, **q.default_fields())
         m = re.fullmatch(r"([a-z][a-z0-9_]*?)(\d+)g(\d+|ch)([as])", key)
         if not m:
             raise FormatError(f"{key!r} is not a format key (e.g. 'u4g64a', 'q4_k', 'fp16')")

@@ -20,8 +20,8 @@ from .baselines import recipe_formats
 from .cost import BudgetError
 from .models.data import BOS_CHOICES, DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from .plan import Plan, write_json_atomic
+from .quant import Format, get_quantizer
 from .refine import RefineConfig, proxy_warnings, rank_correlation, refine_budget
-from .quant import Format
 from .session import Session
 from .solvers import Status, get_solver, pareto_front  # also registers the solvers
 from .space import Decision, Rule
@@ -106,7 +106,11 @@ class SearchConfig:
         registry.get("solver", self.solver)
         for p in self.proxies:
             load_proxy(p)
-        SearchSpace.from_file(self.space).with_rules(self.rules)
+        space = SearchSpace.from_file(self.space).with_rules(self.rules)
+        for f in space.candidate_formats() + [r.pin for r in space.rules if r.pin is not None]:
+            reason = get_quantizer(f.quantizer).not_searchable
+            if reason:
+                raise ValueError(f"search space {space.name!r} offers {f.key}: {reason}")
 
 
 @dataclass

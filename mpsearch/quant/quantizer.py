@@ -51,6 +51,8 @@ class Quantizer:
     storage_bits: Callable[[Format, int], float] | None = None
     #: whether the formats read ``importance`` (then values depend on calibration data)
     uses_importance: bool = False
+    #: why a search cannot offer its formats yet ("" = it can)
+    not_searchable: str = ""
 
     def check(self, fmt: Format) -> None:
         extra = sorted(set(dict(fmt.params)) - set(self.params))
@@ -84,8 +86,9 @@ class Quantizer:
         return fmt.group_size == PER_CHANNEL or in_features % fmt.group_size == 0
 
     def key(self, fmt: Format) -> str:
-        """Short readable label: the name for a fixed layout, else e.g. ``u4g64a``."""
-        if self.fixed:
+        """Short readable label: the name where the layout fixes bits and group size
+        (``q4_k``), else e.g. ``u4g64a`` or ``nf4g64s``."""
+        if {"bits", "group_size"} <= {k for k, _ in self.fixed}:
             return self.name
         g = "ch" if fmt.group_size == PER_CHANNEL else str(fmt.group_size)
         prefix = "u" if self.name == "uniform" else self.name

@@ -55,3 +55,52 @@ UNIFORM = register("quantizer", "uniform")(Quantizer(
     "uniform", quantize_uniform, version="v1",
     about="round-to-nearest, per-group fp16 scale (and fp16 zero point when asymmetric)"))
 NONE = register("quantizer", "none")(Quantizer("none", quantize_none, about="unquantized (fp16 storage)"))
+
+
+#: shrink factors of each group's range the clipping search tries
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))
+
+
+def quantize_clip(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniform RTN with each group's range clipped: per group the shrink factor of
+    :data:`CLIP_RATIOS` (applied to min and max, or to the absmax) with the least
+    importance-weighted squared error. Same layout and cost as ``uniform``."""
+    if w.dim() != 2:
+        raise FormatError(f"clip quantizer expects a 2-D weight, got shape {tuple(w.shape)}")
+    out_f, in_f = w.shape
+    if not fmt.fits(in_f):
+        raise FormatError(f"group size {fmt.group_size} does not divide the input dimension {in_f}")
+    g = fmt.group_len(in_f)
+    x = w.detach().to(torch.float32).reshape(out_f, in_f // g, g)
+    if importance is not None and importance.shape != (in_f,):
+        raise FormatError(f"importance must have shape ({in_f},), got {tuple(importance.shape)}")
+    imp = torch.ones(1, 1, g) if importance is None else importance.detach().float().clamp_min(0).reshape(1, in_f // g, g) + 1e-12
+    best, best_err = None, None
+    for r in CLIP_RATIOS:
+        q = _rtn_groups(x, fmt, r)
+        err = ((q - x) ** 2 * imp).sum(-1, keepdim=True)
+        if best is None:
+            best, best_err = q, err
+        else:
+            better = err < best_err
+            best = torch.where(better, q, best)
+            best_err = torch.where(better, err, best_err)
+    return best.reshape(out_f, in_f).to(w.dtype)
+
+
+def _rtn_groups(x: torch.Tensor, fmt: Format, ratio: float) -> torch.Tensor:
+    """RTN of groups ``x [.., g]`` with the range shrunk by ``ratio``."""
+    if fmt.symmetric:
+        qmax = 2 ** (fmt.bits - 1) - 1
+        scale = _fp16(torch.where(x.abs().amax(-1, keepdim=True) > 0, x.abs().amax(-1, keepdim=True) * ratio / qmax, torch.ones(1)))
+        return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+    qmax = 2**fmt.bits - 1
+    lo, hi = x.amin(-1, keepdim=True) * ratio, x.amax(-1, keepdim=True) * ratio
+    scale = _fp16(torch.where(hi > lo, (hi - lo) / qmax, torch.ones(1)))
+    lo = _fp16(lo)
+    return torch.clamp(torch.round((x - lo) / scale), 0, qmax) * scale + lo
+
+
+CLIP = register("quantizer", "clip")(Quantizer(
+    "clip", quantize_clip, version="v1", uses_importance=True,
+    about="round-to-nearest with an importance-weighted clipping search per group; layout and cost as uniform"))

