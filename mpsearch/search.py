@@ -110,7 +110,7 @@ class SearchConfig:
         for f in space.candidate_formats() + [r.pin for r in space.rules if r.pin is not None]:
             reason = get_quantizer(f.quantizer).not_searchable
             if reason:
-                raise ValueError(f"search space {space.name!r} offers {f.key}: {reason}")
+                raise ValueError(f"search space {space.source or space.name}: it offers {f.key}, but {reason}")
 
 
 @dataclass

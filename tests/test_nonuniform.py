@@ -127,5 +127,5 @@ def test_gptq_refuses_without_a_gram_matrix_and_searches_refuse_it():
 
     with pytest.raises(ValueError, match="Gram matrix"):
         quantize(torch.randn(4, 32), Format(4, 32, False, "gptq"), torch.ones(32))
-    with pytest.raises(ValueError, match="offers gptq4g64a"):
+    with pytest.raises(ValueError, match="it offers gptq4g64a, but GPTQ"):
         SearchConfig(rules=(Rule("re:.*", pin=Format(4, 64, False, "gptq")),))

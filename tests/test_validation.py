@@ -66,7 +66,8 @@ def test_search_config_errors_before_the_model_loads(argv, needle, no_model_load
     ({"rules": "[{match = 're:.*', min_bits = '4'}]"}, "min_bits must be an integer"),
     ({"rules": "[{match = 're:.*', exclude = 1}]"}, "exclude must be true or false"),
     ({"formats": "{bits = [4], group_sizes = [true]}"}, "group_sizes"),
-    ({"formats": "{quantizer = 'gptq'}"}, "unknown quantizer 'gptq'"),
+    ({"formats": "{quantizer = 'gptq5'}"}, "unknown quantizer 'gptq5'"),
+    ({"formats": "{quantizer = 'gptq'}"}, "it offers gptq2g32a, but GPTQ needs each layer input's Gram matrix"),
 ])
 def test_bad_space_files_fail_before_the_model_loads(fields, needle, tmp_path, no_model_load, capsys):
     assert main(["search", "--quiet", "--space", bad_space(tmp_path, **fields)]) == 2
@@ -108,7 +109,7 @@ def test_baselines_honour_pins(tiny_run):
 @pytest.mark.parametrize("fmt,needle", [
     ({"bits": 4, "group_size": True}, "group_size must be a positive integer"),
     ({"bits": 4, "params": {"junk": 1}}, "takes no params ['junk']"),
-    ({"bits": 4, "quantizer": "gptq"}, "unknown quantizer 'gptq'"),
+    ({"bits": 4, "quantizer": "gptq5"}, "unknown quantizer 'gptq5'"),
     ({"bits": 1, "symmetric": True}, "needs at least 2 bits"),
     ({"bits": "4"}, "bits: must be an integer"),
     ({"bits": 4, "params": {"x": [1]}}, "must map to a number"),
