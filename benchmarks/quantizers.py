@@ -89,7 +89,7 @@ def main() -> None:
         t1 = time.perf_counter()
         with torch.no_grad():
             for m in members:
-                extra = gram[m.name] if fmt.quantizer == "gptq" else (imp[m.name] if q.uses_importance else None)
+                extra = gram[m.name] if fmt.quantizer == "gptq" else (imp[m.name] if q.reads_importance(fmt) else None)
                 modules[m.name].weight.copy_(quantize(original[m.name], fmt, extra))
         seconds = time.perf_counter() - t1
         res = ev.score(lm.model, desc=fmt.key)

@@ -102,16 +102,17 @@ class Format:
             q = get_quantizer(key)
             if {"bits", "group_size"} <= set(q.default_fields()):
                 return Format(quantizer=key, **q.default_fields())
-        m = re.fullmatch(r"([a-z][a-z0-9_]*?)(\d+)g(\d+|ch)([as])", key)
+        m = re.fullmatch(r"([a-z][a-z0-9_]*?)(\d+)g(\d+|ch)([as])(?:\+o(\d+(?:\.\d+)?))?", key)
         if not m:
-            raise FormatError(f"{key!r} is not a format key (e.g. 'u4g64a', 'q4_k', 'fp16')")
+            raise FormatError(f"{key!r} is not a format key (e.g. 'u4g64a', 'q4_k', 'fp16', 'u3g64a+o0.5')")
         name = "uniform" if m.group(1) == "u" else m.group(1)
         try:
             get_quantizer(name)
         except UnknownComponentError as e:
             raise FormatError(f"format {key!r}: {e}") from None
         group = PER_CHANNEL if m.group(3) == "ch" else int(m.group(3))
-        return Format(int(m.group(2)), group, m.group(4) == "s", name)
+        params = (("outliers", float(m.group(5)) / 100),) if m.group(5) else ()
+        return Format(int(m.group(2)), group, m.group(4) == "s", name, params)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -89,7 +89,7 @@ class Session:
                                       skip=text_tokens(calib, lm.tokenizer, cl), lead=cl)
         s = cls(cfg, lm, space, decisions, budgets, calib, evalt, None, slice_tokens=sliced, stages=stages)
         needs = set().union(*(p.needs for p in proxies))
-        weighted = cfg.imatrix and any(get_quantizer(f.quantizer).uses_importance for d in decisions for f in d.formats)
+        weighted = cfg.imatrix and any(get_quantizer(f.quantizer).reads_importance(f) for d in decisions for f in d.formats)
         if weighted:
             needs = needs | {"xtx"}
         settings = PrimitiveSettings(hessian_probes=cfg.hessian_probes, hessian_sequences=cfg.hessian_sequences, seed=cfg.seed)
@@ -264,7 +264,7 @@ def check_quality(q: dict, tokens: int) -> None:
 def plan_hash(plan: Plan) -> str:
     """The formats of a plan, with the version of every quantizer they use, and the
     importance vectors the quantizers that read one get."""
-    used = {n for n, f in plan.weight_formats().items() if get_quantizer(f.quantizer).uses_importance}
+    used = {n for n, f in plan.weight_formats().items() if get_quantizer(f.quantizer).reads_importance(f)}
     imp = {n: t for n, t in (plan.importance or {}).items() if n in used}
     formats = {n: {t: [f.to_dict(), format_identity(f)] for t, f in e.items() if f} for n, e in sorted(plan.tensors.items())}
     body = json.dumps({"tensors": formats, "importance": importance_digest(imp)} if imp else formats, sort_keys=True)

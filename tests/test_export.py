@@ -133,3 +133,13 @@ def test_a_search_in_the_gguf_space_saves_plans_with_their_imatrix_and_they_expo
     no_imatrix = search(SearchConfig(**{**cfg.__dict__, "imatrix": False, "out_dir": str(tmp_path / "plain")}))
     assert Plan.load(tmp_path / "plain" / "plans" / "returned@5.0.json").importance is None
     assert no_imatrix.table.kl.notna().all()
+
+
+def test_the_rich_space_searches_mixed_quantizers_and_counts_their_costs(tiny_run):
+    from mpsearch.search import search
+
+    res = search(tiny_run(space="rich", budgets=("3.6",), refine=0, eval_chunks=1))
+    plan = res.plans["fisher-milp@3.6"]
+    assert plan.metrics["effective_bits"] <= 3.6 + 1e-9
+    assert plan.importance is not None  # clip, log, k-means and outliers read the imatrix
+    assert res.table.kl.notna().all()

@@ -129,3 +129,25 @@ def test_gptq_refuses_without_a_gram_matrix_and_searches_refuse_it():
         quantize(torch.randn(4, 32), Format(4, 32, False, "gptq"), torch.ones(32))
     with pytest.raises(ValueError, match="it offers gptq4g64a, but GPTQ"):
         SearchConfig(rules=(Rule("re:.*", pin=Format(4, 64, False, "gptq")),))
+
+
+@settings(max_examples=30, deadline=None)
+@given(weight(), st.sampled_from(["u3g32a", "clip3g32a", "nf3g32s", "kmeans2gchs"]), st.sampled_from([0.01, 0.05]))
+def test_outliers_are_kept_at_fp16_and_the_rest_is_the_base_quantizer_on_the_dense_part(wi, key, frac):
+    w, imp = wi
+    base = Format.parse(key)
+    fmt = Format.parse(f"{key}+o{frac * 100:g}")
+    assert fmt.key == f"{key}+o{frac * 100:g}" and dict(fmt.params)["outliers"] == pytest.approx(frac)
+    q = quantize(w, fmt, imp)
+    k = max(1, int(torch.ceil(torch.tensor(frac * w.numel()))))
+    exact = (q == w.to(torch.float16).float())
+    assert int(exact.sum()) >= k
+    assert fmt.effective_bits(w.shape[1]) == pytest.approx(base.effective_bits(w.shape[1]) + frac * 48 + 32 / w.shape[1])
+    assert torch.isfinite(q).all()
+
+
+def test_outlier_fractions_are_checked():
+    with pytest.raises(ValueError, match="outliers must be a fraction"):
+        Format(3, 64, False, "uniform", (("outliers", 0.5),))
+    with pytest.raises(ValueError, match="takes no params"):
+        Format.parse("q4_k").__class__(4, 256, False, "q4_k", (("outliers", 0.01),))

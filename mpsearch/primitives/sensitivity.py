@@ -133,7 +133,7 @@ def kl_key(weights_key: str, tokens: torch.Tensor, pairs, importance: dict[str, 
     """Everything the measured KL depends on: weights, tokens (values, shape), each format's
     identity, and the importance vectors of the quantizers that read one."""
     parts = [weights_key, tokens_hash(tokens), sorted({(t, format_identity(f)) for t, f in pairs}), SCHEMA]
-    used = {t: importance[t] for t, f in pairs if importance and t in importance and get_quantizer(f.quantizer).uses_importance}
+    used = {t: importance[t] for t, f in pairs if importance and t in importance and get_quantizer(f.quantizer).reads_importance(f)}
     if used:
         parts.append(importance_digest(used))
     return content_key(*parts)

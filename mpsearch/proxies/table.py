@@ -77,7 +77,7 @@ def table_key(proxy: Proxy, decisions: list[Decision], prims: Primitives, import
     layout = [(d.name, [m.name for m in d.members], [format_identity(f) for f in d.formats]) for d in decisions]
     parts = [prims.key_for(proxy.needs), proxy.expression.text, layout, SCHEMA]
     used = {m.name: importance[m.name] for d in decisions for m in d.members
-            if importance and m.name in importance and any(get_quantizer(f.quantizer).uses_importance for f in d.formats)}
+            if importance and m.name in importance and any(get_quantizer(f.quantizer).reads_importance(f) for f in d.formats)}
     if used:
         parts.append(importance_digest(used))
     return content_key(*parts)

@@ -150,7 +150,7 @@ def _codebook(fmt: Format, in_features: int) -> float:
 
 def _symmetric(name: str, fn, about: str, searched: bool) -> Quantizer:
     return register("quantizer", name)(Quantizer(
-        name, fn, version="v1", min_bits=2, min_bits_symmetric=2, fixed=(("symmetric", True),),
+        name, fn, version="v1", min_bits=2, min_bits_symmetric=2, fixed=(("symmetric", True),), params=("outliers",),
         storage_bits=_scaled, uses_importance=searched, about=about))
 
 
@@ -159,6 +159,6 @@ LOG = _symmetric("log", quantize_log, "zero and +-base^-k, base searched per ten
 POST = _symmetric("post", quantize_post, "zero and +-sqrt(2)^-k look-up table (POST), fp16 absmax scale per group", False)
 NUPES = _symmetric("nupes", quantize_nupes, "uniform grid raised to a searched power (NUPES), fp16 absmax scale per group", True)
 KMEANS = register("quantizer", "kmeans")(Quantizer(
-    "kmeans", quantize_kmeans, version="v1", min_bits=1, min_bits_symmetric=1, fixed=(("symmetric", True),),
+    "kmeans", quantize_kmeans, version="v1", min_bits=1, min_bits_symmetric=1, fixed=(("symmetric", True),), params=("outliers",),
     storage_bits=_codebook, uses_importance=True,
     about="importance-weighted Lloyd-Max codebook of 2^bits fp16 values per group (per row: SqueezeLLM-style)"))

@@ -18,6 +18,7 @@ import torch
 
 from .. import registry
 from ..format import PER_CHANNEL, Format, FormatError
+from . import outliers
 
 #: bits of storage for one per-group scale and one zero point (fp16 each)
 SCALE_BITS = 16
@@ -63,6 +64,7 @@ class Quantizer:
             if getattr(fmt, field_name) != value:
                 want = ", ".join(f"{k}={v!r}" for k, v in self.fixed)
                 raise FormatError(f"quantizer {self.name!r} has a fixed layout ({want}); got {field_name}={getattr(fmt, field_name)!r}")
+        outliers.check(fmt)
         if fmt.is_full:
             return
         least = self.min_bits_symmetric if fmt.symmetric else self.min_bits
@@ -71,15 +73,22 @@ class Quantizer:
             raise FormatError(f"{kind} {self.name} quantization needs at least {least} bits, got {fmt.bits}")
 
     def __call__(self, w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None) -> torch.Tensor:
+        if outliers.fraction(fmt):
+            return outliers.dense_and_sparse(self.fn, w, fmt, importance)
         return self.fn(w, fmt, importance)
+
+    def reads_importance(self, fmt: Format) -> bool:
+        """Whether ``fmt``'s values depend on an importance vector (its search, or its outliers' salience)."""
+        return not fmt.is_full and (self.uses_importance or outliers.fraction(fmt) > 0)
 
     # -------------------------------------------------------------- layout
     def bits_per_weight(self, fmt: Format, in_features: int) -> float:
         """Exact stored bits per weight of ``fmt`` on rows of ``in_features``."""
+        extra = outliers.cost(fmt, in_features)
         if self.storage_bits is not None:
-            return float(self.storage_bits(fmt, in_features))
+            return float(self.storage_bits(fmt, in_features)) + extra
         group = in_features if fmt.group_size == PER_CHANNEL else fmt.group_size
-        return fmt.bits + (SCALE_BITS + (0 if fmt.symmetric else ZERO_BITS)) / group
+        return fmt.bits + (SCALE_BITS + (0 if fmt.symmetric else ZERO_BITS)) / group + extra
 
     def fits(self, fmt: Format, in_features: int) -> bool:
         """A group (or block) must tile the row."""
@@ -92,7 +101,7 @@ class Quantizer:
             return self.name
         g = "ch" if fmt.group_size == PER_CHANNEL else str(fmt.group_size)
         prefix = "u" if self.name == "uniform" else self.name
-        return f"{prefix}{fmt.bits}g{g}{'s' if fmt.symmetric else 'a'}"
+        return f"{prefix}{fmt.bits}g{g}{'s' if fmt.symmetric else 'a'}{outliers.suffix(fmt)}"
 
     def default_fields(self) -> dict[str, Any]:
         """The fields a plan may leave out for this quantizer (its fixed layout)."""

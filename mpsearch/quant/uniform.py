@@ -52,7 +52,7 @@ def quantize_none(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None 
 
 
 UNIFORM = register("quantizer", "uniform")(Quantizer(
-    "uniform", quantize_uniform, version="v1",
+    "uniform", quantize_uniform, version="v1", params=("outliers",),
     about="round-to-nearest, per-group fp16 scale (and fp16 zero point when asymmetric)"))
 NONE = register("quantizer", "none")(Quantizer("none", quantize_none, about="unquantized (fp16 storage)"))
 
@@ -102,5 +102,5 @@ def _rtn_groups(x: torch.Tensor, fmt: Format, ratio: float) -> torch.Tensor:
 
 
 CLIP = register("quantizer", "clip")(Quantizer(
-    "clip", quantize_clip, version="v1", uses_importance=True,
+    "clip", quantize_clip, version="v1", params=("outliers",), uses_importance=True,
     about="round-to-nearest with an importance-weighted clipping search per group; layout and cost as uniform"))
