@@ -26,24 +26,11 @@ import torch
 from ..format import Format, FormatError
 from ..registry import register
 from .ggml_search import nearest
-from .quantizer import SCALE_BITS, Quantizer
+from .quantizer import SCALE_BITS, Quantizer, groups_of
 
 
 def _groups(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None, name: str):
-    if w.dim() != 2:
-        raise FormatError(f"{name} expects a 2-D weight, got shape {tuple(w.shape)}")
-    out_f, in_f = w.shape
-    if not fmt.fits(in_f):
-        raise FormatError(f"group size {fmt.group_size} does not divide the input dimension {in_f}")
-    g = fmt.group_len(in_f)
-    x = w.detach().to(torch.float32).reshape(out_f, in_f // g, g)
-    if importance is None:
-        imp = torch.ones(1, in_f // g, g)
-    else:
-        if importance.shape != (in_f,):
-            raise FormatError(f"importance must have shape ({in_f},), got {tuple(importance.shape)}")
-        imp = importance.detach().to(torch.float32).clamp_min(0).reshape(1, in_f // g, g) + 1e-12
-    return x, imp
+    return groups_of(w, fmt, importance, name)
 
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,23 @@ class Quantizer:
         return dict(self.fixed)
 
 
+def groups_of(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [out, in]`` as float32 groups ``[out, in/g, g]`` and the importance broadcast to
+    them (ones without one); errors name the quantizer and what does not fit."""
+    if w.dim() != 2:
+        raise FormatError(f"{name} quantizer expects a 2-D weight, got shape {tuple(w.shape)}")
+    out_f, in_f = w.shape
+    if not fmt.fits(in_f):
+        raise FormatError(f"group size {fmt.group_size} does not divide the input dimension {in_f}")
+    g = fmt.group_len(in_f)
+    x = w.detach().to(torch.float32).reshape(out_f, in_f // g, g)
+    if importance is None:
+        return x, torch.ones(1, in_f // g, g)
+    if importance.shape != (in_f,):
+        raise FormatError(f"importance must have shape ({in_f},), got {tuple(importance.shape)}")
+    return x, importance.detach().to(torch.float32).clamp_min(0).reshape(1, in_f // g, g) + 1e-12
+
+
 def get_quantizer(name: str) -> Quantizer:
     """The registered quantizer ``name``; the error lists the known ones."""
     return registry.get("quantizer", name)

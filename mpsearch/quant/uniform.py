@@ -5,7 +5,7 @@ import torch
 
 from ..format import Format, FormatError
 from ..registry import register
-from .quantizer import Quantizer
+from .quantizer import Quantizer, groups_of
 
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:
@@ -21,29 +21,8 @@ def quantize_uniform(w: torch.Tensor, fmt: Format, importance: torch.Tensor | No
     -(2^(b-1)-1)..2^(b-1)-1 scaled by the group's abs-max. Returns a new tensor in
     ``w``'s dtype; computation is in fp32.
     """
-    if w.dim() != 2:
-        raise FormatError(f"uniform quantizer expects a 2-D weight, got shape {tuple(w.shape)}")
-    out_f, in_f = w.shape
-    if not fmt.fits(in_f):
-        raise FormatError(f"group size {fmt.group_size} does not divide the input dimension {in_f}")
-    g = fmt.group_len(in_f)
-    x = w.detach().to(torch.float32).reshape(out_f, in_f // g, g)
-    if fmt.symmetric:
-        qmax = 2 ** (fmt.bits - 1) - 1
-        if qmax < 1:
-            raise FormatError("symmetric uniform quantization needs at least 2 bits")
-        scale = x.abs().amax(dim=-1, keepdim=True) / qmax
-        scale = _fp16(torch.where(scale > 0, scale, torch.ones_like(scale)))
-        q = torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
-    else:
-        qmax = 2**fmt.bits - 1
-        lo = x.amin(dim=-1, keepdim=True)
-        hi = x.amax(dim=-1, keepdim=True)
-        scale = (hi - lo) / qmax
-        scale = _fp16(torch.where(scale > 0, scale, torch.ones_like(scale)))
-        lo = _fp16(lo)
-        q = torch.clamp(torch.round((x - lo) / scale), 0, qmax) * scale + lo
-    return q.reshape(out_f, in_f).to(w.dtype)
+    x, _ = groups_of(w, fmt, None, "uniform")
+    return _rtn_groups(x, fmt, 1.0).reshape(w.shape).to(w.dtype)
 
 
 def quantize_none(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,16 +44,7 @@ def quantize_clip(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None 
     """Uniform RTN with each group's range clipped: per group the shrink factor of
     :data:`CLIP_RATIOS` (applied to min and max, or to the absmax) with the least
     importance-weighted squared error. Same layout and cost as ``uniform``."""
-    if w.dim() != 2:
-        raise FormatError(f"clip quantizer expects a 2-D weight, got shape {tuple(w.shape)}")
-    out_f, in_f = w.shape
-    if not fmt.fits(in_f):
-        raise FormatError(f"group size {fmt.group_size} does not divide the input dimension {in_f}")
-    g = fmt.group_len(in_f)
-    x = w.detach().to(torch.float32).reshape(out_f, in_f // g, g)
-    if importance is not None and importance.shape != (in_f,):
-        raise FormatError(f"importance must have shape ({in_f},), got {tuple(importance.shape)}")
-    imp = torch.ones(1, 1, g) if importance is None else importance.detach().float().clamp_min(0).reshape(1, in_f // g, g) + 1e-12
+    x, imp = groups_of(w, fmt, importance, "clip")
     best, best_err = None, None
     for r in CLIP_RATIOS:
         q = _rtn_groups(x, fmt, r)
@@ -85,7 +55,7 @@ def quantize_clip(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None 
             better = err < best_err
             best = torch.where(better, q, best)
             best_err = torch.where(better, err, best_err)
-    return best.reshape(out_f, in_f).to(w.dtype)
+    return best.reshape(w.shape).to(w.dtype)
 
 
 def _rtn_groups(x: torch.Tensor, fmt: Format, ratio: float) -> torch.Tensor:
