@@ -35,11 +35,15 @@ def symmetric(x: torch.Tensor, w: torch.Tensor, nmax: int, lo: int, hi: int, ste
     safe = torch.where(mx == 0, torch.ones_like(mx), mx)
     iscale = -(nmax + step * ks) / safe  # [K, N, 1]
     l = (iscale * x).round().clamp(lo, hi)
-    sumlx = (w * x * l).sum(-1)
-    suml2 = (w * l * l).sum(-1)
-    score = torch.where(suml2 > 0, sumlx * sumlx / suml2.clamp_min(1e-30), torch.full_like(sumlx, -1.0))
-    sumlx, suml2 = _pick(score, sumlx, suml2)
-    scale = torch.where(suml2 > 0, sumlx / suml2.clamp_min(1e-30), torch.zeros_like(sumlx))
+    return _best_scale((w * x * l).sum(-1), (w * l * l).sum(-1), mx)
+
+
+def _best_scale(sumqx: torch.Tensor, sumq2: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
+    """Over candidates ``[K, N]``: the least-squares scale ``sumqx / sumq2`` of the candidate
+    whose codes explain the most (``sumqx^2 / sumq2``); 0 for an all-zero block (``mx == 0``)."""
+    score = torch.where(sumq2 > 0, sumqx * sumqx / sumq2.clamp_min(1e-30), torch.full_like(sumqx, -1.0))
+    sumqx, sumq2 = _pick(score, sumqx, sumq2)
+    scale = torch.where(sumq2 > 0, sumqx / sumq2.clamp_min(1e-30), torch.zeros_like(sumqx))
     return torch.where(mx[:, 0] == 0, torch.zeros_like(scale), scale).unsqueeze(-1)
 
 
@@ -90,12 +94,7 @@ def codebook(x: torch.Tensor, w: torch.Tensor, values: torch.Tensor, ntry: int =
     ks = torch.cat([-(t + values[0].abs()), t + values[0].abs()]).view(-1, 1, 1)
     iscale = ks / safe  # [K, N, 1]
     q = values[nearest(values, iscale * x)]
-    sumqx = (w * q * x).sum(-1)
-    sumq2 = (w * q * q).sum(-1)
-    score = torch.where(sumq2 > 0, sumqx * sumqx / sumq2.clamp_min(1e-30), torch.full_like(sumqx, -1.0))
-    sumqx, sumq2 = _pick(score, sumqx, sumq2)
-    scale = torch.where(sumq2 > 0, sumqx / sumq2.clamp_min(1e-30), torch.zeros_like(sumqx))
-    return torch.where(mx[:, 0] == 0, torch.zeros_like(scale), scale).unsqueeze(-1)
+    return _best_scale((w * q * x).sum(-1), (w * q * q).sum(-1), mx)
 
 
 def error_weights(x: torch.Tensor, importance: torch.Tensor | None, kind: str) -> torch.Tensor:
