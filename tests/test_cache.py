@@ -308,3 +308,18 @@ def test_a_corrupt_checkpoint_is_discarded_and_the_pass_starts_over(model, corru
     second.restore()
     assert second.calls == 4 and str(partial) in caplog.text  # named, removed, every sequence again
     assert torch.equal(again.fisher[names[0]], whole.fisher[names[0]])
+
+
+def test_the_evaluation_key_covers_the_importance_vector_where_a_format_reads_it():
+    import torch
+
+    from mpsearch.format import Format
+    from mpsearch.plan import Plan
+    from mpsearch.session import plan_hash
+
+    def plan(fmt, imp):
+        return Plan("m", "sha256:x", {"a": {"weight": Format.parse(fmt)}}, importance=None if imp is None else {"a": imp})
+
+    one, two = torch.ones(64), torch.arange(64.0)
+    assert plan_hash(plan("q4_0", one)) != plan_hash(plan("q4_0", two)) != plan_hash(plan("q4_0", None))
+    assert plan_hash(plan("u4g32a", one)) == plan_hash(plan("u4g32a", two)) == plan_hash(plan("u4g32a", None))

@@ -130,3 +130,25 @@ def test_cli_reports_a_malformed_plan_in_one_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err
     assert "grop_size" in err and Q in err and err.count("\n") == 1
+
+
+def test_a_plan_with_an_importance_vector_saves_it_beside_and_checks_it_on_load(tmp_path):
+    import torch
+
+    from mpsearch.plan import Plan, PlanError
+
+    imp = {"a": torch.rand(64), "b": torch.rand(32)}
+    plan = Plan("m", "sha256:x", {"a": {"weight": Format.parse("q4_0")}, "b": {"weight": Format.parse("iq4_nl")}}, importance=imp)
+    path = plan.save(tmp_path / "p.json")
+    side = tmp_path / "p.importance.safetensors"
+    assert side.exists()
+    back = Plan.load(path)
+    assert set(back.importance) == {"a", "b"} and torch.equal(back.importance["a"], imp["a"])
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(64), "b": imp["b"]}, str(side))
+    with pytest.raises(PlanError, match="does not match the SHA-256"):
+        Plan.load(path)
+    side.unlink()
+    with pytest.raises(PlanError, match="importance file p.importance.safetensors is missing"):
+        Plan.load(path)
