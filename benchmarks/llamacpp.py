@@ -7,7 +7,7 @@
 2. Writes the model as an all-F32 GGUF (its dequantized weights: mpsearch's reference),
    makes an imatrix from the calibration text (Pride and Prejudice, 8 x 512 tokens)
    with ``llama-imatrix``, and quantizes with ``llama-quantize`` at Q2_K, Q3_K_S,
-   Q3_K_M, Q4_K_S, Q4_K_M and Q5_K_M, with and without the imatrix, token embedding and
+   Q3_K_M, IQ3_S, IQ4_XS, IQ4_NL, Q4_K_S, Q4_K_M and Q5_K_M, with and without the imatrix, token embedding and
    output kept F32 so only the block linears differ.
 3. Scores every file with mpsearch's evaluator (transformers loads it; perplexity and
    KL to the reference on 16 x 512 tokens of Persuasion); bits per weight are exact
@@ -51,7 +51,8 @@ from mpsearch.evaluate import Evaluator  # noqa: E402
 from mpsearch.plan import Plan  # noqa: E402
 from mpsearch.search import SearchConfig, search  # noqa: E402
 
-PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M")
+#: the issue's k-quant presets, and the i-quants that are llama.cpp's best files at 4.2-4.5 bpw with an imatrix
+PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ3_S", "IQ4_XS", "IQ4_NL", "Q4_K_S", "Q4_K_M", "Q5_K_M")
 BLOCK_LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 COLUMNS = ["model", "source", "name", "imatrix", "bpw", "ppl", "kl", "kind", "budget", "llama_perplexity", "note"]
 

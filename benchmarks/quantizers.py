@@ -33,7 +33,7 @@ from mpsearch.format import Format  # noqa: E402
 from mpsearch.models import load_model, load_text, token_chunks  # noqa: E402
 from mpsearch.models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, conventions  # noqa: E402
 from mpsearch.quant import get_quantizer, quantize  # noqa: E402
-from mpsearch.quant.gptq import gram_matrices  # noqa: E402
+from mpsearch.primitives import compute_primitives  # noqa: E402
 from mpsearch.space import SearchSpace  # noqa: E402
 
 #: (label, key template) per quantizer; {b} is the bits
@@ -73,8 +73,8 @@ def main() -> None:
     modules = dict(lm.model.named_modules())
     calib = token_chunks(lm.tokenizer, load_text(DEFAULT_CALIBRATION), 512, 8, lead=lead["calibration_leading"])
     evalt = token_chunks(lm.tokenizer, load_text(DEFAULT_EVALUATION), 512, 16, lead=lead["evaluation_leading"])
-    gram = gram_matrices(lm.model, [m.name for m in members], calib)
-    imp = {n: torch.diagonal(h).clone() for n, h in gram.items()}
+    gram = compute_primitives(lm.model, [m.name for m in members], calib, {"gram"}, progress=False).gram  # cached
+    imp = {n: torch.diagonal(h).clone() for n, h in gram.items()}  # equals the imatrix (xtx) bit for bit
     ev = Evaluator(evalt, progress=False).fit(lm.model)
     print(f"reference ppl {ev.reference_.ppl:.3f}; statistics in {time.perf_counter() - t0:.0f} s", flush=True)
     original = {m.name: modules[m.name].weight.detach().clone() for m in members}

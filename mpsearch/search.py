@@ -107,10 +107,11 @@ class SearchConfig:
         for p in self.proxies:
             load_proxy(p)
         space = SearchSpace.from_file(self.space).with_rules(self.rules)
-        for f in space.candidate_formats() + [r.pin for r in space.rules if r.pin is not None]:
-            reason = get_quantizer(f.quantizer).not_searchable
-            if reason:
-                raise ValueError(f"search space {space.source or space.name}: it offers {f.key}, but {reason}")
+        if not self.imatrix:
+            for f in space.candidate_formats() + [r.pin for r in space.rules if r.pin is not None]:
+                if get_quantizer(f.quantizer).importance_kind == "gram":
+                    raise ValueError(f"search space {space.source or space.name}: it offers {f.key}, which needs each layer input's "
+                                     "Gram matrix from the calibration data; imatrix=False (--no-imatrix) turns that off")
 
 
 @dataclass

@@ -90,13 +90,16 @@ class Session:
         s = cls(cfg, lm, space, decisions, budgets, calib, evalt, None, slice_tokens=sliced, stages=stages)
         needs = set().union(*(p.needs for p in proxies))
         weighted = cfg.imatrix and any(get_quantizer(f.quantizer).reads_importance(f) for d in decisions for f in d.formats)
+        #: decisions with a format that reads the whole Gram matrix (GPTQ)
+        gram_decisions = [d for d in decisions if any(get_quantizer(f.quantizer).importance_kind == "gram" for f in d.formats)]
         if weighted:
-            needs = needs | {"xtx"}
+            needs = needs | {"xtx"} | ({"gram"} if gram_decisions else set())
         settings = PrimitiveSettings(hessian_probes=cfg.hessian_probes, hessian_sequences=cfg.hessian_sequences, seed=cfg.seed)
         s.prims = compute_primitives(lm.model, [m.name for m in s.members], calib, needs, cfg.use_cache, cfg.progress,
                                      settings, stages)
         if weighted:
             s.importance = {m.name: s.prims.xtx[m.name].detach().clone() for m in s.members}
+            s.importance.update({m.name: s.prims.gram[m.name] for d in gram_decisions for m in d.members})
         if "kl" in needs:
             with stages("measured KL per (tensor, format)"):
                 kl_tokens = calib[: KL_SLICE[0], : KL_SLICE[1]]
@@ -168,12 +171,14 @@ class Session:
         out = {"data": data, "seed": cfg.seed, "space": self.space.name, "mpsearch_version": __version__}
         if self.importance:
             out["importance"] = "calibration: each layer input's mean square per column (llama.cpp's imatrix)"
+            if any(t.dim() == 2 for t in self.importance.values()):
+                out["importance"] += "; X^T X / n of the inputs of layers offered GPTQ formats"
         return out
 
     def make_plan(self, formats: dict[str, Format], budget: Budget | None = None, **provenance) -> Plan:
         tensors = {n: {"weight": f} for n, f in formats.items()}
         plan = Plan(self.lm.model_id, self.fingerprint, tensors, budget.to_dict() if budget else {}, {},
-                    {**self.provenance, **provenance}, importance=self.importance)
+                    {**self.provenance, **provenance}, importance=importance_needed(formats, self.importance))
         plan.metrics.update({"effective_bits": plan_bits(formats, self.members), "size_bytes": plan_bytes(formats, self.members)})
         return plan
 
@@ -259,6 +264,18 @@ def check_quality(q: dict, tokens: int) -> None:
     require(isinstance(q, dict) and {"ppl", "kl", "nll", "eval_tokens"} <= set(q), "missing ppl, kl, nll or eval_tokens")
     require_finite([q["ppl"], q["kl"], q["nll"]], "the measurement")
     require(q["eval_tokens"] == tokens, f"measured on {q['eval_tokens']} tokens, the evaluation has {tokens}")
+
+
+def importance_needed(formats: dict[str, Format], importance: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """The importance a plan keeps: for each tensor whose format reads one, what that
+    quantizer reads (GPTQ the Gram matrix, the others its diagonal), nothing for the rest."""
+    out = {}
+    for name, fmt in formats.items():
+        q = get_quantizer(fmt.quantizer)
+        if importance and name in importance and q.reads_importance(fmt):
+            t = importance[name]
+            out[name] = t if q.importance_kind == "gram" or t.dim() == 1 else t.diagonal().clone()
+    return out or None
 
 
 def plan_hash(plan: Plan) -> str:

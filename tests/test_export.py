@@ -143,3 +143,59 @@ def test_the_rich_space_searches_mixed_quantizers_and_counts_their_costs(tiny_ru
     assert plan.metrics["effective_bits"] <= 3.6 + 1e-9
     assert plan.importance is not None  # clip, log, k-means and outliers read the imatrix
     assert res.table.kl.notna().all()
+
+
+def test_a_search_with_gptq_formats_collects_gram_matrices_and_its_plans_reapply_exactly(tiny_run, tmp_path):
+    """GPTQ in a search: the proxy table's error is the real GPTQ error (from each layer
+    input's Gram matrix), the plan keeps the matrices of its GPTQ tensors, and a saved
+    plan measures the same after loading."""
+    from mpsearch.evaluate import Evaluator
+    from mpsearch.plan import PlanError
+    from mpsearch.quant import quantize
+    from mpsearch.search import search
+    from mpsearch.session import Session
+    from tests.conftest import layer_inputs
+
+    space = tmp_path / "gptq.toml"
+    space.write_text('''name = "gptq-test"
+targets = ['re:model\\.layers\\.\\d+\\.(self_attn|mlp)\\.\\w+_proj']
+[formats]
+list = ["u2g32a", "gptq2g32a", "u3g32a", "gptq3g32a", "u4g32a"]
+include_full = false
+''')
+    cfg = tiny_run(space=str(space), proxies=("gram_loss", "fisher"), budgets=("3.0",), refine=2)
+    res = search(cfg)
+    assert res.table.kl.notna().all()
+    lm = load_model(cfg.model)
+    table = res.proxy_tables["gram_loss"]
+    name = "model.layers.1.mlp.down_proj"
+    w = dict(lm.model.named_modules())[name].weight.detach()
+    session = Session.open(cfg)
+    x = layer_inputs(lm.model, session.calib, name)
+    gram = (x.T @ x / len(x)).float()
+    for key in ("gptq3g32a", "u3g32a"):
+        fmt = Format.parse(key)
+        dw = quantize(w, fmt, gram) - w
+        row = table[(table.tensor == name) & (table.format == key)].iloc[0]
+        assert row.qerr == pytest.approx(float((dw.double() ** 2).sum()), rel=1e-3), key
+    g = table[table.format.str.startswith("gptq")].set_index(["tensor", "format"]).predicted
+    u = table[table.format.str.startswith("u")].set_index(["tensor", "format"]).predicted
+    lower = [g[(t, f"gptq{b}g32a")] < u[(t, f"u{b}g32a")] for t in table.tensor.unique() for b in (2, 3)]
+    assert sum(lower) >= 0.9 * len(lower)  # GPTQ lowers the output error, and the full-Gram proxy sees it
+
+    plans = sorted((tmp_path / "out" / "plans").glob("*.json"))
+    gptq_plan = next(p for p in plans if any(f.quantizer == "gptq" for f in Plan.load(p).weight_formats().values()))
+    plan = Plan.load(gptq_plan)
+    for n, f in plan.weight_formats().items():
+        want = 2 if f.quantizer == "gptq" else 1
+        assert plan.importance[n].dim() == want, (n, f.key)
+    ev = Evaluator(session.eval_tokens, progress=False).fit(lm.model)
+    with applied(lm.model, plan):
+        again = ev.score(lm.model)
+    row = res.table[res.table.plan == gptq_plan.stem].iloc[0]
+    assert again.kl == pytest.approx(row.kl, rel=1e-6, abs=1e-9)
+
+    plan.importance = {n: t.diagonal().clone() if t.dim() == 2 else t for n, t in plan.importance.items()}
+    with pytest.raises(PlanError, match="needs the layer input's Gram matrix"):
+        with applied(lm.model, plan):
+            pass

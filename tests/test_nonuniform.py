@@ -121,14 +121,24 @@ def test_gptq_lowers_the_output_error_and_stays_on_the_group_grid(bits, act_orde
     assert max(len(torch.unique(g)) for row in groups for g in row) <= 2**bits
 
 
-def test_gptq_refuses_without_a_gram_matrix_and_searches_refuse_it():
+def test_gptq_refuses_without_a_gram_matrix_and_so_does_a_search_without_calibration_importance():
     from mpsearch.search import SearchConfig
     from mpsearch.space import Rule
 
     with pytest.raises(ValueError, match="Gram matrix"):
         quantize(torch.randn(4, 32), Format(4, 32, False, "gptq"), torch.ones(32))
-    with pytest.raises(ValueError, match="it offers gptq4g64a, but GPTQ"):
-        SearchConfig(rules=(Rule("re:.*", pin=Format(4, 64, False, "gptq")),))
+    pin = (Rule("re:.*", pin=Format(4, 64, False, "gptq")),)
+    SearchConfig(rules=pin)  # searchable: the session collects the Gram matrices
+    with pytest.raises(ValueError, match="it offers gptq4g64a, which needs each layer input's Gram matrix"):
+        SearchConfig(rules=pin, imatrix=False)
+
+
+def test_column_quantizers_given_a_gram_matrix_read_its_diagonal():
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    h = correlated_gram(64)
+    for key in ("q4_0", "clip3g32a", "kmeans3g32s", "u3g32a+o1"):
+        fmt = Format.parse(key)
+        assert torch.equal(quantize(w, fmt, h), quantize(w, fmt, h.diagonal().clone())), key
 
 
 @settings(max_examples=30, deadline=None)

@@ -70,6 +70,29 @@ def test_activation_statistics_match_a_direct_computation(model, tokens):
         assert torch.equal(prims.get(k, UP), prims.get(k, GATE))
 
 
+
+def test_the_gram_family_is_x_t_x_over_n_and_its_diagonal_is_xtx_bit_for_bit(model, tokens):
+    prims = compute_primitives(model, [UP, GATE, DOWN], tokens, {"gram", "xtx"}, use_cache=False, progress=False)
+    for name in (UP, DOWN):
+        x = layer_inputs(model, tokens, name)
+        torch.testing.assert_close(prims.get("gram", name).double(), x.T @ x / len(x), rtol=1e-4, atol=1e-7)
+        assert torch.equal(prims.get("gram", name).diagonal(), prims.get("xtx", name))  # GGUF formats quantize the same from either
+    assert torch.equal(prims.get("gram", UP), prims.get("gram", GATE))
+
+
+def test_the_gram_loss_proxy_reads_the_whole_output_error(all_tables):
+    tables, prims = all_tables
+    t = tables["gram_loss"]
+    r = t[(t.tensor == DOWN) & (t.format == "u3g64a")].iloc[0]
+    w = dict(tiny_llama().named_modules())[DOWN].weight.detach()
+    from mpsearch.format import Format
+    from mpsearch.quant import quantize
+
+    dw = (quantize(w, Format.parse("u3g64a")) - w).double()
+    oerr = float(torch.einsum("oi,ij,oj->", dw, prims.get("gram", DOWN).double(), dw))
+    scale = 0.5 * float(prims.get("fisher", DOWN).sum()) / (r.numel * float(prims.get("xtx", DOWN).mean()))
+    assert r.predicted == pytest.approx(scale * oerr, rel=1e-5)
+
 def test_synflow_matches_a_direct_computation_and_leaves_the_model_alone(model, tokens):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prims = compute_primitives(model, [UP, DOWN], tokens, {"synflow"}, use_cache=False, progress=False)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import registry
 from ..cache import cache_dir, content_key, load_tensors, save_tensors, tokens_hash
-from . import activations, gradients, hessian, synflow  # noqa: F401 - register the families
+from . import activations, gradients, gram, hessian, synflow  # noqa: F401 - register the families
 from .base import Checkpoint, Family, PrimitiveError, PrimitiveSettings, Values
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,10 @@ class Primitives:
     @property
     def xtx(self) -> dict[str, torch.Tensor]:
         return self.values.get("xtx", {})
+
+    @property
+    def gram(self) -> dict[str, torch.Tensor]:
+        return self.values.get("gram", {})
 
 
 #: config keys that do not change a model's outputs (where it was loaded from, what saved it;

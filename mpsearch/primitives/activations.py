@@ -18,6 +18,8 @@ Per decision tensor (all over the calibration tokens):
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -119,15 +121,23 @@ def _damped_inverse_diag(h: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_inverse(chol).diagonal().float()
 
 
-def activations(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings | None = None,
-                progress: bool = True, checkpoint: Checkpoint | None = None) -> Values:
+def input_pass(model: nn.Module, tensors: list[str], tokens: torch.Tensor, new: Callable[[int], Any],
+               contribution: Callable[[torch.Tensor], dict], from_state: Callable[[dict], Any], desc: str,
+               progress: bool = True, checkpoint: Checkpoint | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Running statistics of every listed linear's input over ``tokens``, one forward pass.
+
+    ``new(dim)`` makes a layer's statistics (with ``add(contribution)`` and ``state()``),
+    ``contribution(x)`` is what one call's input adds, ``from_state`` restores a
+    checkpoint. Layers that share an input (q/k/v, gate/up) are computed once; every
+    tensor gets its own copy of the result (safetensors refuses shared memory).
+    """
     modules = linear_modules(model, tensors)
     start, saved, extra = checkpoint.resume() if checkpoint else (0, {}, {})
     per: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in saved.items():
         t, _, field_ = k.partition("::")
         per.setdefault(t, {})[field_] = v
-    stats: dict[str, _Stats] = {t: _Stats.from_state(st) for t, st in per.items()}
+    stats = {t: from_state(st) for t, st in per.items()}
     #: tensor -> the tensor whose input it shares (q/k/v, gate/up): statistics computed once
     alias: dict[str, str] = dict(extra.get("alias", {}))
     last: list = [None, None]  # the previous hook's input object and tensor
@@ -142,13 +152,13 @@ def activations(model: nn.Module, tensors: list[str], tokens: torch.Tensor, sett
             if t in alias:
                 raise RuntimeError(f"{t} stopped sharing its input with {alias[t]}")
             last[0], last[1] = x, t
-            stats.setdefault(t, _Stats(modules[t].in_features)).add(_contribution(x.detach().reshape(-1, x.shape[-1]).float()))
+            stats.setdefault(t, new(modules[t].in_features)).add(contribution(x.detach().reshape(-1, x.shape[-1]).float()))
         return hook
 
     handles = [modules[t].register_forward_hook(hook_for(t)) for t in tensors]
     try:
         with torch.no_grad():
-            bar = tqdm(total=len(tokens), initial=start, desc="activations (x^T x, entropy, kurtosis, kernel)", disable=not progress, unit="seq")
+            bar = tqdm(total=len(tokens), initial=start, desc=desc, disable=not progress, unit="seq")
             for i in range(start, len(tokens)):
                 model(input_ids=tokens[i].unsqueeze(0), use_cache=False)
                 last[0] = last[1] = None
@@ -160,7 +170,14 @@ def activations(model: nn.Module, tensors: list[str], tokens: torch.Tensor, sett
     finally:
         for h in handles:
             h.remove()
-    finished = {t: s.finish() for t, s in stats.items()}
+    return {t: stats[alias.get(t, t)] for t in tensors}, alias
+
+
+def activations(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings | None = None,
+                progress: bool = True, checkpoint: Checkpoint | None = None) -> Values:
+    stats, alias = input_pass(model, tensors, tokens, _Stats, _contribution, _Stats.from_state,
+                              "activations (x^T x, entropy, kurtosis, kernel)", progress, checkpoint)
+    finished = {t: stats[t].finish() for t in tensors if t not in alias}
     out: Values = {}
     for t in tensors:
         for name, value in finished[alias.get(t, t)].items():

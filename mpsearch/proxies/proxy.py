@@ -11,8 +11,9 @@ import torch
 from mpsearch.primitives import primitive_names
 from mpsearch.proxies.expr import Expression, ExpressionError, parse
 
-#: per (tensor, format) values every table provides, plus every primitive family's names
-FORMAT_NAMES: frozenset[str] = frozenset({"w", "dw", "numel", "bits", "qerr", "kl"})
+#: per (tensor, format) values every table provides, plus every primitive family's names;
+#: ``oerr`` = trace(dW gram dW^T), the layer's output error, reads the ``gram`` primitive
+FORMAT_NAMES: frozenset[str] = frozenset({"w", "dw", "numel", "bits", "qerr", "oerr", "kl"})
 PRIMITIVE_NAMES: frozenset[str] = FORMAT_NAMES | primitive_names()
 
 _REQUIRED = ("name", "expression")
@@ -33,8 +34,9 @@ class Proxy:
 
     @property
     def needs(self) -> frozenset[str]:
-        """The primitive names the expression reads."""
-        return self.expression.names
+        """The primitive names the expression reads (``oerr`` reads ``gram``)."""
+        names = self.expression.names
+        return names | {"gram"} if "oerr" in names else names
 
     def evaluate(self, env: Mapping[str, torch.Tensor | float]) -> float:
         """Shorthand for ``self.expression.evaluate(env)``."""

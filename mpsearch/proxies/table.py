@@ -30,7 +30,7 @@ def proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decisio
 
     A table has one row per (decision member, candidate format): the columns decision,
     tensor, format, option (index into the decision's formats), bits (effective),
-    numel, qerr (sum of dW^2) and predicted (the proxy's value). ``dW`` is each format's
+    numel, qerr (sum of dW^2; ``oerr`` = trace(dW gram dW^T) for proxies that read it) and predicted (the proxy's value). ``dW`` is each format's
     real error: quantizers that weight their search by ``importance`` get it.
     """
     importance = importance or {}
@@ -49,6 +49,9 @@ def proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decisio
                 dw = quantize(w, fmt, importance.get(m.name)) - w
                 qerr = float((dw.double() ** 2).sum())
                 env = {**base, "dw": dw, "qerr": qerr, "bits": fmt.effective_bits(m.in_features)}
+                if "oerr" in needs:
+                    dw64 = dw.double()
+                    env["oerr"] = float(((dw64 @ prims.get("gram", m.name).double()) * dw64).sum())
                 if "kernel" in env:
                     env["kernel"] = _kernel_at(base["kernel"], fmt)
                 if "kl" in needs:

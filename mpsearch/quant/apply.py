@@ -57,7 +57,12 @@ def check_plan(model: nn.Module, plan: Plan, check: bool = True, space: str = "l
             except FormatError as e:
                 raise PlanError(f"tensors[{name!r}].weight: {e}") from None
             imp = resolved.importance_for(name)
-            if imp is not None and tuple(imp.shape) != (in_features,):
+            if get_quantizer(fmt.quantizer).importance_kind == "gram":
+                if imp is None or tuple(imp.shape) != (in_features, in_features):
+                    got = "none" if imp is None else f"shape {tuple(imp.shape)}"
+                    raise PlanError(f"tensors[{name!r}].weight: {fmt.key} needs the layer input's Gram matrix "
+                                    f"({in_features}, {in_features}) as the plan's importance[{name!r}]; it has {got}")
+            elif imp is not None and tuple(imp.shape) not in ((in_features,), (in_features, in_features)):
                 raise PlanError(f"importance[{name!r}] has shape {tuple(imp.shape)}; the tensor's rows are {in_features} wide")
     return resolved
 

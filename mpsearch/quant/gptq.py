@@ -9,14 +9,15 @@ parameters are then fixed from the original weights, GPTQModel's ``static_groups
 the layout needs no group index), ``damp`` (fraction of the mean diagonal added to
 ``H``) and ``block`` (columns per lazy batch update).
 
-The quantizer needs ``H`` itself: pass it as the importance (``[in, in]``). Searches do
-not collect it yet (the session gives per-column vectors), so a search space with GPTQ
-formats is refused until they do; :func:`gram_matrices` collects them for benchmarks.
+The quantizer needs ``H`` itself: pass it as the importance (``[in, in]``). A search
+whose space offers GPTQ formats collects it (the ``gram`` primitive family) over the
+calibration windows of the unquantized model, so every tensor is quantized on its own
+(no sequential pass through already-quantized layers: the proxy tables need each
+(tensor, format) independently); a plan keeps the matrices of its GPTQ tensors.
 """
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..format import Format, FormatError
 from ..registry import register
@@ -66,18 +67,21 @@ def quantize_gptq(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None 
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    # the factorisation in float64, the column sweep in float32 as the reference implementation does (2-3x faster)
+    W, Hinv = W.float(), Hinv.float()
     Q = torch.zeros_like(W)
     params = None
+    order = perm.tolist()
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         W1, Err = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, dtype=W.dtype)
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])  # the column's original index decides its group
+            col = order[i1 + i]  # the column's original index decides its group
             if act_order:
                 params = static[col // g]
             elif col % g == 0:  # as the reference implementation: the group's columns as they stand before this block
-                params = _group_params(W[:, i1 + i:i1 + i + g].float(), fmt)
-            q = _round(W1[:, i].float().unsqueeze(1), *params, fmt).squeeze(1).double()
+                params = _group_params(W[:, i1 + i:i1 + i + g], fmt)
+            q = _round(W1[:, i:i + 1], *params, fmt).squeeze(1)
             Q[:, i1 + i] = q
             err = (W1[:, i] - q) / Hinv[i1 + i, i1 + i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv[i1 + i, i1 + i:i2].unsqueeze(0)
@@ -89,31 +93,6 @@ def quantize_gptq(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None 
     return out.to(w.dtype)
 
 
-@torch.no_grad()
-def gram_matrices(model: nn.Module, tensors: list[str], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``X^T X / n`` of each listed linear's input over ``tokens`` ``[n_seq, seq_len]`` (float64 sums)."""
-    modules = dict(model.named_modules())
-    sums = {t: torch.zeros(modules[t].in_features, modules[t].in_features, dtype=torch.float64) for t in tensors}
-    counts = dict.fromkeys(tensors, 0)
-
-    def hook(name):
-        def fn(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name] += x.T @ x
-            counts[name] += x.shape[0]
-        return fn
-
-    handles = [modules[t].register_forward_pre_hook(hook(t)) for t in tensors]
-    try:
-        for ids in tokens:
-            model(input_ids=ids.unsqueeze(0), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {t: (sums[t] / max(counts[t], 1)).float() for t in tensors}
-
-
 GPTQ = register("quantizer", "gptq")(Quantizer(
-    "gptq", quantize_gptq, version="v1", params=("act_order", "damp", "block"), uses_importance=True,
-    not_searchable="GPTQ needs each layer input's Gram matrix, which searches do not collect yet (benchmarks/quantizers.py measures it)",
+    "gptq", quantize_gptq, version="v1", params=("act_order", "damp", "block"), uses_importance=True, importance_kind="gram",
     about="GPTQ (column-wise error feedback through the inverse Gram matrix); layout and cost as uniform"))

@@ -28,7 +28,8 @@ ZERO_BITS = 16
 @dataclass(frozen=True)
 class Quantizer:
     """``fn(w, fmt, importance)`` fake-quantizes a 2-D weight ``[out, in]``; ``importance``
-    (``[in]``, optional) weights each input column's error in the scale search.
+    (``[in]``, optional) weights each input column's error in the scale search (GPTQ
+    reads the whole Gram matrix ``[in, in]`` instead, see ``importance_kind``).
     ``check(fmt)`` raises :class:`FormatError` for what it cannot do.
 
     The default layout is per-group: ``bits`` per weight plus an fp16 scale (and an
@@ -52,8 +53,9 @@ class Quantizer:
     storage_bits: Callable[[Format, int], float] | None = None
     #: whether the formats read ``importance`` (then values depend on calibration data)
     uses_importance: bool = False
-    #: why a search cannot offer its formats yet ("" = it can)
-    not_searchable: str = ""
+    #: what importance it reads: "columns" (``[in]``, the imatrix; given a Gram matrix it
+    #: takes the diagonal) or "gram" (``[in, in]``, the layer input's X^T X / n, for GPTQ)
+    importance_kind: str = "columns"
 
     def check(self, fmt: Format) -> None:
         extra = sorted(set(dict(fmt.params)) - set(self.params))
@@ -73,6 +75,8 @@ class Quantizer:
             raise FormatError(f"{kind} {self.name} quantization needs at least {least} bits, got {fmt.bits}")
 
     def __call__(self, w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None) -> torch.Tensor:
+        if importance is not None and importance.dim() == 2 and self.importance_kind == "columns":
+            importance = importance.diagonal()  # the Gram matrix's diagonal is the imatrix
         if outliers.fraction(fmt):
             return outliers.dense_and_sparse(self.fn, w, fmt, importance)
         return self.fn(w, fmt, importance)
