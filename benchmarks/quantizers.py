@@ -48,7 +48,7 @@ METHODS = (
     ("power grid (NUPES)", "nupes{b}g64s"),
     ("k-means per row, weighted", "kmeans{b}gchs"),
 )
-GGUF = {2: ("q2_k",), 3: ("q3_k",), 4: ("q4_0", "iq4_nl", "q4_k", "iq4_xs")}
+GGUF = {2: ("q2_k",), 3: ("q3_k", "iq3_s"), 4: ("q4_0", "iq4_nl", "q4_k", "iq4_xs")}
 
 
 def fmt_of(template: str, bits: int) -> Format:

@@ -29,7 +29,7 @@ def search_config(a: argparse.Namespace):
         hessian_probes=a.hessian_probes, hessian_sequences=a.hessian_sequences,
         eval_chunks=a.eval_chunks, baselines=not getattr(a, "no_baselines", False), measure=not getattr(a, "no_measure", False),
         refine=getattr(a, "refine", 0), refine_chunks=getattr(a, "refine_chunks", 4), refine_seq_len=getattr(a, "refine_seq_len", 256),
-        bos=a.bos, imatrix=not getattr(a, "no_imatrix", False),
+        bos=a.bos, imatrix=not getattr(a, "no_imatrix", False), memo_mb=a.memo_mb,
         threads=a.threads, seed=a.seed, out_dir=a.out, use_cache=not a.no_cache, progress=not a.quiet,
     )
 
@@ -228,6 +228,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-cache", action="store_true", help="recompute primitives and evaluations")
         sp.add_argument("--no-imatrix", action="store_true",
                         help="quantize GGUF types without the calibration importance vector (llama.cpp without --imatrix)")
+        sp.add_argument("--memo-mb", type=int, default=1024,
+                        help="memory for slow quantizations (GPTQ, IQ3_S, GGUF searches) reused across measured plans (default 1024)")
         sp.add_argument("--seed", type=int, default=0, help="random seed of probes and samplers (default 0)")
         sp.add_argument("--out", default=out, help=f"output folder (default {out})")
 

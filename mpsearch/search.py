@@ -59,6 +59,9 @@ class SearchConfig:
     #: weight the scale search of formats that take one (GGUF types) by each layer input's
     #: mean square per column, as llama.cpp does with an imatrix from the calibration text
     imatrix: bool = True
+    #: memory (MB) for quantized tensors whose quantizer is slow (GPTQ, IQ3_S, weighted GGUF
+    #: searches), reused across the plans a search measures; RTN is never kept
+    memo_mb: int = 1024
     baselines: bool = True
     measure: bool = True
     threads: int = 2
@@ -75,12 +78,12 @@ class SearchConfig:
         if not self.budgets:
             raise ValueError("give at least one budget")
         for name in ("calib_chunks", "eval_chunks", "calib_seq_len", "eval_seq_len", "threads", "hessian_probes", "hessian_sequences", "seed",
-                     "refine", "refine_chunks", "refine_seq_len"):
+                     "refine", "refine_chunks", "refine_seq_len", "memo_mb"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ValueError(f"{name} must be an integer, got {v!r}")
         for name, least in (("calib_chunks", 1), ("eval_chunks", 1), ("calib_seq_len", 2), ("eval_seq_len", 2), ("refine", 0),
-                            ("refine_chunks", 1), ("refine_seq_len", 2)):
+                            ("refine_chunks", 1), ("refine_seq_len", 2), ("memo_mb", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.threads < 1:

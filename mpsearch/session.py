@@ -31,6 +31,7 @@ from .profiling import Stages
 from .proxies import load_proxy
 from .proxies.table import cached_proxy_tables, decision_losses
 from .quant import applied, format_identity, get_quantizer
+from .quant.memo import QuantMemo
 from .solvers import Problem
 from .space import Decision, SearchSpace
 
@@ -163,6 +164,11 @@ class Session:
         return fingerprint(self.model)
 
     @cached_property
+    def memo(self) -> QuantMemo:
+        """Slow quantizations (GPTQ, IQ3_S, weighted GGUF searches) reused across measured plans."""
+        return QuantMemo(max_bytes=int(self.config.memo_mb * 2**20))
+
+    @cached_property
     def provenance(self) -> dict:
         """Computed once: every measured trial makes a plan, and hashing the calibration each time is waste."""
         cfg = self.config
@@ -222,7 +228,7 @@ class Session:
             q = read_json(path, key, EVAL_SCHEMA, lambda v: check_quality(v, ev.reference_.tokens))
             if q is not None:
                 return q
-        with applied(self.model, plan):
+        with applied(self.model, plan, memo=self.memo):
             q = ev.score(self.model, desc=desc).to_dict()
         try:
             check_quality(q, ev.reference_.tokens)

@@ -199,3 +199,35 @@ include_full = false
     with pytest.raises(PlanError, match="needs the layer input's Gram matrix"):
         with applied(lm.model, plan):
             pass
+
+
+def test_the_memo_keeps_slow_quantizations_exact_and_bounded(monkeypatch):
+    """A memo hit is the tensor the quantizer gives; RTN (fast) is never kept; a different
+    importance is a different entry; the byte bound evicts the least recently used."""
+    from mpsearch.quant import memo as memo_mod
+    from mpsearch.quant import quantize
+    from mpsearch.quant.memo import QuantMemo
+
+    g = torch.Generator().manual_seed(0)
+    w, imp = torch.randn(64, 256, generator=g), torch.rand(256, generator=g)
+    m = QuantMemo(max_bytes=2 * w.numel() * 4, min_seconds=0.0)
+    fmt = Format.parse("iq3_s")
+    first = m.quantize("a", w, fmt, imp)
+    assert torch.equal(first, quantize(w, fmt, imp)) and (m.hits, m.misses) == (0, 1)
+    assert torch.equal(m.quantize("a", w, fmt, imp), first) and m.hits == 1
+    other = m.quantize("a", w, fmt, imp * 2 + 1)  # another importance: computed, not served
+    assert m.misses == 2 and torch.equal(other, quantize(w, fmt, imp * 2 + 1))
+    m.quantize("b", w, fmt, imp)  # third entry: the least recently used goes
+    assert len(m) == 2 and m.bytes <= m.max_bytes
+    slow = QuantMemo(min_seconds=10.0)
+    slow.quantize("a", w, Format.parse("u4g64a"))
+    assert len(slow) == 0
+
+    calls = []
+    real = memo_mod.quantize
+    monkeypatch.setattr(memo_mod, "quantize", lambda *a: calls.append(1) or real(*a))
+    lm_w = torch.randn(8, 256, generator=g)
+    m2 = QuantMemo(min_seconds=0.0)
+    for _ in range(3):
+        m2.quantize("x", lm_w, Format.parse("q4_0"), None)
+    assert len(calls) == 1

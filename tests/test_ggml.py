@@ -16,7 +16,7 @@ from mpsearch.quant.ggml import TYPES, pack
 NAMES = sorted(TYPES)
 #: bits per weight of each GGML block layout (ggml's type sizes)
 EXPECTED_BPW = {"q8_0": 8.5, "q6_k": 6.5625, "q5_k": 5.5, "q5_1": 6.0, "q5_0": 5.5, "q4_k": 4.5, "q4_1": 5.0,
-                "q4_0": 4.5, "iq4_xs": 4.25, "iq4_nl": 4.5, "q3_k": 3.4375, "q2_k": 2.625}
+                "q4_0": 4.5, "iq4_xs": 4.25, "iq4_nl": 4.5, "q3_k": 3.4375, "iq3_s": 3.4375, "q2_k": 2.625}
 
 
 @st.composite
@@ -91,6 +91,18 @@ def test_an_importance_vector_lowers_the_error_it_weights(name):
     def weighted(q):
         return float((((q - w) ** 2) * imp).sum())
     assert weighted(quantize(w, fmt, imp)) < weighted(quantize(w, fmt))
+
+
+def test_iq3_s_beats_q3_k_at_the_same_size_under_an_imatrix():
+    """The lattice type is why llama.cpp's IQ3_S files beat its Q3_K ones at equal bytes."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 1024, generator=g) * 0.05
+    imp = torch.rand(1024, generator=g) ** 2 * 10
+
+    def weighted(key):
+        return float((((quantize(w, Format.parse(key), imp) - w) ** 2) * imp).sum())
+    assert Format.parse("iq3_s").effective_bits(1024) == Format.parse("q3_k").effective_bits(1024)
+    assert weighted("iq3_s") < 0.9 * weighted("q3_k")
 
 
 def test_a_wrong_importance_shape_is_named():

@@ -11,6 +11,7 @@ from torch import nn
 from ..format import FormatError
 from ..plan import Plan, PlanError
 from . import quantize
+from .memo import QuantMemo
 from .quantizer import get_quantizer
 
 
@@ -68,15 +69,21 @@ def check_plan(model: nn.Module, plan: Plan, check: bool = True, space: str = "l
 
 
 @torch.no_grad()
-def apply_(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama", all_tensors: bool = False) -> nn.Module:
+def apply_(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama", all_tensors: bool = False,
+           memo: QuantMemo | None = None) -> nn.Module:
     """Fake-quantize ``model``'s weights in place as ``plan`` says; returns ``model``.
 
     The plan is checked first (:func:`check_plan`); nothing is changed if any entry is
     invalid. ``space``/``all_tensors`` say what patterns and ``_default`` may reach.
+    ``memo`` (a :class:`QuantMemo` of this model) reuses slow quantizations across plans.
     """
     resolved = check_plan(model, plan, check, space, all_tensors)
     modules = dict(model.named_modules())
-    new = {n: quantize(modules[n].weight, f, resolved.importance_for(n)) for n, f in resolved.weight_formats().items()}
+
+    def q(n: str, f) -> torch.Tensor:
+        w, imp = modules[n].weight, resolved.importance_for(n)
+        return quantize(w, f, imp) if memo is None else memo.quantize(n, w, f, imp)
+    new = {n: q(n, f) for n, f in resolved.weight_formats().items()}
     for n, w in new.items():
         modules[n].weight.copy_(w)
     return model
@@ -88,13 +95,14 @@ def apply(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama"
 
 
 @contextlib.contextmanager
-def applied(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama", all_tensors: bool = False) -> Iterator[nn.Module]:
+def applied(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama", all_tensors: bool = False,
+            memo: QuantMemo | None = None) -> Iterator[nn.Module]:
     """Quantize in place for the ``with`` block, then restore the original weights."""
     modules = dict(model.named_modules())
     names = check_plan(model, plan, check, space, all_tensors).weight_formats()
     saved = {n: modules[n].weight.detach().clone() for n in names}
     try:
-        yield apply_(model, plan, check, space, all_tensors)
+        yield apply_(model, plan, check, space, all_tensors, memo)
     finally:
         with torch.no_grad():
             for n, w in saved.items():

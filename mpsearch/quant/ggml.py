@@ -1,5 +1,5 @@
 """GGUF (llama.cpp) block types as quantizers: Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1,
-Q4_0, Q3_K, Q2_K, IQ4_NL and IQ4_XS.
+Q4_0, Q3_K, Q2_K, IQ4_NL, IQ4_XS and IQ3_S (its lattice search in :mod:`.ggml_iq3`).
 
 Each type has three steps, written here in torch:
 
@@ -13,7 +13,7 @@ Each type has three steps, written here in torch:
 ``tests/test_ggml.py`` checks ``gguf.quants.dequantize(pack(w)) == quantize(w)``
 bit for bit. Bits per weight are exact: ``type_size * 8 / block_size`` (Q4_K 4.5,
 Q3_K 3.4375, Q2_K 2.625, IQ4_XS 4.25). A type fits a tensor only when its block tiles
-the row (256 for k-quants and IQ4_XS): on SmolLM2's 576-wide rows only the 32-blocks fit,
+the row (256 for k-quants, IQ4_XS and IQ3_S): on SmolLM2's 576-wide rows only the 32-blocks fit,
 the same decision llama.cpp makes.
 
 An ``importance`` vector (per input column, the imatrix) weights the error in every
@@ -30,6 +30,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..format import Format, FormatError
 from ..registry import register
+from . import ggml_iq3
 from . import ggml_search as S
 from .quantizer import Quantizer
 
@@ -329,6 +330,8 @@ for _t in (
     BlockType("iq4_xs", T.IQ4_XS, 4, True, _iq4_xs, _iq4_xs_decode, _pack_iq4_xs,
               "4-bit non-linear codebook, 6-bit scale per 32, fp16 per 256"),
     BlockType("iq4_nl", T.IQ4_NL, 4, True, _iq4_nl, _iq4_nl_decode, _pack_iq4_nl, "4-bit non-linear codebook, fp16 scale per 32"),
+    BlockType("iq3_s", T.IQ3_S, 3, True, ggml_iq3.encode, ggml_iq3.decode, ggml_iq3.pack,
+              "3-bit lattice (512-point grid per 4 weights) with signs, 4-bit scale per 32, fp16 per 256"),
     BlockType("q3_k", T.Q3_K, 3, True, _ksym(4, -4, 3, 16, 32), _ksym_decode(16), _pack_q3_k,
               "3-bit, 6-bit scale per 16, fp16 per 256"),
     BlockType("q2_k", T.Q2_K, 2, False, _kasym(3, 16, 15, -0.5, 0.1, 15, "abs"), _kdecode(16), _pack_q2_k,

@@ -1,0 +1,86 @@
+"""The formats issue's goal, read off the committed results (no model is run).
+
+    .venv/bin/python benchmarks/goal.py
+
+1. Per model and per llama.cpp preset size below 5.0 bpw (``llamacpp.csv``): the best
+   llama.cpp file of that size (lowest KL, with or without its imatrix, within 0.01 bpw)
+   next to mpsearch's returned GGUF-space plan at that size, and the ratio
+   mpsearch KL / llama.cpp KL (below 1: mpsearch wins).
+2. Per model: the share of the log-perplexity gap between uniform 3-bit and uniform
+   4-bit RTN (g64) that the best mpsearch plan at 3.5 bits closes, over every plan at
+   <= 3.5 effective bits in ``models.csv`` and ``gap_3.5.csv`` (the rich-space search,
+   ``benchmarks/gap.py``), if present.
+
+Writes benchmarks/results/goal.{md,csv}.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from foundation import RESULTS  # noqa: E402
+
+
+def sizes_table(ll: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for model, m in ll.groupby("model", sort=False):
+        lc = m[m.source == "llama.cpp"]
+        ms = m[(m.source == "mpsearch") & (m.kind == "returned")]
+        for size in sorted({round(b, 4) for b in lc.bpw if b < 5.0}):
+            same = lc[(lc.bpw - size).abs() < 0.01]
+            best = same.loc[same.kl.idxmin()]
+            mine = ms[(ms.budget.astype(float) - size).abs() < 1e-3]
+            if mine.empty:
+                rows.append({"model": model, "size_bpw": size, "llama_cpp_best": f"{best['name']}{' +imatrix' if best.imatrix else ''}",
+                             "llama_cpp_kl": best.kl, "mpsearch_bpw": None, "mpsearch_kl": None, "ratio": None, "winner": "not run"})
+                continue
+            r = mine.iloc[0]
+            ratio = r.kl / best.kl
+            rows.append({"model": model, "size_bpw": size, "llama_cpp_best": f"{best['name']}{' +imatrix' if best.imatrix else ''}",
+                         "llama_cpp_kl": best.kl, "mpsearch_bpw": r.bpw, "mpsearch_kl": r.kl, "ratio": ratio,
+                         "winner": "mpsearch" if ratio < 1 else "llama.cpp"})
+    return pd.DataFrame(rows)
+
+
+def gap_table(models: pd.DataFrame, extra: pd.DataFrame | None) -> pd.DataFrame:
+    rows = []
+    for model, m in models.groupby("model", sort=False):
+        u3 = m[(m.kind == "uniform") & (m.budget == "uniform:3")].ppl.iloc[0]
+        u4 = m[(m.kind == "uniform") & (m.budget == "uniform:4")].ppl.iloc[0]
+        cands = m[(m.kind != "uniform") & (m.effective_bits <= 3.5 + 1e-9)][["plan", "effective_bits", "ppl", "kl"]]
+        if extra is not None:
+            cands = pd.concat([cands, extra[extra.model == model][["plan", "effective_bits", "ppl", "kl"]]])
+        best = cands.loc[cands.ppl.idxmin()]
+        share = (math.log(u3) - math.log(best.ppl)) / (math.log(u3) - math.log(u4))
+        rows.append({"model": model, "uniform3_ppl": u3, "uniform4_ppl": u4, "best_plan": best.plan,
+                     "best_bits": best.effective_bits, "best_ppl": best.ppl, "best_kl": best.kl, "gap_closed": share})
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    ll = pd.read_csv(RESULTS / "llamacpp.csv")
+    models = pd.read_csv(RESULTS / "models.csv")
+    extra_path = RESULTS / "gap_3.5.csv"
+    extra = pd.read_csv(extra_path) if extra_path.exists() else None
+    sizes, gap = sizes_table(ll), gap_table(models, extra)
+    md = ["| model | size (bpw) | llama.cpp's best file | its KL | mpsearch bpw | mpsearch KL | ratio | winner |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in sizes.itertuples():
+        f = (lambda v, p: "" if v is None or pd.isna(v) else f"{v:.{p}f}")  # noqa: E731
+        md.append(f"| {r.model} | {r.size_bpw:.4f} | {r.llama_cpp_best} | {r.llama_cpp_kl:.4f} | {f(r.mpsearch_bpw, 4)} | "
+                  f"{f(r.mpsearch_kl, 4)} | {f(r.ratio, 2)} | {r.winner} |")
+    md += ["", "| model | uniform 3-bit ppl | uniform 4-bit ppl | best plan at <= 3.5 bits | bits | ppl | KL | log-ppl gap closed |",
+           "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r.model} | {r.uniform3_ppl:.2f} | {r.uniform4_ppl:.2f} | {r.best_plan} | {r.best_bits:.3f} | {r.best_ppl:.2f} | "
+           f"{r.best_kl:.4f} | {r.gap_closed:.0%} |" for r in gap.itertuples()]
+    (RESULTS / "goal.md").write_text("\n".join(md) + "\n")
+    pd.concat([sizes.assign(table="sizes"), gap.assign(table="gap")]).to_csv(RESULTS / "goal.csv", index=False)
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
