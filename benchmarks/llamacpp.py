@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import gguf
@@ -42,6 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import RESULTS, machine  # noqa: E402
 from llamacpp_tools import VERSION, build  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 from mpsearch.export import export  # noqa: E402
 from mpsearch.export.names import source_gguf  # noqa: E402
@@ -54,7 +57,7 @@ from mpsearch.search import SearchConfig, search  # noqa: E402
 #: the issue's k-quant presets, and the i-quants that are llama.cpp's best files at 4.2-4.5 bpw with an imatrix
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ3_S", "IQ4_XS", "IQ4_NL", "Q4_K_S", "Q4_K_M", "Q5_K_M")
 BLOCK_LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
-COLUMNS = ["model", "source", "name", "imatrix", "bpw", "ppl", "kl", "kind", "budget", "llama_perplexity", "note"]
+COLUMNS = ["model", "source", "name", "imatrix", "bpw", "ppl", "kl", "kind", "budget", "space", "llama_perplexity", "note"]
 
 
 def block_bpw(path: Path) -> float:
@@ -131,6 +134,12 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary folder)")
+    ap.add_argument("--without", nargs="*", default=[],
+                    help="GGUF types to leave out of mpsearch's space (e.g. q4_1, which reproduces SmolLM2's Q4_1 source "
+                         "exactly); its rows are labelled with the space")
+    ap.add_argument("--only-imatrix", action="store_true", help="quantize each preset with the imatrix only (half the files)")
+    ap.add_argument("--no-export", action="store_true",
+                    help="skip the export checks (exported .gguf, llama-perplexity, tensor-type requantization)")
     ap.add_argument("--presets", nargs="*", default=list(PRESETS),
                     help=f"llama-quantize types to run (default {' '.join(PRESETS)}; none: only the mpsearch side at the sizes already in the CSV); rows of other presets are kept")
     a = ap.parse_args()
@@ -157,7 +166,7 @@ def main() -> None:
     rows = [{"model": a.model, "source": "reference", "name": "reference (dequantized source)", "imatrix": False, "bpw": 32.0,
              "ppl": ev.reference_.ppl, "kl": 0.0, "kind": "reference"}]
     for preset in a.presets:
-        for use_imatrix in (False, True):
+        for use_imatrix in ((True,) if a.only_imatrix else (False, True)):
             out = work / f"{preset}{'-imatrix' if use_imatrix else ''}.gguf"
             cmd = [bins / "llama-quantize", *(["--imatrix", imatrix] if use_imatrix else []), "--token-embedding-type", "f32",
                    "--output-tensor-type", "f32", ref_gguf, out, preset, a.threads]
@@ -170,27 +179,41 @@ def main() -> None:
 
     table = save(rows)
     mine = table[table.model == a.model]
-    done = {round(float(b), 4) for b in mine[mine.source == "mpsearch"].budget.dropna()}
+    space, label, tag = "gguf", "gguf", ""
+    if a.without:  # the gguf space less some types, written beside the run
+        base = tomllib.loads((REPO / "search_spaces" / "gguf.toml").read_text())
+        unknown = sorted(set(a.without) - set(base["formats"]["list"]))
+        if unknown:
+            raise SystemExit(f"--without: {unknown} are not in search_spaces/gguf.toml")
+        label = f"gguf-without-{'-'.join(a.without)}"
+        tag = f" [{label}]"
+        keep = [f for f in base["formats"]["list"] if f not in a.without]
+        text = (REPO / "search_spaces" / "gguf.toml").read_text()
+        text = re.sub(r"(?m)^list = \[.*\]$", "list = " + json.dumps(keep), text).replace('name = "gguf"', f'name = "{label}"')
+        space = str(work / f"{label}.toml")
+        Path(space).write_text(text)
+    mpsearch_rows = mine[mine.source == "mpsearch"]
+    done = {round(float(b), 4) for b in mpsearch_rows[mpsearch_rows.space.fillna("gguf") == label].budget.dropna()}
     # every llama.cpp size below 5.0 bpw measured so far, this run's presets or an earlier run's
     sizes = sorted({round(float(b), 4) for b in mine[mine.source == "llama.cpp"].bpw if b < 5.0} - done)
     budgets = tuple(f"{b:.4f}" for b in sizes)
     res = None
     if budgets:
-        res = search(SearchConfig(model=a.model, space="gguf", proxies=("fisher",), budgets=budgets, threads=a.threads,
-                                  out_dir=str(work / "search"), progress=False))
+        res = search(SearchConfig(model=a.model, space=space, proxies=("fisher",), budgets=budgets, threads=a.threads,
+                                  out_dir=str(work / f"search-{label}"), progress=False))
     for r in ([] if res is None else res.table[res.table.kind.isin(["proxy", "returned", "recipe"])].itertuples()):
-        rows.append({"model": a.model, "source": "mpsearch", "name": r.plan, "imatrix": True, "bpw": r.effective_bits,
-                     "ppl": r.ppl, "kl": r.kl, "kind": r.kind, "budget": r.budget})
+        rows.append({"model": a.model, "source": "mpsearch", "name": r.plan + tag, "imatrix": True, "bpw": r.effective_bits,
+                     "ppl": r.ppl, "kl": r.kl, "kind": r.kind, "budget": r.budget, "space": label})
     save(rows)
-    for b in budgets:  # the returned plan through the real tools
-        plan_file = work / "search" / "plans" / f"returned@{b}.json"
+    for b in () if a.no_export else budgets:  # the returned plan through the real tools
+        plan_file = work / f"search-{label}" / "plans" / f"returned@{b}.json"
         exported = export(plan_file, to="gguf", out=work / f"mpsearch-{b}.gguf", model=a.model)
         q = score(ev, exported)
         sim = res.table[(res.table.plan == f"returned@{b}")].iloc[0]
         note = "exported GGUF read back by transformers" + ("; equals the simulation" if abs(q["kl"] - sim.kl) < 1e-6 else
                                                            f"; DIFFERS from the simulation ({sim.kl:.6f})")
-        rows.append({"model": a.model, "source": "mpsearch", "name": f"returned@{b} (exported .gguf)", "imatrix": True,
-                     "bpw": block_bpw(exported), **q, "kind": "export", "budget": b,
+        rows.append({"model": a.model, "source": "mpsearch", "name": f"returned@{b} (exported .gguf){tag}", "imatrix": True,
+                     "bpw": block_bpw(exported), **q, "kind": "export", "budget": b, "space": label,
                      "llama_perplexity": llama_ppl(bins, exported, eval_txt, a.threads, work), "note": note})
         print(rows[-1], flush=True)
         save(rows)
@@ -198,8 +221,8 @@ def main() -> None:
         requant = work / f"mpsearch-{b}-llamaquantize.gguf"
         run([bins / "llama-quantize", "--imatrix", imatrix, "--tensor-type-file", types, "--token-embedding-type", "f32",
              "--output-tensor-type", "f32", ref_gguf, requant, "Q8_0", a.threads], work / f"{requant.stem}.log")
-        rows.append({"model": a.model, "source": "mpsearch", "name": f"returned@{b} via llama-quantize --tensor-type-file",
-                     "imatrix": True, "bpw": block_bpw(requant), **score(ev, requant), "kind": "tensor-types", "budget": b,
+        rows.append({"model": a.model, "source": "mpsearch", "name": f"returned@{b} via llama-quantize --tensor-type-file{tag}",
+                     "imatrix": True, "bpw": block_bpw(requant), **score(ev, requant), "kind": "tensor-types", "budget": b, "space": label,
                      "note": "mpsearch's types, llama.cpp's quantizer and imatrix"})
         print(rows[-1], flush=True)
         save(rows)

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/quantizers.py [--model smollm2] [--threads 2]
 
-Uniform RTN, clipped RTN, GPTQ (with and without act-order), the non-uniform quantizers
+Uniform RTN, clipped RTN, GPTQ (act-order, static groups), the non-uniform quantizers
 (NormalFloat, AdaLog-style log, POST's sqrt(2) table, NUPES, importance-weighted k-means
 per row) and the GGUF types that fit every tensor, each applied to all block linears
 and measured with mpsearch's evaluator (perplexity, KL to the reference on 16 x 512
@@ -40,7 +40,6 @@ from mpsearch.space import SearchSpace  # noqa: E402
 METHODS = (
     ("uniform RTN", "u{b}g64a"),
     ("clipped RTN", "clip{b}g64a"),
-    ("GPTQ", "gptq{b}g64a"),
     ("GPTQ, act-order", "gptq{b}g64a+act"),
     ("NormalFloat", "nf{b}g64s"),
     ("log, searched base (AdaLog)", "log{b}g64s"),
