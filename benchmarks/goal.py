@@ -35,6 +35,8 @@ def sizes_table(ll: pd.DataFrame) -> pd.DataFrame:
     for model, m in ll.groupby("model", sort=False):
         lc = m[m.source == "llama.cpp"]
         ms = m[(m.source == "mpsearch") & (m.kind == "returned")]
+        if ms.empty:  # a run stopped before its refinement: its MILP plans
+            ms = m[(m.source == "mpsearch") & (m.kind == "proxy")]
         for size in sorted({round(b, 4) for b in lc.bpw if b < 5.0}):
             same = lc[lc.bpw <= size + 0.01]  # llama.cpp's best file of at most this size
             best = same.loc[same.kl.idxmin()]
@@ -64,8 +66,11 @@ def side_by_side(ll: pd.DataFrame, model: str, space: str = "gguf") -> str:
         files = [", ".join(f"{r.name} {r.kl:.3f}" for r in same[same.imatrix == flag].itertuples()) or "-" for flag in (False, True)]
         at = ms[(ms.budget.astype(float) - size).abs() < 1e-3]
         ret, req = at[at.kind == "returned"], at[at.kind == "tensor-types"]
+        milp_only = ret.empty and not at[at.kind == "proxy"].empty
+        if milp_only:  # a run stopped before its refinement: the MILP plan, measured on the evaluation text
+            ret = at[at.kind == "proxy"]
         best = lc[lc.bpw <= size + 0.01].kl.min()
-        mine = f"**{ret.kl.iloc[0]:.4f}**" if len(ret) else "not run"
+        mine = f"**{ret.kl.iloc[0]:.4f}**{' (MILP plan)' if milp_only else ''}" if len(ret) else "not run"
         ratio = f"{ret.kl.iloc[0] / best:.2f}" if len(ret) else ""
         lines.append(f"| {size:.4f} | {files[0]} | {files[1]} | {mine} | {f'{req.kl.iloc[0]:.4f}' if len(req) else '-'} | {ratio} |")
     return "\n".join(lines)
