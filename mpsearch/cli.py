@@ -25,7 +25,7 @@ def search_config(a: argparse.Namespace):
     return SearchConfig(
         model=a.model, calibration=a.calibration, evaluation=a.evaluation, space=a.space,
         proxies=tuple(a.proxy), budgets=tuple(a.budget), solver=getattr(a, "solver", "milp"), rules=tuple(rules),
-        calib_seq_len=a.calib_seq_len, calib_chunks=a.calib_chunks, eval_seq_len=a.eval_seq_len,
+        calib_seq_len=a.calib_seq_len, calib_chunks=a.calib_chunks, gram_chunks=a.gram_chunks, eval_seq_len=a.eval_seq_len,
         hessian_probes=a.hessian_probes, hessian_sequences=a.hessian_sequences,
         eval_chunks=a.eval_chunks, baselines=not getattr(a, "no_baselines", False), measure=not getattr(a, "no_measure", False),
         refine=getattr(a, "refine", 0), refine_chunks=getattr(a, "refine_chunks", 4), refine_seq_len=getattr(a, "refine_seq_len", 256),
@@ -218,6 +218,8 @@ def parser() -> argparse.ArgumentParser:
                         help="at most B bits for tensors NAME (exact or re:); repeatable")
         sp.add_argument("--exclude", action="append", default=[], metavar="NAME", help="keep tensors unquantized, outside the budget")
         sp.add_argument("--calib-chunks", type=int, default=8, help="calibration sequences (default 8)")
+        sp.add_argument("--gram-chunks", type=int, default=64,
+                        help="calibration sequences for GPTQ's Gram matrix, the calibration sequences first (default 64)")
         sp.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
         sp.add_argument("--hessian-probes", type=int, default=2, help="Hutchinson probes per calibration sequence (default 2)")
         sp.add_argument("--hessian-sequences", type=int, default=0, help="calibration sequences for the Hessian (default 0 = all)")

@@ -43,6 +43,13 @@ class SearchConfig:
     rules: tuple[Rule, ...] = ()
     calib_seq_len: int = 512
     calib_chunks: int = 8
+    #: calibration windows (from the start of the text, the calibration windows first) that
+    #: GPTQ's Gram matrix and the ``oerr`` value are fitted on. GPTQ fits the whole [in, in]
+    #: matrix and overfits a few thousand tokens: on SmolLM2's 1536-wide down_proj, 8 x 512
+    #: tokens give it a larger output error on held-out text than RTN (README, "GPTQ needs
+    #: clipped ranges and more calibration than the diagonal"). The refinement slice then
+    #: starts after them.
+    gram_chunks: int = 64
     #: Hutchinson probes per calibration sequence, and how many sequences (0 = all)
     hessian_probes: int = 2
     hessian_sequences: int = 0
@@ -77,12 +84,12 @@ class SearchConfig:
             raise ValueError("give at least one proxy")
         if not self.budgets:
             raise ValueError("give at least one budget")
-        for name in ("calib_chunks", "eval_chunks", "calib_seq_len", "eval_seq_len", "threads", "hessian_probes", "hessian_sequences", "seed",
+        for name in ("calib_chunks", "gram_chunks", "eval_chunks", "calib_seq_len", "eval_seq_len", "threads", "hessian_probes", "hessian_sequences", "seed",
                      "refine", "refine_chunks", "refine_seq_len", "memo_mb"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ValueError(f"{name} must be an integer, got {v!r}")
-        for name, least in (("calib_chunks", 1), ("eval_chunks", 1), ("calib_seq_len", 2), ("eval_seq_len", 2), ("refine", 0),
+        for name, least in (("calib_chunks", 1), ("gram_chunks", 1), ("eval_chunks", 1), ("calib_seq_len", 2), ("eval_seq_len", 2), ("refine", 0),
                             ("refine_chunks", 1), ("refine_seq_len", 2), ("memo_mb", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")

@@ -56,8 +56,11 @@ class Session:
     #: per tensor, the layer input's mean square per column (llama.cpp's imatrix), for the
     #: formats whose quantizer weights its scale search by it; None when none does
     importance: dict[str, torch.Tensor] | None = None
-    #: the refinement slice (calibration text after the calibration windows), or None
+    #: the refinement slice (calibration text after the calibration windows, and after the
+    #: Gram windows when the search fits a Gram matrix), or None
     slice_tokens: torch.Tensor | None = None
+    #: the windows the Gram matrix is fitted on (``gram_chunks``, the calibration windows first)
+    gram_tokens: torch.Tensor | None = None
     tables: dict = field(default_factory=dict)
     losses: dict[str, list[np.ndarray]] = field(default_factory=dict)
     stages: Stages = field(default_factory=Stages)
@@ -84,20 +87,30 @@ class Session:
             cl, el = lead["calibration_leading"], lead["evaluation_leading"]
             calib = token_chunks(lm.tokenizer, calib_text, cfg.calib_seq_len, cfg.calib_chunks, lead=cl)
             evalt = token_chunks(lm.tokenizer, eval_text, cfg.eval_seq_len, cfg.eval_chunks, lead=el) if cfg.measure else None
-            sliced = None
-            if cfg.measure and cfg.refine > 0:
-                sliced = token_chunks(lm.tokenizer, calib_text, cfg.refine_seq_len, cfg.refine_chunks,
-                                      skip=text_tokens(calib, lm.tokenizer, cl), lead=cl)
-        s = cls(cfg, lm, space, decisions, budgets, calib, evalt, None, slice_tokens=sliced, stages=stages)
         needs = set().union(*(p.needs for p in proxies))
         weighted = cfg.imatrix and any(get_quantizer(f.quantizer).reads_importance(f) for d in decisions for f in d.formats)
         #: decisions with a format that reads the whole Gram matrix (GPTQ)
         gram_decisions = [d for d in decisions if any(get_quantizer(f.quantizer).importance_kind == "gram" for f in d.formats)]
         if weighted:
             needs = needs | {"xtx"} | ({"gram"} if gram_decisions else set())
+        with stages("tokenize"):
+            # the Gram matrix gets more windows than the rest (SearchConfig.gram_chunks)
+            gram_tokens = calib
+            if "gram" in needs and cfg.gram_chunks > cfg.calib_chunks:
+                gram_tokens = token_chunks(lm.tokenizer, calib_text, cfg.calib_seq_len, cfg.gram_chunks, lead=cl)
+            sliced = None
+            if cfg.measure and cfg.refine > 0:
+                sliced = token_chunks(lm.tokenizer, calib_text, cfg.refine_seq_len, cfg.refine_chunks,
+                                      skip=text_tokens(gram_tokens, lm.tokenizer, cl), lead=cl)
+        s = cls(cfg, lm, space, decisions, budgets, calib, evalt, None, slice_tokens=sliced, stages=stages,
+                gram_tokens=gram_tokens if "gram" in needs else None)
         settings = PrimitiveSettings(hessian_probes=cfg.hessian_probes, hessian_sequences=cfg.hessian_sequences, seed=cfg.seed)
-        s.prims = compute_primitives(lm.model, [m.name for m in s.members], calib, needs, cfg.use_cache, cfg.progress,
-                                     settings, stages)
+        names = [m.name for m in s.members]
+        s.prims = compute_primitives(lm.model, names, calib, needs - {"gram"}, cfg.use_cache, cfg.progress, settings, stages)
+        if "gram" in needs:
+            g = compute_primitives(lm.model, names, gram_tokens, {"gram"}, cfg.use_cache, cfg.progress, settings, stages)
+            s.prims.values.update(g.values)
+            s.prims.family_keys.update(g.family_keys)
         if weighted:
             s.importance = {m.name: s.prims.xtx[m.name].detach().clone() for m in s.members}
             s.importance.update({m.name: s.prims.gram[m.name] for d in gram_decisions for m in d.members})

@@ -97,7 +97,7 @@ def tiny_run(tmp_path):
 
     def config(**overrides) -> SearchConfig:
         base = dict(model=str(tmp_path / "tiny"), calibration=str(tmp_path / "calib.txt"), evaluation=str(tmp_path / "eval.txt"),
-                    proxies=("fisher",), budgets=("uniform:3",), calib_chunks=4, calib_seq_len=32, eval_chunks=2, eval_seq_len=32,
+                    proxies=("fisher",), budgets=("uniform:3",), calib_chunks=4, gram_chunks=8, calib_seq_len=32, eval_chunks=2, eval_seq_len=32,
                     refine=4, refine_chunks=2, refine_seq_len=32,
                     out_dir=str(tmp_path / "out"), progress=False)
         return SearchConfig(**{**base, **overrides})

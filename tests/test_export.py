@@ -2,6 +2,8 @@
 simulated values (logits equal), and llama-quantize's tensor-type file."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import pytest
 import torch
@@ -154,6 +156,7 @@ def test_a_search_with_gptq_formats_collects_gram_matrices_and_its_plans_reapply
     from mpsearch.plan import PlanError
     from mpsearch.quant import quantize
     from mpsearch.search import search
+    from mpsearch.models.data import leading_tokens
     from mpsearch.session import Session
     from tests.conftest import layer_inputs
 
@@ -172,8 +175,17 @@ include_full = false
     name = "model.layers.1.mlp.down_proj"
     w = dict(lm.model.named_modules())[name].weight.detach()
     session = Session.open(cfg)
-    x = layer_inputs(lm.model, session.calib, name)
+    # the Gram matrix is fitted on gram_chunks windows, the calibration windows first, and
+    # the refinement slice comes after them (8 x 512 tokens made GPTQ overfit SmolLM2)
+    assert session.gram_tokens.shape == (cfg.gram_chunks, cfg.calib_seq_len)
+    assert torch.equal(session.gram_tokens[: cfg.calib_chunks], session.calib)
+    ids = lm.tokenizer(Path(cfg.calibration).read_text(), add_special_tokens=False).input_ids
+    lead = len(leading_tokens(lm.tokenizer))
+    start = cfg.gram_chunks * (cfg.calib_seq_len - lead)
+    assert session.slice_tokens[0, lead:].tolist() == ids[start: start + cfg.refine_seq_len - lead]
+    x = layer_inputs(lm.model, session.gram_tokens, name)
     gram = (x.T @ x / len(x)).float()
+    torch.testing.assert_close(session.importance[name], gram, rtol=1e-4, atol=1e-6)
     for key in ("gptq3g32a", "u3g32a"):
         fmt = Format.parse(key)
         dw = quantize(w, fmt, gram) - w
