@@ -13,6 +13,8 @@
    present. Only returned plans count: a search picks them on its own refinement slice,
    so the evaluation text never chooses the winner.
 
+   The same share against uniform GPTQ 3-bit and 4-bit, where ``quantizers.py`` measured them.
+
 3. Per model, the README's side-by-side table: every llama.cpp file below 5.0 bpw by
    size, mpsearch's returned plan at that size and its types requantized by llama-quantize.
 
@@ -113,6 +115,17 @@ def main() -> None:
            "|---|---|---|---|---|---|---|---|"]
     md += [f"| {r.model} | {r.uniform3_ppl:.2f} | {r.uniform4_ppl:.2f} | {r.best_plan} | {r.best_bits:.3f} | {r.best_ppl:.2f} | "
            f"{r.best_kl:.4f} | {r.gap_closed:.0%} |" for r in gap.itertuples()]
+    # the same share against uniform GPTQ, the strongest uniform quantizer (quantizers.py)
+    for model, r in gap.set_index("model").iterrows():
+        path = RESULTS / ("quantizers.csv" if model == "smollm2" else f"quantizers_{model}.csv")
+        if not path.exists():
+            md += ["", f"{model}: uniform GPTQ not measured (benchmarks/quantizers.py --model {model})"]
+            continue
+        q = pd.read_csv(path)
+        g = q[q.quantizer.str.endswith("(default)") & q.quantizer.str.startswith("GPTQ")].set_index("bits").ppl
+        share = (math.log(g[3]) - math.log(r.best_ppl)) / (math.log(g[3]) - math.log(g[4]))
+        md += ["", f"{model}: against uniform GPTQ (3-bit ppl {g[3]:.2f}, 4-bit {g[4]:.2f}) the same plan closes "
+                   f"{share:.0%} of the log-ppl gap"]
     for model in ll.model.unique():
         md += ["", f"{model}:", "", side_by_side(ll, model)]
     (RESULTS / "goal.md").write_text("\n".join(md) + "\n")

@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--only-imatrix", action="store_true", help="quantize each preset with the imatrix only (half the files)")
     ap.add_argument("--no-export", action="store_true",
                     help="skip the export checks (exported .gguf, llama-perplexity, tensor-type requantization)")
+    ap.add_argument("--remeasure", action="store_true", help="quantize and score presets already in the CSV again")
     ap.add_argument("--presets", nargs="*", default=list(PRESETS),
                     help=f"llama-quantize types to run (default {' '.join(PRESETS)}; none: only the mpsearch side at the sizes already in the CSV); rows of other presets are kept")
     a = ap.parse_args()
@@ -165,8 +166,14 @@ def main() -> None:
 
     rows = [{"model": a.model, "source": "reference", "name": "reference (dequantized source)", "imatrix": False, "bpw": 32.0,
              "ppl": ev.reference_.ppl, "kl": 0.0, "kind": "reference"}]
+    path = RESULTS / "llamacpp.csv"
+    measured = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
+    measured = {(n, str(i)) for n, i in measured[(measured.model == a.model) & (measured.source == "llama.cpp")][["name", "imatrix"]].values}
     for preset in a.presets:
         for use_imatrix in ((True,) if a.only_imatrix else (False, True)):
+            if (preset, str(use_imatrix)) in measured and not a.remeasure:
+                print(f"{preset}{' +imatrix' if use_imatrix else ''}: measured before (--remeasure quantizes it again)", flush=True)
+                continue
             out = work / f"{preset}{'-imatrix' if use_imatrix else ''}.gguf"
             cmd = [bins / "llama-quantize", *(["--imatrix", imatrix] if use_imatrix else []), "--token-embedding-type", "f32",
                    "--output-tensor-type", "f32", ref_gguf, out, preset, a.threads]
@@ -193,7 +200,9 @@ def main() -> None:
         space = str(work / f"{label}.toml")
         Path(space).write_text(text)
     mpsearch_rows = mine[mine.source == "mpsearch"]
-    done = {round(float(b), 4) for b in mpsearch_rows[mpsearch_rows.space.fillna("gguf") == label].budget.dropna()}
+    # a size is done once a search returned a plan at it (a MILP plan alone means its refinement was cut short)
+    done = {round(float(b), 4) for b in mpsearch_rows[(mpsearch_rows.space.fillna("gguf") == label)
+                                                      & (mpsearch_rows.kind == "returned")].budget.dropna()}
     # every llama.cpp size below 5.0 bpw measured so far, this run's presets or an earlier run's
     sizes = sorted({round(float(b), 4) for b in mine[mine.source == "llama.cpp"].bpw if b < 5.0} - done)
     budgets = tuple(f"{b:.4f}" for b in sizes)
