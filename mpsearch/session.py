@@ -93,7 +93,7 @@ class Session:
         gram_decisions = [d for d in decisions if any(get_quantizer(f.quantizer).importance_kind == "gram" for f in d.formats)]
         if weighted:
             needs = needs | {"xtx"} | ({"gram"} if gram_decisions else set())
-        with stages("tokenize"):
+        with stages("tokenize the Gram windows and the refinement slice"):
             # the Gram matrix gets more windows than the rest (SearchConfig.gram_chunks)
             gram_tokens = calib
             if "gram" in needs and cfg.gram_chunks > cfg.calib_chunks:
