@@ -118,10 +118,10 @@ def main() -> None:
     # the same share against uniform GPTQ, the strongest uniform quantizer (quantizers.py)
     for model, r in gap.set_index("model").iterrows():
         path = RESULTS / ("quantizers.csv" if model == "smollm2" else f"quantizers_{model}.csv")
-        if not path.exists():
-            md += ["", f"{model}: uniform GPTQ not measured (benchmarks/quantizers.py --model {model})"]
+        q = pd.read_csv(path) if path.exists() else None
+        if q is None or not {3, 4} <= set(q[q.quantizer.str.endswith("(default)") & q.quantizer.str.startswith("GPTQ")].bits):
+            md += ["", f"{model}: uniform GPTQ at 3 and 4 bits not measured (benchmarks/quantizers.py --model {model})"]
             continue
-        q = pd.read_csv(path)
         g = q[q.quantizer.str.endswith("(default)") & q.quantizer.str.startswith("GPTQ")].set_index("bits").ppl
         share = (math.log(g[3]) - math.log(r.best_ppl)) / (math.log(g[3]) - math.log(g[4]))
         md += ["", f"{model}: against uniform GPTQ (3-bit ppl {g[3]:.2f}, 4-bit {g[4]:.2f}) the same plan closes "

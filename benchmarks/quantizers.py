@@ -70,12 +70,19 @@ def fmt_of(template: str, bits: int) -> Format:
     return Format.parse(key)
 
 
+def with_earlier(rows: list[dict], done: pd.DataFrame) -> pd.DataFrame:
+    """This run's rows, then the earlier run's rows this run did not measure (``--only``)."""
+    return pd.concat([pd.DataFrame(rows), done[~done.format.isin([r["format"] for r in rows])]], ignore_index=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gram-chunks", type=int, default=SearchConfig.gram_chunks,
                     help="calibration windows GPTQ's Gram matrix is fitted on (default: the search's)")
+    ap.add_argument("--only", nargs="*", default=None, metavar="LABEL",
+                    help="run only the quantizers whose label starts with one of these (the CSV keeps earlier rows)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -101,6 +108,8 @@ def main() -> None:
     done = done[(done.model == a.model) & (done.quantizer != "reference")]
     jobs = [(label, fmt_of(t, b), b) for b in (2, 3, 4) for label, t in METHODS]
     jobs += [(f"GGUF {k.upper()} (imatrix)", Format.parse(k), b) for b, keys in GGUF.items() for k in keys]
+    if a.only is not None:
+        jobs = [j for j in jobs if any(j[0].startswith(o) for o in a.only)]
     for label, fmt, bits in jobs:
         if not all(fmt.fits(m.in_features) for m in members):
             continue
@@ -123,8 +132,8 @@ def main() -> None:
                      "bpw": plan_bits({m.name: fmt for m in members}, members), "ppl": res.ppl, "kl": res.kl,
                      "seconds_to_quantize": round(seconds, 1)})
         print(rows[-1], flush=True)
-        pd.DataFrame(rows).to_csv(out.with_suffix(".csv"), index=False)
-    table = pd.DataFrame(rows)
+        with_earlier(rows, done).to_csv(out.with_suffix(".csv"), index=False)
+    table = with_earlier(rows, done)
     table.to_csv(out.with_suffix(".csv"), index=False)
     md = ["| quantizer | format | bpw | ppl | KL |", "|---|---|---|---|---|"]
     md += [f"| {r.quantizer} | {r.format} | {r.bpw:.3f} | {r.ppl:.2f} | {r.kl:.4f} |" for r in table.itertuples()]
