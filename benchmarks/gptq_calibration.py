@@ -39,7 +39,6 @@ def grams(model, names: list[str], windows: torch.Tensor) -> dict[str, torch.Ten
     """X^T X / n of each named linear's input over ``windows``, in float64."""
     mods = dict(model.named_modules())
     acc = {n: torch.zeros(mods[n].in_features, mods[n].in_features, dtype=torch.float64) for n in names}
-    rows = [0]
 
     def hook(name):
         def f(_m, args):
@@ -50,10 +49,9 @@ def grams(model, names: list[str], windows: torch.Tensor) -> dict[str, torch.Ten
     with torch.no_grad():
         for seq in windows:
             model(input_ids=seq[None])
-            rows[0] += seq.numel()
     for h in hs:
         h.remove()
-    return {n: a / rows[0] for n, a in acc.items()}
+    return {n: a / windows.numel() for n, a in acc.items()}
 
 
 def main() -> None:
@@ -83,8 +81,9 @@ def main() -> None:
         for b in a.bits:
             rtn = err(quantize(w, Format(b, 64, False, "uniform")))
             base = {"model": a.model, "tensor": n, "bits": b, "rtn_error": rtn}
-            clip = err(quantize(w, Format(b, 64, False, "clip"), torch.diagonal(fitted[8 if 8 in fitted else a.windows[0]][n]).float()))
-            rows.append({**base, "method": "clip", "windows": 8, "damp": None, "error": clip, "vs_rtn": clip / rtn})
+            few = min(a.windows)  # the clip baseline's imatrix, from the fewest windows
+            clip = err(quantize(w, Format(b, 64, False, "clip"), torch.diagonal(fitted[few][n]).float()))
+            rows.append({**base, "method": "clip", "windows": few, "damp": None, "error": clip, "vs_rtn": clip / rtn})
             for k, h in fitted.items():
                 for act in (False, True):
                     for damp in (0.01, 0.1):
