@@ -53,7 +53,10 @@ def content_key(*parts: Any) -> str:
 
 def tokens_hash(tokens) -> str:
     """Hash of token values *and* their shape and dtype: 4 x 128 and 2 x 256 of the same
-    tokens are different calibration sets (other sequences, other statistics)."""
+    tokens are different calibration sets (other sequences, other statistics). Batches
+    (:mod:`mpsearch.models.batches`) give their own digest."""
+    if hasattr(tokens, "digest"):
+        return tokens.digest()
     h = hashlib.sha256(f"{tuple(tokens.shape)}|{tokens.dtype};".encode())
     h.update(tokens.contiguous().numpy().tobytes())
     return h.hexdigest()[:20]

@@ -1,4 +1,5 @@
-"""The ``mpsearch`` command: ``search``, ``evolve``, ``apply``, ``eval``, ``heatmap`` and ``list``.
+"""The ``mpsearch`` command: ``search``, ``evolve``, ``apply``, ``eval``, ``export``, ``heatmap``, ``leaderboard``,
+``evolve-proxy`` and ``list``.
 
 Every command is a thin layer over one library call (``mpsearch.search``,
 ``mpsearch.apply_``, ``mpsearch.evaluate_plan``); errors in the input are printed as
@@ -163,9 +164,41 @@ def _eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _leaderboard(a: argparse.Namespace) -> int:
+    from .leaderboard import run
+    from .proxies import list_proxies
+
+    from .proxies import load_proxy
+
+    proxies = a.proxies or list_proxies()
+    evolved = {n for n in (load_proxy(p).name for p in proxies) if n.startswith("emq_")}  # the GP names its proxies emq_*
+    board = run(a.ground_truth, proxies, a.out, a.budgets or [], a.boot, evolved, progress=not a.quiet)
+    cols = ["proxy", "spearman", "spearman_lo", "spearman_hi", "kendall", "rho_top20"]
+    print(board[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\nwrote {Path(a.out).with_suffix('.csv')}, .md and .png")
+    return 0
+
+
+def _evolve_proxy(a: argparse.Namespace) -> int:
+    from .emq import GPConfig, Problem, evolve, term_proxies, write_proxy
+    from .groundtruth import load_ground_truth
+    from .leaderboard import held_out, session_for
+
+    gt, meta = load_ground_truth(a.ground_truth)
+    session = session_for(meta, [], measure=False, progress=not a.quiet, extra=term_proxies())
+    problem = Problem.from_session(session, gt)
+    cfg = GPConfig(population=a.population, generations=a.generations, seed=a.seed)
+    res = evolve(problem, cfg, a.checkpoint, progress=not a.quiet)
+    test, _ = problem.fitness(res["fn"], held_out(gt["plan"]))
+    path = write_proxy(res, a.out, Path(a.out).stem, f"Held-out Spearman {test:.3f} on {meta['model']}.")
+    print(f"best: {res['tree']}\ntrain Spearman {res['train_spearman']:.3f}, held-out {test:.3f}; rejected by the screen: {res['rejected']}")
+    print(f"wrote {path}")
+    return 0
+
+
 def _list(a: argparse.Namespace) -> int:
     from . import registry, solvers  # noqa: F401
-    from .models.loader import PACKAGED
+    from .models.loader import PACKAGED, WITH_DATA
     from .primitives import families
     from .proxies import list_proxies
 
@@ -177,7 +210,7 @@ def _list(a: argparse.Namespace) -> int:
 
     print("exporters:", ", ".join(registry.names("exporter")))
     print("search spaces:", ", ".join(spaces))
-    print("packaged models:", ", ".join(PACKAGED), "(or a .gguf file, a model folder, a hub id)")
+    print("packaged models:", ", ".join([*PACKAGED, *WITH_DATA]), "(or a .gguf file, a model folder, a hub id)")
     print("primitives (family: names):")
     for name, fam in families().items():
         print(f"  {name}: {', '.join(fam.provides)}  ({fam.about})")
@@ -191,7 +224,7 @@ def parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", default="smollm2", help="smollm2 (embedded, default), gemma3-270m (setup.sh --gemma), "
-                        "a .gguf file, a local model folder, or a Hugging Face id")
+                        "fashion-cnn (the Fashion-MNIST residual CNN, with --space cnn), a .gguf file, a local model folder, or a Hugging Face id")
         sp.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -284,6 +317,28 @@ def parser() -> argparse.ArgumentParser:
     hm.add_argument("--out", required=True, help="PNG file to write")
     hm.add_argument("--model", default=None, help="load this model to show effective bits (scales and zeros included)")
     hm.set_defaults(func=_heatmap)
+
+    lb = sub.add_parser("leaderboard", help="rank proxy files on a ground truth (benchmarks/ground_truth.py): Spearman, Kendall, "
+                        "rho_s@k with bootstrap CIs, baselines, and each proxy's measured MILP plans")
+    lb.add_argument("ground_truth", help="a ground-truth CSV (with its settings .json beside it)")
+    lb.add_argument("--proxy", dest="proxies", action="append", default=None,
+                    help="proxy name or file; repeatable (default: every built-in proxy)")
+    lb.add_argument("--budget", dest="budgets", action="append", type=float, default=None, help="effective bits at which each proxy's MILP plan is measured; repeatable")
+    lb.add_argument("--boot", type=int, default=1000, help="bootstrap resamples per CI (default 1000)")
+    lb.add_argument("--out", required=True, help="output prefix: writes OUT.csv, OUT.md, OUT.png")
+    lb.add_argument("--quiet", action="store_true", help="no progress bars")
+    lb.set_defaults(func=_leaderboard)
+
+    ep = sub.add_parser("evolve-proxy", help="EMQ: genetic programming of a proxy expression on a ground truth's training plans; "
+                        "rerun to resume")
+    ep.add_argument("ground_truth", help="a ground-truth CSV (with its settings .json beside it)")
+    ep.add_argument("--out", default="proxies/emq_evolved.toml", help="proxy file to write (default proxies/emq_evolved.toml)")
+    ep.add_argument("--checkpoint", default="runs/emq/gp.pkl", help="saved after every generation; a rerun resumes (default runs/emq/gp.pkl)")
+    ep.add_argument("--population", type=int, default=64, help="genomes per generation (default 64)")
+    ep.add_argument("--generations", type=int, default=30, help="generations (default 30)")
+    ep.add_argument("--seed", type=int, default=0, help="seed of the GP (default 0)")
+    ep.add_argument("--quiet", action="store_true", help="no progress bars")
+    ep.set_defaults(func=_evolve_proxy)
 
     ls = sub.add_parser("list", help="list built-in proxies, solvers, quantizers and search spaces")
     ls.set_defaults(func=_list)

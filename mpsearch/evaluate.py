@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,9 +25,19 @@ class Quality:
     kl: float
     nll: float
     tokens: int
+    #: per evaluation window (batch), its mean NLL and mean KL: what bootstrap CIs resample
+    nll_windows: list[float] = field(default_factory=list)
+    kl_windows: list[float] = field(default_factory=list)
+    #: top-1 accuracy, for a classifier (None for an LM)
+    accuracy: float | None = None
 
     def to_dict(self) -> dict:
-        return {"ppl": self.ppl, "kl": self.kl, "nll": self.nll, "eval_tokens": self.tokens}
+        out = {"ppl": self.ppl, "kl": self.kl, "nll": self.nll, "eval_tokens": self.tokens}
+        if self.accuracy is not None:
+            out["accuracy"] = self.accuracy
+        if self.kl_windows:
+            out.update(nll_windows=self.nll_windows, kl_windows=self.kl_windows)
+        return out
 
 
 class _Spill:
@@ -70,7 +80,7 @@ class Evaluator:
     def fit(self, reference: nn.Module) -> "Evaluator":
         self._spill = _Spill()
         nll_sum, n = 0.0, 0
-        for logp, targets in self._logprobs(reference, "reference"):
+        for _, logp, targets in self._logprobs(reference, "reference"):
             self._spill.append(logp)
             nll_sum += _nll_sum(logp, targets)
             n += targets.numel()
@@ -84,24 +94,66 @@ class Evaluator:
         return self._quality(model, desc)
 
     def _quality(self, model: nn.Module, desc: str = "eval") -> Quality:
-        nll_sum, kl_sum, n = 0.0, 0.0, 0
-        for i, (logp, targets) in enumerate(self._logprobs(model, desc)):
-            nll_sum += _nll_sum(logp, targets)
+        windows = len(torch.split(self.tokens, self.batch_size))
+        nll_w, kl_w, n_w = [0.0] * windows, [0.0] * windows, [0] * windows
+        for i, (w, logp, targets) in enumerate(self._logprobs(model, desc)):
             ref = self._spill.read(i).float()
-            kl_sum += float((ref.exp() * (ref - logp)).sum())
-            n += targets.numel()
-        nll = nll_sum / n
-        return Quality(ppl=math.exp(nll), kl=kl_sum / n, nll=nll, tokens=n)
+            nll_w[w] += _nll_sum(logp, targets)
+            kl_w[w] += float((ref.exp() * (ref - logp)).sum())
+            n_w[w] += targets.numel()
+        n = sum(n_w)
+        nll = sum(nll_w) / n
+        return Quality(ppl=math.exp(nll), kl=sum(kl_w) / n, nll=nll, tokens=n,
+                       nll_windows=[a / b for a, b in zip(nll_w, n_w)], kl_windows=[a / b for a, b in zip(kl_w, n_w)])
 
     def _logprobs(self, model: nn.Module, desc: str):
-        """Yield ``(log_probs[B, P, V], targets[B, P])`` per batch and slice of at most ``positions`` positions."""
+        """Yield ``(window, log_probs[B, P, V], targets[B, P])`` per batch (window) and slice of at most ``positions`` positions."""
         from .models.decoder import logit_slices
 
         model.eval()
         batches = torch.split(self.tokens, self.batch_size)
-        for ids in tqdm(batches, desc=desc, disable=not self.progress, unit="batch", leave=False):
+        for w, ids in enumerate(tqdm(batches, desc=desc, disable=not self.progress, unit="batch", leave=False)):
             for logits, targets in logit_slices(model, ids, self.positions):
-                yield F.log_softmax(logits, dim=-1), targets
+                yield w, F.log_softmax(logits, dim=-1), targets
+
+
+class ClassifierEvaluator:
+    """Scores a classifier on labelled batches: accuracy, mean cross-entropy (``nll``; ``ppl``
+    is its exp), and mean KL(reference || model) over examples; ``tokens`` counts examples."""
+
+    def __init__(self, data, progress: bool = True) -> None:
+        self.tokens = data  # named as the LM evaluator's, so caches key both the same way
+        self.batch_size = data.batch_size
+        self.progress = progress
+
+    @torch.no_grad()
+    def fit(self, reference: nn.Module) -> "ClassifierEvaluator":
+        reference.eval()
+        self._ref = [F.log_softmax(self.tokens.logits(reference, i), dim=-1) for i in range(len(self.tokens))]
+        self.reference_ = self._score(reference, self._ref)
+        return self
+
+    @torch.no_grad()
+    def score(self, model: nn.Module, desc: str = "eval") -> Quality:
+        if not hasattr(self, "reference_"):
+            raise RuntimeError("call fit(reference) before score(model)")
+        model.eval()
+        return self._score(model, [F.log_softmax(self.tokens.logits(model, i), dim=-1)
+                                   for i in tqdm(range(len(self.tokens)), desc=desc, disable=not self.progress, leave=False)])
+
+    def _score(self, model: nn.Module, logps: list[torch.Tensor]) -> Quality:
+        nll_w, kl_w, correct, n = [], [], 0, 0
+        for i, logq in enumerate(logps):
+            y = self.tokens.batch(i)[1]
+            ref = self._ref[i]
+            nll_w.append(float(F.nll_loss(logq, y, reduction="mean")))
+            kl_w.append(float((ref.exp() * (ref - logq)).sum(-1).mean()))
+            correct += int((logq.argmax(-1) == y).sum())
+            n += len(y)
+        sizes = [len(self.tokens.batch(i)[1]) for i in range(len(logps))]
+        nll = sum(a * b for a, b in zip(nll_w, sizes)) / n
+        kl = sum(a * b for a, b in zip(kl_w, sizes)) / n
+        return Quality(ppl=math.exp(nll), kl=kl, nll=nll, tokens=n, nll_windows=nll_w, kl_windows=kl_w, accuracy=correct / n)
 
 
 def _nll_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:

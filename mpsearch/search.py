@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import registry
@@ -286,11 +287,39 @@ def results_table(plans: dict[str, Plan], reference_row: dict | None) -> pd.Data
     for name, plan in plans.items():
         rows.append({"plan": name, "kind": plan.provenance.get("kind", "proxy"), "budget": plan.budget.get("label"),
                      "proxy": plan.provenance.get("proxy"), "source": plan.provenance.get("returned_from", name), **plan.metrics})
-    df = pd.DataFrame(rows)
+    df = window_cis(pd.DataFrame(rows))
     first = [c for c in ("plan", "kind", "budget", "effective_bits", "size_bytes") if c in df]
     pred = sorted(c for c in df if c.startswith("predicted_"))
-    meas = [c for c in ("ppl", "kl", "nll", "eval_tokens", "slice_kl") if c in df]
+    meas = [c for c in ("ppl", "kl", "kl_lo", "kl_hi", "dkl_best", "dkl_best_lo", "dkl_best_hi", "ppl_ratio_best", "ppl_ratio_best_lo",
+                        "ppl_ratio_best_hi", "accuracy", "nll", "eval_tokens", "slice_kl") if c in df]
     return df[first + pred + meas + [c for c in df if c not in first + pred + meas]]
+
+
+def window_cis(df: pd.DataFrame) -> pd.DataFrame:
+    """Bootstrap 95% CIs over the evaluation windows: ``kl_lo``/``kl_hi`` of each plan's KL, and
+    ``dkl_best`` (its KL minus the best measured plan's of its budget) with a paired CI
+    ``dkl_best_lo``/``dkl_best_hi``: a CI above 0 means the plan is worse beyond the text's noise;
+    ``ppl_ratio_best`` (its perplexity over that plan's, from the paired per-window NLL) with its CI.
+    The per-window values themselves stay in the plan files, not in the table."""
+    from .bootstrap import mean_ci, paired_diff_ci
+
+    if "kl_windows" not in df:
+        return df
+    df = df.copy()
+    has = df["kl_windows"].map(lambda w: isinstance(w, list) and len(w) > 1)
+    cols = ("kl_lo", "kl_hi", "dkl_best", "dkl_best_lo", "dkl_best_hi", "ppl_ratio_best", "ppl_ratio_best_lo", "ppl_ratio_best_hi")
+    for c in cols:
+        df[c] = float("nan")
+    for i in df.index[has]:
+        df.loc[i, ["kl_lo", "kl_hi"]] = mean_ci(df.at[i, "kl_windows"])
+    if "budget" in df:
+        for _, rows in df[has & df["budget"].notna()].groupby("budget"):
+            best = rows["kl"].idxmin()
+            for i in rows.index:
+                df.loc[i, ["dkl_best", "dkl_best_lo", "dkl_best_hi"]] = paired_diff_ci(df.at[i, "kl_windows"], df.at[best, "kl_windows"])
+                d = paired_diff_ci(df.at[i, "nll_windows"], df.at[best, "nll_windows"])
+                df.loc[i, ["ppl_ratio_best", "ppl_ratio_best_lo", "ppl_ratio_best_hi"]] = [float(np.exp(v)) for v in d]
+    return df.drop(columns=[c for c in ("kl_windows", "nll_windows") if c in df])
 
 
 def write_outputs(out: Path, plans: dict[str, Plan], table: pd.DataFrame, stages: pd.DataFrame, tables: dict[str, pd.DataFrame], cfg: SearchConfig) -> None:

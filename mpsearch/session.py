@@ -23,6 +23,8 @@ from .cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
 from .evaluate import Evaluator
 from .format import Format
 from .models import load_model, load_text, token_chunks
+from .models.loader import WITH_DATA
+from .models.batches import as_batches
 from .models.data import conventions, text_tokens
 from .plan import Plan, fingerprint, importance_digest
 from .primitives import Primitives, PrimitiveSettings, compute_primitives
@@ -66,42 +68,34 @@ class Session:
     stages: Stages = field(default_factory=Stages)
 
     @classmethod
-    def open(cls, cfg, stages: Stages | None = None) -> "Session":
-        """Load, build and compute in stages; a typo in a proxy or budget fails before heavy work."""
+    def open(cls, cfg, stages: Stages | None = None, extra_proxies: list | None = None) -> "Session":
+        """Load, build and compute in stages; a typo in a proxy or budget fails before heavy work.
+        ``extra_proxies`` are :class:`~mpsearch.proxies.Proxy` objects computed beside the config's."""
         stages = stages or Stages()
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        proxies = [load_proxy(p) for p in cfg.proxies]
+        proxies = [load_proxy(p) for p in cfg.proxies] + list(extra_proxies or [])
         space = SearchSpace.from_file(cfg.space).with_rules(cfg.rules)
-        with stages("load text"):
-            calib_text = load_text(cfg.calibration)
-            eval_text = load_text(cfg.evaluation) if cfg.measure else None
+        texts = None
+        if cfg.model not in WITH_DATA:  # a bad text spec fails before the model loads
+            with stages("load text"):
+                texts = load_text(cfg.calibration), load_text(cfg.evaluation) if cfg.measure else None
         with stages("load model"):
             lm = load_model(cfg.model)
         with stages("build space"):
             decisions = space.build(lm.model)
             budgets = [Budget.parse(b, decisions, space.base_format) for b in cfg.budgets]
             check_budgets(budgets, decision_costs(decisions), sum(d.numel for d in decisions))
-        with stages("tokenize"):
-            lead = conventions(lm.tokenizer, cfg.bos)
-            cl, el = lead["calibration_leading"], lead["evaluation_leading"]
-            calib = token_chunks(lm.tokenizer, calib_text, cfg.calib_seq_len, cfg.calib_chunks, lead=cl)
-            evalt = token_chunks(lm.tokenizer, eval_text, cfg.eval_seq_len, cfg.eval_chunks, lead=el) if cfg.measure else None
         needs = set().union(*(p.needs for p in proxies))
         weighted = cfg.imatrix and any(get_quantizer(f.quantizer).reads_importance(f) for d in decisions for f in d.formats)
         #: decisions with a format that reads the whole Gram matrix (GPTQ)
         gram_decisions = [d for d in decisions if any(get_quantizer(f.quantizer).importance_kind == "gram" for f in d.formats)]
         if weighted:
             needs = needs | {"xtx"} | ({"gram"} if gram_decisions else set())
-        with stages("tokenize the Gram windows and the refinement slice"):
-            # the Gram matrix gets more windows than the rest (SearchConfig.gram_chunks)
-            gram_tokens = calib
-            if "gram" in needs and cfg.gram_chunks > cfg.calib_chunks:
-                gram_tokens = token_chunks(lm.tokenizer, calib_text, cfg.calib_seq_len, cfg.gram_chunks, lead=cl)
-            sliced = None
-            if cfg.measure and cfg.refine > 0:
-                sliced = token_chunks(lm.tokenizer, calib_text, cfg.refine_seq_len, cfg.refine_chunks,
-                                      skip=text_tokens(gram_tokens, lm.tokenizer, cl), lead=cl)
+        if lm.data is None:
+            calib, evalt, gram_tokens, sliced = _text_data(cfg, lm, texts, "gram" in needs, stages)
+        else:
+            calib, evalt, gram_tokens, sliced = _own_data(cfg, lm, "gram" in needs, stages)
         s = cls(cfg, lm, space, decisions, budgets, calib, evalt, None, slice_tokens=sliced, stages=stages,
                 gram_tokens=gram_tokens if "gram" in needs else None)
         settings = PrimitiveSettings(hessian_probes=cfg.hessian_probes, hessian_sequences=cfg.hessian_sequences, seed=cfg.seed)
@@ -116,7 +110,7 @@ class Session:
             s.importance.update({m.name: s.prims.gram[m.name] for d in gram_decisions for m in d.members})
         if "kl" in needs:
             with stages("measured KL per (tensor, format)"):
-                kl_tokens = calib[: KL_SLICE[0], : KL_SLICE[1]]
+                kl_tokens = as_batches(calib).head(*KL_SLICE)
                 table = measured_kl(lm.model, decisions, kl_tokens, s.prims.weights, cfg.use_cache, cfg.progress, s.importance)
                 s.prims.kl = {(t, f): float(v) for t, f, v in table[["tensor", "format", "kl"]].itertuples(index=False)}
                 s.prims.kl_key = kl_key(s.prims.weights, kl_tokens, [(m.name, f) for d in decisions for m in d.members for f in d.formats],
@@ -185,8 +179,11 @@ class Session:
     def provenance(self) -> dict:
         """Computed once: every measured trial makes a plan, and hashing the calibration each time is waste."""
         cfg = self.config
-        data = {"calibration": cfg.calibration, "calib_tokens": int(self.calib.numel()), "calib_sha": tokens_hash(self.calib),
-                "windows": conventions(self.lm.tokenizer, cfg.bos)}
+        if self.lm.data is None:
+            data = {"calibration": cfg.calibration, "calib_tokens": int(self.calib.numel()), "calib_sha": tokens_hash(self.calib),
+                    "windows": conventions(self.lm.tokenizer, cfg.bos)}
+        else:
+            data = {"calibration": f"{self.lm.data.name}: {len(self.calib)} training batches", "calib_sha": tokens_hash(self.calib)}
         out = {"data": data, "seed": cfg.seed, "space": self.space.name, "mpsearch_version": __version__}
         if self.importance:
             out["importance"] = "calibration: each layer input's mean square per column (llama.cpp's imatrix)"
@@ -218,7 +215,7 @@ class Session:
     def _fitted(self, attr: str, tokens: torch.Tensor, stage: str, progress: bool) -> Evaluator:
         if getattr(self, attr, None) is None:
             with self.stages(stage):
-                setattr(self, attr, Evaluator(tokens, progress=progress).fit(self.model))
+                setattr(self, attr, as_batches(tokens).evaluator(progress=progress).fit(self.model))
         return getattr(self, attr)
 
     def choice_cost(self, choice: Sequence[int]) -> float:
@@ -258,6 +255,43 @@ class Session:
         return {**self.measure(plan, desc="eval"), "effective_bits": plan.metrics["effective_bits"]}
 
 
+def _text_data(cfg, lm, texts, gram: bool, stages: Stages):
+    """A causal LM's windows: calibration, evaluation, the Gram windows (``gram_chunks``, the
+    calibration windows first) and the refinement slice after them."""
+    calib_text, eval_text = texts
+    with stages("tokenize"):
+        lead = conventions(lm.tokenizer, cfg.bos)
+        cl, el = lead["calibration_leading"], lead["evaluation_leading"]
+        calib = token_chunks(lm.tokenizer, calib_text, cfg.calib_seq_len, cfg.calib_chunks, lead=cl)
+        evalt = token_chunks(lm.tokenizer, eval_text, cfg.eval_seq_len, cfg.eval_chunks, lead=el) if cfg.measure else None
+    with stages("tokenize the Gram windows and the refinement slice"):
+        # the Gram matrix gets more windows than the rest (SearchConfig.gram_chunks)
+        gram_tokens = calib
+        if gram and cfg.gram_chunks > cfg.calib_chunks:
+            gram_tokens = token_chunks(lm.tokenizer, calib_text, cfg.calib_seq_len, cfg.gram_chunks, lead=cl)
+        sliced = None
+        if cfg.measure and cfg.refine > 0:
+            sliced = token_chunks(lm.tokenizer, calib_text, cfg.refine_seq_len, cfg.refine_chunks,
+                                  skip=text_tokens(gram_tokens, lm.tokenizer, cl), lead=cl)
+    return calib, evalt, gram_tokens, sliced
+
+
+def _own_data(cfg, lm, gram: bool, stages: Stages):
+    """A model with its own data (a classifier): calibration batches, the Gram batches (the
+    calibration ones first), the refinement slice after them, and the evaluation batches."""
+    from .models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
+
+    if (cfg.calibration, cfg.evaluation) != (DEFAULT_CALIBRATION, DEFAULT_EVALUATION):
+        raise ValueError(f"model {cfg.model!r} brings its own data ({lm.data.name}); --calibration/--evaluation do not apply to it")
+    with stages("prepare data"):
+        calib = lm.data.calibration(cfg.calib_chunks)
+        gram_batches = max(cfg.gram_chunks, cfg.calib_chunks) if gram else cfg.calib_chunks
+        gram_tokens = lm.data.calibration(gram_batches) if gram_batches > cfg.calib_chunks else calib
+        sliced = lm.data.calibration(cfg.refine_chunks, skip=gram_batches) if cfg.measure and cfg.refine > 0 else None
+        evalt = lm.data.evaluation(cfg.eval_chunks) if cfg.measure else None
+    return calib, evalt, gram_tokens, sliced
+
+
 def check_budgets(budgets: list[Budget], costs: list[np.ndarray], numel: int) -> None:
     """Fail before any heavy work when a budget is below the smallest feasible one; warn
     when it is above what the space can use (every tensor at its largest format)."""
@@ -283,6 +317,9 @@ def check_quality(q: dict, tokens: int) -> None:
     require(isinstance(q, dict) and {"ppl", "kl", "nll", "eval_tokens"} <= set(q), "missing ppl, kl, nll or eval_tokens")
     require_finite([q["ppl"], q["kl"], q["nll"]], "the measurement")
     require(q["eval_tokens"] == tokens, f"measured on {q['eval_tokens']} tokens, the evaluation has {tokens}")
+    if "kl_windows" in q:  # per-window values (bootstrap CIs): one per window, finite, averaging to the totals' scale
+        require(isinstance(q["kl_windows"], list) and len(q["kl_windows"]) == len(q.get("nll_windows", [])) > 0, "bad per-window values")
+        require_finite(q["kl_windows"] + q["nll_windows"], "a per-window value")
 
 
 def importance_needed(formats: dict[str, Format], importance: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:

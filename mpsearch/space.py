@@ -16,6 +16,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from .format import FULL_BITS, PER_CHANNEL, Format, FormatError
+from .layers import check_types, kind_of, matrix_shape
 
 
 class SpaceError(ValueError):
@@ -146,6 +147,8 @@ class SearchSpace:
     """Declarative space; ``build(model)`` makes it concrete."""
 
     name: str = "custom"
+    #: module types that can be decisions (:mod:`mpsearch.layers`): Linear, Conv1d, Conv2d, Conv1D
+    types: tuple[str, ...] = ("Linear",)
     targets: tuple[str, ...] = (r"re:.*",)
     ignore: tuple[str, ...] = ()
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
@@ -176,6 +179,12 @@ class SearchSpace:
                 raise SpaceError(f"tie pattern {t!r} must be 're:' with a capture group naming the tied set")
         if not isinstance(self.include_full, bool):
             raise SpaceError(f"include_full must be true or false, got {self.include_full!r}")
+        if isinstance(self.types, str) or not self.types:
+            raise SpaceError(f"types: expected a non-empty list of layer types, got {self.types!r}")
+        try:
+            check_types(self.types)
+        except ValueError as e:
+            raise SpaceError(f"types: {e}") from None
 
     # ---------------------------------------------------------------- loading
     @staticmethod
@@ -206,7 +215,7 @@ class SearchSpace:
 
     @staticmethod
     def _from_dict(data: dict[str, Any], source: str) -> "SearchSpace":
-        known = {"name", "description", "targets", "ignore", "formats", "tie", "rules"}
+        known = {"name", "description", "types", "targets", "ignore", "formats", "tie", "rules"}
         extra = set(data) - known
         if extra:
             raise SpaceError(f"unknown key(s) {sorted(extra)}; allowed: {sorted(known)}")
@@ -244,6 +253,7 @@ class SearchSpace:
             rules.append(Rule(match=r["match"], pin=pin, min_bits=r.get("min_bits"), max_bits=r.get("max_bits"), exclude=r.get("exclude", False)))
         return SearchSpace(
             name=str(data.get("name", Path(source).stem or "custom")),
+            types=tuple(_list(data, "types", ["Linear"])),
             targets=tuple(_list(data, "targets", ["re:.*"])),
             ignore=tuple(_list(data, "ignore", [])),
             bits=tuple(_list(fm, "bits", [2, 3, 4, 5, 6, 8], "formats.")),
@@ -279,19 +289,22 @@ class SearchSpace:
         return fmts
 
     # --------------------------------------------------------------- building
-    def linear_members(self, model: nn.Module) -> list[Member]:
-        """Every nn.Linear the targets select and ignore does not."""
+    def members(self, model: nn.Module) -> list[Member]:
+        """Every layer of the space's ``types`` that the targets select and ignore does not,
+        with its weight's shape as a matrix ``[out, fan_in]`` (:mod:`mpsearch.layers`)."""
         out = []
         for name, mod in model.named_modules():
-            if isinstance(mod, nn.Linear) and any(matches(t, name) for t in self.targets) and not any(matches(t, name) for t in self.ignore):
-                out.append(Member(name, mod.out_features, mod.in_features))
+            kind = kind_of(mod)
+            if kind is not None and kind.name in self.types and any(matches(t, name) for t in self.targets) \
+                    and not any(matches(t, name) for t in self.ignore):
+                out.append(Member(name, *matrix_shape(mod)))
         if not out:
-            raise SpaceError(f"search space {self.name!r}: no linear layer of the model matches targets {list(self.targets)}")
+            raise SpaceError(f"search space {self.name!r}: no layer of types {list(self.types)} matches targets {list(self.targets)}")
         return out
 
     def build(self, model: nn.Module) -> list[Decision]:
         """Concrete decisions for ``model``: formats fitted, rules applied, ties grouped."""
-        members = self.linear_members(model)
+        members = self.members(model)
         names = [m.name for m in members]
         for r in self.rules:
             if not any(matches(r.match, n) for n in names):

@@ -179,7 +179,7 @@ def test_cli_apply_reports_tensors_and_writes_a_loadable_model(tiny_run, tmp_pat
     out = capsys.readouterr().out
     assert "applied formats to 14 tensors" in out  # 2 layers x 7 linears, not embeddings or LM head
     q = load_model(str(tmp_path / "q"))
-    names = [m.name for m in SearchSpace.from_file("llama").linear_members(q.model)]
+    names = [m.name for m in SearchSpace.from_file("llama").members(q.model)]
     qmods, omods = dict(q.model.named_modules()), dict(lm.model.named_modules())
     assert all(not torch.equal(qmods[n].weight, omods[n].weight) for n in names)
     assert torch.equal(q.model.model.embed_tokens.weight, lm.model.model.embed_tokens.weight)

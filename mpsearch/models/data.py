@@ -75,18 +75,18 @@ def austen_dir() -> Path:
     for c in candidates:
         if (c / "Rdata.rdx").exists():
             return c
-    return _fetch_deb(cache_dir() / "data" / DEB_PACKAGE) / _RDATA
+    return fetch_deb(cache_dir() / "data" / DEB_PACKAGE) / _RDATA
 
 
-def _fetch_deb(dest: Path) -> Path:
-    """``apt-get download`` + ``dpkg -x`` (no root needed for either)."""
+def fetch_deb(dest: Path, package: str = DEB_PACKAGE) -> Path:
+    """``apt-get download`` + ``dpkg -x`` of a Debian data package (no root needed for either)."""
     if not shutil.which("apt-get") or not shutil.which("dpkg"):
-        raise DataError(f"Jane Austen data not found and apt-get/dpkg are unavailable: install Debian's {DEB_PACKAGE} or pass a text file")
+        raise DataError(f"data not found and apt-get/dpkg are unavailable: install Debian's {package}")
     with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run(["apt-get", "download", DEB_PACKAGE], cwd=tmp, capture_output=True, text=True)
+        r = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
         debs = list(Path(tmp).glob("*.deb"))
         if r.returncode != 0 or not debs:
-            raise DataError(f"`apt-get download {DEB_PACKAGE}` failed ({r.stderr.strip()[-300:]}); run `apt-get update` first or pass a text file")
+            raise DataError(f"`apt-get download {package}` failed ({r.stderr.strip()[-300:]}); run `apt-get update` first")
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".partial")
         shutil.rmtree(part, ignore_errors=True)

@@ -39,17 +39,23 @@ class ModelError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    """A causal LM in eval mode, its tokenizer, and the id plans record."""
+    """A model in eval mode, the id plans record, and either its tokenizer (a causal LM, run
+    on text) or its own data (anything else, e.g. :class:`mpsearch.models.fashion.FashionData`)."""
 
     model: nn.Module
     tokenizer: object
     model_id: str
+    #: a model that does not read text brings its data: ``calibration(chunks, skip)`` and
+    #: ``evaluation(chunks)`` giving :class:`mpsearch.models.batches.Batches`
+    data: object | None = None
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """A packaged model name (:data:`PACKAGED`), a ``.gguf`` file, a local directory, or a
     Hugging Face id (only where the hub is reachable)."""
-    if spec in PACKAGED:
+    if spec in WITH_DATA:
+        lm = WITH_DATA[spec]()
+    elif spec in PACKAGED:
         model_id, locate = PACKAGED[spec]
         lm = load_gguf(locate(), dtype, model_id)
     elif str(spec).lower().endswith(".gguf"):
@@ -100,6 +106,16 @@ PACKAGED: dict[str, tuple[str, Callable[[], Path]]] = {
     "smollm2": ("smollm2-135m-instruct-q4_1-dequant", gguf_path),
     "gemma3-270m": ("gemma-3-270m-q4_k_m-dequant", gemma_path),
 }
+
+
+def _fashion_cnn() -> LoadedModel:
+    from .fashion import MODEL_ID, FashionData, trained_model
+
+    return LoadedModel(trained_model(), None, MODEL_ID, data=FashionData())
+
+
+#: models that bring their own data (not text): name -> loader
+WITH_DATA: dict[str, Callable[[], LoadedModel]] = {"fashion-cnn": _fashion_cnn}
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32, model_id: str | None = None) -> LoadedModel:

@@ -25,7 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..registry import register
-from .base import Checkpoint, Family, PrimitiveSettings, Values, linear_modules
+from ..layers import input_rows, matrix_shape, weight_modules
+from ..models.batches import as_batches
+from .base import Checkpoint, Family, PrimitiveSettings, Values
 
 KERNEL_BITS = tuple(range(2, 17))
 GPTQ_DAMP = 0.01
@@ -124,14 +126,15 @@ def _damped_inverse_diag(h: torch.Tensor) -> torch.Tensor:
 def input_pass(model: nn.Module, tensors: list[str], tokens: torch.Tensor, new: Callable[[int], Any],
                contribution: Callable[[torch.Tensor], dict], from_state: Callable[[dict], Any], desc: str,
                progress: bool = True, checkpoint: Checkpoint | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Running statistics of every listed linear's input over ``tokens``, one forward pass.
+    """Running statistics of every listed layer's input (as the rows its weight matrix multiplies) over ``tokens``, one forward pass.
 
     ``new(dim)`` makes a layer's statistics (with ``add(contribution)`` and ``state()``),
     ``contribution(x)`` is what one call's input adds, ``from_state`` restores a
     checkpoint. Layers that share an input (q/k/v, gate/up) are computed once; every
     tensor gets its own copy of the result (safetensors refuses shared memory).
     """
-    modules = linear_modules(model, tensors)
+    modules = weight_modules(model, tensors)
+    data = as_batches(tokens)
     start, saved, extra = checkpoint.resume() if checkpoint else (0, {}, {})
     per: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in saved.items():
@@ -152,18 +155,18 @@ def input_pass(model: nn.Module, tensors: list[str], tokens: torch.Tensor, new: 
             if t in alias:
                 raise RuntimeError(f"{t} stopped sharing its input with {alias[t]}")
             last[0], last[1] = x, t
-            stats.setdefault(t, new(modules[t].in_features)).add(contribution(x.detach().reshape(-1, x.shape[-1]).float()))
+            stats.setdefault(t, new(matrix_shape(modules[t])[1])).add(contribution(input_rows(modules[t], x.detach()).float()))
         return hook
 
     handles = [modules[t].register_forward_hook(hook_for(t)) for t in tensors]
     try:
         with torch.no_grad():
-            bar = tqdm(total=len(tokens), initial=start, desc=desc, disable=not progress, unit="seq")
-            for i in range(start, len(tokens)):
-                model(input_ids=tokens[i].unsqueeze(0), use_cache=False)
+            bar = tqdm(total=len(data), initial=start, desc=desc, disable=not progress, unit="batch")
+            for i in range(start, len(data)):
+                data.forward(model, i)
                 last[0] = last[1] = None
                 bar.update()
-                if checkpoint and i + 1 < len(tokens):
+                if checkpoint and i + 1 < len(data):
                     checkpoint.save(i + 1, lambda: {f"{t}::{k}": v for t, s in stats.items() for k, v in s.state().items()},
                                     {"alias": alias})
             bar.close()

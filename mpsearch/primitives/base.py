@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +105,3 @@ class Family:
     about: str = ""
     #: ``compute`` accepts ``checkpoint=`` and resumes from it
     resumable: bool = False
-
-
-def linear_modules(model: nn.Module, tensors: list[str]) -> dict[str, nn.Linear]:
-    """The named linear layers, or a KeyError naming the ones that are not."""
-    modules = dict(model.named_modules())
-    missing = [t for t in tensors if not isinstance(modules.get(t), nn.Linear)]
-    if missing:
-        raise KeyError(f"not linear layers of this model: {missing[:5]}")
-    return {t: modules[t] for t in tensors}

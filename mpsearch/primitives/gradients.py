@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 
 from ..models.decoder import decoder_parts, head
 from ..registry import register
-from .base import Checkpoint, Family, PrimitiveSettings, Values, linear_modules
+from ..layers import matrix, weight_modules
+from ..models.batches import as_batches
+from .base import Checkpoint, Family, PrimitiveSettings, Values
 
 
 def gradients(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings | None = None,
@@ -23,7 +25,8 @@ def gradients(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settin
     """One backward per sequence; each weight's gradient is folded into the sums the moment
     it is ready and then freed (a post-accumulate hook), so the pass never holds a full set
     of gradients next to the two sums."""
-    modules = linear_modules(model, tensors)
+    modules = weight_modules(model, tensors)
+    data = as_batches(tokens)
     params = [modules[t].weight for t in tensors]
     start, saved, _ = checkpoint.resume() if checkpoint else (0, {}, {})
     f_acc = [saved.get(f"f::{t}", torch.zeros_like(p, dtype=torch.float32)) for t, p in zip(tensors, params)]
@@ -44,12 +47,11 @@ def gradients(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settin
             p.requires_grad_(True)
             p.grad = None
             handles.append(p.register_post_accumulate_grad_hook(fold(f, g)))
-        bar = tqdm(total=len(tokens), initial=start, desc="gradients (fisher, grad)", disable=not progress, unit="seq")
-        for i in range(start, len(tokens)):
-            ids = tokens[i].unsqueeze(0)
-            loss_backward(model, ids)
+        bar = tqdm(total=len(data), initial=start, desc="gradients (fisher, grad)", disable=not progress, unit="batch")
+        for i in range(start, len(data)):
+            data.loss_backward(model, i)
             bar.update()
-            if checkpoint and i + 1 < len(tokens):
+            if checkpoint and i + 1 < len(data):
                 checkpoint.save(i + 1, lambda: {**{f"f::{t}": f for t, f in zip(tensors, f_acc)}, **{f"g::{t}": g for t, g in zip(tensors, g_acc)}})
         bar.close()
     finally:
@@ -58,9 +60,9 @@ def gradients(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settin
         for p, flag in zip(params, flags):
             p.grad = None
             p.requires_grad_(flag)
-    n = len(tokens)
-    return {"fisher": {t: f.div_(n) for t, f in zip(tensors, f_acc)},
-            "grad": {t: g.div_(n) for t, g in zip(tensors, g_acc)}}
+    n = len(data)
+    return {"fisher": {t: matrix(modules[t], f.div_(n)).contiguous() for t, f in zip(tensors, f_acc)},
+            "grad": {t: matrix(modules[t], g.div_(n)).contiguous() for t, g in zip(tensors, g_acc)}}
 
 
 def loss_backward(model: nn.Module, ids: torch.Tensor, positions: int = 32) -> None:

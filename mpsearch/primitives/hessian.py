@@ -26,7 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..registry import register
-from .base import Checkpoint, Family, PrimitiveSettings, Values, linear_modules
+from ..layers import matrix, weight_modules
+from ..models.batches import as_batches
+from .base import Checkpoint, Family, PrimitiveSettings, Values
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +77,13 @@ def hutchinson(
     """
     if checkpoint is not None and share_probes:
         raise ValueError("a checkpoint needs independent probes per chunk (share_probes=False)")
-    modules = linear_modules(model, tensors)
+    modules = weight_modules(model, tensors)
+    data = as_batches(tokens)
     if probes < 1 or batch < 1:
         raise ValueError(f"probes and batch must be >= 1, got {probes}, {batch}")
     params = [modules[t].weight for t in tensors]
-    chunk = chunk or len(tokens)
-    chunks = list(torch.split(tokens, chunk))
+    chunk = chunk or len(data)
+    chunks = [range(s, min(s + chunk, len(data))) for s in range(0, len(data), chunk)]
     gen = torch.Generator().manual_seed(seed)
     # per chunk: sums of per-probe traces and their squares, per tensor
     sums = torch.zeros(len(chunks), len(tensors), dtype=torch.float64)
@@ -104,7 +107,7 @@ def hutchinson(
         for c, ids in enumerate(chunks):
             if c < start:
                 continue
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss * (len(ids) / len(tokens))
+            loss = data.loss(model, ids) * (len(ids) / len(data))
             grads = torch.autograd.grad(loss, params, create_graph=True)
             done = 0
             for k, acc in enumerate(shared):  # the same probe k in every chunk: Hz adds up over chunks
@@ -156,7 +159,7 @@ def hutchinson(
         probes=done,
     )
     if diag:
-        out.diag = {t: d / done for t, d in zip(tensors, diag_acc)}  # each chunk adds its share of H
+        out.diag = {t: matrix(modules[t], d / done).contiguous() for t, d in zip(tensors, diag_acc)}  # each chunk adds its share of H
     return out
 
 
@@ -200,7 +203,8 @@ def _hvp(grads, params, zs):
 def _hessian_family(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings,
                     progress: bool = True, checkpoint: Checkpoint | None = None) -> Values:
     """The primitive family: each calibration sequence is one graph with ``hessian_probes`` probes."""
-    seqs = tokens[: settings.hessian_sequences] if settings.hessian_sequences else tokens
+    data = as_batches(tokens)
+    seqs = data.head(settings.hessian_sequences) if settings.hessian_sequences else data
     est = hutchinson(model, tensors, seqs, probes=settings.hessian_probes, chunk=1, seed=settings.seed, progress=progress,
                      checkpoint=checkpoint)
     return {

@@ -20,6 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..cache import cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
+from ..layers import matrix, set_matrix
+from ..models.batches import TokenBatches, as_batches
 from ..plan import importance_digest
 from ..quant import format_identity, get_quantizer, quantize
 
@@ -46,23 +48,33 @@ def measured_kl(model: nn.Module, decisions, tokens: torch.Tensor, weights_key: 
         done = _load(path, key, {(t, f.key) for t, f in pairs})
     todo = [(t, f) for t, f in pairs if (t, f.key) not in done]
     if todo:
-        tail, ref_logp = _tail_runner(model, tokens)
+        data = as_batches(tokens)
+        if isinstance(data, TokenBatches):  # a decoder: rerun only the layers from the quantized one on
+            tail, ref_logp = _tail_runner(model, data.tokens)
+            layer_of = _layer_of
+        else:  # anything else: the whole forward pass each time
+            def tail(_layer: int) -> torch.Tensor:
+                return torch.cat([F.log_softmax(data.logits(model, i), dim=-1) for i in range(len(data))])
+            with torch.no_grad():
+                ref_logp = tail(0)
+            def layer_of(_name: str) -> int:
+                return 0
         ref = _Reference(ref_logp)
         modules = dict(model.named_modules())
         by_layer: dict[int, list] = {}
         for t, f in todo:
-            by_layer.setdefault(_layer_of(t), []).append((t, f))
+            by_layer.setdefault(layer_of(t), []).append((t, f))
         bar = tqdm(total=len(todo), desc="measured KL per (tensor, format)", disable=not progress, unit="pair")
         with torch.no_grad():
             for layer in sorted(by_layer):
                 for t, f in by_layer[layer]:
-                    w = modules[t].weight
-                    original = w.detach().clone()
+                    mod = modules[t]
+                    original = matrix(mod).detach().clone()
                     try:
-                        w.copy_(quantize(original, f, importance.get(t)))
+                        set_matrix(mod, quantize(original, f, importance.get(t)))
                         done[(t, f.key)] = ref.kl(tail(layer))
                     finally:
-                        w.copy_(original)
+                        set_matrix(mod, original)
                     bar.update()
                 if path is not None:
                     write_json(path, [[t, f, v] for (t, f), v in sorted(done.items())], key, SCHEMA)  # per layer: an interruption loses at most one layer

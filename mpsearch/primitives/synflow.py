@@ -13,23 +13,23 @@ import torch
 from torch import nn
 
 from ..registry import register
-from .base import Family, PrimitiveSettings, Values, linear_modules
+from ..layers import matrix, weight_modules
+from ..models.batches import as_batches
+from .base import Family, PrimitiveSettings, Values
 
 
 def synflow(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings | None = None,
             progress: bool = True) -> Values:
-    linear_modules(model, tensors)  # fail early on a wrong name
+    weight_modules(model, tensors)  # fail early on a wrong name
     twin = copy.deepcopy(model).double()
     with torch.no_grad():
         for p in twin.parameters():
             p.abs_().requires_grad_(False)
     modules = dict(twin.named_modules())
     params = [modules[t].weight.requires_grad_(True) for t in tensors]
-    hidden = model.get_input_embeddings().weight.shape[1]
-    ones = torch.ones(1, tokens.shape[-1], hidden, dtype=torch.float64)
-    r = twin(inputs_embeds=ones, use_cache=False).logits.sum()
+    r = as_batches(tokens).synflow_output(twin)
     grads = torch.autograd.grad(r, params)
-    return {"synflow": {t: (p.detach() * g).abs().float() for t, p, g in zip(tensors, params, grads)}}
+    return {"synflow": {t: matrix(modules[t], (p.detach() * g).abs().float()).contiguous() for t, p, g in zip(tensors, params, grads)}}
 
 
 FAMILY = register("primitive family", "synflow")(Family(

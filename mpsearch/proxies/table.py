@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..cache import cache_dir, content_key, read_frame, require, require_finite, write_frame
+from ..layers import matrix
 from ..primitives import Primitives, primitive_names
 from ..primitives.activations import KERNEL_BITS
 from ..plan import importance_digest
@@ -20,8 +21,8 @@ from .proxy import Proxy
 log = logging.getLogger(__name__)
 
 
-COLUMNS = ["decision", "tensor", "format", "option", "bits", "numel", "qerr", "predicted"]
-SCHEMA = "proxy-table/v2"
+COLUMNS = ["decision", "tensor", "format", "option", "bits", "numel", "qerr", "predicted", "predicted_se"]
+SCHEMA = "proxy-table/v3"  # v3: predicted_se
 
 
 def proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decision], prims: Primitives,
@@ -30,19 +31,22 @@ def proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decisio
 
     A table has one row per (decision member, candidate format): the columns decision,
     tensor, format, option (index into the decision's formats), bits (effective),
-    numel, qerr (sum of dW^2; ``oerr`` = trace(dW gram dW^T) for proxies that read it) and predicted (the proxy's value). ``dW`` is each format's
+    numel, qerr (sum of dW^2; ``oerr`` = trace(dW gram dW^T) for proxies that read it), predicted (the proxy's value)
+    and predicted_se (its standard error where it reads a Hutchinson estimate, else 0). ``dW`` is each format's
     real error: quantizers that weight their search by ``importance`` get it.
     """
     importance = importance or {}
     modules = dict(model.named_modules())
     needs = frozenset().union(*(p.needs for p in proxies))
+    if "htrace" in needs:
+        needs = needs | {"htrace_se"}  # the Hutchinson standard error, carried into predicted_se
     rows: dict[str, list] = {p.name: [] for p in proxies}
     total = sum(len(d.members) * len(d.formats) for d in decisions)
     names = ", ".join(p.name for p in proxies)
     bar = tqdm(total=total, desc=f"proxy {names}" if len(names) < 40 else f"{len(proxies)} proxies", disable=not progress, unit="pair")
     for d in decisions:
         for m in d.members:
-            w = modules[m.name].weight.detach().float()
+            w = matrix(modules[m.name]).detach().float()
             base = {"w": w, "numel": float(m.numel)}
             base.update({name: prims.get(name, m.name) for name in needs & primitive_names()})
             for j, fmt in enumerate(d.formats):
@@ -62,10 +66,18 @@ def proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decisio
                     value = p.evaluate(env)
                     if not np.isfinite(value):
                         raise ValueError(f"proxy {p.name!r} gives {value} for {m.name} in format {fmt.key}")
-                    rows[p.name].append((d.name, m.name, fmt.key, j, env["bits"], m.numel, qerr, value))
+                    rows[p.name].append((d.name, m.name, fmt.key, j, env["bits"], m.numel, qerr, value, _standard_error(p, env, value)))
                 bar.update()
     bar.close()
     return {name: pd.DataFrame(r, columns=COLUMNS) for name, r in rows.items()}
+
+
+def _standard_error(proxy: Proxy, env: dict, value: float) -> float:
+    """The proxy's standard error from the Hutchinson trace's (first order: the change of the
+    value when ``htrace`` moves by one standard error); 0 for proxies that read no estimate."""
+    if "htrace" not in proxy.needs:
+        return 0.0
+    return abs(proxy.evaluate({**env, "htrace": env["htrace"] + env["htrace_se"]}) - value)
 
 
 def proxy_table(proxy: Proxy, model: nn.Module, decisions: list[Decision], prims: Primitives, progress: bool = True) -> pd.DataFrame:
@@ -93,7 +105,7 @@ def check_table(table: pd.DataFrame, decisions: list[Decision]) -> None:
     require(len(table) == len(expected), f"{len(table)} rows, expected {len(expected)}: incomplete")
     got = list(zip(table["decision"], table["tensor"], table["format"], table["option"]))
     require(got == expected, "its rows are not this search space's (tensor, format) pairs")
-    for col in ("bits", "numel", "qerr", "predicted"):
+    for col in ("bits", "numel", "qerr", "predicted", "predicted_se"):
         require_finite(table[col].tolist(), f"column {col}")
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..format import FormatError
+from ..layers import kind_of, matrix, set_matrix
 from ..plan import Plan, PlanError
 from . import quantize
 from .memo import QuantMemo
@@ -16,15 +17,28 @@ from .quantizer import get_quantizer
 
 
 def quantizable_names(model: nn.Module) -> list[str]:
-    """Names a plan may address by exact name: every module with a 2-D ``weight``."""
-    return [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
+    """Names a plan may address by exact name: every layer of a known kind (Linear, Conv,
+    Conv1D; :mod:`mpsearch.layers`) and every other module with a 2-D ``weight`` (embeddings)."""
+    return [n for n, m in model.named_modules()
+            if kind_of(m) is not None or (isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2)]
+
+
+def _matrix(m: nn.Module) -> torch.Tensor:
+    return matrix(m) if kind_of(m) is not None else m.weight
+
+
+def _set(m: nn.Module, w: torch.Tensor) -> None:
+    if kind_of(m) is not None:
+        set_matrix(m, w)
+    else:
+        m.weight.copy_(w)
 
 
 def space_names(model: nn.Module, space: str = "llama") -> list[str]:
     """The tensors the search space ``space`` makes decisions (targets, less ignore)."""
     from ..space import SearchSpace
 
-    return [m.name for m in SearchSpace.from_file(space).linear_members(model)]
+    return [m.name for m in SearchSpace.from_file(space).members(model)]
 
 
 def check_plan(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama", all_tensors: bool = False) -> Plan:
@@ -50,7 +64,7 @@ def check_plan(model: nn.Module, plan: Plan, check: bool = True, space: str = "l
                 continue
             if target != "weight":
                 raise PlanError(f"tensors[{name!r}].{target}: activation/KV quantization is not supported by this backend yet")
-            in_features = modules[name].weight.shape[1]
+            in_features = _matrix(modules[name]).shape[1]
             if not fmt.fits(in_features):
                 raise PlanError(f"tensors[{name!r}].weight: group size {fmt.group_size} does not divide its input dimension {in_features}")
             try:
@@ -81,11 +95,11 @@ def apply_(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama
     modules = dict(model.named_modules())
 
     def q(n: str, f) -> torch.Tensor:
-        w, imp = modules[n].weight, resolved.importance_for(n)
+        w, imp = _matrix(modules[n]), resolved.importance_for(n)
         return quantize(w, f, imp) if memo is None else memo.quantize(n, w, f, imp)
     new = {n: q(n, f) for n, f in resolved.weight_formats().items()}
     for n, w in new.items():
-        modules[n].weight.copy_(w)
+        _set(modules[n], w)
     return model
 
 
@@ -100,10 +114,10 @@ def applied(model: nn.Module, plan: Plan, check: bool = True, space: str = "llam
     """Quantize in place for the ``with`` block, then restore the original weights."""
     modules = dict(model.named_modules())
     names = check_plan(model, plan, check, space, all_tensors).weight_formats()
-    saved = {n: modules[n].weight.detach().clone() for n in names}
+    saved = {n: _matrix(modules[n]).detach().clone() for n in names}
     try:
         yield apply_(model, plan, check, space, all_tensors, memo)
     finally:
         with torch.no_grad():
             for n, w in saved.items():
-                modules[n].weight.copy_(w)
+                _set(modules[n], w)
