@@ -72,6 +72,8 @@ BINARY = {"add": (operator.add, "({0} + {1})"), "sub": (operator.sub, "({0} - {1
 
 @dataclass(frozen=True)
 class GPConfig:
+    """The GP's settings; a checkpoint resumes only under the same ones."""
+
     population: int = 64
     generations: int = 30
     tournament: int = 3

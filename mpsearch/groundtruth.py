@@ -113,13 +113,15 @@ def make_ground_truth(session, out: str | Path, cfg: SamplerConfig, settings: di
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"schema": SCHEMA, "sampler": asdict(cfg), "model": session.lm.model_id, "weights": session.prims.weights,
-            "space": session.space.name, "decisions": [d.name for d in session.decisions], **(settings or {})}
+            "space": session.space.name, "decisions": [d.name for d in session.decisions],
+            "reference": {k: v for k, v in session.evaluator.reference_.to_dict().items() if not k.endswith("_windows")},
+            **(settings or {})}
     meta_path = out.with_suffix(".json")
     done = pd.DataFrame()
     if out.exists() and meta_path.exists():
         old = json.loads(meta_path.read_text())
         new = json.loads(json.dumps(meta))  # tuples as lists, as the file has them
-        skip = {"sampler", "machine"}  # a resumed run may draw more plans, on another machine
+        skip = {"sampler", "machine", "reference"}  # a resumed run may draw more plans, on another machine
         same = {k: v for k, v in old.items() if k not in skip} == {k: v for k, v in new.items() if k not in skip}
         same = same and {k: v for k, v in old["sampler"].items() if k != "plans"} == {k: v for k, v in new["sampler"].items() if k != "plans"}
         if not same:

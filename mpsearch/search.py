@@ -104,6 +104,10 @@ class SearchConfig:
             raise ValueError(f"bos must be one of {', '.join(BOS_CHOICES)}, got {self.bos!r}")
         if self.calibration == self.evaluation:
             raise ValueError(f"calibration and evaluation data are both {self.calibration!r}: never evaluate on calibration text")
+        from .models.loader import WITH_DATA
+
+        if self.model in WITH_DATA and (self.calibration, self.evaluation) != (DEFAULT_CALIBRATION, DEFAULT_EVALUATION):
+            raise ValueError(f"model {self.model!r} brings its own data; --calibration/--evaluation do not apply to it")
         self.check()
 
     def check(self) -> None:

@@ -279,11 +279,7 @@ def _text_data(cfg, lm, texts, gram: bool, stages: Stages):
 def _own_data(cfg, lm, gram: bool, stages: Stages):
     """A model with its own data (a classifier): calibration batches, the Gram batches (the
     calibration ones first), the refinement slice after them, and the evaluation batches."""
-    from .models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
-
-    if (cfg.calibration, cfg.evaluation) != (DEFAULT_CALIBRATION, DEFAULT_EVALUATION):
-        raise ValueError(f"model {cfg.model!r} brings its own data ({lm.data.name}); --calibration/--evaluation do not apply to it")
-    with stages("prepare data"):
+    with stages("prepare data"):  # SearchConfig refused text flags for such a model already
         calib = lm.data.calibration(cfg.calib_chunks)
         gram_batches = max(cfg.gram_chunks, cfg.calib_chunks) if gram else cfg.calib_chunks
         gram_tokens = lm.data.calibration(gram_batches) if gram_batches > cfg.calib_chunks else calib

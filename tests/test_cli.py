@@ -7,7 +7,7 @@ from mpsearch.cli import main
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["search", "--proxy", "nope"], "built-in proxies: baq, fisher, fit"),
+    (["search", "--proxy", "nope"], "built-in proxies: baq, "),
     (["search", "--space", "nope"], "built-in spaces"),
     (["search", "--pin", "no-equals"], "NAME=VALUE"),
     (["search", "--calibration", "austen:emma", "--evaluation", "austen:emma"], "never evaluate on calibration text"),

@@ -145,13 +145,15 @@ def test_search_cli_on_a_tiny_conv_net(tmp_path, monkeypatch):
     assert len(plan["metrics"]["kl_windows"]) == 2
 
 
-def test_own_data_refuses_text_flags(monkeypatch):
+def test_own_data_refuses_text_flags_before_the_model_loads(monkeypatch):
     from mpsearch.search import SearchConfig
-    from mpsearch.session import Session
 
-    monkeypatch.setitem(WITH_DATA, "tiny-cnn", tiny_cnn_model)
+    def never():
+        raise AssertionError("the model was loaded before the bad flag was found")
+
+    monkeypatch.setitem(WITH_DATA, "tiny-cnn", never)
     with pytest.raises(ValueError, match="brings its own data"):
-        Session.open(SearchConfig(model="tiny-cnn", space="cnn", calibration="austen:emma", budgets=("4",), measure=False))
+        SearchConfig(model="tiny-cnn", space="cnn", calibration="austen:emma", budgets=("4",), measure=False)
 
 
 @pytest.mark.real

@@ -109,7 +109,7 @@ def test_ground_truth_is_stratified_deterministic_and_resumes(cnn_session, tmp_p
     with pytest.raises(ValueError, match="other settings"):
         make_ground_truth(session, out, SamplerConfig(plans=12, lo=2.0, hi=7.0, bins=4), {"config": with_config(cfg)}, progress=False)
     table, meta = load_ground_truth(out)
-    assert meta["config"]["model"] == "tiny-cnn"
+    assert meta["config"]["model"] == "tiny-cnn" and 0 < meta["reference"]["accuracy"] <= 1 and meta["reference"]["kl"] == 0
     # the plans' formats give back the predictions a proxy table makes
     ch = choices(session, table)
     pred = plan_predictions(session.losses["mse"], ch)

@@ -70,12 +70,18 @@ def austen_novel(name: str) -> str:
 
 def austen_dir() -> Path:
     """The janeaustenr data folder: ``$MPSEARCH_AUSTEN_DIR``, the system package, or our cache (fetched from Debian once)."""
-    candidates = [Path(os.environ["MPSEARCH_AUSTEN_DIR"])] if "MPSEARCH_AUSTEN_DIR" in os.environ else []
-    candidates += [Path("/") / _RDATA, cache_dir() / "data" / DEB_PACKAGE / _RDATA]
+    return debian_data_dir("MPSEARCH_AUSTEN_DIR", DEB_PACKAGE, _RDATA, "Rdata.rdx")
+
+
+def debian_data_dir(env: str, package: str, inside: Path, marker: str) -> Path:
+    """Folder ``inside`` of a Debian data package: ``$env``, the installed package, or our
+    cache (fetched with ``apt-get download`` once); the one holding ``marker`` wins."""
+    candidates = [Path(os.environ[env])] if env in os.environ else []
+    candidates += [Path("/") / inside, cache_dir() / "data" / package / inside]
     for c in candidates:
-        if (c / "Rdata.rdx").exists():
+        if (c / marker).exists():
             return c
-    return fetch_deb(cache_dir() / "data" / DEB_PACKAGE) / _RDATA
+    return fetch_deb(cache_dir() / "data" / package, package) / inside
 
 
 def fetch_deb(dest: Path, package: str = DEB_PACKAGE) -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch import nn
 
 from ..cache import cache_dir, content_key, load_tensors, save_tensors
 from .batches import LabelledBatches
-from .data import DataError, fetch_deb
+from .data import DataError, debian_data_dir
 
 log = logging.getLogger(__name__)
 DEB_PACKAGE = "dataset-fashion-mnist"
@@ -40,12 +39,7 @@ MEAN, STD = 0.2860, 0.3530
 
 def fashion_dir() -> Path:
     """``$MPSEARCH_FASHION_DIR``, the system package, or our cache (fetched from Debian once)."""
-    candidates = [Path(os.environ["MPSEARCH_FASHION_DIR"])] if "MPSEARCH_FASHION_DIR" in os.environ else []
-    candidates += [Path("/") / _DIR, cache_dir() / "data" / DEB_PACKAGE / _DIR]
-    for c in candidates:
-        if (c / "t10k-labels-idx1-ubyte.gz").exists():
-            return c
-    return fetch_deb(cache_dir() / "data" / DEB_PACKAGE, DEB_PACKAGE) / _DIR
+    return debian_data_dir("MPSEARCH_FASHION_DIR", DEB_PACKAGE, _DIR, "t10k-labels-idx1-ubyte.gz")
 
 
 def _idx(path: Path) -> np.ndarray:

@@ -61,7 +61,7 @@ def hutchinson(
     share_probes: bool = False,
     checkpoint: Checkpoint | None = None,
 ) -> HessianEstimate:
-    """Hutchinson estimates of the Hessian of the mean next-token loss over ``tokens``.
+    """Hutchinson estimates of the Hessian of the mean loss over ``tokens`` (token windows or :class:`~mpsearch.models.batches.Batches`).
 
     ``tokens`` is ``[n_seq, seq_len]``; ``chunk`` sequences share one gradient graph
     (default: all of them; lower it if memory runs out). Each chunk gets the same number
