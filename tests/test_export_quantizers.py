@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import given, settings
 
 from mpsearch.export import ExportError, export
 from mpsearch.format import Format
@@ -52,16 +54,25 @@ def test_compressed_tensors_round_trip(tiny, tmp_path):
     assert untouched and all(getattr(mods[n], "quantization_scheme", None) is None for n in untouched)  # lm_head stays
 
 
-def test_torchao_round_trip(tiny, tmp_path):
-    """torchao reads its FqnToConfig back and quantizes each planned module with the planned dtype and groups."""
+def test_torchao_round_trip_reproduces_the_simulated_logits(tiny, tmp_path):
+    """torchao reads its FqnToConfig back, quantizes each planned module with the planned dtype and
+    groups, and -- for a plan in ``affine`` formats, torchao's own grid -- gives exactly mpsearch's logits."""
     pytest.importorskip("torchao")
+    from dataclasses import replace
+
     from torchao.core.config import config_from_dict
     from torchao.quantization import quantize_
     from transformers import AutoModelForCausalLM
 
+    from mpsearch.quant import applied
+
     folder, plan, tensors = tiny
+    with pytest.raises(ExportError, match="not this target's grid.*--nearest"):  # uniform formats round elsewhere in torchao
+        export(plan, "torchao", tmp_path / "ao.json", model=folder)
+    affine = {n: {"weight": e["weight"] if e["weight"].is_full else replace(e["weight"], quantizer="affine")} for n, e in tensors.items()}
+    plan = Plan(plan.model_id, plan.model_fingerprint, affine, {}, {}, {})
     cfg = config_from_dict(json.loads(export(plan, "torchao", tmp_path / "ao.json", model=folder).read_text()))
-    for name, entry in tensors.items():
+    for name, entry in affine.items():
         f, c = entry["weight"], cfg.fqn_to_config[name]
         if f.is_full:
             assert c is None
@@ -69,12 +80,36 @@ def test_torchao_round_trip(tiny, tmp_path):
         assert c.weight_dtype == getattr(torch, f"int{f.bits}")
         assert getattr(c.granularity, "group_size", None) == (None if f.group_size == -1 else f.group_size)
         assert (c.mapping_type.name == "SYMMETRIC") == f.symmetric
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, 90, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), applied(model, plan, check=False):
+        simulated = model(input_ids=ids).logits
     quantize_(model, cfg, filter_fn=None)
-    mods = dict(model.named_modules())
-    for name, entry in tensors.items():
-        quantized = type(mods[name].weight).__name__ != "Parameter"
-        assert quantized != entry["weight"].is_full, name
+    with torch.no_grad():
+        theirs = model(input_ids=ids).logits
+    assert torch.allclose(theirs, simulated, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 5, 8]), group=st.sampled_from([16, 32, -1]), sym=st.booleans(), seed=st.integers(0, 10_000),
+       scale=st.floats(1e-3, 10))
+def test_affine_is_torchaos_grid_bit_for_bit(bits, group, sym, seed, scale):
+    pytest.importorskip("torchao")
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    from mpsearch.quant import quantize
+
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        lin.weight.mul_(scale)
+        lin.weight[0, :16] = torch.rand(16) * scale  # an all-positive group: the range must still reach 0
+    ours = quantize(lin.weight.detach().clone(), Format(bits=bits, group_size=group, symmetric=sym, quantizer="affine"))
+    quantize_(lin, IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=PerAxis(0) if group == -1 else PerGroup(group),
+                                        mapping_type=MappingType.SYMMETRIC if sym else MappingType.ASYMMETRIC))
+    assert torch.equal(ours, lin.weight.dequantize())
 
 
 def test_a_format_the_target_cannot_express_is_refused_or_mapped_and_reported(tiny, tmp_path, caplog):

@@ -21,7 +21,7 @@ from . import ExportError
 
 log = logging.getLogger(__name__)
 #: quantizers whose format is a plain integer grid with a scale (and zero) per group
-INTEGER_QUANTIZERS = frozenset({"uniform", "clip", "gptq"})
+INTEGER_QUANTIZERS = frozenset({"uniform", "clip", "gptq", "affine"})
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,13 @@ class IntScheme:
         return f"w{self.bits}{'g' + str(self.group_size) if self.group_size else 'ch'}{'s' if self.symmetric else 'a'}"
 
 
-def int_scheme(tensor: str, fmt: Format, bits_allowed: frozenset[int]) -> IntScheme:
+def int_scheme(tensor: str, fmt: Format, bits_allowed: frozenset[int], quantizers: frozenset[str] = INTEGER_QUANTIZERS) -> IntScheme:
     """The scheme of an integer format, or an :class:`ExportError` naming the tensor."""
-    if fmt.quantizer not in INTEGER_QUANTIZERS:
-        raise ExportError(f"tensors[{tensor!r}].weight: format {fmt.key} (quantizer {fmt.quantizer}) is not an integer grid "
-                          f"with per-group scales; pass --nearest to map it to the nearest integer format")
+    if fmt.quantizer not in quantizers:
+        what = ("is not an integer grid with per-group scales" if fmt.quantizer not in INTEGER_QUANTIZERS
+                else f"is not this target's grid (it quantizes in {sorted(quantizers)} formats)")
+        raise ExportError(f"tensors[{tensor!r}].weight: format {fmt.key} (quantizer {fmt.quantizer}) {what}; "
+                          f"pass --nearest to map it to the nearest format the target has")
     if fmt.bits not in bits_allowed:
         raise ExportError(f"tensors[{tensor!r}].weight: {fmt.bits}-bit weights are not expressible "
                           f"(this target takes {sorted(bits_allowed)} bits); pass --nearest to map them")
@@ -57,9 +59,11 @@ def nearest(tensor: str, fmt: Format, in_features: int, bits_allowed: frozenset[
     return IntScheme(best.bits, best.group_size, best.symmetric)
 
 
-def plan_schemes(plan, model: str, bits_allowed: frozenset[int], nearest_ok: bool = False, check: bool = True):
+def plan_schemes(plan, model: str, bits_allowed: frozenset[int], nearest_ok: bool = False, check: bool = True,
+                 quantizers: frozenset[str] = INTEGER_QUANTIZERS):
     """Per planned tensor its :class:`IntScheme` (None: left unquantized), every change
-    ``--nearest`` made (``(tensor, from_key, to_label)``), and the loaded model."""
+    ``--nearest`` made (``(tensor, from_key, to_label)``), and the loaded model. ``quantizers``
+    are the formats the target reproduces exactly (torchao: only ``affine``)."""
     lm = load_model(model)
     resolved = check_plan(lm.model, plan, check)
     modules = dict(lm.model.named_modules())
@@ -70,11 +74,14 @@ def plan_schemes(plan, model: str, bits_allowed: frozenset[int], nearest_ok: boo
             out[name] = None
             continue
         try:
-            out[name] = int_scheme(name, fmt, bits_allowed)
+            out[name] = int_scheme(name, fmt, bits_allowed, quantizers)
         except ExportError:
             if not nearest_ok:
                 raise
-            out[name] = nearest(name, fmt, matrix_shape(modules[name])[1], bits_allowed)
+            if fmt.quantizer in INTEGER_QUANTIZERS and fmt.bits in bits_allowed:  # another integer grid: same bits and groups
+                out[name] = int_scheme(name, fmt, bits_allowed)
+            else:
+                out[name] = nearest(name, fmt, matrix_shape(modules[name])[1], bits_allowed)
             changes.append((name, fmt.key, out[name].label))
             log.warning("--nearest: %s %s -> %s", name, fmt.key, out[name].label)
     _warn_split_fusions(out)

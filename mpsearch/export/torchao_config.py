@@ -13,7 +13,11 @@ null (left in full precision). Read back and applied with::
 
 Needs torchao installed (``pip install --no-deps torchao``): the file is torchao's own
 serialisation, so it is made by torchao. 1-8 bit integers are expressible
-(``torch.int1``-``torch.int7``, ``torch.int8``).
+(``torch.int1``-``torch.int7``, ``torch.int8``). torchao rounds on its own affine grid, which
+mpsearch's ``affine`` quantizer reproduces bit for bit (:mod:`mpsearch.quant.affine`); a plan
+in other integer formats (``uniform``, ``clip``, ``gptq``) would come out of torchao with other
+weights than the ones measured, so it is refused unless ``--nearest`` (then each tensor keeps
+its bits, groups and symmetry on torchao's grid, and the change is logged).
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ def write_torchao(plan, out: Path, model: str = "smollm2", nearest: bool = False
         from torchao.core.config import config_to_dict
     except ImportError:
         raise ExportError("--to torchao writes torchao's own serialisation: install it with `pip install --no-deps torchao`") from None
-    schemes, _, _ = plan_schemes(plan, model, BITS, nearest, check)
+    schemes, _, _ = plan_schemes(plan, model, BITS, nearest, check, quantizers=frozenset({"affine"}))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(config_to_dict(torchao_config(schemes)), indent=1) + "\n")
     return out
