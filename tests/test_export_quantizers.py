@@ -168,3 +168,23 @@ def test_split_fused_projections_are_reported(tiny, tmp_path, caplog):
     folder, plan, tensors = tiny
     export(plan, "compressed-tensors", tmp_path / "c.json", model=folder)
     assert "the fused projections get different formats" in caplog.text  # the fixture gives q/k/v different formats
+
+
+def test_autoround_resolves_every_module_to_the_plan(tiny, tmp_path):
+    """AutoRound's own resolver (what ``AutoRound(layer_config=...)`` runs) on the exported file."""
+    pytest.importorskip("auto_round")
+    from auto_round.compressors.config_resolution import ResolvedScheme
+    from auto_round.compressors.layer_config_resolver import resolve_layer_config
+    from auto_round.schemes import preset_name_to_scheme
+    from transformers import AutoModelForCausalLM
+
+    folder, plan, tensors = tiny
+    lc = json.loads(export(plan, "autoround", tmp_path / "a.json", model=folder).read_text())
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    res = resolve_layer_config(model=model, scheme=ResolvedScheme.from_scheme(preset_name_to_scheme("W4A16"), "W4A16"), layer_config=lc)
+    for n, entry in plan.tensors.items():
+        f, r = entry["weight"], res[n]
+        if f.is_full:
+            assert r["bits"] >= 16
+        else:
+            assert (r["bits"], r["group_size"], r["sym"]) == (f.bits, f.group_size, f.symmetric), n
