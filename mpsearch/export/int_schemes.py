@@ -11,6 +11,7 @@ effective bits and reports every change it made.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 from ..format import PER_CHANNEL, Format
@@ -90,8 +91,6 @@ def plan_schemes(plan, model: str, bits_allowed: frozenset[int], nearest_ok: boo
 
 def _warn_split_fusions(schemes: dict) -> None:
     """vLLM fuses q/k/v (and gate/up) into one matrix with one scheme: warn, naming them, where a plan splits them."""
-    import re
-
     groups: dict[str, set] = {}
     for name, s in schemes.items():
         m = re.fullmatch(r"(.*\.(?:self_attn|attn))\.[qkv]_proj|(.*\.mlp)\.(?:gate|up)_proj", name)
