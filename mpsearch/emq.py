@@ -135,7 +135,7 @@ class Problem:
     def __init__(self, terms: dict[str, np.ndarray], option_of_row: np.ndarray, n_options: list[int], choice: np.ndarray,
                  kl: np.ndarray, plans: np.ndarray, tensor_of_row: np.ndarray) -> None:
         self.terms, self.option_of_row, self.n_options = terms, option_of_row, n_options
-        self.offsets = np.concatenate([[0], np.cumsum(n_options)[:-1]])
+        self.offsets = _offsets(n_options)
         self.choice, self.kl, self.tensor_of_row = choice, kl, tensor_of_row
         self.train = ~held_out(plans)
 
@@ -149,8 +149,7 @@ class Problem:
         names = [d.name for d in session.decisions]
         dec = first["decision"].map({n: i for i, n in enumerate(names)}).to_numpy()
         n_options = [len(d.formats) for d in session.decisions]
-        offsets = np.concatenate([[0], np.cumsum(n_options)[:-1]])
-        option_of_row = offsets[dec] + first["option"].to_numpy()
+        option_of_row = _offsets(n_options)[dec] + first["option"].to_numpy()
         tensor_of_row = first["tensor"].astype("category").cat.codes.to_numpy()
         terms = {k: t["predicted"].to_numpy(dtype=np.float64) for k, t in tables.items()}
         return cls(terms, option_of_row, n_options, choices(session, gt), gt["kl"].to_numpy(), gt["plan"].to_numpy(), tensor_of_row)
@@ -186,6 +185,11 @@ class Problem:
             return -1.0, why
         mask = self.train if split is None else split
         return _spearman(self.predictions(values)[mask], self.kl[mask]), None
+
+
+def _offsets(n_options: list[int]) -> np.ndarray:
+    """Where each decision's options start in the flat list of all options."""
+    return np.concatenate([[0], np.cumsum(n_options)[:-1]]).astype(np.int64)
 
 
 def _group_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ BITS = frozenset({2, 3, 4, 8})
 
 
 def layer_config(schemes: dict) -> dict:
-    return {name: ({"bits": 16} if s is None else {"bits": s.bits, "group_size": s.group_size or -1, "sym": s.symmetric})
+    return {name: ({"bits": 16} if s is None else s.gptq_fields())
             for name, s in sorted(schemes.items())}
 
 

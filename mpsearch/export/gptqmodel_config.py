@@ -30,10 +30,9 @@ def gptqmodel_dict(schemes: dict) -> dict:
         if s is None:
             dynamic[f"-:{key}"] = {}
         elif s != base:
-            dynamic[f"+:{key}"] = {"bits": s.bits, "group_size": s.group_size or -1, "sym": s.symmetric}
-    out = {"bits": base.bits if base else 4, "group_size": (base.group_size or -1) if base else 128, "sym": base.symmetric if base else True,
-           "desc_act": False, "quant_method": "gptq", "checkpoint_format": "gptq", "dynamic": dynamic}
-    return out
+            dynamic[f"+:{key}"] = s.gptq_fields()
+    head = base.gptq_fields() if base else {"bits": 4, "group_size": 128, "sym": True}  # nothing quantized: any base will do
+    return {**head, "desc_act": False, "quant_method": "gptq", "checkpoint_format": "gptq", "dynamic": dynamic}
 
 
 @exporter("gptqmodel", ".json", "GPTQModel quantize_config.json: base scheme plus dynamic per-module overrides (anchored, escaped regexes)")

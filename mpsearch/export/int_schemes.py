@@ -33,6 +33,10 @@ class IntScheme:
     group_size: int | None
     symmetric: bool
 
+    def gptq_fields(self) -> dict:
+        """``{bits, group_size (-1 = per channel), sym}``: how GPTQModel and AutoRound spell a scheme."""
+        return {"bits": self.bits, "group_size": self.group_size or -1, "sym": self.symmetric}
+
     @property
     def label(self) -> str:
         return f"w{self.bits}{'g' + str(self.group_size) if self.group_size else 'ch'}{'s' if self.symmetric else 'a'}"
