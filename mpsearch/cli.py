@@ -32,6 +32,9 @@ def search_config(a: argparse.Namespace):
         refine=getattr(a, "refine", 0), refine_chunks=getattr(a, "refine_chunks", 4), refine_seq_len=getattr(a, "refine_seq_len", 256),
         bos=a.bos, imatrix=not getattr(a, "no_imatrix", False), memo_mb=a.memo_mb,
         threads=a.threads, seed=a.seed, out_dir=a.out, use_cache=not a.no_cache, progress=not a.quiet,
+        context=getattr(a, "context", 0), batch=getattr(a, "batch", 1), decode=getattr(a, "decode", 128),
+        runtime_proxy=getattr(a, "runtime_proxy", "auto"), act_bits=getattr(a, "act_bits", 0.0),
+        input_min_bits=getattr(a, "input_min_bits", 0), allocations=tuple(getattr(a, "allocation", None) or ("joint", "separate")),
     )
 
 
@@ -126,6 +129,10 @@ def _apply(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
         raise ValueError(f"--out {out} is a folder with other files in it; give a new or empty folder")
+    if plan.runtime_formats():
+        (n, t), f = next(iter(plan.runtime_formats().items()))
+        raise ValueError(f"tensors[{n!r}].{t}: {f.key} quantizes a run-time tensor, which a saved model folder cannot carry "
+                         f"({len(plan.runtime_formats())} such entries); measure it with `mpsearch eval` or apply it with mpsearch.quant.applied()")
     lm = load_model(a.model)
     resolved = check_plan(lm.model, plan, space=a.space, all_tensors=a.all_tensors)
     apply_(lm.model, plan, space=a.space, all_tensors=a.all_tensors)
@@ -154,7 +161,7 @@ def _export(a: argparse.Namespace) -> int:
         if a.to not in NEAREST_TARGETS:
             raise ValueError(f"--nearest applies to {', '.join(NEAREST_TARGETS)}, not {a.to}")
         options["nearest"] = True
-    out = export(a.plan, a.to, a.out, model=a.model, **options)
+    out = export(a.plan, a.to, a.out, model=a.model, weights_only=a.weights_only, **options)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -167,7 +174,7 @@ def _eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_plan
 
     res = evaluate_plan(a.plan, model=a.model, evaluation=a.evaluation, seq_len=a.eval_seq_len, chunks=a.eval_chunks, threads=a.threads,
-                        progress=not a.quiet, space=a.space, all_tensors=a.all_tensors)
+                        progress=not a.quiet, space=a.space, all_tensors=a.all_tensors, context=a.context, decode=a.decode)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -211,7 +218,10 @@ def _list(a: argparse.Namespace) -> int:
     from .proxies import list_proxies
 
     spaces = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "search_spaces").glob("*.toml"))
+    from .targets import runtime_proxy_names
+
     print("proxies:", ", ".join(list_proxies()))
+    print("run-time proxies (inputs, KV cache):", ", ".join(runtime_proxy_names()))
     print("solvers:", ", ".join(registry.names("solver")))
     print("quantizers:", ", ".join(registry.names("quantizer")))
     import mpsearch.export  # noqa: F401  (registers the exporters)
@@ -292,6 +302,18 @@ def parser() -> argparse.ArgumentParser:
                    "slice; the search returns the best measured plan, baselines included (default 16; 0 = off)")
     s.add_argument("--refine-chunks", type=int, default=4, help="sequences of the refinement slice (default 4)")
     s.add_argument("--refine-seq-len", type=int, default=256, help="tokens per refinement sequence (default 256)")
+    joint = s.add_argument_group("activations and KV cache (spaces with [input] / [kv_cache], e.g. llama_wakv)")
+    joint.add_argument("--context", type=int, default=0, help="tokens the KV cache holds for a memory budget (weights + KV), "
+                       "and the length of each evaluation window decoded through the cache")
+    joint.add_argument("--batch", type=int, default=1, help="sequences the KV cache holds at once (default 1)")
+    joint.add_argument("--decode", type=int, default=128, help="tokens decoded one at a time at the end of each window (default 128)")
+    joint.add_argument("--runtime-proxy", default="auto", help="proxy of the inputs and KV cache: kl (measured), fisher, mse, or a file; "
+                       "auto (default): the one in the units of the first --proxy (measured_kl -> kl, fisher -> fisher)")
+    joint.add_argument("--act-bits", type=float, default=0.0, help="at most this MAC-weighted mean of activation bits (default: no bound)")
+    joint.add_argument("--input-min-bits", type=int, default=0, help="every layer input gets at least this many bits (e.g. 8)")
+    joint.add_argument("--allocation", action="append", choices=["joint", "separate"], default=None,
+                       help="joint: one problem over everything; separate: weights and KV each get their fp16 share of the budget "
+                            "(default both)")
     s.set_defaults(func=_search)
 
     e = sub.add_parser("evolve", help="NSGA-II on measured quality, seeded with the proxy's Pareto plans; rerun to resume")
@@ -317,6 +339,9 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("plan", help="plan JSON file")
     ev.add_argument("--evaluation", default=DEFAULT_EVALUATION, help=f"held-out text (default {DEFAULT_EVALUATION})")
     eval_args(ev)
+    ev.add_argument("--context", type=int, default=0, help="measure on the decode path: windows of this many tokens, the last "
+                    "--decode tokens fed one at a time through the (quantized) KV cache (default 0: full-sequence windows)")
+    ev.add_argument("--decode", type=int, default=128, help="tokens decoded through the cache per window with --context (default 128)")
     ev.set_defaults(func=_eval)
 
     ex = sub.add_parser("export", help="write a saved plan for another tool: a GGUF file, llama-quantize's tensor-type file")
@@ -326,6 +351,8 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="file to write")
     ex.add_argument("--nearest", action="store_true", help="map formats the target cannot express to the nearest one it can, "
                     "reporting every change (integer-config targets); without it such a plan is refused, naming the tensor")
+    ex.add_argument("--weights-only", action="store_true", help="drop the plan's activation / KV formats the target cannot carry "
+                    "(each logged); without it such a plan is refused, naming the tensor")
     ex.add_argument("--full-type", default="f16", choices=["f16", "f32"], help="GGUF type of unquantized (fp16) entries (default f16)")
     ex.set_defaults(func=_export)
 

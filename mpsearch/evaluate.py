@@ -161,11 +161,13 @@ def _nll_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def evaluate_plan(plan, model: str = "smollm2", evaluation: str | None = None, seq_len: int = 512, chunks: int = 16, threads: int = 2,
-                  progress: bool = True, space: str = "llama", all_tensors: bool = False) -> dict:
+                  progress: bool = True, space: str = "llama", all_tensors: bool = False, context: int = 0, decode: int = 128) -> dict:
     """Load ``model``, measure the reference and ``plan`` on held-out text: ppl and KL for both.
 
     The plan is checked against the model (fingerprint, every format fits its tensor)
     before the reference pass; ``space``/``all_tensors`` as in :func:`mpsearch.quant.apply_`.
+    ``context > 0``: windows of ``context`` tokens on the decode path (:class:`DecodeEvaluator`,
+    the last ``decode`` tokens through the cache) instead of ``seq_len`` full-sequence windows.
     """
     from .models import load_model, load_text, token_chunks
     from .models.data import DEFAULT_EVALUATION, DataError
@@ -180,8 +182,77 @@ def evaluate_plan(plan, model: str = "smollm2", evaluation: str | None = None, s
     text = load_text(evaluation or DEFAULT_EVALUATION)
     lm = load_model(model)
     check_plan(lm.model, plan, space=space, all_tensors=all_tensors)
-    tokens = token_chunks(lm.tokenizer, text, seq_len, chunks)
-    ev = Evaluator(tokens, progress=progress).fit(lm.model)
+    tokens = token_chunks(lm.tokenizer, text, context or seq_len, chunks)
+    ev = (DecodeEvaluator(tokens, decode, progress=progress) if context else Evaluator(tokens, progress=progress)).fit(lm.model)
     with applied(lm.model, plan, space=space, all_tensors=all_tensors):
         q = ev.score(lm.model)
     return {"plan": q.to_dict(), "reference": ev.reference_.to_dict()}
+
+
+class DecodeEvaluator:
+    """Quality on the inference path through the KV cache: each window ``[context]`` is prefilled
+    ``chunk`` tokens at a time through a cache, then its last ``decode`` tokens are fed one at a
+    time (teacher-forced), each step reading everything before it from the cache. Scored: the
+    predictions of those last ``decode`` tokens, perplexity and KL(reference || model).
+
+    A quantized cache (:mod:`mpsearch.quant.hooks`) is thus read by every later chunk and every
+    decode step, as a deployment reads it. Only a causal LM with ``model.model`` / ``lm_head``.
+    Per-window values (for bootstrap CIs) are per ``block`` decoded tokens of each window.
+    """
+
+    def __init__(self, tokens: torch.Tensor, decode: int = 128, chunk: int = 1024, progress: bool = True, block: int = 32) -> None:
+        if tokens.dim() != 2 or not 1 <= decode < tokens.shape[1]:
+            raise ValueError(f"DecodeEvaluator needs windows [n, context] longer than decode={decode}; got shape {tuple(tokens.shape)}")
+        block = min(block, decode)
+        if block < 1 or decode % block:
+            raise ValueError(f"decode ({decode}) must be a multiple of {block} (the block of decoded tokens per bootstrap window)")
+        self.tokens, self.decode, self.chunk, self.progress, self.block = tokens, decode, chunk, progress, block
+
+    @torch.no_grad()
+    def fit(self, reference: nn.Module) -> "DecodeEvaluator":
+        self._spill = _Spill()
+        nll = []
+        for logp, targets in self._logprobs(reference, "reference (decode)"):
+            self._spill.append(logp)
+            nll.append(_nll_sum(logp, targets) / targets.numel())
+        n = len(nll) * self.decode
+        self.reference_ = Quality(ppl=math.exp(sum(nll) / len(nll)), kl=0.0, nll=sum(nll) / len(nll), tokens=n)
+        return self
+
+    @torch.no_grad()
+    def score(self, model: nn.Module, desc: str = "eval (decode)") -> Quality:
+        if not hasattr(self, "reference_"):
+            raise RuntimeError("call fit(reference) before score(model)")
+        nll_w, kl_w = [], []
+        for i, (logp, targets) in enumerate(self._logprobs(model, desc)):
+            ref = self._spill.read(i).float()
+            for s in range(0, self.decode, self.block):  # a window per block of decoded tokens: what bootstrap CIs resample
+                lp, r, t = logp[s: s + self.block], ref[s: s + self.block], targets[s: s + self.block]
+                nll_w.append(_nll_sum(lp, t) / t.numel())
+                kl_w.append(float((r.exp() * (r - lp)).sum()) / t.numel())
+        nll = sum(nll_w) / len(nll_w)
+        return Quality(ppl=math.exp(nll), kl=sum(kl_w) / len(kl_w), nll=nll, tokens=len(self.tokens) * self.decode,
+                       nll_windows=nll_w, kl_windows=kl_w)
+
+    def _logprobs(self, model: nn.Module, desc: str):
+        """Per window: ``(log_probs[D, V], targets[D])`` of its last ``decode`` tokens, read through the cache."""
+        from transformers import DynamicCache
+
+        from .models.decoder import decoder_parts, head
+
+        parts = decoder_parts(model)
+        if parts is None:
+            raise ValueError("the decode path needs a causal LM with model.model and lm_head")
+        body = parts[0]
+        model.eval()
+        for ids in tqdm(self.tokens, desc=desc, disable=not self.progress, unit="window", leave=False):
+            ids = ids.reshape(1, -1)
+            prefill = ids.shape[1] - self.decode
+            cache = DynamicCache(config=model.config)
+            for s in range(0, prefill, self.chunk):
+                hidden = body(input_ids=ids[:, s: min(s + self.chunk, prefill)], cache=cache, use_cache=True).last_hidden_state
+            steps = [hidden[:, -1:]]
+            for t in range(prefill, ids.shape[1] - 1):
+                steps.append(body(input_ids=ids[:, t: t + 1], cache=cache, use_cache=True).last_hidden_state)
+            logits = head(parts, torch.cat(steps, dim=1))[0]
+            yield F.log_softmax(logits, dim=-1), ids[0, prefill:]

@@ -102,6 +102,12 @@ class Format:
             q = get_quantizer(key)
             if {"bits", "group_size"} <= set(q.default_fields()):
                 return Format(quantizer=key, **q.default_fields())
+        t = re.fullmatch(r"([a-z][a-z_]*?)(\d+)(?:g(\d+))?", key)  # a run-time quantizer: tok8, kvquant3, kvtok4g32
+        if t and t.group(1) in names("quantizer") and hasattr(get_quantizer(t.group(1)), "calibrate"):
+            fields = get_quantizer(t.group(1)).default_fields()
+            if t.group(3):
+                fields["group_size"] = int(t.group(3))
+            return Format(bits=int(t.group(2)), quantizer=t.group(1), **fields)
         m = re.fullmatch(r"([a-z][a-z0-9_]*?)(\d+)g(\d+|ch)([as])(?:\+o(\d+(?:\.\d+)?))?", key)
         if not m:
             raise FormatError(f"{key!r} is not a format key (e.g. 'u4g64a', 'q4_k', 'fp16', 'u3g64a+o0.5')")

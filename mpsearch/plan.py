@@ -13,6 +13,10 @@ plan carries its ``importance`` (per tensor, the layer input's mean square per c
 :meth:`Plan.save` writes it beside the JSON as ``NAME.importance.safetensors`` and
 records the file and its SHA-256, so applying or exporting the plan later reproduces
 exactly the values that were measured.
+
+Run-time targets (``input``, ``k_cache``, ``v_cache``) whose formats are calibrated
+offline (a static activation scale, KVQuant's key ranges and codebooks) carry those
+tensors the same way: ``calibration``, written as ``NAME.calibration.safetensors``.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from .format import Format, FormatError
 
 FORMAT_ID = "mpsearch.plan/v1"
 TARGETS = ("weight", "input", "k_cache", "v_cache")
-TOP_KEYS = {"format", "model", "tensors", "budget", "metrics", "provenance", "importance"}
+TOP_KEYS = {"format", "model", "tensors", "budget", "metrics", "provenance", "importance", "calibration"}
 
 
 def importance_digest(importance: Mapping[str, torch.Tensor] | None) -> str:
@@ -71,6 +75,8 @@ class Plan:
     provenance: dict[str, Any] = field(default_factory=dict)
     #: per-tensor importance (``[in_features]``) for quantizers that weight their scale search
     importance: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    #: calibrated tensors of run-time formats, keyed ``module/target/format/name`` (:mod:`mpsearch.quant.hooks`)
+    calibration: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------ precedence
     def resolve(self, names: Iterable[str], pattern_names: Iterable[str] | None = None) -> "Plan":
@@ -104,7 +110,7 @@ class Plan:
             if entry is not None:
                 out[n] = dict(entry)
         return Plan(self.model_id, self.model_fingerprint, out, dict(self.budget), dict(self.metrics), dict(self.provenance),
-                    self.importance)
+                    self.importance, self.calibration)
 
     def importance_for(self, name: str) -> torch.Tensor | None:
         return None if self.importance is None else self.importance.get(name)
@@ -112,6 +118,10 @@ class Plan:
     def weight_formats(self) -> dict[str, Format]:
         """Exact tensor name -> weight format, for quantized weights only."""
         return {n: t["weight"] for n, t in self.tensors.items() if t.get("weight") is not None}
+
+    def runtime_formats(self) -> dict[tuple[str, str], Format]:
+        """``(tensor, target) -> format`` for the quantized run-time targets (inputs, KV cache)."""
+        return {(n, t): f for n, e in self.tensors.items() for t, f in e.items() if t != "weight" and f is not None and not f.is_full}
 
     # -------------------------------------------------------------- checking
     def check_model(self, model: nn.Module) -> None:
@@ -180,16 +190,10 @@ class Plan:
         if any(k.startswith("re:") or k == "_default" for k in self.tensors):
             raise PlanError("resolve the plan against the model before saving: saved plans name every tensor")
         d = self.to_dict()
-        if self.importance:
-            from safetensors.torch import save_file
-
-            path = Path(path)
-            side = path.with_name(path.stem + ".importance.safetensors")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = side.with_name(f".{side.name}.tmp")
-            save_file({k: v.detach().to(torch.float32).contiguous() for k, v in self.importance.items()}, str(tmp))
-            os.replace(tmp, side)
-            d["importance"] = {"file": side.name, "sha256": importance_digest(self.importance)}
+        for what in ("importance", "calibration"):
+            tensors = getattr(self, what)
+            if tensors:
+                d[what] = _save_sidecar(Path(path), what, tensors)
         return write_json_atomic(path, d)
 
     @staticmethod
@@ -210,27 +214,45 @@ class Plan:
         except PlanError as e:
             raise PlanError(f"{path}: {e}") from None
         if isinstance(d, dict) and d.get("importance"):
-            plan.importance = _load_importance(path, d["importance"])
+            plan.importance = _load_sidecar(path, "importance", d["importance"])
+        if isinstance(d, dict) and d.get("calibration"):
+            plan.calibration = _load_sidecar(path, "calibration", d["calibration"])
         return plan
 
 
-def _load_importance(path: Path, ref: Any) -> dict[str, torch.Tensor]:
-    """The importance file a saved plan names, checked against its recorded SHA-256."""
+_HOLDS = {"importance": "the imatrix its GGUF formats were quantized with",
+          "calibration": "the calibrated scales and codebooks of its activation / KV formats"}
+
+
+def _save_sidecar(path: Path, what: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Write ``NAME.<what>.safetensors`` beside the plan; returns the reference the JSON records."""
+    from safetensors.torch import save_file
+
+    side = path.with_name(f"{path.stem}.{what}.safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = side.with_name(f".{side.name}.tmp")
+    save_file({k: v.detach().to(torch.float32).contiguous().clone() for k, v in tensors.items()}, str(tmp))  # clone: entries may share storage
+    os.replace(tmp, side)
+    return {"file": side.name, "sha256": importance_digest(tensors)}
+
+
+def _load_sidecar(path: Path, what: str, ref: Any) -> dict[str, torch.Tensor]:
+    """The ``what`` file a saved plan names, checked against its recorded SHA-256."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not isinstance(ref, Mapping) or not isinstance(ref.get("file"), str) or not isinstance(ref.get("sha256"), str):
-        raise PlanError(f"{path}: importance: expected an object with string keys 'file' and 'sha256'")
+        raise PlanError(f"{path}: {what}: expected an object with string keys 'file' and 'sha256'")
     side = path.with_name(Path(ref["file"]).name)
     try:
-        imp = load_file(str(side))
+        tensors = load_file(str(side))
     except FileNotFoundError:
-        raise PlanError(f"{path}: its importance file {side.name} is missing (it holds the imatrix its GGUF formats were quantized with)") from None
+        raise PlanError(f"{path}: its {what} file {side.name} is missing (it holds {_HOLDS[what]})") from None
     except (SafetensorError, OSError) as e:
-        raise PlanError(f"{path}: its importance file {side.name} cannot be read: {e}") from None
-    if importance_digest(imp) != ref["sha256"]:
-        raise PlanError(f"{path}: its importance file {side.name} does not match the SHA-256 the plan records")
-    return imp
+        raise PlanError(f"{path}: its {what} file {side.name} cannot be read: {e}") from None
+    if importance_digest(tensors) != ref["sha256"]:
+        raise PlanError(f"{path}: its {what} file {side.name} does not match the SHA-256 the plan records")
+    return tensors
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

@@ -77,6 +77,17 @@ class SearchConfig:
     out_dir: str = "runs/latest"
     use_cache: bool = True
     progress: bool = True
+    #: spaces with run-time targets (:mod:`mpsearch.joint`): the context length a memory budget
+    #: holds the KV cache at (0: no KV cache in the space), sequences per batch, tokens decoded
+    #: one at a time through the cache when measuring, the run-time proxy, a MAC-weighted bound
+    #: on the mean activation bits (0: none), and the allocations to make per budget
+    context: int = 0
+    batch: int = 1
+    decode: int = 128
+    runtime_proxy: str = "auto"
+    act_bits: float = 0.0
+    input_min_bits: int = 0
+    allocations: tuple[str, ...] = ("joint", "separate")
 
     def __post_init__(self) -> None:
         """Everything that can be checked without the model is checked here, so a typo
@@ -96,6 +107,19 @@ class SearchConfig:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        for name, least in (("context", 0), ("batch", 1), ("decode", 1), ("input_min_bits", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
+        if self.decode > 32 and self.decode % 32:
+            raise ValueError(f"decode must be at most 32 or a multiple of 32 (blocks of 32 decoded tokens are the bootstrap windows), got {self.decode}")
+        if self.context and self.decode >= self.context:
+            raise ValueError(f"decode ({self.decode}) must be shorter than the context ({self.context})")
+        if not isinstance(self.act_bits, (int, float)) or not 0 <= self.act_bits <= 16:
+            raise ValueError(f"act_bits must be 0 (no bound) or a mean bit width up to 16, got {self.act_bits!r}")
+        bad = set(self.allocations) - {"joint", "separate"}
+        if not self.allocations or bad:
+            raise ValueError(f"allocations must be some of 'joint', 'separate'; got {list(self.allocations)}")
         if self.hessian_probes < 1 or self.hessian_sequences < 0:
             raise ValueError(f"hessian_probes must be >= 1 and hessian_sequences >= 0, got {self.hessian_probes}, {self.hessian_sequences}")
         if not isinstance(self.imatrix, bool):
@@ -122,6 +146,13 @@ class SearchConfig:
         for p in self.proxies:
             load_proxy(p)
         space = SearchSpace.from_file(self.space).with_rules(self.rules)
+        if space.runtime:
+            from .joint import check_config
+
+            check_config(self, space)
+        elif self.context or self.act_bits or self.input_min_bits:
+            raise ValueError(f"search space {space.name!r} decides weights only: --context, --act-bits and --input-min-bits "
+                             "need a space with [input] or [kv_cache] (e.g. llama_wa, llama_wkv, llama_wakv)")
         if not self.imatrix:
             for f in space.candidate_formats() + [r.pin for r in space.rules if r.pin is not None]:
                 if get_quantizer(f.quantizer).importance_kind == "gram":
@@ -147,6 +178,12 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
     cfg = config or SearchConfig(**overrides)
     if config is not None and overrides:
         cfg = SearchConfig(**{**asdict(config), **overrides})
+    from .space import SearchSpace
+
+    if SearchSpace.from_file(cfg.space).runtime:  # inputs / KV cache: decided with the weights in one problem
+        from .joint import joint_search
+
+        return joint_search(cfg)
     session = Session.open(cfg)
     stages, decisions, numel = session.stages, session.decisions, session.numel
 

@@ -68,14 +68,19 @@ class Session:
     stages: Stages = field(default_factory=Stages)
 
     @classmethod
-    def open(cls, cfg, stages: Stages | None = None, extra_proxies: list | None = None) -> "Session":
+    def open(cls, cfg, stages: Stages | None = None, extra_proxies: list | None = None, joint: bool = False) -> "Session":
         """Load, build and compute in stages; a typo in a proxy or budget fails before heavy work.
-        ``extra_proxies`` are :class:`~mpsearch.proxies.Proxy` objects computed beside the config's."""
+        ``extra_proxies`` are :class:`~mpsearch.proxies.Proxy` objects computed beside the config's.
+        ``joint=True``: the weights' part of a joint search (:mod:`mpsearch.joint`), which reads the
+        budgets (weights + KV) and decides the space's ``[input]`` / ``[kv_cache]`` itself."""
         stages = stages or Stages()
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         proxies = [load_proxy(p) for p in cfg.proxies] + list(extra_proxies or [])
         space = SearchSpace.from_file(cfg.space).with_rules(cfg.rules)
+        if space.runtime and not joint:
+            raise ValueError(f"search space {space.name!r} also decides layer inputs / the KV cache, which only `mpsearch search` "
+                             "(the joint MILP) handles; use a weights-only space (e.g. llama) here")
         texts = None
         if cfg.model not in WITH_DATA:  # a bad text spec fails before the model loads
             with stages("load text"):
@@ -84,7 +89,7 @@ class Session:
             lm = load_model(cfg.model)
         with stages("build space"):
             decisions = space.build(lm.model)
-            budgets = [Budget.parse(b, decisions, space.base_format) for b in cfg.budgets]
+            budgets = [] if joint else [Budget.parse(b, decisions, space.base_format) for b in cfg.budgets]
             check_budgets(budgets, decision_costs(decisions), sum(d.numel for d in decisions))
         needs = set().union(*(p.needs for p in proxies))
         weighted = cfg.imatrix and any(get_quantizer(f.quantizer).reads_importance(f) for d in decisions for f in d.formats)
@@ -331,10 +336,13 @@ def importance_needed(formats: dict[str, Format], importance: dict[str, torch.Te
 
 
 def plan_hash(plan: Plan) -> str:
-    """The formats of a plan, with the version of every quantizer they use, and the
-    importance vectors the quantizers that read one get."""
+    """The formats of a plan, with the version of every quantizer they use, the
+    importance vectors the quantizers that read one get, and its calibration tensors."""
     used = {n for n, f in plan.weight_formats().items() if get_quantizer(f.quantizer).reads_importance(f)}
     imp = {n: t for n, t in (plan.importance or {}).items() if n in used}
     formats = {n: {t: [f.to_dict(), format_identity(f)] for t, f in e.items() if f} for n, e in sorted(plan.tensors.items())}
-    body = json.dumps({"tensors": formats, "importance": importance_digest(imp)} if imp else formats, sort_keys=True)
+    body = {"tensors": formats, "importance": importance_digest(imp)} if imp else formats
+    if plan.calibration:  # run-time formats calibrated offline: their values depend on these tensors
+        body = {"plan": body, "calibration": importance_digest(plan.calibration)}
+    body = json.dumps(body, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:20]

@@ -142,6 +142,49 @@ class Decision:
         return sum(m.numel * self.formats[j].effective_bits(m.in_features) for m in self.members)
 
 
+#: run-time targets a space file may add as tables, and the plan targets each one decides
+RUNTIME_TABLES = {"input": ("input",), "kv_cache": ("k_cache", "v_cache")}
+
+
+@dataclass(frozen=True)
+class RuntimeTarget:
+    """A ``[input]`` or ``[kv_cache]`` table: the formats every layer input / every layer's K and V may take."""
+
+    table: str
+    formats: tuple[Format, ...]
+    include_full: bool = True
+    min_bits: int | None = None
+
+    def candidates(self) -> list[Format]:
+        fmts = [f for f in self.formats if self.min_bits is None or f.bits >= self.min_bits]
+        return fmts + [Format.full()] if self.include_full else fmts
+
+    @staticmethod
+    def from_table(table: str, data: Any) -> "RuntimeTarget":
+        from .quant import get_quantizer
+
+        where = f"[{table}]"
+        if not isinstance(data, dict) or set(data) - {"formats", "include_full", "min_bits"}:
+            raise SpaceError(f"{where} takes formats, include_full and min_bits; got {data!r}")
+        keys = _list(data, "formats", [], f"{table}.")
+        if not keys or not all(isinstance(k, str) for k in keys):
+            raise SpaceError(f"{table}.formats must be a non-empty list of format keys like 'tok8' or 'kvquant3', got {keys!r}")
+        fmts = tuple(Format.parse(k) for k in keys)
+        for f in fmts:
+            if not set(RUNTIME_TABLES[table]) <= set(get_quantizer(f.quantizer).targets):
+                raise SpaceError(f"{table}.formats: {f.key} is not a format for {' / '.join(RUNTIME_TABLES[table])}")
+        mb = data.get("min_bits")
+        if mb is not None and (not _is_int(mb) or not 1 <= mb <= FULL_BITS):
+            raise SpaceError(f"{table}.min_bits must be an integer in 1..{FULL_BITS}, got {mb!r}")
+        inc = data.get("include_full", True)
+        if not isinstance(inc, bool):
+            raise SpaceError(f"{table}.include_full must be true or false, got {inc!r}")
+        out = RuntimeTarget(table, fmts, inc, mb)
+        if not out.candidates():
+            raise SpaceError(f"[{table}]: no format is left after min_bits = {mb}")
+        return out
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """Declarative space; ``build(model)`` makes it concrete."""
@@ -160,6 +203,8 @@ class SearchSpace:
     formats: tuple[Format, ...] = ()
     tie: tuple[str, ...] = ()
     rules: tuple[Rule, ...] = field(default=())
+    #: run-time targets (``[input]``, ``[kv_cache]`` tables): decided with the weights (:mod:`mpsearch.targets`)
+    runtime: tuple[RuntimeTarget, ...] = ()
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -215,7 +260,7 @@ class SearchSpace:
 
     @staticmethod
     def _from_dict(data: dict[str, Any], source: str) -> "SearchSpace":
-        known = {"name", "description", "types", "targets", "ignore", "formats", "tie", "rules"}
+        known = {"name", "description", "types", "targets", "ignore", "formats", "tie", "rules", *RUNTIME_TABLES}
         extra = set(data) - known
         if extra:
             raise SpaceError(f"unknown key(s) {sorted(extra)}; allowed: {sorted(known)}")
@@ -264,8 +309,22 @@ class SearchSpace:
             formats=listed,
             tie=tuple(_list(data, "tie", [])),
             rules=tuple(rules),
+            runtime=tuple(RuntimeTarget.from_table(t, data[t]) for t in RUNTIME_TABLES if t in data),
             source=source,
         )
+
+    def runtime_target(self, table: str) -> RuntimeTarget | None:
+        return next((r for r in self.runtime if r.table == table), None)
+
+    def with_runtime_min_bits(self, table: str, bits: int) -> "SearchSpace":
+        """A copy whose ``[table]`` formats have at least ``bits`` (``--input-min-bits 8``: W-A8 at most)."""
+        r = self.runtime_target(table)
+        if r is None:
+            raise SpaceError(f"search space {self.name!r} has no [{table}] table: nothing to bound")
+        new = replace(r, min_bits=bits)
+        if not new.candidates():
+            raise SpaceError(f"[{table}]: no format has at least {bits} bits")
+        return replace(self, runtime=tuple(new if x is r else x for x in self.runtime))
 
     def with_rules(self, rules: Iterable[Rule]) -> "SearchSpace":
         """A copy with extra rules applied after the file's own (command-line overrides)."""

@@ -117,9 +117,10 @@ def test_applied_restores_weights(model, tokens):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_activation_targets_are_refused_clearly(model):
+def test_a_weight_format_on_a_run_time_target_is_refused_clearly(model):
+    """Inputs and the KV cache take their own quantizers (tests/test_runtime_targets.py); a weight format there names the target."""
     plan = Plan("tiny", fingerprint(model), {Q: {"weight": Format(4), "input": Format(8)}})
-    with pytest.raises(PlanError, match="not supported"):
+    with pytest.raises(PlanError, match=r"input: quantizer 'uniform' quantizes \['weight'\], not input"):
         apply_(model, plan)
 
 

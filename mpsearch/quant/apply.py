@@ -1,4 +1,8 @@
-"""``apply_(model, plan)``: the one verb that puts a plan on a model (simulated quantization)."""
+"""``apply_(model, plan)``: the one verb that puts a plan on a model (simulated quantization).
+
+Weights are fake-quantized in place; run-time targets (layer inputs, the KV cache) are
+hooks installed on the model (:mod:`mpsearch.quant.hooks`), kept at ``model._mpsearch_runtime``.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +16,7 @@ from ..format import FormatError
 from ..layers import kind_of, matrix, set_matrix
 from ..plan import Plan, PlanError
 from . import quantize
+from .hooks import RuntimeHooks
 from .memo import QuantMemo
 from .quantizer import get_quantizer
 
@@ -63,7 +68,8 @@ def check_plan(model: nn.Module, plan: Plan, check: bool = True, space: str = "l
             if fmt is None:
                 continue
             if target != "weight":
-                raise PlanError(f"tensors[{name!r}].{target}: activation/KV quantization is not supported by this backend yet")
+                check_runtime(model, resolved, name, target, fmt)
+                continue
             in_features = _matrix(modules[name]).shape[1]
             if not fmt.fits(in_features):
                 raise PlanError(f"tensors[{name!r}].weight: group size {fmt.group_size} does not divide its input dimension {in_features}")
@@ -80,6 +86,36 @@ def check_plan(model: nn.Module, plan: Plan, check: bool = True, space: str = "l
             elif imp is not None and tuple(imp.shape) not in ((in_features,), (in_features, in_features)):
                 raise PlanError(f"importance[{name!r}] has shape {tuple(imp.shape)}; the tensor's rows are {in_features} wide")
     return resolved
+
+
+def check_runtime(model: nn.Module, plan: Plan, name: str, target: str, fmt) -> None:
+    """A run-time format fits its site: the quantizer takes the target, a cache target sits on an
+    attention's k_proj / v_proj, groups tile the cache width, and calibrated formats bring their tensors."""
+    from .calibrate import needs_calibration
+    from .hooks import CACHE_PROJ, attention_of, calib_for
+
+    where = f"tensors[{name!r}].{target}"
+    q = get_quantizer(fmt.quantizer)
+    if fmt.is_full:
+        return
+    if target not in q.targets:
+        raise PlanError(f"{where}: quantizer {fmt.quantizer!r} quantizes {list(q.targets)}, not {target}")
+    mod = dict(model.named_modules())[name]
+    if target == "input" and kind_of(mod) is None:
+        raise PlanError(f"{where}: only the input of a Linear / Conv layer can be quantized; {name} is a {type(mod).__name__}")
+    if target in CACHE_PROJ:
+        if name.rpartition(".")[2] != CACHE_PROJ[target]:
+            raise PlanError(f"{where}: the {target} is addressed on the attention's {CACHE_PROJ[target]}, not on {name}")
+        try:
+            _, attn = attention_of(model, name)
+        except ValueError as e:
+            raise PlanError(f"{where}: {e}") from None
+        width = _matrix(mod).shape[0]
+        if hasattr(q, "fits_width") and not q.fits_width(fmt, width, attn.head_dim):
+            raise PlanError(f"{where}: group size {fmt.group_size} does not divide the cache width {width}")
+    if needs_calibration(fmt, target) and calib_for(plan.calibration, name, target, fmt) is None:
+        raise PlanError(f"{where}: {fmt.key} is calibrated offline and the plan carries no calibration for it; "
+                        "fit it with mpsearch.quant.calibrate.calibrate(model, {(name, target): [fmt]}, tokens)")
 
 
 @torch.no_grad()
@@ -100,6 +136,13 @@ def apply_(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama
     new = {n: q(n, f) for n, f in resolved.weight_formats().items()}
     for n, w in new.items():
         _set(modules[n], w)
+    old = getattr(model, "_mpsearch_runtime", None)
+    if old is not None:
+        old.remove()
+    model._mpsearch_runtime = None
+    if resolved.runtime_formats():  # inputs and KV cache: hooks that stay on the model
+        model._mpsearch_runtime = RuntimeHooks(model, resolved.runtime_formats(), resolved.calibration)
+        model._mpsearch_runtime.install()
     return model
 
 
@@ -118,6 +161,10 @@ def applied(model: nn.Module, plan: Plan, check: bool = True, space: str = "llam
     try:
         yield apply_(model, plan, check, space, all_tensors, memo)
     finally:
+        hooks = getattr(model, "_mpsearch_runtime", None)
+        if hooks is not None:
+            hooks.remove()
+            model._mpsearch_runtime = None
         with torch.no_grad():
             for n, w in saved.items():
                 _set(modules[n], w)

@@ -56,6 +56,8 @@ class Quantizer:
     #: what importance it reads: "columns" (``[in]``, the imatrix; given a Gram matrix it
     #: takes the diagonal) or "gram" (``[in, in]``, the layer input's X^T X / n, for GPTQ)
     importance_kind: str = "columns"
+    #: the plan targets its formats may be given to (:data:`mpsearch.plan.TARGETS`)
+    targets: tuple[str, ...] = ("weight",)
 
     def check(self, fmt: Format) -> None:
         extra = sorted(set(dict(fmt.params)) - set(self.params))
@@ -110,6 +112,48 @@ class Quantizer:
     def default_fields(self) -> dict[str, Any]:
         """The fields a plan may leave out for this quantizer (its fixed layout)."""
         return dict(self.fixed)
+
+
+@dataclass(frozen=True)
+class TargetQuantizer(Quantizer):
+    """A quantizer of run-time tensors (layer inputs, the KV cache) rather than stored weights.
+
+    ``fn(x, fmt, calib)`` fake-quantizes ``x [tokens, channels]`` (``calib``: the tensors
+    :meth:`calibrate` fitted, or None for a dynamic format). ``calibrate(x, g, fmt)`` fits
+    them from calibration samples ``x`` (and their loss gradients ``g`` where
+    ``wants_grads``); None for formats computed on the fly. ``storage(fmt, tokens, width,
+    head_dim)`` is the exact bits stored for ``tokens`` vectors of ``width`` elements
+    (KV formats; activations are transient and cost no memory). Keys are ``NAME<bits>``.
+    """
+
+    calibrate: Callable[..., dict[str, torch.Tensor]] | None = None
+    wants_grads: bool = False
+    storage: Callable[..., float] | None = None
+    #: run-time quantizers see no weight rows: any width fits
+    targets: tuple[str, ...] = ("input",)
+
+    def __call__(self, x: torch.Tensor, fmt: Format, calib: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.fn(x, fmt, calib)
+
+    def needs_calibration(self, fmt: Format, target: str | None = None) -> bool:
+        return not fmt.is_full and self.calibrate is not None
+
+    def reads_importance(self, fmt: Format) -> bool:
+        return False
+
+    def bits_per_weight(self, fmt: Format, in_features: int) -> float:
+        return float(fmt.bits)
+
+    def fits(self, fmt: Format, in_features: int) -> bool:
+        return True
+
+    def key(self, fmt: Format) -> str:
+        extra = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in fmt.params)
+        g = "" if fmt.group_size == PER_CHANNEL else f"g{fmt.group_size}"
+        return f"{self.name}{fmt.bits}{g}" + (f"[{extra}]" if extra else "")
+
+    def default_fields(self) -> dict[str, Any]:
+        return {"group_size": PER_CHANNEL, "symmetric": True}
 
 
 def groups_of(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
