@@ -93,11 +93,12 @@ class Joint:
             calibration = calibrate(session.model, {d.site: list(d.formats) for d in runtime}, session.calib, cfg.progress, cfg.seed,
                                     session.prims.weights if cfg.use_cache else "")
             calibration = spread_calibration(calibration, runtime)
+        proxy = load_runtime_proxy(runtime_proxy(cfg))
         with session.stages("run-time sensitivities"):
             kl_tokens = session.calib[: KL_SLICE[0], : KL_SLICE[1]]
             table = runtime_table(session.model, runtime, session.calib, kl_tokens, calibration, session.prims.weights,
-                                  cfg.use_cache, cfg.progress)
-        losses = runtime_losses(table, runtime, load_runtime_proxy(runtime_proxy(cfg)))
+                                  cfg.use_cache, cfg.progress, measure_kl="kl" in proxy.needs)
+        losses = runtime_losses(table, runtime, proxy)
         return cls(session, runtime, calibration, table, losses)
 
     # ------------------------------------------------------------ the problem

@@ -123,37 +123,46 @@ def runtime_losses(table: pd.DataFrame, decisions: list[RuntimeDecision], proxy:
         vals = []
         for f in d.formats:
             r = rows.loc[(d.name, f.key)]
-            vals.append(float(proxy.evaluate({k: float(r[k]) for k in RUNTIME_NAMES})))
+            v = float(proxy.evaluate({k: math.nan if r[k] is None else float(r[k]) for k in proxy.needs}))
+            if not math.isfinite(v):
+                raise ValueError(f"run-time proxy {proxy.name!r} gives {v} for {d.name} in {f.key}; it reads {sorted(proxy.needs)} "
+                                 "(kl is measured only for a proxy that reads it)")
+            vals.append(v)
         out.append(np.array(vals, dtype=np.float64))
     return out
 
 
 def runtime_table(model: nn.Module, decisions: list[RuntimeDecision], calib: torch.Tensor, kl_tokens: torch.Tensor,
-                  calibration: dict[str, torch.Tensor], weights_key: str, use_cache: bool = True, progress: bool = True) -> pd.DataFrame:
+                  calibration: dict[str, torch.Tensor], weights_key: str, use_cache: bool = True, progress: bool = True,
+                  measure_kl: bool = True) -> pd.DataFrame:
     """``decision, target, format, kl, fisher, mse, kernel, bits`` for every run-time decision and format.
 
-    Cached by the weights, both token sets, every format's identity and the calibration tensors."""
+    ``measure_kl=False`` skips the measured-KL pass (the slow one; ``kl`` is then NaN), for a
+    proxy that does not read it. Cached by the weights, both token sets, every format's identity,
+    the calibration tensors and whether KL was measured."""
     pairs = [(d, f) for d in decisions for f in d.formats]
     key = content_key(weights_key, tokens_hash(calib), tokens_hash(kl_tokens), SCHEMA,
-                      [(d.name, d.modules, format_identity(f)) for d, f in pairs], importance_digest(calibration))
+                      [(d.name, d.modules, format_identity(f)) for d, f in pairs], importance_digest(calibration),
+                      *(() if measure_kl else ("no-kl",)))
     path = cache_dir() / "sensitivity" / f"runtime-{key}.json"
     if use_cache:
-        rows = read_json(path, key, SCHEMA, lambda v: _check(v, len(pairs)))
+        rows = read_json(path, key, SCHEMA, lambda v: _check(v, len(pairs), measure_kl))
         if rows is not None:
             return pd.DataFrame(rows)
     stats = _fisher_mse(model, pairs, calib, calibration, progress)
     partial = path.with_name(f"runtime-{key}.partial.json") if use_cache else None
-    kl = _measured_kl(model, pairs, kl_tokens, calibration, progress, partial, key)
+    kl = _measured_kl(model, pairs, kl_tokens, calibration, progress, partial, key) if measure_kl else [float("nan")] * len(pairs)
     rows = [{"decision": d.name, "target": d.target, "format": f.key, "kl": kl[i], **stats[i],
              "bits": float(f.bits)} for i, (d, f) in enumerate(pairs)]
     if use_cache:
-        write_json(path, rows, key, SCHEMA)
+        write_json(path, [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows], key, SCHEMA)
     return pd.DataFrame(rows)
 
 
-def _check(rows, n: int) -> None:
+def _check(rows, n: int, measure_kl: bool = True) -> None:
     require(isinstance(rows, list) and len(rows) == n, f"expected {n} rows")
-    require_finite([r[k] for r in rows for k in ("kl", "fisher", "mse", "kernel")], "a run-time sensitivity")
+    cols = ("kl", "fisher", "mse", "kernel") if measure_kl else ("fisher", "mse", "kernel")
+    require_finite([r[k] for r in rows for k in cols], "a run-time sensitivity")
 
 
 def _fisher_mse(model: nn.Module, pairs, calib: torch.Tensor, calibration, progress: bool) -> list[dict]:

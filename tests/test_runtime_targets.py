@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -396,3 +397,23 @@ def test_weight_only_paths_refuse_a_space_with_run_time_targets():
     cfg = SearchConfig(space="llama_wkv", budgets=("100MB",), context=256)
     with pytest.raises(ValueError, match="only `mpsearch search`"):
         Session.open(cfg)
+
+
+def test_a_fisher_runtime_proxy_skips_the_measured_kl_pass(model, tokens, monkeypatch):
+    import mpsearch.targets as tg
+    from mpsearch.space import SearchSpace
+
+    space = SearchSpace.from_file("llama_wkv")
+    decisions = tg.runtime_decisions(space, model, space.build(model))
+    calibration = calibrate(model, {d.site: list(d.formats) for d in decisions}, tokens)
+    calls = []
+    enter = tg.RuntimeHooks.__enter__
+    monkeypatch.setattr(tg.RuntimeHooks, "__enter__", lambda self: (calls.append(1), enter(self))[1])
+    fisher = tg.load_runtime_proxy("fisher")
+    for _ in range(2):  # computed, then read back from the cache
+        table = tg.runtime_table(model, decisions, tokens[:2], tokens[:1], calibration, "w", measure_kl=False)
+        losses = tg.runtime_losses(table, decisions, fisher)
+        assert calls == [] and table["kl"].isna().all() and table["fisher"].notna().all()
+        assert all(np.all(np.isfinite(l)) and l[[f.is_full for f in d.formats].index(True)] == 0 for l, d in zip(losses, decisions))
+        with pytest.raises(ValueError, match="kl is measured only"):
+            tg.runtime_losses(table, decisions, tg.load_runtime_proxy("kl"))  # not measured: never a silent NaN plan
