@@ -58,7 +58,7 @@ def quantize_token(x: torch.Tensor, fmt: Format, calib=None) -> torch.Tensor:
 
 
 def quantize_tensor(x: torch.Tensor, fmt: Format, calib) -> torch.Tensor:
-    q = _round_scaled(_rows(x), calib["absmax"] / _qmax(fmt), _qmax(fmt))
+    q = _round_scaled(_rows(x), calib["absmax"].to(x.device) / _qmax(fmt), _qmax(fmt))
     return q.reshape(x.shape).to(x.dtype)
 
 
@@ -78,7 +78,7 @@ def quantize_cross(x: torch.Tensor, fmt: Format, calib) -> torch.Tensor:
     a = _alpha(fmt)
     t = r.abs().amax(-1, keepdim=True).clamp_min(1e-12)
     # the calibrated channel maxima, raised where this call's tokens exceed them: t_i^a c_j^(1-a) >= |x_ij| then, so nothing clips
-    c = torch.maximum(calib["channel_absmax"].reshape(1, -1), r.abs().amax(0, keepdim=True)).clamp_min(1e-12)
+    c = torch.maximum(calib["channel_absmax"].to(r.device).reshape(1, -1), r.abs().amax(0, keepdim=True)).clamp_min(1e-12)
     q = _round_scaled(r, t.pow(a) * c.pow(1 - a) / _qmax(fmt), _qmax(fmt))
     return q.reshape(x.shape).to(x.dtype)
 
@@ -97,7 +97,7 @@ def _log_levels(r: torch.Tensor, bits: int, base: float) -> torch.Tensor:
     m = r.abs().amax(-1, keepdim=True).clamp_min(1e-12)
     kmax = 2 ** (bits - 1) - 2  # bits-1 magnitude bits: levels k = 0..kmax, the last code is zero
     k = (-(r.abs().clamp_min(1e-30) / m).log() / math.log(base)).round()
-    q = m * torch.pow(torch.tensor(base), -k.clamp(0, kmax))
+    q = m * torch.pow(base, -k.clamp(0, kmax))
     return torch.where((k > kmax) | (r == 0), torch.zeros_like(r), r.sign() * q)
 
 

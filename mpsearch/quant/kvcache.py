@@ -49,10 +49,10 @@ def group_len(fmt: Format, head_dim: int) -> int:
     return head_dim if fmt.group_size == PER_CHANNEL else fmt.group_size
 
 
-def _levels(fmt: Format, calib) -> torch.Tensor:
+def _levels(fmt: Format, calib, device=None) -> torch.Tensor:
     if calib is not None and "codebook" in calib:
-        return calib["codebook"].to(torch.float32)
-    return torch.linspace(-1.0, 1.0, 2 ** fmt.bits)
+        return calib["codebook"].to(device=device, dtype=torch.float32)
+    return torch.linspace(-1.0, 1.0, 2 ** fmt.bits, device=device)
 
 
 def _snap(z: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,8 @@ def _normalise(x: torch.Tensor, fmt: Format, calib, head_dim: int, target: str):
     p = float(_p(fmt, "outliers", 0.0) or 0.0)
     if target == "k_cache":
         r = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        mid, half = calib["mid"].reshape(1, -1), calib["half"].reshape(1, -1).clamp_min(MIN_HALF)
+        mid = calib["mid"].to(r.device).reshape(1, -1)
+        half = calib["half"].to(r.device).reshape(1, -1).clamp_min(MIN_HALF)
         z = (r - mid) / half
         mask = _top_mask(z.abs(), math.ceil(p * r.shape[-1]) if p else 0)
         return z, mid, half, mask, r
@@ -110,7 +111,7 @@ def _normalise(x: torch.Tensor, fmt: Format, calib, head_dim: int, target: str):
 
 def quantize_kvquant(x: torch.Tensor, fmt: Format, calib=None, head_dim: int = 64, target: str = "v_cache") -> torch.Tensor:
     z, mid, half, mask, r = _normalise(x, fmt, calib, head_dim, target)
-    q = torch.where(mask, _fp16(r), _snap(z, _levels(fmt, calib)) * half + mid)
+    q = torch.where(mask, _fp16(r), _snap(z, _levels(fmt, calib, z.device)) * half + mid)
     return q.reshape(x.shape).to(x.dtype)
 
 
@@ -119,12 +120,12 @@ def weighted_kmeans(z: torch.Tensor, w: torch.Tensor, k: int, iters: int = KMEAN
     order = z.argsort()
     z, w = z[order], w[order].clamp_min(1e-20)
     cw = w.cumsum(0) / w.sum()
-    c = z[torch.searchsorted(cw, (torch.arange(k) + 0.5) / k).clamp(max=z.numel() - 1)].clone()
+    c = z[torch.searchsorted(cw, (torch.arange(k, device=z.device) + 0.5) / k).clamp(max=z.numel() - 1)].clone()
     for _ in range(iters):
         c = c.sort().values
         idx = torch.bucketize(z, (c[1:] + c[:-1]) / 2)
-        num = torch.zeros(k).index_add_(0, idx, w * z)
-        den = torch.zeros(k).index_add_(0, idx, w)
+        num = torch.zeros(k, device=z.device).index_add_(0, idx, w * z)
+        den = torch.zeros(k, device=z.device).index_add_(0, idx, w)
         c = torch.where(den > 0, num / den.clamp_min(1e-30), c)
     return _fp16(c.sort().values)
 
