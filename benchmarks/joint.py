@@ -21,7 +21,8 @@ SmolLM2's weights are dequantized Q4_1: a 4-bit g32 weight format reproduces the
 Writes ``benchmarks/results/joint.csv``: ``model, budget_bytes, context, allocation, ppl, kl``
 plus the split the plan made (``weight_bytes, kv_bytes, weight_bits, kv_bits``), ``kl_lo/kl_hi``
 (bootstrap over windows; over the decoded tokens' positions there is one window at 8k),
-``dkl_best*`` (KL minus the better plan of the budget, paired CI) and the predicted loss.
+``dkl_best*`` (KL minus the better plan of the budget, paired CI), the predicted loss and the
+unquantized model's ``reference_ppl`` on the same windows.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def main() -> None:
         res = search(SearchConfig(model=a.model, space="llama_wkv", proxies=(a.proxy,), budgets=tuple(budgets), context=context, decode=128,
                                   eval_chunks=windows, refine=0, baselines=False, threads=a.threads, out_dir=f"runs/joint-{a.model}-{context}"))
         table = res.table.set_index("plan")
+        ref = res.table[res.table.kind == "reference"].iloc[0]
         for name, plan in res.plans.items():
             m, t = plan.metrics, table.loc[name]
             rows.append({"model": a.model, "proxy": a.proxy, "budget_bytes": float(plan.budget["limit"]), "context": context,
@@ -72,10 +74,7 @@ def main() -> None:
                          "kl_lo": t.kl_lo, "kl_hi": t.kl_hi, "dkl_best": t.dkl_best, "dkl_best_lo": t.dkl_best_lo, "dkl_best_hi": t.dkl_best_hi,
                          "weight_bytes": m["weight_bytes"], "kv_bytes": m["kv_bytes"], "weight_bits": m["effective_bits"],
                          "kv_bits": m["kv_bits"], "predicted": m.get("predicted"), "eval_windows": windows,
-                         "mean_bits": float(plan.budget["limit"]) * 8 / (weights + kv_per_token * context)})
-        ref = res.table[res.table.kind == "reference"].iloc[0]
-        rows.append({"model": a.model, "proxy": a.proxy, "budget_bytes": float("nan"), "context": context, "allocation": "reference (fp16)",
-                     "ppl": ref.ppl, "kl": 0.0, "eval_windows": windows})
+                         "mean_bits": float(plan.budget["limit"]) * 8 / (weights + kv_per_token * context), "reference_ppl": ref.ppl})
         pd.DataFrame(rows).to_csv(out, index=False)
         print(pd.DataFrame(rows).to_string(), flush=True)
     meta = json.loads((OUT / "joint.json").read_text()) if (OUT / "joint.json").exists() else {}

@@ -208,6 +208,11 @@ class DecodeEvaluator:
             raise ValueError(f"decode ({decode}) must be a multiple of {block} (the block of decoded tokens per bootstrap window)")
         self.tokens, self.decode, self.chunk, self.progress, self.block = tokens, decode, chunk, progress, block
 
+    @property
+    def cache_parts(self) -> tuple:
+        """What besides the tokens decides a measurement (the evaluation cache's key)."""
+        return "decode", self.decode, self.chunk, self.block
+
     @torch.no_grad()
     def fit(self, reference: nn.Module) -> "DecodeEvaluator":
         self._spill = _Spill()

@@ -26,21 +26,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cache import cache_dir, content_key, read_json, tokens_hash, write_json
 from .cost import Budget, BudgetError, parse_budget_text
 from .evaluate import DecodeEvaluator
 from .format import Format
 from .models import load_text, token_chunks
 from .plan import Plan, write_json_atomic
-from .quant import applied
 from .quant.calibrate import calibrate
 from .quant.hooks import calib_for, calib_key
-from .session import KL_SLICE, Session, check_quality, plan_hash
+from .session import KL_SLICE, Session
 from .solvers import Constraint, Problem, Status, get_solver
 from .targets import RuntimeDecision, kv_fp16_bytes, load_runtime_proxy, mean_act_bits, runtime_decisions, runtime_losses, runtime_table
 
 log = logging.getLogger(__name__)
-EVAL_SCHEMA = "evaluation-decode/v2"  # v2: per-window values per block of 32 decoded tokens
 
 
 #: the run-time proxy in the same units as a weight proxy (``auto``)
@@ -189,29 +186,6 @@ def spread_calibration(calibration: dict[str, torch.Tensor], runtime: list[Runti
     return out
 
 
-def measure(joint: Joint, plan: Plan, ev, use_cache: bool, desc: str) -> dict:
-    """ppl and KL of ``plan`` on ``ev``, and the share of activations rounded to zero; cached by content."""
-    s = joint.session
-    key = content_key(s.prims.weights, plan_hash(plan), tokens_hash(ev.tokens), getattr(ev, "decode", None), getattr(ev, "chunk", None),
-                      getattr(ev, "block", None), EVAL_SCHEMA)
-    path = cache_dir() / "evals" / f"decode-{key}.json"
-    if use_cache:
-        q = read_json(path, key, EVAL_SCHEMA, lambda v: check_quality(v, ev.reference_.tokens))
-        if q is not None:
-            return q
-    with applied(s.model, plan, memo=s.memo) as model:
-        q = ev.score(model, desc=desc).to_dict()
-        hooks = getattr(model, "_mpsearch_runtime", None)
-        kernel = hooks.kernel if hooks is not None else {}
-        zeros = sum(z for (n, t), (z, _) in kernel.items() if t == "input")
-        nonzero = sum(n for (_, t), (_, n) in kernel.items() if t == "input")
-        q["kernel_proportion"] = zeros / nonzero if nonzero else 0.0
-    check_quality(q, ev.reference_.tokens)
-    if use_cache:
-        write_json(path, q, key, EVAL_SCHEMA)
-    return q
-
-
 def joint_search(cfg):
     """:func:`mpsearch.search` for a space with ``[input]`` / ``[kv_cache]``: per weight proxy, budget and
     allocation one plan, measured on the decode path at ``context`` (full-sequence windows without a KV cache)."""
@@ -251,7 +225,7 @@ def joint_search(cfg):
         reference_row = {"plan": "reference (unquantized)", "kind": "reference", "effective_bits": 32.0, **ev.reference_.to_dict()}
         for name, plan in plans.items():
             with stages(f"evaluate {name}"):
-                plan.metrics.update(measure(joint, plan, ev, cfg.use_cache, f"eval {name}"))
+                plan.metrics.update(s.measure(plan, f"eval {name}", ev))
     table = results_table(plans, reference_row)
     if out is not None:
         (out / "plans").mkdir(parents=True, exist_ok=True)

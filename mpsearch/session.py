@@ -235,9 +235,11 @@ class Session:
     def measure(self, plan: Plan, desc: str = "eval", evaluator: Evaluator | None = None) -> dict:
         """Perplexity and KL of ``plan`` (on the evaluation text, or on ``evaluator``'s tokens);
         cached by (model weights, plan with its quantizer versions, tokens with their shape),
-        checked on read, so reruns resume."""
+        checked on read, so reruns resume. A plan with run-time formats also reports the share of its
+        layer inputs rounded to zero (``kernel_proportion``); a decode-path evaluator keys by its settings."""
         ev = evaluator or self.evaluator
-        key = content_key(self.prims.weights, plan_hash(plan), tokens_hash(ev.tokens), ev.batch_size, EVAL_SCHEMA)
+        how = ev.cache_parts if hasattr(ev, "cache_parts") else (ev.batch_size,)
+        key = content_key(self.prims.weights, plan_hash(plan), tokens_hash(ev.tokens), *how, EVAL_SCHEMA)
         path = cache_dir() / "evals" / f"{key}.json"
         if self.config.use_cache:
             q = read_json(path, key, EVAL_SCHEMA, lambda v: check_quality(v, ev.reference_.tokens))
@@ -245,6 +247,10 @@ class Session:
                 return q
         with applied(self.model, plan, memo=self.memo):
             q = ev.score(self.model, desc=desc).to_dict()
+            hooks = getattr(self.model, "_mpsearch_runtime", None)
+            if hooks is not None:
+                counts = [c for (_, t), c in hooks.kernel.items() if t == "input"]
+                q["kernel_proportion"] = sum(z for z, _ in counts) / max(1, sum(n for _, n in counts))
         try:
             check_quality(q, ev.reference_.tokens)
         except CacheEntryError as e:  # measured, not cached: a rerun measures it again

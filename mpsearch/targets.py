@@ -35,7 +35,8 @@ from .plan import importance_digest
 from .proxies.expr import ExpressionError, parse
 from .proxies.proxy import Proxy, ProxyFileError
 from .quant import format_identity
-from .quant.hooks import CACHE_PROJ, RuntimeHooks, attention_of, calib_for
+from .quant import get_quantizer
+from .quant.hooks import CACHE_PROJ, RuntimeHooks, attention_of, calib_for, quantize_site
 from .quant.kvcache import storage_bits
 from .space import Decision, SearchSpace
 
@@ -88,7 +89,7 @@ def runtime_decisions(space: SearchSpace, model: nn.Module, weights: list[Decisi
             for n in names:
                 _, attn = attention_of(model, n)
                 width = modules[n].weight.shape[0]
-                fmts = tuple(f for f in kv.candidates() if f.is_full or width % (attn.head_dim if f.group_size < 1 else f.group_size) == 0)
+                fmts = tuple(f for f in kv.candidates() if f.is_full or get_quantizer(f.quantizer).fits_width(f, width, attn.head_dim))
                 out.append(RuntimeDecision(f"{target}:{n}", target, (n,), fmts, width, attn.head_dim))
     return out
 
@@ -168,7 +169,6 @@ def _check(rows, n: int, measure_kl: bool = True) -> None:
 def _fisher_mse(model: nn.Module, pairs, calib: torch.Tensor, calibration, progress: bool) -> list[dict]:
     """One forward + backward per calibration window; at every site, each format's error is
     weighted by the squared gradient there (the backward starts at the input embeddings)."""
-    from .quant import get_quantizer
     from .quant.activation import kernel_counts
 
     acc = [{"fisher": 0.0, "mse": 0.0, "zeros": 0, "nonzero": 0} for _ in pairs]
@@ -179,15 +179,7 @@ def _fisher_mse(model: nn.Module, pairs, calib: torch.Tensor, calibration, progr
 
     def quantized(i: int, x: torch.Tensor) -> torch.Tensor:
         d, f = pairs[i]
-        if f.is_full:
-            return x
-        c = calib_for(calibration, d.modules[0], d.target, f)
-        q = get_quantizer(f.quantizer)
-        if d.target == "input":
-            return q(x, f, c)
-        out = q(x, f, c, d.head_dim, d.target)
-        sinks = int(dict(f.params).get("sinks", 0) or 0)
-        return torch.cat([x[..., :sinks, :], out[..., sinks:, :]], dim=-2) if sinks else out
+        return x if f.is_full else quantize_site(x, f, calib_for(calibration, d.modules[0], d.target, f), d.target, d.head_dim)
 
     def watch(site):
         def record(x: torch.Tensor) -> None:

@@ -36,6 +36,19 @@ def calib_for(calibration: dict[str, torch.Tensor] | None, module: str, target: 
     return out or None
 
 
+def quantize_site(x: torch.Tensor, fmt: Format, calib, target: str, head_dim: int = 0, start: int = 0) -> torch.Tensor:
+    """``x`` (a layer input, or a projection's new keys / values whose first token sits at ``start``)
+    quantized in ``fmt``; cache positions below the format's ``sinks`` stay as they are."""
+    quantizer = get_quantizer(fmt.quantizer)
+    if target == "input":
+        return quantizer(x, fmt, calib)
+    q = quantizer(x, fmt, calib, head_dim, target)
+    keep = int(dict(fmt.params).get("sinks", 0) or 0) - start
+    if keep > 0:  # attention sinks: the first tokens stay as computed
+        q = torch.cat([x[..., :keep, :], q[..., keep:, :]], dim=-2)
+    return q
+
+
 def attention_of(model: nn.Module, proj: str) -> tuple[str, nn.Module]:
     """The attention module a ``k_proj`` / ``v_proj`` belongs to (its parent), with a ``head_dim``."""
     parent = proj.rpartition(".")[0]
@@ -98,11 +111,9 @@ class RuntimeHooks:
         acc[1] += n
 
     def _input_hook(self, name: str, fmt: Format, calib):
-        quantizer = get_quantizer(fmt.quantizer)
-
         def hook(module, args):
             x = args[0]
-            q = quantizer(x, fmt, calib)
+            q = quantize_site(x, fmt, calib, "input")
             self._count((name, "input"), x, q)
             return (q, *args[1:])
         return hook
@@ -114,14 +125,8 @@ class RuntimeHooks:
         return hook
 
     def _cache_hook(self, name: str, target: str, fmt: Format, calib, parent: str, head_dim: int):
-        quantizer = get_quantizer(fmt.quantizer)
-        sinks = int(dict(fmt.params).get("sinks", 0) or 0)
-
         def hook(module, args, out):
-            q = quantizer(out, fmt, calib, head_dim, target)
-            keep = sinks - self._start.get(parent, 0)
-            if keep > 0:  # attention sinks: the first tokens stay as computed
-                q = torch.cat([out[..., :keep, :], q[..., keep:, :]], dim=-2)
+            q = quantize_site(out, fmt, calib, target, head_dim, self._start.get(parent, 0))
             self._count((name, target), out, q)
             return q
         return hook
