@@ -1,5 +1,5 @@
 """The ``mpsearch`` command: ``search``, ``evolve``, ``apply``, ``eval``, ``export``, ``heatmap``, ``leaderboard``,
-``evolve-proxy`` and ``list``.
+``evolve-proxy``, ``profile-device``, ``report`` and ``list``.
 
 Every command is a thin layer over one library call (``mpsearch.search``,
 ``mpsearch.apply_``, ``mpsearch.evaluate_plan``); errors in the input are printed as
@@ -35,6 +35,9 @@ def search_config(a: argparse.Namespace):
         context=getattr(a, "context", 0), batch=getattr(a, "batch", 1), decode=getattr(a, "decode", 128),
         runtime_proxy=getattr(a, "runtime_proxy", "auto"), act_bits=getattr(a, "act_bits", 0.0),
         input_min_bits=getattr(a, "input_min_bits", 0), allocations=tuple(getattr(a, "allocation", None) or ("joint", "separate")),
+        constraints=tuple(getattr(a, "constraint", None) or ()), hardware=getattr(a, "hardware", "local"),
+        energy_table=getattr(a, "energy_table", "horowitz-45nm"), prefill=getattr(a, "prefill", 512), profile=not getattr(a, "no_profile", False),
+        tasks=not getattr(a, "no_tasks", False), task_items=getattr(a, "task_items", 100),
     )
 
 
@@ -52,6 +55,43 @@ def _search(a: argparse.Namespace) -> int:
     for line in res.summary.get("warnings", []):
         print(f"warning: {line}")
     print(f"\nplans: {res.out_dir / 'plans'}\nresults: {res.out_dir / 'results.csv'}")
+    return 0
+
+
+def _profile_device(a: argparse.Namespace) -> int:
+    import torch
+
+    from .cost.hardware import write_hardware
+    from .cost.profile import local_hardware, profile_device
+    from .models import load_model
+    from .space import SearchSpace
+
+    torch.set_num_threads(a.threads)
+    hw = local_hardware(refresh=a.no_cache)
+    print(f"{hw.description}: " + ", ".join(f"{k} {v / 1e9:.1f} GOPS" for k, v in hw.peak.items()) + f", bandwidth {hw.bandwidth / 1e9:.1f} GB/s")
+    lm = load_model(a.model)
+    decisions = SearchSpace.from_file(a.space).build(lm.model)
+    table = profile_device(lm.model, decisions, tokens=(a.batch, a.batch * a.prefill), context=a.context, use_cache=not a.no_cache,
+                           progress=not a.quiet, fingerprint=str(lm.model_id))
+    best = table.rows.loc[table.rows.groupby(["in_features", "out_features", "format", "tokens"]).ms.idxmin()]
+    print(best.pivot_table(index="format", columns=["tokens", "in_features", "out_features"], values="ms").round(3).to_string())
+    print(f"fixed part: decode {table.fixed['decode_ms']:.2f} ms at {a.context} tokens, prefill {table.fixed['prefill_ms']:.1f} ms")
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        table.rows.to_csv(out / "kernels.csv", index=False)
+        (out / "fixed.json").write_text(json.dumps({**table.fixed, "machine": table.machine, "model": a.model}, indent=1))
+        write_hardware(hw, out / "hardware.toml")
+        print(f"written to {out}")
+    return 0
+
+
+def _report(a: argparse.Namespace) -> int:
+    from .html_report import write_report
+
+    if not (Path(a.run) / "results.csv").is_file():
+        raise FileNotFoundError(f"{a.run} holds no results.csv: give a search's output folder")
+    print(write_report(Path(a.run)))
     return 0
 
 
@@ -224,6 +264,13 @@ def _list(a: argparse.Namespace) -> int:
     print("run-time proxies (inputs, KV cache):", ", ".join(runtime_proxy_names()))
     print("solvers:", ", ".join(registry.names("solver")))
     print("quantizers:", ", ".join(registry.names("quantizer")))
+    from .cost.hardware import BUILTIN
+    from .cost.model import cost_names
+    from .kernels import kernel_names
+
+    print("costs (--constraint NAME<=LIMIT):", ", ".join(cost_names()))
+    print("hardware profiles (--hardware):", ", ".join(["local"] + sorted(p.stem for p in BUILTIN.glob("*.toml"))))
+    print("kernels (profile-device):", ", ".join(kernel_names()))
     import mpsearch.export  # noqa: F401  (registers the exporters)
 
     print("exporters:", ", ".join(registry.names("exporter")))
@@ -314,7 +361,32 @@ def parser() -> argparse.ArgumentParser:
     joint.add_argument("--allocation", action="append", choices=["joint", "separate"], default=None,
                        help="joint: one problem over everything; separate: weights and KV each get their fp16 share of the budget "
                             "(default both)")
+    costs = s.add_argument_group("costs (every plan's row carries every cost; see `mpsearch list`)")
+    costs.add_argument("--constraint", action="append", default=None, metavar="COST<=LIMIT",
+                       help="a limit beside --budget, e.g. latency_decode<=12ms, measured_decode<=80ms, energy<=25mJ, bops<=10G; repeatable")
+    costs.add_argument("--hardware", default="local", help="profile the roofline latencies use: local (this machine, measured once), "
+                       "h100-sxm, t4, jetson-agx-orin, or a TOML file (default local)")
+    costs.add_argument("--energy-table", default="horowitz-45nm", help="energy per operation (default horowitz-45nm)")
+    costs.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill latencies (default 512)")
+    costs.add_argument("--no-profile", action="store_true", help="do not time this machine's kernels (no measured_* costs)")
+    s.add_argument("--no-tasks", action="store_true", help="skip the cloze and multiple-choice accuracy of each measured plan")
+    s.add_argument("--task-items", type=int, default=100, help="cloze items from the evaluation text (multiple choice: half as many; default 100)")
     s.set_defaults(func=_search)
+
+    pd_ = sub.add_parser("profile-device", help="time every layer shape and format of a space with real kernels on this machine "
+                         "(the measured_* costs), and measure its peak throughput and bandwidth (--hardware local)")
+    common(pd_)
+    pd_.add_argument("--space", default="llama", help="search space whose shapes and formats to time (default llama)")
+    pd_.add_argument("--batch", type=int, default=1, help="sequences per decode step (default 1)")
+    pd_.add_argument("--prefill", type=int, default=512, help="prompt tokens (default 512)")
+    pd_.add_argument("--context", type=int, default=512, help="tokens in the KV cache at the timed decode steps (default 512)")
+    pd_.add_argument("--no-cache", action="store_true", help="measure again even if this machine's table is cached")
+    pd_.add_argument("--out", default=None, help="folder to copy the table (kernels.csv, fixed.json) and the profile (hardware.toml) to")
+    pd_.set_defaults(func=_profile_device)
+
+    rp = sub.add_parser("report", help="(re)write a search folder's report.html")
+    rp.add_argument("run", help="a search's output folder (holding results.csv)")
+    rp.set_defaults(func=_report)
 
     e = sub.add_parser("evolve", help="NSGA-II on measured quality, seeded with the proxy's Pareto plans; rerun to resume")
     search_args(e, "runs/evolve")

@@ -31,12 +31,16 @@ class Stages:
     """``with stages("name"):`` records seconds, resident memory before/after and the
     stage's own peak (sampled every ``interval`` seconds by a background thread)."""
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.05, progress=None) -> None:
         self.interval = interval
         self.records: list[dict] = []
+        #: told each stage's name as it starts (:class:`mpsearch.progress.SearchProgress`)
+        self.progress = progress
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        if self.progress is not None:
+            self.progress.stage(name)
         before = rss_mb()
         peak = [before]
         done = threading.Event()

@@ -87,7 +87,7 @@ def refine_budget(session, budget: Budget, plans: dict[str, Plan], config: Refin
             nonlocal spent
             if choice in by_choice:
                 return measured[by_choice[choice]]
-            if spent >= config.evaluations or session.choice_cost(choice) > limit:
+            if spent >= config.evaluations or not session.fits(choice, limit):
                 return None
             spent += 1
             new = f"{proxy}-refine{len(made) + 1}@{budget.label}"
@@ -99,7 +99,7 @@ def refine_budget(session, budget: Budget, plans: dict[str, Plan], config: Refin
         for anchor in anchors:
             for choice in trust_region_path(problem, start, anchor):
                 add(choice, "trust region toward a baseline")
-        best = min((c for c in by_choice if session.choice_cost(c) <= limit), key=lambda c: measured[by_choice[c]])
+        best = min((c for c in by_choice if session.fits(c, limit)), key=lambda c: measured[by_choice[c]])
         rng = np.random.default_rng(config.seed)
         tries = 0
         while spent < config.evaluations and tries < 20 * config.evaluations + 20:
@@ -110,7 +110,9 @@ def refine_budget(session, budget: Budget, plans: dict[str, Plan], config: Refin
             kl = add(cand, "local search")
             if kl is not None and kl < measured[by_choice[best]]:
                 best = cand
-    returned = min(measured, key=measured.get)
+    # with constraints beyond the bits, a baseline that breaks one cannot be returned
+    allowed = [n for n in measured if not session.constraints or (n in made or (choices.get(n) is not None and session.fits(choices[n], limit)))]
+    returned = min(allowed or measured, key=measured.get)
     log.info("budget %s: returned %s (slice KL %.4g); %d plans measured", budget.label, returned, measured[returned], len(measured))
     return Refined(returned, measured, made)
 
@@ -127,7 +129,8 @@ def trust_region_path(problem: Problem, start: tuple, anchor: tuple) -> list[tup
     solver = get_solver("milp")
     for mu in MU_GRID:
         penalty = [mu * gain / moved * np.abs(c - c[a]) for c, a in zip(cost, anchor)]
-        p = Problem.build(problem.decisions, problem.options, [l + pen for l, pen in zip(loss, penalty)], cost, problem.budget)
+        p = Problem.build(problem.decisions, problem.options, [l + pen for l, pen in zip(loss, penalty)], cost, problem.budget,
+                          problem.constraints)
         s = solver.solve(p)
         if s.status_ in Status.SOLUTION_PRESENT:
             choice = tuple(int(j) for j in s.choice_)
@@ -149,11 +152,11 @@ def swap(session, choice: tuple, limit: float, rng: np.random.Generator) -> tupl
     rng.shuffle(down)
     new = lambda: tuple(order[k][p] for k, p in enumerate(pos))  # noqa: E731
     for k in down:
-        if session.choice_cost(new()) <= limit:
+        if session.fits(new(), limit):
             break
         pos[k] -= 1
     cand = new()
-    return cand if session.choice_cost(cand) <= limit else None
+    return cand if session.fits(cand, limit) else None
 
 
 def rank_correlation(predicted: list[float], measured: list[float]) -> dict:

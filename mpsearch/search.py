@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -20,7 +21,10 @@ from . import registry
 from .baselines import recipe_formats
 from .cost import BudgetError
 from .models.data import BOS_CHOICES, DEFAULT_CALIBRATION, DEFAULT_EVALUATION
+from .html_report import write_report
 from .plan import Plan, write_json_atomic
+from .profiling import Stages
+from .progress import SearchProgress
 from .quant import Format, get_quantizer
 from .refine import RefineConfig, proxy_warnings, rank_correlation, refine_budget
 from .session import Session
@@ -88,6 +92,20 @@ class SearchConfig:
     act_bits: float = 0.0
     input_min_bits: int = 0
     allocations: tuple[str, ...] = ("joint", "separate")
+    #: costs (:mod:`mpsearch.cost`): limits beside the budget (``latency_decode<=12ms``, ``energy<=25mJ``),
+    #: the hardware profile the roofline latencies use (``local``: this machine, measured), the energy
+    #: table, prompt tokens for the prefill latencies, and whether to time this machine's kernels
+    #: (``measured_decode`` / ``measured_prefill``; cached per machine, model and space)
+    constraints: tuple[str, ...] = ()
+    hardware: str = "local"
+    energy_table: str = "horowitz-45nm"
+    prefill: int = 512
+    profile: bool = True
+    #: task accuracy (:mod:`mpsearch.tasks`) of every measured plan: cloze items from the evaluation text
+    #: (multiple-choice items: half as many), each with at most ``task_context`` tokens of context
+    tasks: bool = True
+    task_items: int = 100
+    task_context: int = 64
 
     def __post_init__(self) -> None:
         """Everything that can be checked without the model is checked here, so a typo
@@ -97,17 +115,17 @@ class SearchConfig:
         if not self.budgets:
             raise ValueError("give at least one budget")
         for name in ("calib_chunks", "gram_chunks", "eval_chunks", "calib_seq_len", "eval_seq_len", "threads", "hessian_probes", "hessian_sequences", "seed",
-                     "refine", "refine_chunks", "refine_seq_len", "memo_mb"):
+                     "refine", "refine_chunks", "refine_seq_len", "memo_mb", "task_items", "task_context"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ValueError(f"{name} must be an integer, got {v!r}")
         for name, least in (("calib_chunks", 1), ("gram_chunks", 1), ("eval_chunks", 1), ("calib_seq_len", 2), ("eval_seq_len", 2), ("refine", 0),
-                            ("refine_chunks", 1), ("refine_seq_len", 2), ("memo_mb", 0)):
+                            ("refine_chunks", 1), ("refine_seq_len", 2), ("memo_mb", 0), ("task_items", 2), ("task_context", 8)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        for name, least in (("context", 0), ("batch", 1), ("decode", 1), ("input_min_bits", 0)):
+        for name, least in (("context", 0), ("batch", 1), ("decode", 1), ("input_min_bits", 0), ("prefill", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
@@ -142,13 +160,26 @@ class SearchConfig:
 
         for b in self.budgets:
             parse_budget_text(b)
-        registry.get("solver", self.solver)
+        solver = registry.get("solver", self.solver)
+        from .cost.hardware import load_hardware
+        from .cost.model import ConstraintSpec
+
+        for c in self.constraints:
+            ConstraintSpec.parse(c)
+        if self.constraints and not getattr(solver, "supports_constraints", False):
+            raise ValueError(f"solver {self.solver!r} takes one budget; --constraint needs one that takes several (milp, brute)")
+        if self.hardware != "local":
+            load_hardware(self.hardware)
+        load_hardware(self.energy_table)
         for p in self.proxies:
             load_proxy(p)
         space = SearchSpace.from_file(self.space).with_rules(self.rules)
         if space.runtime:
             from .joint import check_config
 
+            if self.constraints:
+                raise ValueError(f"search space {space.name!r} decides layer inputs / the KV cache too; --constraint is not "
+                                 "implemented for the joint problem yet (use --budget, or a weights-only space)")
             check_config(self, space)
         elif self.context or self.act_bits or self.input_min_bits:
             raise ValueError(f"search space {space.name!r} decides weights only: --context, --act-bits and --input-min-bits "
@@ -184,7 +215,8 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
         from .joint import joint_search
 
         return joint_search(cfg)
-    session = Session.open(cfg)
+    progress = SearchProgress(cfg.progress)
+    session = Session.open(cfg, Stages(progress=progress), costs=True)
     stages, decisions, numel = session.stages, session.decisions, session.numel
 
     plans: dict[str, Plan] = {}
@@ -199,7 +231,8 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
                 problem = replace(unbounded, budget=b.total_bits(numel))
                 solver = get_solver(cfg.solver, **solver_params(cfg.solver, decisions)).solve(problem)
             if solver.status_ not in Status.SOLUTION_PRESENT:
-                raise BudgetError(f"{cfg.solver} returned {solver.status_} for budget {b.label}")
+                limits = f" with {', '.join(cfg.constraints)}" if cfg.constraints else ""
+                raise BudgetError(f"{cfg.solver} returned {solver.status_} for budget {b.label}{limits}: no plan meets them all")
             plans[f"{name}-{cfg.solver}@{b.label}"] = session.make_plan(session.formats(solver.choice_), b, proxy=name, solver=cfg.solver,
                                                                          kind="proxy")
     if cfg.baselines:
@@ -216,13 +249,24 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
     out = Path(cfg.out_dir) if cfg.out_dir else None
     if out is not None:  # plans and predictions first; then results.csv holds the plans measured so far
         write_outputs(out, plans, results_table(plans, None), pd.DataFrame(stages.records), session.tables, cfg)
+        if session.costs_suite is not None:
+            write_csv_atomic(out / "costs.csv", pd.DataFrame([r for name, p in plans.items()
+                                                              for r in session.costs_suite.breakdown(name, p.weight_formats(), session.members)]))
     reference_row = None
     if cfg.measure:
         ev = session.evaluator
         reference_row = {"plan": "reference (unquantized)", "kind": "reference", "effective_bits": 32.0, **ev.reference_.to_dict()}
+        if session.tasks is not None:
+            with stages("tasks of the unquantized model"):
+                reference_row.update(session.measure_tasks(None, desc="tasks reference"))
+        progress.plans(len(plans))
         for i, (name, plan) in enumerate(plans.items()):
+            t0 = time.perf_counter()
             with stages(f"evaluate {name}"):
                 plan.metrics.update(session.measure(plan, desc=f"eval {name}"))
+                if session.tasks is not None:
+                    plan.metrics.update(session.measure_tasks(plan, desc=f"tasks {name}"))
+            progress.measured(time.perf_counter() - t0)
             plan.provenance["evaluation"] = {"data": cfg.evaluation, "tokens": int(ev.tokens.numel())}
             if out is not None:  # results.csv grows as each plan is measured
                 plan.save(out / "plans" / f"{safe_name(name)}.json")
@@ -245,6 +289,8 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
 
             plotted = table[table.kind != "reference"].assign(method=lambda d: [n.split("@")[0] for n in d.plan])
             pareto_plot(plotted, out / "pareto.png", y="kl", title="measured KL vs effective bits, per method")
+        write_csv_atomic(out / "stages.csv", pd.DataFrame(stages.records))
+        write_report(out)
     return SearchResult(plans, table, stage_df, out, session.tables, fronts, summary)
 
 
@@ -332,7 +378,7 @@ def results_table(plans: dict[str, Plan], reference_row: dict | None) -> pd.Data
     first = [c for c in ("plan", "kind", "budget", "effective_bits", "size_bytes") if c in df]
     pred = sorted(c for c in df if c.startswith("predicted_"))
     meas = [c for c in ("ppl", "kl", "kl_lo", "kl_hi", "dkl_best", "dkl_best_lo", "dkl_best_hi", "ppl_ratio_best", "ppl_ratio_best_lo",
-                        "ppl_ratio_best_hi", "accuracy", "nll", "eval_tokens", "slice_kl") if c in df]
+                        "ppl_ratio_best_hi", "cloze_acc", "mc_acc", "mc_acc_norm", "accuracy", "nll", "eval_tokens", "slice_kl") if c in df]
     return df[first + pred + meas + [c for c in df if c not in first + pred + meas]]
 
 

@@ -66,13 +66,21 @@ class Session:
     tables: dict = field(default_factory=dict)
     losses: dict[str, list[np.ndarray]] = field(default_factory=dict)
     stages: Stages = field(default_factory=Stages)
+    #: further limits (latency, energy...) every allocation of this session honours, as MILP rows
+    constraints: tuple = ()
+    #: the search's cost models (:class:`mpsearch.cost.suite.CostSuite`), when opened with ``costs=True``
+    costs_suite: object = None
+    #: cloze and multiple-choice items from the evaluation text (:class:`mpsearch.tasks.TaskEvaluator`), when asked for
+    tasks: object = None
 
     @classmethod
-    def open(cls, cfg, stages: Stages | None = None, extra_proxies: list | None = None, joint: bool = False) -> "Session":
+    def open(cls, cfg, stages: Stages | None = None, extra_proxies: list | None = None, joint: bool = False,
+             costs: bool = False) -> "Session":
         """Load, build and compute in stages; a typo in a proxy or budget fails before heavy work.
         ``extra_proxies`` are :class:`~mpsearch.proxies.Proxy` objects computed beside the config's.
         ``joint=True``: the weights' part of a joint search (:mod:`mpsearch.joint`), which reads the
-        budgets (weights + KV) and decides the space's ``[input]`` / ``[kv_cache]`` itself."""
+        budgets (weights + KV) and decides the space's ``[input]`` / ``[kv_cache]`` itself. ``costs=True``: build
+        the cost models and the ``--constraint`` rows (timing this machine's kernels if asked) before the heavy stages."""
         stages = stages or Stages()
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -91,6 +99,12 @@ class Session:
             decisions = space.build(lm.model)
             budgets = [] if joint else [Budget.parse(b, decisions, space.base_format) for b in cfg.budgets]
             check_budgets(budgets, decision_costs(decisions), sum(d.numel for d in decisions))
+        suite, constraints = None, ()
+        if costs:
+            from .cost.suite import CostSuite
+
+            suite = CostSuite.open(cfg, lm.model, decisions, stages, fingerprint=str(lm.model_id))
+            constraints = suite.constraints(decisions, cfg.constraints)
         needs = set().union(*(p.needs for p in proxies))
         weighted = cfg.imatrix and any(get_quantizer(f.quantizer).reads_importance(f) for d in decisions for f in d.formats)
         #: decisions with a format that reads the whole Gram matrix (GPTQ)
@@ -102,7 +116,8 @@ class Session:
         else:
             calib, evalt, gram_tokens, sliced = _own_data(cfg, lm, "gram" in needs, stages)
         s = cls(cfg, lm, space, decisions, budgets, calib, evalt, None, slice_tokens=sliced, stages=stages,
-                gram_tokens=gram_tokens if "gram" in needs else None)
+                gram_tokens=gram_tokens if "gram" in needs else None, constraints=constraints, costs_suite=suite,
+                tasks=None if joint else _task_evaluator(cfg, lm, texts, stages))
         settings = PrimitiveSettings(hessian_probes=cfg.hessian_probes, hessian_sequences=cfg.hessian_sequences, seed=cfg.seed)
         names = [m.name for m in s.members]
         s.prims = compute_primitives(lm.model, names, calib, needs - {"gram"}, cfg.use_cache, cfg.progress, settings, stages)
@@ -149,7 +164,12 @@ class Session:
         costs = self.costs
         budget = total_bits if total_bits is not None else float(sum(float(c.max()) for c in costs))
         return Problem.build([d.name for d in self.decisions], [[f.key for f in d.formats] for d in self.decisions],
-                             self.losses[proxy], costs, budget)
+                             self.losses[proxy], costs, budget, self.constraints)
+
+    def fits(self, choice: Sequence[int], total_bits: float) -> bool:
+        """Whether a choice is within ``total_bits`` and every constraint of the session."""
+        return self.choice_cost(choice) <= total_bits and all(
+            c.fits(sum(float(v[j]) for v, j in zip(c.cost, choice))) for c in self.constraints)
 
     def formats(self, choice: Sequence[int]) -> dict[str, Format]:
         """Per-tensor formats of a choice (one option index per decision; tied members share it)."""
@@ -201,6 +221,10 @@ class Session:
         plan = Plan(self.lm.model_id, self.fingerprint, tensors, budget.to_dict() if budget else {}, {},
                     {**self.provenance, **provenance}, importance=importance_needed(formats, self.importance))
         plan.metrics.update({"effective_bits": plan_bits(formats, self.members), "size_bytes": plan_bytes(formats, self.members)})
+        if self.costs_suite is not None:  # every cost, in its results column's unit
+            plan.metrics.update(self.costs_suite.row(formats, self.members))
+            if self.config.constraints:
+                plan.metrics["meets_constraints"] = self.costs_suite.meets(formats, self.members, self.config.constraints)
         return plan
 
     @property
@@ -260,10 +284,49 @@ class Session:
             write_json(path, q, key, EVAL_SCHEMA)
         return q
 
+    def measure_tasks(self, plan: Plan | None, desc: str = "tasks") -> dict:
+        """Task accuracy of ``plan`` (None: the unquantized model); cached like :meth:`measure`."""
+        ev = self.tasks
+        key = content_key(self.prims.weights, plan_hash(plan) if plan is not None else "reference", *ev.cache_parts)
+        path = cache_dir() / "tasks" / f"{key}.json"
+        if self.config.use_cache:
+            hit = read_json(path, key, ev.cache_parts[1], _check_tasks)
+            if hit is not None:
+                return hit
+        if plan is None:
+            q = ev.score(self.model, desc=desc)
+        else:
+            with applied(self.model, plan, memo=self.memo):
+                q = ev.score(self.model, desc=desc)
+        if self.config.use_cache:
+            write_json(path, q, key, ev.cache_parts[1])
+        return q
+
     def measure_choice(self, choice: Sequence[int]) -> dict:
         """Measured quality of a choice, plus its effective bits (for Optuna / the predictor)."""
         plan = self.make_plan(self.formats(choice))
         return {**self.measure(plan, desc="eval"), "effective_bits": plan.metrics["effective_bits"]}
+
+
+def _task_evaluator(cfg, lm, texts, stages: Stages):
+    """The task items, built before the heavy stages (a text too short for them fails here)."""
+    if not getattr(cfg, "tasks", False) or not cfg.measure or lm.data is not None or texts is None:
+        return None
+    from .tasks import TaskEvaluator, TaskSettings
+
+    lead = conventions(lm.tokenizer, cfg.bos)
+    settings = TaskSettings(cloze_items=cfg.task_items, mc_items=max(1, cfg.task_items // 2), context_tokens=cfg.task_context, seed=cfg.seed)
+    with stages("build task items"):
+        try:
+            return TaskEvaluator(texts[1], lm.tokenizer, settings, bos=lead["leading_tokens"] if lead["evaluation_leading"] else [],
+                                 progress=cfg.progress)
+        except ValueError as e:
+            raise ValueError(f"task accuracy on {cfg.evaluation}: {e} (or --no-tasks)") from None
+
+
+def _check_tasks(q: dict) -> None:
+    for k in ("cloze_acc", "mc_acc", "mc_acc_norm"):
+        require(isinstance(q.get(k), (int, float)) and 0 <= q[k] <= 1, f"{k} is {q.get(k)!r}, not an accuracy")
 
 
 def _text_data(cfg, lm, texts, gram: bool, stages: Stages):

@@ -34,3 +34,16 @@ if ! "$VENV/bin/python" -c "from mpsearch.models.data import austen_dir; print('
   if [ "$(id -u)" = 0 ]; then apt-get update -qq; else sudo apt-get update -qq; fi
   "$VENV/bin/python" -c "from mpsearch.models.data import austen_dir; print('[setup] data:', austen_dir())"
 fi
+
+# the HTML report's browser test opens report.html in a real headless browser: Debian's chromium
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
+   && ! command -v chromium-headless-shell >/dev/null && ! command -v google-chrome >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian's chromium (the HTML report's browser test)"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    install_chromium() { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+    install_chromium || { $SUDO apt-get update -qq && install_chromium; }
+  else
+    echo "[setup] no apt-get: install Chromium yourself, or the HTML report's browser test fails under CI / MPSEARCH_REQUIRE_BROWSER"
+  fi
+fi

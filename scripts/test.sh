@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export MPSEARCH_REQUIRE_BROWSER=1   # the HTML report's browser test fails, not skips, without Chromium
 exec .venv/bin/python -m pytest -q "$@"

@@ -85,6 +85,7 @@ def tiny_run(tmp_path):
     """A saved tiny Llama with its tokenizer, and calibration / evaluation text files.
 
     Returns ``config(**overrides)``, a :class:`mpsearch.SearchConfig` for a whole search on them.
+    Task accuracy and the kernel timings are off unless a test turns them on (tests/test_costs.py).
     """
     from mpsearch.search import SearchConfig
 
@@ -99,7 +100,7 @@ def tiny_run(tmp_path):
         base = dict(model=str(tmp_path / "tiny"), calibration=str(tmp_path / "calib.txt"), evaluation=str(tmp_path / "eval.txt"),
                     proxies=("fisher",), budgets=("uniform:3",), calib_chunks=4, gram_chunks=8, calib_seq_len=32, eval_chunks=2, eval_seq_len=32,
                     refine=4, refine_chunks=2, refine_seq_len=32,
-                    out_dir=str(tmp_path / "out"), progress=False)
+                    out_dir=str(tmp_path / "out"), progress=False, tasks=False, profile=False)
         return SearchConfig(**{**base, **overrides})
 
     return config

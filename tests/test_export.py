@@ -115,7 +115,8 @@ def test_a_search_in_the_gguf_space_saves_plans_with_their_imatrix_and_they_expo
     (tmp_path / "eval.txt").write_text(tiny_text(2))
     cfg = SearchConfig(model=str(path), calibration=str(tmp_path / "calib.txt"), evaluation=str(tmp_path / "eval.txt"), space="gguf",
                        proxies=("fisher",), budgets=("5.0", "uniform:q4_k"), calib_chunks=2, calib_seq_len=32, eval_chunks=2,
-                       eval_seq_len=32, refine=2, refine_chunks=1, refine_seq_len=32, out_dir=str(tmp_path / "out"), progress=False)
+                       eval_seq_len=32, refine=2, refine_chunks=1, refine_seq_len=32, out_dir=str(tmp_path / "out"), progress=False,
+                       tasks=False, profile=False)
     res = search(cfg)
     plan_file = tmp_path / "out" / "plans" / "returned@5.0.json"
     assert plan_file.exists(), sorted(p.name for p in (tmp_path / "out" / "plans").iterdir())

@@ -20,7 +20,7 @@ from mpsearch.search import SearchConfig, search
 from .conftest import tiny_llama
 
 pytestmark = pytest.mark.real
-SMALL = dict(calib_chunks=2, calib_seq_len=128, eval_chunks=2, eval_seq_len=128, progress=False)
+SMALL = dict(calib_chunks=2, calib_seq_len=128, eval_chunks=2, eval_seq_len=128, progress=False, task_items=20)
 
 
 @pytest.fixture(scope="module")

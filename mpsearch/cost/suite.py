@@ -1,0 +1,104 @@
+"""Every cost of a search in one place: the cost models, their constraint rows, each plan's costs.
+
+``CostSuite.open(config, model, decisions)`` builds every registered cost model for the
+configured hardware (roofline), energy table and workload, and, with ``profile`` on, this
+machine's measured kernel table. :meth:`constraints` turns ``--constraint`` specs into MILP
+rows; :meth:`row` and :meth:`breakdown` give a plan's costs for results.csv and costs.csv.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..format import Format
+from ..solvers import Constraint
+from ..space import Decision, Member
+from . import BudgetError
+from .hardware import load_hardware
+from .model import ConstraintSpec, CostModel, ModelShape, Workload, cost_names, get_cost
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CostSuite:
+    models: dict[str, CostModel]
+    workload: Workload
+    hardware: str = ""
+
+    @staticmethod
+    def open(cfg, model, decisions: list[Decision], stages=None, fingerprint: str = "") -> "CostSuite":
+        """The costs ``cfg`` asks for (``hardware``, ``energy_table``, ``prefill``, ``batch``,
+        ``context``, ``profile``); a constraint on a cost that cannot be built fails here."""
+        import contextlib
+
+        stage = stages or (lambda name: contextlib.nullcontext())
+        workload = Workload(batch=cfg.batch, context=cfg.context or 512, prefill=cfg.prefill)
+        shape = ModelShape.of(model)
+        wanted = {ConstraintSpec.parse(c).cost for c in cfg.constraints}
+        with stage(f"hardware profile {cfg.hardware}"):
+            hw = load_hardware(cfg.hardware)
+        energy_hw = load_hardware(cfg.energy_table)
+        profile = None
+        timed = wanted & {"measured_decode", "measured_prefill"}
+        if (cfg.profile or timed) and not shape.layers:  # the kernels run a decoder's linears; a CNN has no decode step
+            if timed:
+                raise BudgetError(f"constraints {sorted(timed)}: measured latencies are for decoder LMs (linear layers, a decode "
+                                  "step); this model is not one")
+            log.info("no measured latencies: the kernel table is for decoder LMs")
+        elif cfg.profile or timed:
+            from .profile import profile_device
+
+            with stage("profile device (measured kernel table)"):
+                profile = profile_device(model, decisions, tokens=(workload.batch, workload.batch * workload.prefill),
+                                         context=workload.context, use_cache=cfg.use_cache, progress=cfg.progress, fingerprint=fingerprint)
+        models = {}
+        for name in cost_names():
+            cls = get_cost(name)
+            if cls.needs == "measured" and profile is None:
+                continue
+            models[name] = cls(energy_hw if cls.needs == "energy" else hw, workload, shape, profile)
+        return CostSuite(models, workload, hw.name)
+
+    def constraints(self, decisions: list[Decision], specs: tuple[str, ...]) -> tuple[Constraint, ...]:
+        """MILP rows for ``specs``: per decision and format its cost, the limit less the fixed part.
+        A limit below what the cheapest plan costs is refused here, naming both figures."""
+        out = []
+        for text in specs:
+            spec = ConstraintSpec.parse(text)
+            if spec.cost not in self.models:
+                raise BudgetError(f"constraint {text!r}: cost {spec.cost!r} is not available in this search "
+                                  f"(available: {', '.join(self.models)})")
+            cm = self.models[spec.cost]
+            table = cm.table(decisions)
+            floor = cm.fixed() + sum(float(t.min()) for t in table)
+            if floor > spec.limit * (1 + 1e-9):
+                unit = f" {cm.unit}" if cm.unit else ""
+                raise BudgetError(f"constraint {text!r} cannot be met: the cheapest plan costs {floor * cm.display:.4g}{unit} "
+                                  f"({cm.fixed() * cm.display:.4g}{unit} of it outside the decisions)")
+            scale = _scale(table, spec.limit)  # keep the MILP's rows near 1 whatever the unit
+            out.append(Constraint(spec.cost, [t * scale for t in table], (spec.limit - cm.fixed()) * scale))
+        names = [c.name for c in out]
+        if len(set(names)) != len(names):
+            raise BudgetError(f"two constraints on the same cost: {names}; give each cost once")
+        return tuple(out)
+
+    def row(self, formats: dict[str, Format], members: list[Member]) -> dict[str, float]:
+        """Every cost of a plan, in its results column's unit."""
+        return {cm.column: cm.total(formats, members) * cm.display for cm in self.models.values()}
+
+    def meets(self, formats: dict[str, Format], members: list[Member], specs: tuple[str, ...]) -> bool:
+        """Whether a plan (any plan, a baseline too) is within every constraint."""
+        return all(self.models[s.cost].total(formats, members) <= s.limit * (1 + 1e-9) for s in map(ConstraintSpec.parse, specs))
+
+    def breakdown(self, plan: str, formats: dict[str, Format], members: list[Member]) -> list[dict]:
+        """Rows ``plan, cost, part, value`` (costs.csv): each cost split by tensor kind and the fixed part."""
+        return [{"plan": plan, "cost": cm.column[len("cost_"):], "part": part, "value": v}
+                for cm in self.models.values() for part, v in cm.breakdown(formats, members).items()]
+
+
+def _scale(table: list[np.ndarray], limit: float) -> float:
+    top = max((float(t.max()) for t in table), default=0.0)
+    return 1.0 / top if top > 0 else 1.0 / max(limit, 1e-30)
