@@ -11,8 +11,9 @@ own (timing does not depend on the values).
 
 Predictions for the same plans:
 - ``measured table``: ``mpsearch profile-device``'s kernel times (fastest kernel per layer shape
-  and format, caches flushed before each call) plus the fixed part (the deployed unquantized
-  model's step minus its linears), measured fresh at the start of this run;
+  and format, timed inside the deployed model) plus the fixed part (the deployed unquantized
+  model's step minus its linears), measured fresh at the start of this run (and cached: a search
+  run after it reads this table);
 - ``roofline``: ``latency_decode`` on ``--hardware local`` (this machine's measured GEMM peaks
   and copy bandwidth).
 
@@ -64,10 +65,10 @@ def main() -> None:
                                            for k in UNIFORM}
     for d in a.plans_dir:
         for f in sorted(Path(d).glob("*.json")):
-            plans[f.stem] = Plan.load(f).weight_formats()
+            plans[f"{Path(d).resolve().parent.name}/{f.stem}"] = Plan.load(f).weight_formats()
 
     hw = local_hardware(refresh=True)
-    table = profile_device(lm.model, decisions, tokens=(1, 512), context=a.context, use_cache=False, fingerprint=str(lm.model_id))
+    table = profile_device(lm.model, decisions, tokens=(1, 512), context=a.context, refresh=True, fingerprint=str(lm.model_id))
     workload, shape = Workload(context=a.context), ModelShape.of(lm.model)
     measured_cost = get_cost("measured_decode")(None, workload, shape, table)
     roofline = get_cost("latency_decode")(hw, workload, shape)

@@ -53,8 +53,9 @@ COLUMNS = ["plan", "effective_bits", "ppl", "kl", "cloze_acc", "mc_acc"]
 ACCURACIES = ("cloze_acc", "mc_acc", "mc_acc_norm")
 
 
-def plans_to_measure(lm, members, formats: list[str], plans_dir: str | None) -> list[tuple[str, Plan | None]]:
-    """``(name, plan)``: the reference (``None``), the uniform plans, then the folder's plans by file name."""
+def plans_to_measure(lm, members, formats: list[str], plans_dirs: list[str]) -> list[tuple[str, Plan | None]]:
+    """``(name, plan)``: the reference (``None``), the uniform plans, then each folder's plans as
+    ``<run>/<file name>`` (``returned@*`` left out: it is a copy of another plan of its run)."""
     out: list[tuple[str, Plan | None]] = [("reference", None)]
     decisions, fp = SearchSpace.from_file("llama").build(lm.model), fingerprint(lm.model)
     for key in formats:
@@ -65,10 +66,10 @@ def plans_to_measure(lm, members, formats: list[str], plans_dir: str | None) -> 
             continue
         out.append((f"uniform:{key}", Plan(lm.model_id, fp, {n: {"weight": f} for n, f in fmts.items()},
                                            metrics={"effective_bits": plan_bits(fmts, members)})))
-    for path in sorted(Path(plans_dir).glob("*.json")) if plans_dir else []:
+    for path in [p for d in plans_dirs for p in sorted(Path(d).glob("*.json")) if not p.stem.startswith("returned@")]:
         plan = Plan.load(path)
         plan.metrics.setdefault("effective_bits", plan_bits(plan.weight_formats(), members))
-        out.append((path.stem, plan))
+        out.append((f"{path.resolve().parent.parent.name}/{path.stem}", plan))
     return out
 
 
@@ -92,7 +93,7 @@ def main() -> None:
     ap.add_argument("--eval-chunks", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--formats", default=FORMATS, help="uniform RTN formats, comma-separated ('' for none)")
-    ap.add_argument("--plans-dir", default=None, help="also measure every *.json plan in this folder")
+    ap.add_argument("--plans-dir", action="append", default=[], help="also measure every *.json plan in this folder (repeatable)")
     ap.add_argument("--cloze-items", type=int, default=TaskSettings.cloze_items)
     ap.add_argument("--mc-items", type=int, default=TaskSettings.mc_items)
     ap.add_argument("--items", type=int, default=None, help="both item counts at once (a quick check)")

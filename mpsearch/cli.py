@@ -54,7 +54,7 @@ def _search(a: argparse.Namespace) -> int:
         print(f"returned @ {budget}: {source} (best measured KL on the refinement slice)")
     for line in res.summary.get("warnings", []):
         print(f"warning: {line}")
-    print(f"\nplans: {res.out_dir / 'plans'}\nresults: {res.out_dir / 'results.csv'}")
+    print(f"\nplans: {res.out_dir / 'plans'}\nresults: {res.out_dir / 'results.csv'}\nreport: {res.out_dir / 'report.html'}")
     return 0
 
 
@@ -71,7 +71,7 @@ def _profile_device(a: argparse.Namespace) -> int:
     print(f"{hw.description}: " + ", ".join(f"{k} {v / 1e9:.1f} GOPS" for k, v in hw.peak.items()) + f", bandwidth {hw.bandwidth / 1e9:.1f} GB/s")
     lm = load_model(a.model)
     decisions = SearchSpace.from_file(a.space).build(lm.model)
-    table = profile_device(lm.model, decisions, tokens=(a.batch, a.batch * a.prefill), context=a.context, use_cache=not a.no_cache,
+    table = profile_device(lm.model, decisions, tokens=(a.batch, a.batch * a.prefill), context=a.context, refresh=a.no_cache,
                            progress=not a.quiet, fingerprint=str(lm.model_id))
     best = table.rows.loc[table.rows.groupby(["in_features", "out_features", "format", "tokens"]).ms.idxmin()]
     print(best.pivot_table(index="format", columns=["tokens", "in_features", "out_features"], values="ms").round(3).to_string())
@@ -152,7 +152,8 @@ def _heatmap(a: argparse.Namespace) -> int:
 
 
 def summary(table) -> str:
-    cols = [c for c in ("plan", "kind", "effective_bits", "ppl", "kl", "slice_kl") if c in table] + [c for c in table if c.startswith("predicted_")]
+    cols = [c for c in ("plan", "kind", "effective_bits", "ppl", "kl", "slice_kl", "cloze_acc", "mc_acc", "cost_measured_decode_ms",
+                        "cost_energy_mj", "meets_constraints") if c in table] + [c for c in table if c.startswith("predicted_")]
     return table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
@@ -380,7 +381,7 @@ def parser() -> argparse.ArgumentParser:
     pd_.add_argument("--batch", type=int, default=1, help="sequences per decode step (default 1)")
     pd_.add_argument("--prefill", type=int, default=512, help="prompt tokens (default 512)")
     pd_.add_argument("--context", type=int, default=512, help="tokens in the KV cache at the timed decode steps (default 512)")
-    pd_.add_argument("--no-cache", action="store_true", help="measure again even if this machine's table is cached")
+    pd_.add_argument("--no-cache", action="store_true", help="measure again and replace this machine's cached table (e.g. timed while the machine was busy)")
     pd_.add_argument("--out", default=None, help="folder to copy the table (kernels.csv, fixed.json) and the profile (hardware.toml) to")
     pd_.set_defaults(func=_profile_device)
 

@@ -238,7 +238,10 @@ def joint_search(cfg):
         write_json_atomic(out / "config.json", {**cfg_d, "rules": [repr(r) for r in cfg.rules]})
     summary = {"infeasible": infeasible, "warnings": [f"no plan for {x}: the fixed split does not fit" for x in infeasible]}
     if out is not None:
+        from .html_report import write_report
+
         write_json_atomic(out / "summary.json", summary)
+        write_report(out)  # the weights' bit map, the front and the stage times; no cost models or tasks here yet
     return SearchResult(plans, table, pd.DataFrame(stages.records), out, {"runtime": joint.table}, summary=summary)
 
 

@@ -256,6 +256,8 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
     if cfg.measure:
         ev = session.evaluator
         reference_row = {"plan": "reference (unquantized)", "kind": "reference", "effective_bits": 32.0, **ev.reference_.to_dict()}
+        if session.costs_suite is not None:  # the unquantized model as a deployment has it: 16-bit weights
+            reference_row.update(session.costs_suite.row({}, session.members))
         if session.tasks is not None:
             with stages("tasks of the unquantized model"):
                 reference_row.update(session.measure_tasks(None, desc="tasks reference"))

@@ -215,6 +215,7 @@ def test_joint_search_cli_on_a_tiny_model(tiny_run, tmp_path):
     # the joint problem may take any split the separate one takes: its predicted loss is no higher
     assert table.loc["measured_kl+kl-joint@60KB", "predicted"] <= table.loc["measured_kl+kl-separate@60KB", "predicted"] + 1e-12
     assert set(pd.read_csv(out / "runtime_table.csv").columns) >= {"decision", "target", "format", "kl", "fisher", "mse", "kernel"}
+    assert 'id="fig-pareto"' in (out / "report.html").read_text()  # every search writes its report
     assert main(["search", "--space", "llama_wkv", "--budget", "3.5", "--context", "64", "--quiet", "--out", str(tmp_path / "x")]) != 0
 
 

@@ -6,10 +6,15 @@ Two things are measured, both cached by what they depend on:
   memory bandwidth of a large copy. They make ``local``, the hardware profile the roofline
   cost models use for this machine.
 - **Kernel table** (:func:`profile_device`): for every layer shape and format of a search
-  space, each kernel that runs it (:mod:`mpsearch.kernels`) timed for a decode step and for a
-  prompt. Caches are flushed before every timed decode call (a 64 MB read), since in a real
-  decode every weight comes from memory. The fixed part (attention, norms, LM head, Python)
-  is the deployed unquantized model's decode time minus its linears' timed sum.
+  space, each kernel that runs it (:mod:`mpsearch.kernels`), timed *inside the model*: the
+  model is deployed with that format and kernel on every layer that offers it, and hooks
+  read the clock around each layer through 8 decode steps after a prompt of ``context``
+  tokens and through one forward of a prompt. So a layer's time includes what it costs
+  there: its weights come from memory, the caches hold what the other layers left. The
+  fixed part (attention, norms, LM head, Python) is the unquantized deployment's step less
+  its layers' times in the same steps. The int8 kernels' per-channel format (``u8gcha``) is
+  timed on every shape too. (Timing each kernel alone, caches flushed before each call,
+  missed the deployed models' decode time by 14-44% from run to run on this machine.)
 """
 from __future__ import annotations
 
@@ -29,8 +34,9 @@ from ..format import Format
 from .hardware import Hardware, HardwareError, read_hardware, write_hardware
 
 log = logging.getLogger(__name__)
-SCHEMA = "device-profile/v1"
-FLUSH_BYTES = 64 << 20
+SCHEMA = "device-profile/v2"  # v2: kernels timed inside the model
+#: timed beside a space's formats on every layer shape: the int8 kernels' format (per channel)
+INT8 = Format(8, -1, False, "uniform")
 COLUMNS = ["kernel", "in_features", "out_features", "format", "tokens", "ms"]
 
 
@@ -47,12 +53,10 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()}
 
 
-def _median_s(fn, repeats: int, flush: torch.Tensor | None = None) -> float:
+def _median_s(fn, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        if flush is not None:
-            flush.sum()  # a read: evicts the caches without leaving dirty lines for the timed call to write back
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
@@ -126,46 +130,97 @@ def _shapes(decisions) -> dict[tuple[int, int], set[Format]]:
     return out
 
 
+def _timed(model, names: list[str], context: int, tokens: tuple[int, ...], steps: int = 8) -> tuple[dict, dict]:
+    """Milliseconds of each module ``names`` inside the model: per decode step of ``tokens[0]``
+    sequences after a ``context``-token prompt, and in one forward of ``tokens[-1]`` tokens; and the
+    whole step's / forward's milliseconds. The clock is read by hooks around each module."""
+    from transformers import DynamicCache
+
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start: dict[str, float] = {}
+    hooks = []
+    for n in names:
+        mod = model.get_submodule(n)
+        hooks.append(mod.register_forward_pre_hook(lambda m, a, n=n: start.__setitem__(n, time.perf_counter())))
+        hooks.append(mod.register_forward_hook(lambda m, a, o, n=n: times[n].append((time.perf_counter() - start[n]) * 1e3)))
+    g = torch.Generator().manual_seed(0)
+    per: dict[str, dict[int, list[float]]] = {n: {} for n in names}
+    totals: dict[int, list[float]] = {}
+    try:
+        with torch.no_grad():
+            batch, prompt = tokens[0], tokens[-1]
+            ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=g)
+            model(input_ids=ids[:, :8], use_cache=False)  # warm up
+            for n in names:
+                times[n].clear()
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            totals[prompt] = [(time.perf_counter() - t0) * 1e3]
+            for n in names:
+                per[n][prompt], times[n] = times[n][:], []
+            cache = DynamicCache()
+            ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g)
+            for s in range(0, context, 512):
+                out = model(input_ids=ids[:, s:s + 512], past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            steps_ms = []
+            for i in range(steps + 2):
+                for n in names:
+                    times[n].clear()
+                t0 = time.perf_counter()
+                out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+                if i >= 2:  # two steps to warm up
+                    steps_ms.append((time.perf_counter() - t0) * 1e3)
+                    for n in names:
+                        per[n].setdefault(batch, []).append(times[n][-1])
+            totals[batch] = steps_ms
+    finally:
+        for h in hooks:
+            h.remove()
+    return per, totals
+
+
 def profile_device(model, decisions, tokens: tuple[int, ...] = (1, 512), context: int = 512, device: str = "cpu",
-                   use_cache: bool = True, progress: bool = True, fingerprint: str = "") -> KernelTable:
+                   use_cache: bool = True, progress: bool = True, fingerprint: str = "", refresh: bool = False) -> KernelTable:
     """Time every kernel on every (layer shape, format) of ``decisions`` at each token count (the
     first is a decode step), and the fixed part of ``model``'s decode step at ``context`` and of a
-    prompt of ``tokens[-1]`` tokens. Cached by machine, kernels, shapes, formats and model."""
+    prompt of ``tokens[-1]`` tokens. Cached by machine, kernels, shapes, formats and model; ``refresh``
+    measures again and replaces the cached table (timings taken while the machine was busy)."""
     from ..kernels import get_kernel, kernel_names, kernels_for
-    from ..kernels.deploy import decode_ms, deploy, prefill_ms
+    from ..kernels.deploy import deploy
 
     shapes = _shapes(decisions)
     kernels = {k: get_kernel(k).version for k in kernel_names()}
     spec = sorted((i, o, sorted(f.key for f in fs)) for (i, o), fs in shapes.items())
     key = content_key(SCHEMA, machine(), device, kernels, spec, tuple(tokens), context, fingerprint)
     path = cache_dir() / "profiles" / f"{key}.json"
-    if use_cache:
+    if use_cache and not refresh:
         hit = read_json(path, key, SCHEMA)
         if hit is not None:
             return KernelTable(pd.DataFrame(hit["rows"])[COLUMNS], hit["fixed"], hit["machine"])
-    jobs = [(i, o, f, k, t) for (i, o), fs in sorted(shapes.items()) for f in sorted(fs, key=lambda f: f.key)
-            for k in kernels_for(f, i, device) for t in tokens]
-    flush = torch.zeros(FLUSH_BYTES // 4, device=device)
-    rows = []
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for i, o, f, k, t in tqdm(jobs, desc="profile kernels", disable=not progress, unit="kernel"):
-            kern = get_kernel(k)
-            packed = {n: v.to(device) for n, v in kern.pack(torch.randn(o, i, generator=g), f).items()}
-            x = torch.randn(t, i, generator=g).to(device)
-            decode = t == tokens[0]
-            s = _median_s(lambda: kern.run(x, packed, f), 15 if decode else 3, flush if decode else None)
-            rows.append({"kernel": k, "in_features": i, "out_features": o, "format": f.key, "tokens": t, "ms": s * 1e3})
-    table = KernelTable(pd.DataFrame(rows, columns=COLUMNS), {}, machine())
     members = [m for d in decisions for m in d.members]
-    full = Format.full()
-    dense = deploy(model, {m.name: full for m in members}, {m.name: "dense" for m in members})
-    step = decode_ms(dense, context=context, steps=16, batch=tokens[0])["median_ms"]
-    prompt = prefill_ms(dense, tokens=tokens[-1])
-    table.fixed = {"decode_ms": max(0.0, step - sum(table.timings(m.in_features, m.out_features, full, tokens[0])["dense"] for m in members)),
-                   "prefill_ms": max(0.0, prompt - sum(table.timings(m.in_features, m.out_features, full, tokens[-1])["dense"] for m in members)),
-                   "dense_decode_ms": step, "dense_prefill_ms": prompt, "context": context}
-    del dense
+    offered = {m.name: set(d.formats) | {Format.full(), INT8} for d in decisions for m in d.members}
+    runs = [(f, k) for f in sorted(set().union(*offered.values()), key=lambda f: f.key) for k in kernel_names()]
+    samples: dict[tuple, list[float]] = {}
+    fixed: dict[str, list[float]] = {"decode_ms": [], "prefill_ms": []}
+    for f, k in tqdm(runs, desc="profile kernels in the model", disable=not progress, unit="run"):
+        on = [m for m in members if f in offered[m.name] and get_kernel(k).applies(f, m.in_features, device)]
+        if not on:
+            continue
+        deployed = deploy(model, {m.name: f for m in on}, {m.name: k for m in on})
+        per_module, totals = _timed(deployed, [m.name for m in on], context, tokens)
+        for m in on:
+            for t in tokens:
+                samples.setdefault((k, m.in_features, m.out_features, f.key, t), []).extend(per_module[m.name][t])
+        if k == "dense" and f.is_full:  # every decision linear in the model: the rest of a step is the fixed part
+            for t, what in ((tokens[0], "decode_ms"), (tokens[-1], "prefill_ms")):
+                fixed[what] = [tot - sum(per_module[m.name][t][i] for m in on) for i, tot in enumerate(totals[t])]
+        del deployed
+    rows = [{"kernel": k, "in_features": i, "out_features": o, "format": f, "tokens": t, "ms": statistics.median(v)}
+            for (k, i, o, f, t), v in sorted(samples.items())]
+    table = KernelTable(pd.DataFrame(rows, columns=COLUMNS), {}, machine())
+    table.fixed = {k: statistics.median(v) for k, v in fixed.items()} | {"context": context}
     if use_cache:
         write_json(path, {"rows": rows, "fixed": table.fixed, "machine": table.machine}, key, SCHEMA)
     return table
