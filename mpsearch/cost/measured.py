@@ -15,12 +15,6 @@ from .model import CostModel
 
 class _Measured(CostModel):
     unit, display, needs, unit_family = "ms", 1e3, "measured", "s"
-    decode: bool = True
-
-    @property
-    def tokens(self) -> int:
-        w = self.workload
-        return w.batch if self.decode else w.batch * w.prefill
 
     def member(self, m: Member, fmt: Format) -> float:
         return self.profile.ms(m.in_features, m.out_features, fmt, self.tokens) / 1e3

@@ -84,6 +84,8 @@ class CostModel(ABC):
     needs: ClassVar[str] = ""
     #: "s", "J" or "B" for limits given with units; "" for counts (BOPs)
     unit_family: ClassVar[str] = ""
+    #: latency costs: a decode step (True) or a prompt (False)
+    decode: ClassVar[bool] = True
 
     def __init__(self, hardware: Hardware | None, workload: Workload, shape: ModelShape, profile=None) -> None:
         if self.needs in ("roofline", "energy"):
@@ -101,6 +103,12 @@ class CostModel(ABC):
     def fixed(self) -> float:
         """Cost of everything outside the decisions (SI units)."""
         return 0.0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens one timed forward runs: ``batch`` in a decode step, ``batch x prefill`` for a prompt."""
+        w = self.workload
+        return w.batch if self.decode else w.batch * w.prefill
 
     @property
     def column(self) -> str:

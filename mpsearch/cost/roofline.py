@@ -16,12 +16,6 @@ from .model import CostModel, weight_bits, weight_bytes
 
 class _Roofline(CostModel):
     unit, display, needs, unit_family = "ms", 1e3, "roofline", "s"
-    decode: bool = True
-
-    @property
-    def tokens(self) -> int:
-        w = self.workload
-        return w.batch if self.decode else w.batch * w.prefill
 
     def kernel_s(self, ops: float, nbytes: float, compute: str) -> float:
         hw = self.hardware
