@@ -172,7 +172,7 @@ class ConstraintSpec:
     def parse(text: str) -> "ConstraintSpec":
         m = re.fullmatch(r"\s*([a-z_]+)\s*<=\s*([-+0-9.eE]+)\s*([a-zA-Z]*)\s*", str(text))
         known = cost_names()
-        how = f"write NAME<=VALUE[UNIT], e.g. latency_decode<=12ms, energy<=0.5mJ, bops<=2T, bytes<=60MB; NAME is one of {', '.join(known)}"
+        how = f"write NAME<=VALUE[UNIT], e.g. latency_decode<=12ms, energy<=25mJ, bops<=2T, bytes<=60MB; NAME is one of {', '.join(known)}"
         if not m:
             raise ValueError(f"cannot read constraint {text!r}: {how}")
         name, number, unit = m.groups()

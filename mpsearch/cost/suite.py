@@ -20,6 +20,8 @@ from .hardware import load_hardware
 from .model import ConstraintSpec, CostModel, ModelShape, Workload, cost_names, get_cost
 
 log = logging.getLogger(__name__)
+#: how a results column's unit suffix is written in a message
+UNIT_NAMES = {"mj": "mJ"}
 
 
 @dataclass
@@ -75,7 +77,7 @@ class CostSuite:
             table = cm.table(decisions)
             floor = cm.fixed() + sum(float(t.min()) for t in table)
             if floor > spec.limit * (1 + 1e-9):
-                unit = f" {cm.unit}" if cm.unit else ""
+                unit = f" {UNIT_NAMES.get(cm.unit, cm.unit)}" if cm.unit else ""
                 raise BudgetError(f"constraint {text!r} cannot be met: the cheapest plan costs {floor * cm.display:.4g}{unit} "
                                   f"({cm.fixed() * cm.display:.4g}{unit} of it outside the decisions)")
             scale = _scale(table, spec.limit)  # keep the MILP's rows near 1 whatever the unit
