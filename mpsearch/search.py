@@ -273,6 +273,7 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
             if out is not None:  # results.csv grows as each plan is measured
                 plan.save(out / "plans" / f"{safe_name(name)}.json")
                 write_csv_atomic(out / "results.csv", results_table(dict(list(plans.items())[: i + 1]), reference_row))
+                write_report(out)  # the report follows the results, so an interrupted search still has one
 
     table = results_table(plans, reference_row)
     stage_df = pd.DataFrame(stages.records)

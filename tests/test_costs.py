@@ -162,6 +162,8 @@ def test_profile_device_times_every_shape_and_format_and_caches_it() -> None:
     pd.testing.assert_frame_equal(t.rows, again.rows)  # from the cache, not timed again
     with pytest.raises(KeyError, match="profile-device"):
         t.ms(64, 64, Format.parse("u5g32a"), 1234)
+    with pytest.raises(ValueError, match="CPU only"):  # a host clock around GPU kernels would time their launches
+        profile_device(model, decisions, device="cuda", progress=False)
 
 
 def test_progress_says_what_is_left_and_when_it_ends() -> None:
