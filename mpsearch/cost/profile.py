@@ -106,10 +106,15 @@ class KernelTable:
     fixed: dict[str, float] = field(default_factory=dict)
     machine: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # every plan's costs read one entry per tensor: index the rows once, not a table scan per tensor
+        self._index: dict[tuple, dict[str, float]] = {}
+        for k, i, o, f, t, ms in self.rows[COLUMNS].itertuples(index=False):
+            self._index.setdefault((int(i), int(o), f, int(t)), {})[k] = float(ms)
+
     def timings(self, in_features: int, out_features: int, fmt: Format, tokens: int) -> dict[str, float]:
-        r = self.rows
-        sel = r[(r.in_features == in_features) & (r.out_features == out_features) & (r.format == fmt.key) & (r.tokens == tokens)]
-        return dict(zip(sel.kernel, sel.ms))
+        """Milliseconds of each kernel measured for this layer shape, format and token count."""
+        return dict(self._index.get((in_features, out_features, fmt.key, tokens), {}))
 
     def ms(self, in_features: int, out_features: int, fmt: Format, tokens: int) -> float:
         """The fastest measured kernel's time; an error names what is missing."""
@@ -222,8 +227,8 @@ def profile_device(model, decisions, tokens: tuple[int, ...] = (1, 512), context
         del deployed
     rows = [{"kernel": k, "in_features": i, "out_features": o, "format": f, "tokens": t, "ms": statistics.median(v)}
             for (k, i, o, f, t), v in sorted(samples.items())]
-    table = KernelTable(pd.DataFrame(rows, columns=COLUMNS), {}, machine())
-    table.fixed = {k: statistics.median(v) for k, v in fixed.items()} | {"context": context}
+    table = KernelTable(pd.DataFrame(rows, columns=COLUMNS), {k: statistics.median(v) for k, v in fixed.items()} | {"context": context},
+                        machine())
     if use_cache:
         write_json(path, {"rows": rows, "fixed": table.fixed, "machine": table.machine}, key, SCHEMA)
     return table

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -37,16 +37,11 @@ class KernelLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.fmt.key} via {self.kernel_name}"
 
 
-def choose_kernel(fmt: Format, in_features: int, out_features: int, timings: Callable[[str], float | None] | None = None,
-                  device: str = "cpu") -> str:
-    """The fastest measured kernel for ``fmt`` (``timings(kernel)`` -> ms or None), else by :data:`PREFERENCE`."""
+def choose_kernel(fmt: Format, in_features: int, device: str = "cpu") -> str:
+    """The kernel a format runs on when none is named: fused before unfused (:data:`PREFERENCE`)."""
     able = kernels_for(fmt, in_features, device)
     if not able:
         raise ValueError(f"no kernel runs {fmt.key} on rows of {in_features} on {device}")
-    if timings is not None:
-        timed = [(t, k) for k in able if (t := timings(k)) is not None]
-        if timed:
-            return min(timed)[1]
     return min(able, key=lambda k: PREFERENCE.index(k) if k in PREFERENCE else len(PREFERENCE))
 
 
@@ -61,7 +56,7 @@ def deploy(model: nn.Module, formats: Mapping[str, Format], kernels: Mapping[str
         lin = out.get_submodule(name)
         if not isinstance(lin, nn.Linear):
             raise TypeError(f"{name} is a {type(lin).__name__}; kernels run linear layers only")
-        k = (kernels or {}).get(name) or choose_kernel(fmt, lin.in_features, lin.out_features)
+        k = (kernels or {}).get(name) or choose_kernel(fmt, lin.in_features)
         setattr(out.get_submodule(parent) if parent else out, attr, KernelLinear(k, fmt, lin.weight, lin.bias))
     head = getattr(out, "lm_head", None)
     if head_dense and isinstance(head, nn.Linear):  # the LM head stays unquantized, stored in 16 bits as the cost models count it
