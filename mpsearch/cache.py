@@ -58,7 +58,7 @@ def tokens_hash(tokens) -> str:
     if hasattr(tokens, "digest"):
         return tokens.digest()
     h = hashlib.sha256(f"{tuple(tokens.shape)}|{tokens.dtype};".encode())
-    h.update(tokens.contiguous().numpy().tobytes())
+    h.update(tokens.contiguous().cpu().numpy().tobytes())  # the same bytes, wherever the tensor lives
     return h.hexdigest()[:20]
 
 
@@ -188,7 +188,7 @@ def tensors_digest(state: dict) -> str:
 def _digest_update(h, name: str, t) -> None:
     import torch
 
-    t = t.detach().contiguous()
+    t = t.detach().contiguous().cpu()  # a CUDA tensor hashes as its CPU copy
     h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
     if t.numel():
         h.update(t.reshape(-1).view(torch.uint8).numpy())
@@ -237,7 +237,7 @@ def save_tensors(path: Path, state: dict, key: str, metadata: dict[str, str] | N
 
     tmp = atomic_path(path)
     meta = {**(metadata or {}), "format": CACHE_FORMAT, "key": key, "sha256": tensors_digest(state)}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
 

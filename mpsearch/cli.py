@@ -1,5 +1,5 @@
-"""The ``mpsearch`` command: ``search``, ``evolve``, ``apply``, ``eval``, ``export``, ``heatmap``, ``leaderboard``,
-``evolve-proxy``, ``profile-device``, ``report`` and ``list``.
+"""The ``mpsearch`` command: ``search``, ``evolve``, ``worker``, ``apply``, ``eval``, ``export``, ``heatmap``,
+``leaderboard``, ``evolve-proxy``, ``profile-device``, ``report`` and ``list``.
 
 Every command is a thin layer over one library call (``mpsearch.search``,
 ``mpsearch.apply_``, ``mpsearch.evaluate_plan``); errors in the input are printed as
@@ -31,7 +31,8 @@ def search_config(a: argparse.Namespace):
         eval_chunks=a.eval_chunks, baselines=not getattr(a, "no_baselines", False), measure=not getattr(a, "no_measure", False),
         refine=getattr(a, "refine", 0), refine_chunks=getattr(a, "refine_chunks", 4), refine_seq_len=getattr(a, "refine_seq_len", 256),
         bos=a.bos, imatrix=not getattr(a, "no_imatrix", False), memo_mb=a.memo_mb,
-        threads=a.threads, seed=a.seed, out_dir=a.out, use_cache=not a.no_cache, progress=not a.quiet,
+        threads=a.threads, device=getattr(a, "device", "auto"), seed=a.seed, out_dir=a.out, use_cache=not a.no_cache, progress=not a.quiet,
+        checkpoint_every=a.checkpoint_every,
         context=getattr(a, "context", 0), batch=getattr(a, "batch", 1), decode=getattr(a, "decode", 128),
         runtime_proxy=getattr(a, "runtime_proxy", "auto"), act_bits=getattr(a, "act_bits", 0.0),
         input_min_bits=getattr(a, "input_min_bits", 0), allocations=tuple(getattr(a, "allocation", None) or ("joint", "separate")),
@@ -66,13 +67,18 @@ def _profile_device(a: argparse.Namespace) -> int:
     from .models import load_model
     from .space import SearchSpace
 
+    from .device import resolve_device
+
+    if resolve_device(a.device).type != "cpu":  # the hooks read a host clock: on a GPU they would time kernel launches
+        raise ValueError(f"--device {a.device}: profile-device times kernels on the CPU only (its timers read a host clock, which "
+                         "on a GPU times kernel launches, not kernels); use --device cpu")
     torch.set_num_threads(a.threads)
     hw = local_hardware(refresh=a.no_cache)
     print(f"{hw.description}: " + ", ".join(f"{k} {v / 1e9:.1f} GOPS" for k, v in hw.peak.items()) + f", bandwidth {hw.bandwidth / 1e9:.1f} GB/s")
     lm = load_model(a.model)
     decisions = SearchSpace.from_file(a.space).build(lm.model)
     table = profile_device(lm.model, decisions, tokens=(a.batch, a.batch * a.prefill), context=a.context, refresh=a.no_cache,
-                           progress=not a.quiet, fingerprint=str(lm.model_id))
+                           progress=not a.quiet, fingerprint=str(lm.model_id), device="cpu")
     best = table.rows.loc[table.rows.groupby(["in_features", "out_features", "format", "tokens"]).ms.idxmin()]
     print(best.pivot_table(index="format", columns=["tokens", "in_features", "out_features"], values="ms").round(3).to_string())
     print(f"fixed part: decode {table.fixed['decode_ms']:.2f} ms at {a.context} tokens, prefill {table.fixed['prefill_ms']:.1f} ms")
@@ -105,22 +111,41 @@ def _evolve(a: argparse.Namespace) -> int:
         raise ValueError("evolve seeds from one proxy's front; give a single --proxy")
     evo = EvolutionConfig(trials=a.trials, population=a.population, objective=a.objective, min_bits=lo, max_bits=hi, seed=a.seed,
                           study_name=a.study_name)
+    if a.storage and "://" in a.storage:
+        from .storage import open_storage
+
+        open_storage(a.storage, a.heartbeat)  # a bad URL or a missing driver fails before the model loads
     session = Session.open(cfg)
-    df = run_evolution(session, cfg.proxies[0], evo, a.out)
+    df = run_evolution(session, cfg.proxies[0], evo, a.out, storage=a.storage, work=not a.no_work, heartbeat=a.heartbeat)
     print(trial_summary(df))
-    print(f"front: {a.out}/front.csv  trials: {a.out}/trials.csv  plot: {a.out}/pareto.png  study: {a.out}/study.log")
+    study = a.storage or f"{a.out}/study.log"
+    print(f"front: {a.out}/front.csv  trials: {a.out}/trials.csv  plot: {a.out}/pareto.png  study: {study}")
+    print(f"more workers: mpsearch worker --study {a.study_name} --storage {study}")
+    return 0
+
+
+def _worker(a: argparse.Namespace) -> int:
+    from .worker import run_worker
+
+    df = run_worker(a.storage, a.study, threads=a.threads, device=getattr(a, "device", None), progress=not a.quiet,
+                    use_cache=not a.no_cache, heartbeat=a.heartbeat, sampler_seed=a.seed, out_dir=a.out)
+    print(trial_summary(df))
     return 0
 
 
 def trial_summary(df) -> str:
-    """Counts by what happened to each trial: measured, repeated, outside the window, failed (killed)."""
+    """Counts by what happened to each trial: measured, repeated, outside the window, failed (killed), waiting, running."""
     complete = df.state == "COMPLETE"
     measured = complete & df.measured.fillna(False).astype(bool)
     dup = measured & df.duplicate.fillna(False).astype(bool)
     outside = complete & ~measured
-    failed = ~complete
-    return (f"{len(df)} trials: {int((measured & ~dup).sum())} plans measured, {int(dup.sum())} repeats answered from the study, "
+    failed = df.state.isin(["FAIL", "PRUNED"])
+    text = (f"{len(df)} trials: {int((measured & ~dup).sum())} plans measured, {int(dup.sum())} repeats answered from the study, "
             f"{int(outside.sum())} outside the bits window (not measured), {int(failed.sum())} failed or interrupted")
+    for state in ("WAITING", "RUNNING"):
+        if (df.state == state).any():
+            text += f", {int((df.state == state).sum())} {state.lower()}"
+    return text
 
 
 def _window(text: str | None) -> tuple[float | None, float | None]:
@@ -165,6 +190,9 @@ def _apply(a: argparse.Namespace) -> int:
     from .quant import apply_
     from .quant.apply import check_plan
 
+    from .device import resolve_device
+
+    device = resolve_device(a.device)
     torch.set_num_threads(a.threads)
     plan = Plan.load(a.plan)
     out = Path(a.out)
@@ -176,7 +204,8 @@ def _apply(a: argparse.Namespace) -> int:
                          f"({len(plan.runtime_formats())} such entries); measure it with `mpsearch eval` or apply it with mpsearch.quant.applied()")
     lm = load_model(a.model)
     resolved = check_plan(lm.model, plan, space=a.space, all_tensors=a.all_tensors)
-    apply_(lm.model, plan, space=a.space, all_tensors=a.all_tensors)
+    apply_(lm.model, plan, space=a.space, all_tensors=a.all_tensors, device=device)  # quantized there (GPTQ, GGUF searches)
+    lm.model.to("cpu")  # written from the CPU
     save_model_dir(lm, out, plan_path=str(a.plan))
     print(f"applied formats to {len(resolved.weight_formats())} tensors; wrote a model folder {out} "
           f"(load it with --model {out}; weights are dequantized fp32 values on the plan's grid)")
@@ -194,8 +223,11 @@ def save_model_dir(lm, out: Path, plan_path: str) -> None:
 def _export(a: argparse.Namespace) -> int:
     import torch
 
+    from .device import resolve_device
     from .export import export
 
+    if resolve_device(a.device).type != "cpu":  # checked like every model command's, then said what it means here
+        logging.getLogger(__name__).info("export encodes on the CPU whatever --device says: the file's bytes do not depend on the machine")
     torch.set_num_threads(a.threads)
     options = {"full_type": a.full_type} if a.to == "gguf" else {}
     if a.nearest:
@@ -215,7 +247,8 @@ def _eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_plan
 
     res = evaluate_plan(a.plan, model=a.model, evaluation=a.evaluation, seq_len=a.eval_seq_len, chunks=a.eval_chunks, threads=a.threads,
-                        progress=not a.quiet, space=a.space, all_tensors=a.all_tensors, context=a.context, decode=a.decode)
+                        progress=not a.quiet, space=a.space, all_tensors=a.all_tensors, context=a.context, decode=a.decode,
+                        device=a.device)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -228,7 +261,7 @@ def _leaderboard(a: argparse.Namespace) -> int:
 
     proxies = a.proxies or list_proxies()
     evolved = {n for n in (load_proxy(p).name for p in proxies) if n.startswith("emq_")}  # the GP names its proxies emq_*
-    board = run(a.ground_truth, proxies, a.out, a.budgets or [], a.boot, evolved, progress=not a.quiet)
+    board = run(a.ground_truth, proxies, a.out, a.budgets or [], a.boot, evolved, progress=not a.quiet, device=a.device)
     cols = ["proxy", "spearman", "spearman_lo", "spearman_hi", "kendall", "rho_top20"]
     print(board[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"\nwrote {Path(a.out).with_suffix('.csv')}, .md and .png")
@@ -241,7 +274,7 @@ def _evolve_proxy(a: argparse.Namespace) -> int:
     from .leaderboard import held_out, session_for
 
     gt, meta = load_ground_truth(a.ground_truth)
-    session = session_for(meta, [], measure=False, progress=not a.quiet, extra=term_proxies())
+    session = session_for(meta, [], measure=False, progress=not a.quiet, extra=term_proxies(), device=a.device)
     problem = Problem.from_session(session, gt)
     cfg = GPConfig(population=a.population, generations=a.generations, seed=a.seed)
     res = evolve(problem, cfg, a.checkpoint, progress=not a.quiet)
@@ -291,6 +324,12 @@ def _export_targets() -> str:
     return "; ".join(f"{n} ({registry.get('exporter', n).about})" for n in registry.names("exporter"))
 
 
+def device_arg(sp: argparse.ArgumentParser) -> None:
+    """``--device`` for a command that runs a model; the choices are checked by
+    :func:`mpsearch.device.resolve_device`, whose messages say what to use instead."""
+    sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpsearch", description="Mixed-precision quantization search.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -299,6 +338,7 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default="smollm2", help="smollm2 (embedded, default), gemma3-270m (setup.sh --gemma), "
                         "fashion-cnn (the Fashion-MNIST residual CNN, with --space cnn), a .gguf file, a local model folder, or a Hugging Face id")
         sp.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+        device_arg(sp)
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def eval_args(sp: argparse.ArgumentParser) -> None:
@@ -334,6 +374,8 @@ def parser() -> argparse.ArgumentParser:
                         help="which windows start with the tokenizer's BOS (default auto: all, where the tokenizer adds one); "
                              "the others are for diagnosis")
         sp.add_argument("--no-cache", action="store_true", help="recompute primitives and evaluations")
+        sp.add_argument("--checkpoint-every", type=float, default=30.0, metavar="SECONDS",
+                        help="save a long primitive pass's state this often, so a killed search resumes there (default 30)")
         sp.add_argument("--no-imatrix", action="store_true",
                         help="quantize GGUF types without the calibration importance vector (llama.cpp without --imatrix)")
         sp.add_argument("--memo-mb", type=int, default=1024,
@@ -397,7 +439,24 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--study-name", default="mpsearch", help="Optuna study name inside the journal (default mpsearch); "
                    "give each proxy its own name to keep several studies in one --out")
     e.add_argument("--window", default=None, metavar="LOW:HIGH", help="effective-bits range to search (default: the budgets +- 0.25)")
+    e.add_argument("--storage", default=None, help="where the study lives: a journal file (default OUT/study.log) or a database URL "
+                   "(postgresql+psycopg2://user@host/db) that workers on other machines can reach")
+    e.add_argument("--no-work", action="store_true", help="create the study and enqueue the seed plans, measure nothing (workers do)")
+    e.add_argument("--heartbeat", type=int, default=10, help="seconds between a running trial's heartbeats; "
+                   "a trial silent for 3 of them is failed and retried (default 10)")
     e.set_defaults(func=_evolve)
+
+    w = sub.add_parser("worker", help="join a study made by `mpsearch evolve --storage` and measure its trials until its budget is spent")
+    w.add_argument("--study", default="mpsearch", help="study name (evolve's --study-name; default mpsearch)")
+    w.add_argument("--storage", required=True, help="the study's journal file or database URL")
+    w.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    w.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the study's setting)")
+    w.add_argument("--quiet", action="store_true", help="no progress lines")
+    w.add_argument("--no-cache", action="store_true", help="recompute primitives and evaluations")
+    w.add_argument("--heartbeat", type=int, default=10, help="seconds between heartbeats (default 10)")
+    w.add_argument("--seed", type=int, default=None, help="sampler seed (default: drawn per worker, so workers propose different plans)")
+    w.add_argument("--out", default=None, help="also write the study's trials.csv, front.csv and plans here")
+    w.set_defaults(func=_worker)
 
     ap = sub.add_parser("apply", help="apply a saved plan and write a loadable model folder with the fake-quantized weights")
     common(ap)
@@ -444,6 +503,7 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("--boot", type=int, default=1000, help="bootstrap resamples per CI (default 1000)")
     lb.add_argument("--out", required=True, help="output prefix: writes OUT.csv, OUT.md, OUT.png")
     lb.add_argument("--quiet", action="store_true", help="no progress bars")
+    device_arg(lb)
     lb.set_defaults(func=_leaderboard)
 
     ep = sub.add_parser("evolve-proxy", help="EMQ: genetic programming of a proxy expression on a ground truth's training plans; "
@@ -455,6 +515,7 @@ def parser() -> argparse.ArgumentParser:
     ep.add_argument("--generations", type=int, default=30, help="generations (default 30)")
     ep.add_argument("--seed", type=int, default=0, help="seed of the GP (default 0)")
     ep.add_argument("--quiet", action="store_true", help="no progress bars")
+    device_arg(ep)
     ep.set_defaults(func=_evolve_proxy)
 
     ls = sub.add_parser("list", help="list built-in proxies, solvers, quantizers and search spaces")

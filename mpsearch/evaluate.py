@@ -50,7 +50,7 @@ class _Spill:
         self.index: list[tuple[int, tuple[int, ...]]] = []
 
     def append(self, t: torch.Tensor) -> None:
-        a = t.detach().to(torch.float16).contiguous().numpy()
+        a = t.detach().to(torch.float16).cpu().contiguous().numpy()  # fp16 before the copy: half the bytes off a GPU
         self.index.append((self.file.tell(), a.shape))
         self.file.write(a.tobytes())
 
@@ -97,7 +97,7 @@ class Evaluator:
         windows = len(torch.split(self.tokens, self.batch_size))
         nll_w, kl_w, n_w = [0.0] * windows, [0.0] * windows, [0] * windows
         for i, (w, logp, targets) in enumerate(self._logprobs(model, desc)):
-            ref = self._spill.read(i).float()
+            ref = self._spill.read(i).float().to(logp.device)
             nll_w[w] += _nll_sum(logp, targets)
             kl_w[w] += float((ref.exp() * (ref - logp)).sum())
             n_w[w] += targets.numel()
@@ -144,7 +144,7 @@ class ClassifierEvaluator:
     def _score(self, model: nn.Module, logps: list[torch.Tensor]) -> Quality:
         nll_w, kl_w, correct, n = [], [], 0, 0
         for i, logq in enumerate(logps):
-            y = self.tokens.batch(i)[1]
+            y = self.tokens.batch(i)[1].to(logq.device)
             ref = self._ref[i]
             nll_w.append(float(F.nll_loss(logq, y, reduction="mean")))
             kl_w.append(float((ref.exp() * (ref - logq)).sum(-1).mean()))
@@ -161,14 +161,18 @@ def _nll_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def evaluate_plan(plan, model: str = "smollm2", evaluation: str | None = None, seq_len: int = 512, chunks: int = 16, threads: int = 2,
-                  progress: bool = True, space: str = "llama", all_tensors: bool = False, context: int = 0, decode: int = 128) -> dict:
+                  progress: bool = True, space: str = "llama", all_tensors: bool = False, context: int = 0, decode: int = 128,
+                  device: str = "auto") -> dict:
     """Load ``model``, measure the reference and ``plan`` on held-out text: ppl and KL for both.
+    ``device`` (cpu, cuda, cuda:N, auto) is where the model runs and the plan is quantized; it is
+    checked before anything loads.
 
     The plan is checked against the model (fingerprint, every format fits its tensor)
     before the reference pass; ``space``/``all_tensors`` as in :func:`mpsearch.quant.apply_`.
     ``context > 0``: windows of ``context`` tokens on the decode path (:class:`DecodeEvaluator`,
     the last ``decode`` tokens through the cache) instead of ``seq_len`` full-sequence windows.
     """
+    from .device import exact_fp32, resolve_device
     from .models import load_model, load_text, token_chunks
     from .models.data import DEFAULT_EVALUATION, DataError
     from .plan import Plan
@@ -177,11 +181,14 @@ def evaluate_plan(plan, model: str = "smollm2", evaluation: str | None = None, s
 
     if seq_len < 2 or chunks < 1:
         raise DataError(f"need --eval-seq-len >= 2 and --eval-chunks >= 1, got {seq_len}, {chunks}")
+    dev = resolve_device(device)
     torch.set_num_threads(threads)
     plan = Plan.load(plan) if not isinstance(plan, Plan) else plan
     text = load_text(evaluation or DEFAULT_EVALUATION)
     lm = load_model(model)
     check_plan(lm.model, plan, space=space, all_tensors=all_tensors)
+    lm.model.to(dev)
+    exact_fp32(dev)
     tokens = token_chunks(lm.tokenizer, text, context or seq_len, chunks)
     ev = (DecodeEvaluator(tokens, decode, progress=progress) if context else Evaluator(tokens, progress=progress)).fit(lm.model)
     with applied(lm.model, plan, space=space, all_tensors=all_tensors):
@@ -230,7 +237,7 @@ class DecodeEvaluator:
             raise RuntimeError("call fit(reference) before score(model)")
         nll_w, kl_w = [], []
         for i, (logp, targets) in enumerate(self._logprobs(model, desc)):
-            ref = self._spill.read(i).float()
+            ref = self._spill.read(i).float().to(logp.device)
             for s in range(0, self.decode, self.block):  # a window per block of decoded tokens: what bootstrap CIs resample
                 lp, r, t = logp[s: s + self.block], ref[s: s + self.block], targets[s: s + self.block]
                 nll_w.append(_nll_sum(lp, t) / t.numel())
@@ -245,13 +252,15 @@ class DecodeEvaluator:
 
         from .models.decoder import decoder_parts, head
 
+        from .device import to_model
+
         parts = decoder_parts(model)
         if parts is None:
             raise ValueError("the decode path needs a causal LM with model.model and lm_head")
         body = parts[0]
         model.eval()
         for ids in tqdm(self.tokens, desc=desc, disable=not self.progress, unit="window", leave=False):
-            ids = ids.reshape(1, -1)
+            ids = to_model(ids.reshape(1, -1), model)
             prefill = ids.shape[1] - self.decode
             cache = DynamicCache(config=model.config)
             for s in range(0, prefill, self.chunk):

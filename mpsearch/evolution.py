@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -84,152 +85,172 @@ class Space:
                 raise ValueError(f"decision {d!r}: options must be ordered from cheapest to most expensive")
 
 
-def journal_storage(path: str | Path):
-    """The default storage: a journal file next to the run's outputs (no server, resumable).
-
-    A torn last line (a write cut short by a full disk or a power loss) is cut off first,
-    with a warning, so the study stays readable (:func:`repair_journal`).
-    """
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    repair_journal(path)
-    return JournalStorage(JournalFileBackend(str(path)))
-
-
-def repair_journal(path: str | Path) -> int:
-    """Cut unreadable lines off the end of an Optuna journal file; return how many bytes were cut.
-
-    Optuna appends one JSON object per line. An append cut short leaves a last line
-    without its newline; Optuna skips it on read, but its next append continues that
-    line and the study becomes unreadable for good. The cut bytes are kept beside the
-    journal (``<name>.torn``). A bad line *before* a good one is not a torn write: that
-    is an error naming the line.
-    """
-    import json
-
-    path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
-        return 0
-    data = path.read_bytes()
-    lines = data.split(b"\n")  # the part after the last newline is lines[-1] (b"" when none is torn)
-    good = len(lines) - 1
-    while good > 0:
-        try:
-            json.loads(lines[good - 1])
-            break
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            good -= 1
-    for i, line in enumerate(lines[:good]):
-        try:
-            json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path}: line {i + 1} of the study journal is corrupt and later lines are not; "
-                             "it cannot be repaired automatically") from None
-    tail_start = sum(len(x) + 1 for x in lines[:good])
-    if tail_start == len(data):
-        return 0
-    torn = path.with_name(path.name + ".torn")
-    with open(torn, "ab") as f:
-        f.write(data[tail_start:] + b"\n")
-    with open(path, "r+b") as f:
-        f.truncate(tail_start)
-    log.warning("%s: cut %d bytes of a torn write off the end of the study journal (kept in %s)",
-                path, len(data) - tail_start, torn)
-    return len(data) - tail_start
-
-
 def evolve(space: Space, measure: Measure, storage, config: EvolutionConfig = EvolutionConfig(),
-           seeds: Sequence[Sequence[int]] = (), progress: bool = True) -> pd.DataFrame:
-    """Run (or resume) the NSGA-II study in ``storage``; return every trial as a table.
+           seeds: Sequence[Sequence[int]] = (), progress: bool = True, work: bool = True,
+           sampler_seed: int | None = None) -> pd.DataFrame:
+    """Create (or resume) the NSGA-II study in ``storage``, enqueue ``seeds`` once, and
+    measure trials until the study holds ``config.trials`` complete ones; return every trial.
 
-    ``storage`` is an Optuna storage, a database URL (``sqlite:///study.db``) or a
-    journal file path. ``seeds`` are plans (option index per decision), e.g. the
-    proxy's Pareto plans: each is measured and added to the study as a member of
-    NSGA-II's first generation. (``enqueue_trial`` would not do: in Optuna 5 enqueued
-    trials never join the sampler's generation 0, so the random first generation,
-    mostly outside any useful bits window, would be the only parents.)
+    ``storage`` is an Optuna storage, a database URL or a journal file path
+    (:func:`mpsearch.storage.open_storage`). ``seeds`` are plans (option index per
+    decision), e.g. the proxy's Pareto plans: they are the first trials any worker runs and
+    join NSGA-II's first generation. Other processes may work on the same study at the
+    same time (:func:`work`); ``work=False`` only creates and seeds it.
+    """
+    study = open_study(space, storage, config, sampler_seed)
+    enqueue_seeds(study, space, config, seeds)
+    if work:
+        run_trials(study, space, measure, config, progress)
+    return trials_table(study)
+
+
+def open_study(space: Space, storage, config: EvolutionConfig, sampler_seed: int | None = None, owner: bool = True):
+    """The study named ``config.study_name`` in ``storage``, created if new; refused if it searches another space.
+
+    The evolution's settings are stored in the study, so a worker that joins it reads them
+    (:func:`study_config`): the ``owner`` (``mpsearch evolve``) writes them, so a rerun with more
+    trials extends the study for every worker. ``sampler_seed`` (default ``config.seed``) should differ per worker.
     """
     import optuna
-    from optuna.distributions import IntDistribution
     from optuna.samplers.nsgaii import PolynomialMutation
-    from optuna.trial import TrialState, create_trial
+
+    from .storage import open_storage
 
     if isinstance(storage, (str, Path)):
-        url = str(storage)
-        storage = optuna.storages.get_storage(url) if "://" in url else journal_storage(url)
+        storage = open_storage(storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space.check()
     with warnings.catch_warnings():  # PolynomialMutation is marked experimental in Optuna 5
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.NSGAIISampler(population_size=config.population, seed=config.seed, mutation=PolynomialMutation())
+        sampler = optuna.samplers.NSGAIISampler(population_size=config.population, mutation=PolynomialMutation(),
+                                                seed=config.seed if sampler_seed is None else sampler_seed)
     study = optuna.create_study(study_name=config.study_name, storage=storage, sampler=sampler,
                                 directions=["minimize", "minimize"], load_if_exists=True)
     signature = [f"{d}:{','.join(o)}" for d, o in zip(space.decisions, space.options)]
     if study.user_attrs.get("space") not in (None, signature):
         raise ValueError(f"study {config.study_name!r} in this storage searches other decisions or formats; "
                          "use a new storage file or another study_name")
-    study.set_user_attr("space", signature)
-    study_id = storage.get_study_id_from_name(config.study_name)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # Left running by an interrupted run: its evaluation never finished.
-        storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, t.number), TrialState.FAIL)
-        log.info("trial %d was interrupted; marked failed and not counted", t.number)
+    if "space" not in study.user_attrs:
+        study.set_user_attr("space", signature)
+    if owner:
+        study.set_user_attr("evolution", {k: v for k, v in asdict(config).items() if k != "study_name"})
+    return study
 
-    seen = {t.user_attrs["plan_hash"]: t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get("measured")}
-    distributions = {d: IntDistribution(0, len(o) - 1) for d, o in zip(space.decisions, space.options)}
 
-    def violation(bits: float) -> float:
-        """<= 0 inside the window; how far outside it otherwise (Optuna's constraint convention)."""
-        lo = config.min_bits if config.min_bits is not None else -np.inf
-        hi = config.max_bits if config.max_bits is not None else np.inf
-        return float(max(lo - bits, bits - hi, -1.0))
+def study_config(study) -> EvolutionConfig:
+    """The settings the study was created with (what a joining worker runs)."""
+    if "evolution" not in study.user_attrs:
+        raise ValueError(f"study {study.study_name!r} was not created by mpsearch evolve (it has no evolution settings)")
+    return EvolutionConfig(**study.user_attrs["evolution"], study_name=study.study_name)
 
-    def quality_of(choice: tuple[int, ...], key: str) -> tuple[dict, bool]:
-        if key in seen:
-            return {k: v for k, v in seen[key].items() if k in ("kl", "ppl", "nll")}, True
+
+def enqueue_seeds(study, space: Space, config: EvolutionConfig, seeds: Sequence[Sequence[int]]) -> int:
+    """Enqueue the seed plans inside the bits window, once per study; return how many."""
+    seeds = _unique(space, seeds)
+    if study.user_attrs.get("seeded"):
+        return 0
+    inside = [s for s in seeds if _violation(config, space.effective_bits(s)) <= 0]
+    for choice in inside:
+        study.enqueue_trial(space.params(choice), user_attrs={"source": "seed"}, skip_if_exists=True)
+    study.set_user_attr("seeded", True)
+    return len(inside)
+
+
+def _violation(config: EvolutionConfig, bits: float) -> float:
+    """<= 0 inside the window; how far outside it otherwise (Optuna's constraint convention)."""
+    lo = config.min_bits if config.min_bits is not None else -np.inf
+    hi = config.max_bits if config.max_bits is not None else np.inf
+    return float(max(lo - bits, bits - hi, -1.0))
+
+
+def run_trials(study, space: Space, measure: Measure, config: EvolutionConfig, progress: bool = True, poll: float = 0.5) -> None:
+    """Measure trials of ``study`` until it holds ``config.trials`` complete ones (other workers' count too).
+
+    A plan is measured once per study: the first trial to claim its hash measures it, any
+    other trial drawing it waits for that result and records it as a duplicate. If the
+    owner's worker dies, its heartbeat runs out, its trial is failed and retried, and a
+    waiting trial takes the plan over. Workers running at once may finish a trial or two
+    beyond ``config.trials`` (each completes the trial it is in).
+    """
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from .storage import claims_for
+
+    storage = study._storage
+    claims = claims_for(storage, study.study_name)
+    generation_key = optuna.samplers.NSGAIISampler._GENERATION_KEY  # pinned by test_offspring_descend_from_the_seeds
+    results: dict[str, dict] = {}  # this worker's view of measured plans by hash
+
+    def owner_result(owner: int) -> tuple[dict | None, bool]:
+        """(quality, finished) of the owner trial: quality when it measured, finished when it stopped without."""
+        t = storage.get_trial(owner)
+        if t.state == TrialState.COMPLETE and t.user_attrs.get("measured"):
+            return {k: t.user_attrs[k] for k in ("kl", "ppl", "nll") if k in t.user_attrs}, True
+        return None, t.state.is_finished()
+
+    def quality_of(trial, choice: tuple[int, ...], key: str) -> tuple[dict, bool]:
+        if key in results:
+            return results[key], True
+        me, last_sweep = trial._trial_id, time.monotonic()
+        owner = claims.claim(key, me)
+        while owner != me:
+            quality, finished = owner_result(owner)
+            if quality is not None:
+                return quality, True
+            if finished:  # the owner failed: take the plan over (unless another waiter already has)
+                owner = claims.replace(key, owner, me)
+                continue
+            if time.monotonic() - last_sweep > 4 * poll:  # a dead owner is noticed by its heartbeat
+                _fail_stale(study)
+                last_sweep = time.monotonic()
+            time.sleep(poll)
         return measure(choice), False
-
-    def attrs(key: str, bits: float, quality: dict | None, dup: bool, source: str) -> dict:
-        out = {"plan_hash": key, "effective_bits": bits, "source": source, "measured": quality is not None, "duplicate": dup}
-        out.update({k: float(quality[k]) for k in ("kl", "ppl", "nll") if quality and k in quality})
-        return out
-
-    for choice in _unique(space, seeds):  # measured first; a resumed run skips the ones done
-        key, bits = space.plan_hash(choice), space.effective_bits(choice)
-        if key in seen or violation(bits) > 0:
-            continue
-        quality, dup = quality_of(choice, key)
-        user = attrs(key, bits, quality, dup, "seed")
-        study.add_trial(create_trial(
-            values=[float(quality[config.objective]), bits], params=space.params(choice), distributions=distributions,
-            # The sampler's own generation tag (a private name, pinned by test_offspring_descend_from_the_seeds).
-            user_attrs=user, system_attrs={optuna.samplers.NSGAIISampler._GENERATION_KEY: 0}, constraints={"window": violation(bits)},
-        ))
-        seen[key] = user
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         choice = tuple(trial.suggest_int(d, 0, len(space.options[i]) - 1) for i, d in enumerate(space.decisions))
+        source = trial.user_attrs.get("source", "nsga2")
+        if source == "seed":  # the seeds are NSGA-II's first generation, whenever they run
+            storage.set_trial_system_attr(trial._trial_id, generation_key, 0)
         key, bits = space.plan_hash(choice), space.effective_bits(choice)
-        trial.set_constraint("window", violation(bits))
-        if violation(bits) > 0:  # not measured: NSGA-II ranks it below every plan inside the window
-            for k, v in attrs(key, bits, None, False, "nsga2").items():
-                trial.set_user_attr(k, v)
+        for k, v in (("plan_hash", key), ("effective_bits", bits), ("source", source), ("measured", False)):
+            trial.set_user_attr(k, v)  # a trial cut off mid-measurement still says what it measured
+        trial.set_constraint("window", _violation(config, bits))
+        if _violation(config, bits) > 0:  # not measured: NSGA-II ranks it below every plan inside the window
+            trial.set_user_attr("duplicate", False)
             return _OUTSIDE, bits
-        quality, dup = quality_of(choice, key)
-        user = attrs(key, bits, quality, dup, "nsga2")
-        for k, v in user.items():
-            trial.set_user_attr(k, v)
-        seen[key] = user
+        quality, dup = quality_of(trial, choice, key)
+        results[key] = quality
+        trial.set_user_attr("duplicate", dup)
+        for k in ("kl", "ppl", "nll"):
+            if k in quality:
+                trial.set_user_attr(k, float(quality[k]))
+        trial.set_user_attr("measured", True)
         return float(quality[config.objective]), bits
 
-    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    remaining = config.trials - len(done)
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, show_progress_bar=progress, catch=())
-    return trials_table(study)
+    def report(study, t) -> None:
+        if progress:
+            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            what = ("outside the window" if not t.user_attrs.get("measured") else
+                    f"{config.objective} {t.user_attrs.get(config.objective, float('nan')):.4g}"
+                    + (" (measured by another trial)" if t.user_attrs.get("duplicate") else ""))
+            log.info("trial %d %s: %s at %.3f bits | %d of %d complete", t.number, t.state.name.lower(), what,
+                     t.user_attrs.get("effective_bits", float("nan")), done, config.trials)
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # a study from before claims existed
+        if t.user_attrs.get("measured") and not t.user_attrs.get("duplicate"):
+            claims.claim(t.user_attrs["plan_hash"], t._trial_id)
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < config.trials:
+        study.optimize(objective, callbacks=[MaxTrialsCallback(config.trials, states=(TrialState.COMPLETE,)), report], catch=())
+
+
+def _fail_stale(study) -> None:
+    import optuna
+
+    with warnings.catch_warnings():  # fail_stale_trials is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 #: The quality value recorded for unmeasured plans outside the bits window.
@@ -240,7 +261,8 @@ def trials_table(study) -> pd.DataFrame:
     """One row per trial: number, state, source, bits, measured quality, plan hash, params.
 
     ``measured`` is False for plans outside the bits window (their objective value is a
-    placeholder); ``duplicate`` is True when the study already held the plan's measurement.
+    placeholder); ``duplicate`` is True when the study already held the plan's measurement;
+    ``retry_of`` is the trial a heartbeat-failed trial retries.
     """
     rows = []
     for t in study.trials:
@@ -248,7 +270,7 @@ def trials_table(study) -> pd.DataFrame:
         rows.append({"trial": t.number, "state": t.state.name, "source": u.get("source"),
                      "effective_bits": u.get("effective_bits"), "kl": u.get("kl"), "ppl": u.get("ppl"),
                      "measured": u.get("measured", False), "duplicate": u.get("duplicate"),
-                     "plan_hash": u.get("plan_hash"), "params": t.params})
+                     "retry_of": t.system_attrs.get("failed_trial"), "plan_hash": u.get("plan_hash"), "params": t.params})
     return pd.DataFrame(rows)
 
 
@@ -305,15 +327,20 @@ def hull_space(problem, numel: int, seeds: Sequence[Sequence[int]]) -> tuple[Spa
 
 
 def run_evolution(session, proxy: str, config: EvolutionConfig, out_dir: str | Path,
-                  extra_seeds: Sequence[Sequence[int]] = (), storage=None) -> pd.DataFrame:
+                  extra_seeds: Sequence[Sequence[int]] = (), storage=None, work: bool = True,
+                  heartbeat: int | None = None) -> pd.DataFrame:
     """NSGA-II on a prepared :class:`~mpsearch.session.Session`, seeded from ``proxy``'s front.
 
-    Searches each decision's proxy-hull formats (:func:`hull_space`). Writes
-    ``trials.csv``, ``front.csv`` (the measured Pareto front), the front's plans and
-    ``pareto.png`` under ``out_dir``; the study journal is ``out_dir/study.log`` unless
-    ``storage`` is given, so running the same call again resumes.
+    Searches each decision's proxy-hull formats (:func:`hull_space`). The study lives in
+    ``storage`` (a journal file, ``out_dir/study.log`` by default, or a database URL) with
+    everything a worker needs to join it (:func:`mpsearch.worker.run_worker`): the search
+    settings, the proxy, the hull and the model's fingerprint. ``work=False`` creates and
+    seeds the study and leaves the trials to workers. Writes ``trials.csv``, ``front.csv``
+    (the measured Pareto front), the front's plans and ``pareto.png`` under ``out_dir``;
+    running the same call again resumes.
     """
-    from .report import pareto_plot
+    from .search import config_to_dict
+    from .storage import HEARTBEAT_S, open_storage
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -326,24 +353,39 @@ def run_evolution(session, proxy: str, config: EvolutionConfig, out_dir: str | P
     seeds = [tuple(int(j) for j in c) for c in extra_seeds] + front_seeds(problem, full.effective_bits, lo, hi, config.population)
     space, kept = hull_space(problem, session.numel, seeds)
     position = [{j: k for k, j in enumerate(row)} for row in kept]
+    study = open_study(space, open_storage(storage or out / "study.log", heartbeat or HEARTBEAT_S), config)
+    if "search" not in study.user_attrs:
+        study.set_user_attr("search", {"config": config_to_dict(session.config), "proxy": proxy, "kept": kept,
+                                       "fingerprint": session.fingerprint})
+    enqueue_seeds(study, space, config, [tuple(position[i][j] for i, j in enumerate(c)) for c in seeds])
+    if work:
+        run_trials(study, space, lambda c: session.measure_choice(original(kept, c)), config, session.config.progress)
+    return write_outputs(session, study, space, kept, proxy, config, out)
 
-    def original(choice: Sequence[int]) -> tuple[int, ...]:
-        return tuple(kept[i][j] for i, j in enumerate(choice))
 
-    local_seeds = [tuple(position[i][j] for i, j in enumerate(c)) for c in seeds]
-    df = evolve(space, lambda c: session.measure_choice(original(c)), storage or out / "study.log", config,
-                local_seeds, session.config.progress)
+def original(kept: Sequence[Sequence[int]], choice: Sequence[int]) -> tuple[int, ...]:
+    """A hull-space choice as option indices of the full problem."""
+    return tuple(kept[i][j] for i, j in enumerate(choice))
+
+
+def write_outputs(session, study, space: Space, kept, proxy: str, config: EvolutionConfig, out: Path) -> pd.DataFrame:
+    """trials.csv, front.csv, the front's plans and pareto.png; returns the trials with each one's full-problem choice."""
+    from .report import pareto_plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    df = trials_table(study)
     df.drop(columns=["params"]).to_csv(out / "trials.csv", index=False)
-    done = df[df.measured.astype(bool)].drop_duplicates("plan_hash")
+    done = df[(df.state == "COMPLETE") & df.measured.astype(bool)].drop_duplicates("plan_hash")
     front = done[pareto_mask(done.effective_bits.to_numpy(), done[config.objective].to_numpy())].sort_values("effective_bits")
     front.drop(columns=["params"]).to_csv(out / "front.csv", index=False)
     (out / "plans").mkdir(exist_ok=True)
     for _, row in front.iterrows():
-        choice = original([row.params[d] for d in space.decisions])
+        choice = original(kept, [row.params[d] for d in space.decisions])
         plan = session.make_plan(session.formats(choice), proxy=proxy, search="nsga2", trial=int(row.trial))
         plan.metrics.update({k: row[k] for k in ("kl", "ppl") if pd.notna(row[k])})
         plan.save(out / "plans" / f"nsga2-{row.effective_bits:.3f}bits-trial{int(row.trial)}.json")
-    pareto_plot(done.assign(method=done.source), out / "pareto.png", y=config.objective,
-                title=f"NSGA-II on measured {config.objective} ({len(done)} plans measured)")
+    if len(done):
+        pareto_plot(done.assign(method=done.source), out / "pareto.png", y=config.objective,
+                    title=f"NSGA-II on measured {config.objective} ({len(done)} plans measured)")
     complete = [isinstance(p, dict) and len(p) == len(space.decisions) for p in df.params]  # failed trials may be partial
-    return df.assign(choice=[original([p[d] for d in space.decisions]) if ok else None for p, ok in zip(df.params, complete)])
+    return df.assign(choice=[original(kept, [p[d] for d in space.decisions]) if ok else None for p, ok in zip(df.params, complete)])

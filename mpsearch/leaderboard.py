@@ -191,14 +191,15 @@ def write(board: pd.DataFrame, milp: pd.DataFrame | None, out: str | Path, title
     return {"csv": out.with_suffix(".csv"), "md": out.with_suffix(".md"), "png": out.with_suffix(".png")}
 
 
-def session_for(meta: dict, proxies: list[str], measure: bool = True, progress: bool = True, extra: list = ()):
+def session_for(meta: dict, proxies: list[str], measure: bool = True, progress: bool = True, extra: list = (), device: str = "auto"):
     """Reopen the session a ground truth was made in (its recorded config), with ``proxies``
-    (names or files) and ``extra`` proxy objects (e.g. the GP's terms)."""
+    (names or files) and ``extra`` proxy objects (e.g. the GP's terms), on ``device`` (this
+    machine's choice, not the recorded one: the ground truth may come from another machine)."""
     from .search import SearchConfig
     from .session import Session
 
     cfg = SearchConfig(**{**meta["config"], "proxies": tuple(proxies) or ("mse",), "measure": measure, "refine": 0, "progress": progress,
-                          "budgets": ("4",)})
+                          "budgets": ("4",), "device": device})
     s = Session.open(cfg, extra_proxies=list(extra))
     if s.prims.weights != meta["weights"]:
         raise ValueError(f"the model's weights differ from the ones the ground truth was measured on ({meta['weights']})")
@@ -206,15 +207,15 @@ def session_for(meta: dict, proxies: list[str], measure: bool = True, progress: 
 
 
 def run(ground_truth: str | Path, proxies: list[str], out: str | Path, budgets: list[float] = (), boot: int = 1000,
-        evolved: set[str] = frozenset(), progress: bool = True) -> pd.DataFrame:
+        evolved: set[str] = frozenset(), progress: bool = True, device: str = "auto") -> pd.DataFrame:
     """Load a ground truth, compute every proxy's table in its session, rank, measure the MILP plans, write.
-    ``proxies`` are names or files; ``evolved`` names the evolved ones."""
+    ``proxies`` are names or files; ``evolved`` names the evolved ones; ``device`` is where the model runs."""
     from .groundtruth import load_ground_truth
 
     from .proxies import load_proxy
 
     gt, meta = load_ground_truth(ground_truth)
-    session = session_for(meta, proxies, measure=bool(budgets), progress=progress)
+    session = session_for(meta, proxies, measure=bool(budgets), progress=progress, device=device)
     choice = choices(session, gt)
     names = [load_proxy(p).name for p in proxies]
     preds = {name: plan_predictions(session.losses[name], choice) for name in names}

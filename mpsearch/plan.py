@@ -45,7 +45,7 @@ def importance_digest(importance: Mapping[str, torch.Tensor] | None) -> str:
         return ""
     h = hashlib.sha256()
     for name in sorted(importance):
-        t = importance[name].detach().to(torch.float32).contiguous()
+        t = importance[name].detach().to(torch.float32).contiguous().cpu()
         h.update(f"{name}|{tuple(t.shape)};".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -231,7 +231,7 @@ def _save_sidecar(path: Path, what: str, tensors: Mapping[str, torch.Tensor]) ->
     side = path.with_name(f"{path.stem}.{what}.safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = side.with_name(f".{side.name}.tmp")
-    save_file({k: v.detach().to(torch.float32).contiguous().clone() for k, v in tensors.items()}, str(tmp))  # clone: entries may share storage
+    save_file({k: v.detach().to(torch.float32).contiguous().cpu().clone() for k, v in tensors.items()}, str(tmp))  # clone: entries may share storage
     os.replace(tmp, side)
     return {"file": side.name, "sha256": importance_digest(tensors)}
 

@@ -11,7 +11,7 @@ import inspect
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +77,15 @@ class SearchConfig:
     baselines: bool = True
     measure: bool = True
     threads: int = 2
+    #: where the model computes: cpu, cuda, cuda:N or auto (cuda when available); the spelling is checked here,
+    #: the device when the session opens (:func:`mpsearch.device.resolve_device`), still before heavy work
+    device: str = "auto"
     seed: int = 0
     out_dir: str = "runs/latest"
     use_cache: bool = True
     progress: bool = True
+    #: seconds between the saved states of a long primitive pass (a killed search resumes from the last one)
+    checkpoint_every: float = 30.0
     #: spaces with run-time targets (:mod:`mpsearch.joint`): the context length a memory budget
     #: holds the KV cache at (0: no KV cache in the space), sequences per batch, tokens decoded
     #: one at a time through the cache when measuring, the run-time proxy, a MAC-weighted bound
@@ -125,6 +130,11 @@ class SearchConfig:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if not isinstance(self.checkpoint_every, (int, float)) or isinstance(self.checkpoint_every, bool) or not self.checkpoint_every >= 0:
+            raise ValueError(f"checkpoint_every must be a number of seconds >= 0, got {self.checkpoint_every!r}")
+        from .device import check_device_spec
+
+        check_device_spec(self.device)
         for name, least in (("context", 0), ("batch", 1), ("decode", 1), ("input_min_bits", 0), ("prefill", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < least:
@@ -189,6 +199,26 @@ class SearchConfig:
                 if get_quantizer(f.quantizer).importance_kind == "gram":
                     raise ValueError(f"search space {space.source or space.name}: it offers {f.key}, which needs each layer input's "
                                      "Gram matrix from the calibration data; imatrix=False (--no-imatrix) turns that off")
+
+
+def config_to_dict(cfg: SearchConfig) -> dict:
+    """JSON-able settings (what a study stores so that a worker elsewhere opens the same session)."""
+    out = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    out["rules"] = [{"match": r.match, "pin": r.pin.key if r.pin is not None else None, "min_bits": r.min_bits,
+                     "max_bits": r.max_bits, "exclude": r.exclude} for r in cfg.rules]
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def config_from_dict(d: dict, **overrides) -> SearchConfig:
+    """The inverse of :func:`config_to_dict`; unknown keys are an error naming them."""
+    names = {f.name for f in fields(SearchConfig)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"search settings name unknown fields {sorted(unknown)} (written by another mpsearch version?)")
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in {**d, **overrides}.items()}
+    d["rules"] = tuple(Rule(r["match"], Format.parse(r["pin"]) if r["pin"] else None, r["min_bits"], r["max_bits"], r["exclude"])
+                       for r in d.get("rules", ()))
+    return SearchConfig(**d)
 
 
 @dataclass

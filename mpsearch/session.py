@@ -20,6 +20,7 @@ import torch
 from . import __version__
 from .cache import CacheEntryError, cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
 from .cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
+from .device import device_parts, exact_fp32, resolve_device
 from .evaluate import Evaluator
 from .format import Format
 from .models import load_model, load_text, token_chunks
@@ -80,7 +81,10 @@ class Session:
         ``extra_proxies`` are :class:`~mpsearch.proxies.Proxy` objects computed beside the config's.
         ``joint=True``: the weights' part of a joint search (:mod:`mpsearch.joint`), which reads the
         budgets (weights + KV) and decides the space's ``[input]`` / ``[kv_cache]`` itself. ``costs=True``: build
-        the cost models and the ``--constraint`` rows (timing this machine's kernels if asked) before the heavy stages."""
+        the cost models and the ``--constraint`` rows (timing this machine's kernels if asked) before the heavy stages.
+        ``cfg.device`` is resolved first (a missing GPU fails before anything loads); the model moves there once the
+        cost models are built, and every pass after that runs on it (tokens stay on the CPU until a pass uses them)."""
+        device = resolve_device(getattr(cfg, "device", "cpu"))  # a missing GPU fails before anything loads
         stages = stages or Stages()
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -105,6 +109,10 @@ class Session:
 
             suite = CostSuite.open(cfg, lm.model, decisions, stages, fingerprint=str(lm.model_id))
             constraints = suite.constraints(decisions, cfg.constraints)
+        if device.type != "cpu":  # after the cost models: profile-device times this machine's CPU kernels, on the CPU model
+            with stages(f"move model to {device}"):
+                lm.model.to(device)
+                exact_fp32(device)
         needs = set().union(*(p.needs for p in proxies))
         weighted = cfg.imatrix and any(get_quantizer(f.quantizer).reads_importance(f) for d in decisions for f in d.formats)
         #: decisions with a format that reads the whole Gram matrix (GPTQ)
@@ -120,9 +128,11 @@ class Session:
                 tasks=None if joint else _task_evaluator(cfg, lm, texts, stages))
         settings = PrimitiveSettings(hessian_probes=cfg.hessian_probes, hessian_sequences=cfg.hessian_sequences, seed=cfg.seed)
         names = [m.name for m in s.members]
-        s.prims = compute_primitives(lm.model, names, calib, needs - {"gram"}, cfg.use_cache, cfg.progress, settings, stages)
+        s.prims = compute_primitives(lm.model, names, calib, needs - {"gram"}, cfg.use_cache, cfg.progress, settings, stages,
+                                     checkpoint_every=cfg.checkpoint_every)
         if "gram" in needs:
-            g = compute_primitives(lm.model, names, gram_tokens, {"gram"}, cfg.use_cache, cfg.progress, settings, stages)
+            g = compute_primitives(lm.model, names, gram_tokens, {"gram"}, cfg.use_cache, cfg.progress, settings, stages,
+                                   checkpoint_every=cfg.checkpoint_every)
             s.prims.values.update(g.values)
             s.prims.family_keys.update(g.family_keys)
         if weighted:
@@ -134,7 +144,7 @@ class Session:
                 table = measured_kl(lm.model, decisions, kl_tokens, s.prims.weights, cfg.use_cache, cfg.progress, s.importance)
                 s.prims.kl = {(t, f): float(v) for t, f, v in table[["tensor", "format", "kl"]].itertuples(index=False)}
                 s.prims.kl_key = kl_key(s.prims.weights, kl_tokens, [(m.name, f) for d in decisions for m in d.members for f in d.formats],
-                                        s.importance)
+                                        s.importance, device=device)
         with stages("proxy tables"):
             s.tables = cached_proxy_tables(proxies, lm.model, decisions, s.prims, cfg.use_cache, cfg.progress, s.importance)
         s.losses = {name: decision_losses(table, decisions) for name, table in s.tables.items()}
@@ -263,7 +273,7 @@ class Session:
         layer inputs rounded to zero (``kernel_proportion``); a decode-path evaluator keys by its settings."""
         ev = evaluator or self.evaluator
         how = ev.cache_parts if hasattr(ev, "cache_parts") else (ev.batch_size,)
-        key = content_key(self.prims.weights, plan_hash(plan), tokens_hash(ev.tokens), *how, EVAL_SCHEMA)
+        key = content_key(self.prims.weights, plan_hash(plan), tokens_hash(ev.tokens), *how, EVAL_SCHEMA, *device_parts(self.model))
         path = cache_dir() / "evals" / f"{key}.json"
         if self.config.use_cache:
             q = read_json(path, key, EVAL_SCHEMA, lambda v: check_quality(v, ev.reference_.tokens))
@@ -287,7 +297,7 @@ class Session:
     def measure_tasks(self, plan: Plan | None, desc: str = "tasks") -> dict:
         """Task accuracy of ``plan`` (None: the unquantized model); cached like :meth:`measure`."""
         ev = self.tasks
-        key = content_key(self.prims.weights, plan_hash(plan) if plan is not None else "reference", *ev.cache_parts)
+        key = content_key(self.prims.weights, plan_hash(plan) if plan is not None else "reference", *ev.cache_parts, *device_parts(self.model))
         path = cache_dir() / "tasks" / f"{key}.json"
         if self.config.use_cache:
             hit = read_json(path, key, ev.cache_parts[1], _check_tasks)

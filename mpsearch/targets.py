@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cache import cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
+from .device import device_parts, to_model
 from .format import Format
 from .plan import importance_digest
 from .proxies.expr import ExpressionError, parse
@@ -144,7 +145,7 @@ def runtime_table(model: nn.Module, decisions: list[RuntimeDecision], calib: tor
     pairs = [(d, f) for d in decisions for f in d.formats]
     key = content_key(weights_key, tokens_hash(calib), tokens_hash(kl_tokens), SCHEMA,
                       [(d.name, d.modules, format_identity(f)) for d, f in pairs], importance_digest(calibration),
-                      *(() if measure_kl else ("no-kl",)))
+                      *(() if measure_kl else ("no-kl",)), *device_parts(model))
     path = cache_dir() / "sensitivity" / f"runtime-{key}.json"
     if use_cache:
         rows = read_json(path, key, SCHEMA, lambda v: _check(v, len(pairs), measure_kl))
@@ -211,7 +212,7 @@ def _fisher_mse(model: nn.Module, pairs, calib: torch.Tensor, calibration, progr
         handles.append(m.register_forward_pre_hook(h) if site[1] == "input" else m.register_forward_hook(h))
     try:
         for ids in tqdm(calib, desc="run-time sensitivities (fisher, mse)", disable=not progress, unit="window"):
-            ids = ids.reshape(1, -1)
+            ids = to_model(ids.reshape(1, -1), model)
             emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
             with torch.enable_grad():
                 model(inputs_embeds=emb, labels=ids, use_cache=False).loss.backward()

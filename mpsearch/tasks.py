@@ -211,9 +211,11 @@ def continuation_scores(model, seqs: list[tuple[list[int], int]], batch_size: in
     and whether greedy decoding reproduces all of them. Sequences run ``batch_size`` at a
     time (longest first), padded on the right with an attention mask; the LM head and
     log-softmax run only on the scored positions, ``positions`` at a time."""
+    from .device import model_device
     from .models.decoder import decoder_parts, head
 
     parts = decoder_parts(model) if isinstance(model, nn.Module) else None
+    dev = model_device(model)  # the batch is built on the CPU and moved there; the sums come back once per batch
     order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i][0]), i))
     ll, hit = [0.0] * len(seqs), [False] * len(seqs)
     for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch", leave=False):
@@ -230,20 +232,20 @@ def continuation_scores(model, seqs: list[tuple[list[int], int]], batch_size: in
             mask[r, : len(s)] = 1
             r_idx += [r] * n
             c_idx += range(len(s) - n - 1, len(s) - 1)
-        r_idx, c_idx = torch.tensor(r_idx), torch.tensor(c_idx)
+        ids, mask, r_idx, c_idx = ids.to(dev), mask.to(dev), torch.tensor(r_idx, device=dev), torch.tensor(c_idx, device=dev)
         if parts is None:
             picked = model(input_ids=ids, attention_mask=mask).logits[r_idx, c_idx]
         else:
             picked = parts[0](input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[r_idx, c_idx]
         target = ids[r_idx, c_idx + 1]
-        lp, ok = torch.empty(len(target)), torch.empty(len(target), dtype=torch.bool)
+        lp, ok = torch.empty(len(target), device=dev), torch.empty(len(target), dtype=torch.bool, device=dev)
         for s in range(0, len(target), positions):
             logits = head(parts, picked[s: s + positions]) if parts else picked[s: s + positions].float()
             t = target[s: s + positions]
             lp[s: s + positions] = F.log_softmax(logits, dim=-1).gather(1, t[:, None])[:, 0]
             ok[s: s + positions] = logits.argmax(-1) == t
-        sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, r_idx, lp.double())
-        misses = torch.zeros(len(rows), dtype=torch.long).index_add_(0, r_idx, (~ok).long())
+        sums = torch.zeros(len(rows), dtype=torch.float64, device=dev).index_add_(0, r_idx, lp.double()).cpu()
+        misses = torch.zeros(len(rows), dtype=torch.long, device=dev).index_add_(0, r_idx, (~ok).long()).cpu()
         for r, i in enumerate(rows):
             ll[i], hit[i] = float(sums[r]), bool(misses[r] == 0)
     return ll, hit

@@ -47,3 +47,15 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null 
     echo "[setup] no apt-get: install Chromium yourself, or the HTML report's browser test fails under CI / MPSEARCH_REQUIRE_BROWSER"
   fi
 fi
+
+# the Optuna RDB-storage tests start a throwaway PostgreSQL server (tests/postgres.py): Debian's postgresql
+if ! command -v initdb >/dev/null && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian's postgresql (the Optuna RDB-storage tests)"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    install_postgresql() { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
+    install_postgresql || { $SUDO apt-get update -qq && install_postgresql; }
+  else
+    echo "[setup] no apt-get: install PostgreSQL yourself, or the RDB-storage tests fail under CI / MPSEARCH_REQUIRE_POSTGRES"
+  fi
+fi

@@ -7,6 +7,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+from tests.postgres import postgres_url  # noqa: F401  (fixture: a throwaway PostgreSQL server)
+
 # CI explores the same examples every run (a failure there is reproducible); local runs
 # draw new ones each time and keep finding edge cases.
 settings.register_profile("ci", derandomize=True)

@@ -9,7 +9,8 @@ one pass works for any model with a loss and data:
 - :class:`LabelledBatches`: a classifier on inputs and labels (cross-entropy; accuracy).
 
 A plain token tensor is accepted wherever batches are (:func:`as_batches` wraps it), and
-hashes exactly as before, so existing cache entries stay valid. A model that is neither
+hashes exactly as before, so existing cache entries stay valid. The data stays on the CPU;
+each batch moves to the model's device where a pass runs it (:mod:`mpsearch.device`). A model that is neither
 an LM nor a classifier needs its own :class:`Batches` subclass: a loss and data.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..device import model_device, to_model
 
 
 class Batches:
@@ -78,10 +81,10 @@ class TokenBatches(Batches):
         return len(self.tokens)
 
     def forward(self, model: nn.Module, i: int) -> None:
-        model(input_ids=self.tokens[i].unsqueeze(0), use_cache=False)
+        model(input_ids=to_model(self.tokens[i].unsqueeze(0), model), use_cache=False)
 
     def loss(self, model: nn.Module, items: Sequence[int]) -> torch.Tensor:
-        ids = self.tokens[list(items)]
+        ids = to_model(self.tokens[list(items)], model)
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
     def loss_backward(self, model: nn.Module, i: int) -> None:
@@ -91,7 +94,7 @@ class TokenBatches(Batches):
 
     def synflow_output(self, model: nn.Module) -> torch.Tensor:
         hidden = model.get_input_embeddings().weight.shape[1]
-        ones = torch.ones(1, self.tokens.shape[-1], hidden, dtype=torch.float64)
+        ones = torch.ones(1, self.tokens.shape[-1], hidden, dtype=torch.float64, device=model_device(model))
         return model(inputs_embeds=ones, use_cache=False).logits.sum()
 
     def digest(self) -> str:
@@ -130,22 +133,23 @@ class LabelledBatches(Batches):
         return self.x[s], self.y[s]
 
     def forward(self, model: nn.Module, i: int) -> None:
-        model(self.batch(i)[0])
+        model(to_model(self.batch(i)[0], model))
 
     def logits(self, model: nn.Module, i: int) -> torch.Tensor:
-        return model(self.batch(i)[0]).float()
+        """The logits of batch ``i``, on the model's device."""
+        return model(to_model(self.batch(i)[0], model)).float()
 
     def loss(self, model: nn.Module, items: Sequence[int]) -> torch.Tensor:
         xs, ys = zip(*(self.batch(i) for i in items))
-        return F.cross_entropy(model(torch.cat(xs)).float(), torch.cat(ys))
+        return F.cross_entropy(model(to_model(torch.cat(xs), model)).float(), to_model(torch.cat(ys), model))
 
     def synflow_output(self, model: nn.Module) -> torch.Tensor:
-        return model(torch.ones(1, *self.x.shape[1:], dtype=torch.float64)).sum()
+        return model(torch.ones(1, *self.x.shape[1:], dtype=torch.float64, device=model_device(model))).sum()
 
     def digest(self) -> str:
         h = hashlib.sha256(f"labelled|{tuple(self.x.shape)}|{self.x.dtype}|{self.batch_size};".encode())
-        h.update(self.x.contiguous().numpy().tobytes())
-        h.update(self.y.contiguous().numpy().tobytes())
+        h.update(self.x.contiguous().cpu().numpy().tobytes())
+        h.update(self.y.contiguous().cpu().numpy().tobytes())
         return h.hexdigest()[:20]
 
     def head(self, batches: int, length: int | None = None) -> "LabelledBatches":

@@ -94,11 +94,13 @@ def fetch_deb(dest: Path, package: str = DEB_PACKAGE) -> Path:
         if r.returncode != 0 or not debs:
             raise DataError(f"`apt-get download {package}` failed ({r.stderr.strip()[-300:]}); run `apt-get update` first")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_name(dest.name + ".partial")
+        part = dest.with_name(f"{dest.name}.{os.getpid()}.partial")  # per process: two searches may fetch at once
         shutil.rmtree(part, ignore_errors=True)
         subprocess.run(["dpkg", "-x", str(debs[0]), str(part)], check=True)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(part, dest)
+        try:
+            os.replace(part, dest)
+        except OSError:  # another process put its copy there first; never remove a copy someone may be reading
+            shutil.rmtree(part, ignore_errors=True)
     return dest
 
 

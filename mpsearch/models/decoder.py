@@ -29,7 +29,11 @@ def head(parts, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def logit_slices(model: nn.Module, ids: torch.Tensor, positions: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(logits[B, P, V], targets[B, P])`` of the next-token predictions of ``ids``, ``positions`` at a time."""
+    """``(logits[B, P, V], targets[B, P])`` of the next-token predictions of ``ids``, ``positions`` at a time,
+    on the model's device (``ids`` are moved there)."""
+    from ..device import to_model
+
+    ids = to_model(ids, model)
     parts = decoder_parts(model)
     targets = ids[:, 1:]
     if parts is None:

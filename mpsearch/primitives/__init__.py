@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import registry
 from ..cache import cache_dir, content_key, load_tensors, save_tensors, tokens_hash
+from ..device import device_parts, model_device
 from . import activations, gradients, gram, hessian, synflow  # noqa: F401 - register the families
 from .base import Checkpoint, Family, PrimitiveError, PrimitiveSettings, Values
 
@@ -62,6 +63,8 @@ class Primitives:
     kl_key: str = ""
     #: measured KL when only that tensor is quantized, keyed by (tensor, format key)
     kl: dict[tuple[str, str], float] = field(default_factory=dict)
+    #: the device type the values were computed on ("cpu" leaves every key as it was; see :mod:`mpsearch.device`)
+    device: str = "cpu"
 
     def get(self, primitive: str, tensor: str) -> torch.Tensor:
         if primitive not in self.values:
@@ -78,7 +81,7 @@ class Primitives:
             raise KeyError(f"primitive families {missing} were not computed")
         if "kl" in needs and not self.kl_key:
             raise KeyError("measured KL was not computed")
-        return content_key(self.weights, [self.family_keys[f] for f in fams], self.kl_key if "kl" in needs else "")
+        return content_key(self.weights, [self.family_keys[f] for f in fams], self.kl_key if "kl" in needs else "", *device_parts(self.device))
 
     @property
     def fisher(self) -> dict[str, torch.Tensor]:
@@ -112,7 +115,7 @@ def weights_hash(model: nn.Module) -> str:
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, p in sorted(model.state_dict().items()):
         h.update(f"{name}|{p.dtype}|{tuple(p.shape)};".encode())
-        h.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if p.numel() else b"")
+        h.update(p.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes() if p.numel() else b"")
     return h.hexdigest()
 
 
@@ -134,13 +137,16 @@ def compute_primitives(
     ``refresh`` recomputes the families and overwrites their cache entries. With the
     cache on, resumable families save their running state at most every
     ``checkpoint_every`` seconds, and a rerun after a kill resumes at the next sequence.
+    The passes run on the model's device; the values come back (and are cached) on the CPU, and
+    off the CPU the keys carry the device type, so a GPU value never answers a CPU run.
     """
     settings = settings or PrimitiveSettings()
     weights = weights_hash(model)
-    base = content_key(weights, tokens_hash(tokens), sorted(tensors), "prims-v2")
+    device = model_device(model)
+    base = content_key(weights, tokens_hash(tokens), sorted(tensors), "prims-v2", *device_parts(device))
     wanted = [f for f in families().values() if set(f.provides) & set(needs)]
     keys = {f.name: content_key(base, f.name, f.version, {s: getattr(settings, s) for s in f.settings}) for f in wanted}
-    prims = Primitives(key=content_key(base, sorted(keys.items())), weights=weights, family_keys=keys)
+    prims = Primitives(key=content_key(base, sorted(keys.items())), weights=weights, family_keys=keys, device=device.type)
     for fam in wanted:
         path = cache_dir() / "primitives" / f"{fam.name}-{keys[fam.name]}.safetensors"
         values = _load(path, keys[fam.name], fam, tensors) if use_cache and not refresh else None
@@ -153,6 +159,7 @@ def compute_primitives(
                 extra["checkpoint"] = Checkpoint(partial, keys[fam.name], every=checkpoint_every)
             with stages(f"primitives: {fam.name}") if stages is not None else contextlib.nullcontext():
                 values = fam.compute(model, tensors, tokens, settings, progress, **extra)
+            values = {name: {t: v.cpu() for t, v in per.items()} for name, per in values.items()}  # cached values live on the CPU
             _check_finite(fam, values)
             if use_cache:
                 _save(path, values, keys[fam.name])

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..device import model_device
 from ..registry import register
 from ..layers import input_rows, matrix_shape, weight_modules
 from ..models.batches import as_batches
@@ -48,22 +49,23 @@ def _contribution(x: torch.Tensor) -> dict:
         "absmax": float(a.max()),
         "entropy": float(torch.special.entr(p).sum(1).double().sum()),
         "outliers": int((a > OUTLIER_RMS * rms).sum()),
-        "kernel": torch.tensor([float((ratio < 0.5 / (2 ** (b - 1) - 1)).sum()) for b in KERNEL_BITS], dtype=torch.float64),
+        # exact counts, on x's device (no host round trip per bit width)
+        "kernel": torch.stack([(ratio < 0.5 / (2 ** (b - 1) - 1)).sum() for b in KERNEL_BITS]).to(torch.float64),
         "tokens": x.shape[0],
     }
 
 
 class _Stats:
-    """Running sums for one layer's input."""
+    """Running sums for one layer's input, on the device its inputs are (the CPU by default)."""
 
-    def __init__(self, dim: int) -> None:
-        self.xtx = torch.zeros(dim, dim, dtype=torch.float32)
-        self.diag = torch.zeros(dim, dtype=torch.float64)
-        self.moments = torch.zeros(4, dtype=torch.float64)
+    def __init__(self, dim: int, device=None) -> None:
+        self.xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+        self.diag = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.moments = torch.zeros(4, dtype=torch.float64, device=device)
         self.absmax = 0.0
         self.entropy = 0.0
         self.outliers = 0
-        self.kernel = torch.zeros(len(KERNEL_BITS), dtype=torch.float64)
+        self.kernel = torch.zeros(len(KERNEL_BITS), dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add(self, c: dict) -> None:
@@ -84,10 +86,10 @@ class _Stats:
         return {**{k: getattr(self, k) for k in self.TENSORS}, **{k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in self.SCALARS}}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "_Stats":
-        s = cls(state["diag"].numel())
+    def from_state(cls, state: dict[str, torch.Tensor], device=None) -> "_Stats":
+        s = cls(state["diag"].numel(), device)
         for k in cls.TENSORS:
-            setattr(s, k, state[k].clone())
+            setattr(s, k, state[k].to(device).clone())
         s.absmax, s.entropy = float(state["absmax"]), float(state["entropy"])
         s.outliers, s.tokens = int(state["outliers"]), int(state["tokens"])
         return s
@@ -128,19 +130,20 @@ def input_pass(model: nn.Module, tensors: list[str], tokens: torch.Tensor, new: 
                progress: bool = True, checkpoint: Checkpoint | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Running statistics of every listed layer's input (as the rows its weight matrix multiplies) over ``tokens``, one forward pass.
 
-    ``new(dim)`` makes a layer's statistics (with ``add(contribution)`` and ``state()``),
-    ``contribution(x)`` is what one call's input adds, ``from_state`` restores a
-    checkpoint. Layers that share an input (q/k/v, gate/up) are computed once; every
+    ``new(dim, device)`` makes a layer's statistics (with ``add(contribution)`` and ``state()``),
+    ``contribution(x)`` is what one call's input adds, ``from_state(state, device)`` restores a
+    checkpoint; the statistics live on the model's device, as the inputs do. Layers that share an input (q/k/v, gate/up) are computed once; every
     tensor gets its own copy of the result (safetensors refuses shared memory).
     """
     modules = weight_modules(model, tensors)
     data = as_batches(tokens)
+    device = model_device(model)
     start, saved, extra = checkpoint.resume() if checkpoint else (0, {}, {})
     per: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in saved.items():
         t, _, field_ = k.partition("::")
         per.setdefault(t, {})[field_] = v
-    stats = {t: from_state(st) for t, st in per.items()}
+    stats = {t: from_state(st, device) for t, st in per.items()}
     #: tensor -> the tensor whose input it shares (q/k/v, gate/up): statistics computed once
     alias: dict[str, str] = dict(extra.get("alias", {}))
     last: list = [None, None]  # the previous hook's input object and tensor
@@ -155,7 +158,7 @@ def input_pass(model: nn.Module, tensors: list[str], tokens: torch.Tensor, new: 
             if t in alias:
                 raise RuntimeError(f"{t} stopped sharing its input with {alias[t]}")
             last[0], last[1] = x, t
-            stats.setdefault(t, new(matrix_shape(modules[t])[1])).add(contribution(input_rows(modules[t], x.detach()).float()))
+            stats.setdefault(t, new(matrix_shape(modules[t])[1], device)).add(contribution(input_rows(modules[t], x.detach()).float()))
         return hook
 
     handles = [modules[t].register_forward_hook(hook_for(t)) for t in tensors]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..device import to_model
 from ..models.decoder import decoder_parts, head
 from ..registry import register
 from ..layers import matrix, weight_modules
@@ -29,8 +30,9 @@ def gradients(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settin
     data = as_batches(tokens)
     params = [modules[t].weight for t in tensors]
     start, saved, _ = checkpoint.resume() if checkpoint else (0, {}, {})
-    f_acc = [saved.get(f"f::{t}", torch.zeros_like(p, dtype=torch.float32)) for t, p in zip(tensors, params)]
-    g_acc = [saved.get(f"g::{t}", torch.zeros_like(p, dtype=torch.float32)) for t, p in zip(tensors, params)]
+    # the sums live beside their weights (a resumed checkpoint is read on the CPU)
+    f_acc = [saved[f"f::{t}"].to(p.device) if f"f::{t}" in saved else torch.zeros_like(p, dtype=torch.float32) for t, p in zip(tensors, params)]
+    g_acc = [saved[f"g::{t}"].to(p.device) if f"g::{t}" in saved else torch.zeros_like(p, dtype=torch.float32) for t, p in zip(tensors, params)]
     flags = [p.requires_grad for p in params]
 
     def fold(f: torch.Tensor, g: torch.Tensor):
@@ -72,6 +74,7 @@ def loss_backward(model: nn.Module, ids: torch.Tensor, positions: int = 32) -> N
     body's backward once (:mod:`mpsearch.models.decoder`), so the logits of the whole
     sequence never exist at once, nor their gradient. Anything else: the model's own loss.
     """
+    ids = to_model(ids, model)
     parts = decoder_parts(model)
     if parts is None or ids.shape[0] != 1:
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()

@@ -21,10 +21,10 @@ from .base import Checkpoint, Family, PrimitiveSettings, Values
 
 
 class _GramStats:
-    def __init__(self, dim: int) -> None:
-        self.xtx = torch.zeros(dim, dim, dtype=torch.float32)
-        self.diag = torch.zeros(dim, dtype=torch.float64)
-        self.tokens = torch.zeros((), dtype=torch.float64)
+    def __init__(self, dim: int, device=None) -> None:
+        self.xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+        self.diag = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> None:
         x64 = x.double()
@@ -36,9 +36,9 @@ class _GramStats:
         return {"xtx": self.xtx, "diag": self.diag, "tokens": self.tokens}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "_GramStats":
-        s = cls(state["diag"].numel())
-        s.xtx, s.diag, s.tokens = state["xtx"].clone(), state["diag"].clone(), state["tokens"].clone()
+    def from_state(cls, state: dict[str, torch.Tensor], device=None) -> "_GramStats":
+        s = cls(state["diag"].numel(), device)
+        s.xtx, s.diag, s.tokens = (state[k].to(device).clone() for k in ("xtx", "diag", "tokens"))
         return s
 
     def finish(self) -> torch.Tensor:

@@ -96,7 +96,7 @@ def hutchinson(
     start, saved, extra = checkpoint.resume() if checkpoint else (0, {}, {})
     if start:
         sums, sq, done = saved["sums"], saved["sq"], int(extra["done"])
-        diag_acc = [saved[f"diag::{t}"] for t in tensors] if diag else []
+        diag_acc = [saved[f"diag::{t}"].to(p.device) for t, p in zip(tensors, params)] if diag else []
         gen.set_state(saved["generator"])
     try:
         for p in model.parameters():
@@ -118,10 +118,11 @@ def hutchinson(
                 done = probes
             while done < probes:
                 b = min(batch, probes - done)
-                zs = [torch.empty((b, *p.shape), dtype=p.dtype).bernoulli_(0.5, generator=gen).mul_(2).sub_(1) for p in params]
+                # drawn on the CPU (the same probes on every device), then moved beside their weights
+                zs = [torch.empty((b, *p.shape), dtype=p.dtype).bernoulli_(0.5, generator=gen).mul_(2).sub_(1).to(p.device) for p in params]
                 hzs = _hvp(grads, params, zs)
                 for i, (z, hz) in enumerate(zip(zs, hzs)):
-                    vals = (z * hz).reshape(b, -1).sum(1).double() * len(chunks)  # chunk c's share, scaled to the whole
+                    vals = (z * hz).reshape(b, -1).sum(1).double().cpu() * len(chunks)  # chunk c's share, scaled to the whole
                     sums[c, i] += vals.sum()
                     sq[c, i] += (vals * vals).sum()
                     if diag:
@@ -164,14 +165,15 @@ def hutchinson(
 
 
 def _probe(params: list[torch.Tensor], seed: int, k: int) -> list[torch.Tensor]:
-    """Rademacher probe number ``k``, reproducible from ``(seed, k)`` so it need not be stored."""
+    """Rademacher probe number ``k``, reproducible from ``(seed, k)`` so it need not be stored
+    (drawn on the CPU, so every device gets the same probe, and moved beside its weight)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
-    return [torch.empty((1, *p.shape), dtype=p.dtype).bernoulli_(0.5, generator=gen).mul_(2).sub_(1) for p in params]
+    return [torch.empty((1, *p.shape), dtype=p.dtype).bernoulli_(0.5, generator=gen).mul_(2).sub_(1).to(p.device) for p in params]
 
 
 def _double_backward_attention(model: nn.Module) -> str | None:
     """Switch a transformers model to eager attention (SDPA's CPU kernel has no double
-    backward); returns the implementation to restore, or None if nothing changed."""
+    backward, nor have the fused CUDA ones); returns the implementation to restore, or None if nothing changed."""
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     if current in (None, "eager") or not hasattr(model, "set_attn_implementation"):

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..cache import cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
+from ..device import device_parts, model_device
 from ..layers import matrix, set_matrix
 from ..models.batches import TokenBatches, as_batches
 from ..plan import importance_digest
@@ -43,10 +44,13 @@ def measured_kl(model: nn.Module, decisions, tokens: torch.Tensor, weights_key: 
     path = None
     done: dict[tuple[str, str], float] = {}
     if use_cache and weights_key:
-        key = kl_key(weights_key, tokens, pairs, importance)
+        key = kl_key(weights_key, tokens, pairs, importance, device=model_device(model))
         path = cache_dir() / "sensitivity" / f"{key}.json"
         done = _load(path, key, {(t, f.key) for t, f in pairs})
     todo = [(t, f) for t, f in pairs if (t, f.key) not in done]
+    if done and todo:
+        log.info("measured KL: %d of %d (tensor, format) pairs cached by an earlier run; measuring the other %d",
+                 len(pairs) - len(todo), len(pairs), len(todo))
     if todo:
         data = as_batches(tokens)
         if isinstance(data, TokenBatches):  # a decoder: rerun only the layers from the quantized one on
@@ -105,7 +109,7 @@ def _tail_runner(model: nn.Module, tokens: torch.Tensor) -> tuple[Callable[[int]
     handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
-            ref = F.log_softmax(model(input_ids=tokens, use_cache=False).logits[:, :-1].float(), dim=-1)
+            ref = F.log_softmax(model(input_ids=tokens.to(model_device(model)), use_cache=False).logits[:, :-1].float(), dim=-1)
     finally:
         for h in handles:
             h.remove()
@@ -141,14 +145,15 @@ class _Reference:
 SCHEMA = "measured-kl/v1"
 
 
-def kl_key(weights_key: str, tokens: torch.Tensor, pairs, importance: dict[str, torch.Tensor] | None = None) -> str:
+def kl_key(weights_key: str, tokens: torch.Tensor, pairs, importance: dict[str, torch.Tensor] | None = None, device="cpu") -> str:
     """Everything the measured KL depends on: weights, tokens (values, shape), each format's
-    identity, and the importance vectors of the quantizers that read one."""
+    identity, the importance vectors of the quantizers that read one, and the device it was
+    measured on where that is not the CPU (:func:`mpsearch.device.device_parts`)."""
     parts = [weights_key, tokens_hash(tokens), sorted({(t, format_identity(f)) for t, f in pairs}), SCHEMA]
     used = {t: importance[t] for t, f in pairs if importance and t in importance and get_quantizer(f.quantizer).reads_importance(f)}
     if used:
         parts.append(importance_digest(used))
-    return content_key(*parts)
+    return content_key(*parts, *device_parts(device))
 
 
 def _load(path, key: str, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], float]:

@@ -48,14 +48,15 @@ def proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decisio
         for m in d.members:
             w = matrix(modules[m.name]).detach().float()
             base = {"w": w, "numel": float(m.numel)}
-            base.update({name: prims.get(name, m.name) for name in needs & primitive_names()})
+            # the primitives (kept on the CPU) meet the weights on the model's device
+            base.update({name: prims.get(name, m.name).to(w.device) for name in needs & primitive_names()})
             for j, fmt in enumerate(d.formats):
                 dw = quantize(w, fmt, importance.get(m.name)) - w
                 qerr = float((dw.double() ** 2).sum())
                 env = {**base, "dw": dw, "qerr": qerr, "bits": fmt.effective_bits(m.in_features)}
                 if "oerr" in needs:
                     dw64 = dw.double()
-                    env["oerr"] = float(((dw64 @ prims.get("gram", m.name).double()) * dw64).sum())
+                    env["oerr"] = float(((dw64 @ prims.get("gram", m.name).to(dw64.device).double()) * dw64).sum())
                 if "kernel" in env:
                     env["kernel"] = _kernel_at(base["kernel"], fmt)
                 if "kl" in needs:

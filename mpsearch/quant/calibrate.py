@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..device import device_parts, to_model
 from ..format import Format
 from .hooks import attention_of, calib_key
 from .quantizer import get_quantizer
@@ -48,7 +49,7 @@ def calibrate(model: nn.Module, formats: dict[tuple[str, str], list[Format]], to
         from .quantizer import format_identity
 
         key = content_key(weights_key, tokens_hash(tokens), seed, ROWS_PER_WINDOW, SCHEMA,
-                          sorted((n, t, [format_identity(f) for f in fmts]) for (n, t), fmts in todo.items()))
+                          sorted((n, t, [format_identity(f) for f in fmts]) for (n, t), fmts in todo.items()), *device_parts(model))
         path = cache_dir() / "calibration" / f"{key}.bin"
         body = read_entry(path, key, SCHEMA)
         if body is not None:
@@ -65,12 +66,12 @@ def calibrate(model: nn.Module, formats: dict[tuple[str, str], list[Format]], to
     pick: list[torch.Tensor] = []
     modules = dict(model.named_modules())
 
-    def record(site, x: torch.Tensor) -> None:
+    def record(site, x: torch.Tensor) -> None:  # the kept rows go to the CPU: the fits run there, and the result is saved
         r = x.reshape(-1, x.shape[-1])
-        rows[site].append(r[pick[0]].detach().float().clone())
+        rows[site].append(r[pick[0].to(r.device)].detach().float().clone().cpu())
         positions[site].append(pick[0] % x.shape[-2])
         if site in wants and x.requires_grad:  # only sites whose formats weight their fit by sensitivity
-            x.register_hook(lambda g: grad_rows[site].append(g.reshape(-1, g.shape[-1])[pick[0]].float().clone()))
+            x.register_hook(lambda g: grad_rows[site].append(g.reshape(-1, g.shape[-1])[pick[0].to(g.device)].float().clone().cpu()))
 
     def pre_hook(site):
         return lambda m, args: record(site, args[0])
@@ -90,7 +91,7 @@ def calibrate(model: nn.Module, formats: dict[tuple[str, str], list[Format]], to
     model.eval()
     try:
         for ids in tqdm(tokens, desc="calibrate activations / KV", disable=not progress, unit="window"):
-            ids = ids.reshape(1, -1)
+            ids = to_model(ids.reshape(1, -1), model)
             n = ids.numel()
             pick[:] = [torch.randperm(n, generator=gen)[: min(ROWS_PER_WINDOW, n)].sort().values]
             if grads:

@@ -283,7 +283,7 @@ def _iq4_index(x: torch.Tensor, dl: torch.Tensor) -> torch.Tensor:
 
 
 def _iq4_nl_decode(c):
-    return c["d"].float() * IQ4_VALUES[c["q"].long()]
+    return c["d"].float() * IQ4_VALUES.to(c["q"].device)[c["q"].long()]
 
 
 def _iq4_xs(x, imp):
@@ -299,7 +299,7 @@ def _iq4_xs(x, imp):
 
 
 def _iq4_xs_decode(c):
-    return (c["d"].float() * c["ls"].float()).repeat_interleave(32, 1) * IQ4_VALUES[c["q"].long()]
+    return (c["d"].float() * c["ls"].float()).repeat_interleave(32, 1) * IQ4_VALUES.to(c["q"].device)[c["q"].long()]
 
 
 def _pack_iq4_nl(c):
@@ -353,7 +353,7 @@ def _blocks(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None):
     if importance is not None:
         if importance.shape != (in_f,):
             raise FormatError(f"importance must have shape ({in_f},), got {tuple(importance.shape)}")
-        imp = importance.detach().to(torch.float32).clamp_min(0).reshape(1, -1).expand(out_f, in_f).reshape(-1, t.block)
+        imp = importance.detach().to(device=x.device, dtype=torch.float32).clamp_min(0).reshape(1, -1).expand(out_f, in_f).reshape(-1, t.block)
     return t, x, imp
 
 
@@ -366,9 +366,10 @@ def encode(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None)
 
 
 def pack(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None) -> np.ndarray:
-    """GGML bytes of ``w``, ``[out, in / block * type_size]`` uint8, as a GGUF tensor stores them."""
+    """GGML bytes of ``w``, ``[out, in / block * type_size]`` uint8, as a GGUF tensor stores them
+    (encoded on ``w``'s device, packed on the CPU)."""
     t = TYPES[fmt.quantizer]
-    return t.pack(encode(w, fmt, importance)).reshape(w.shape[0], -1)
+    return t.pack({k: v.cpu() for k, v in encode(w, fmt, importance).items()}).reshape(w.shape[0], -1)
 
 
 def _quantize(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None) -> torch.Tensor:

@@ -44,9 +44,9 @@ def _nearest(cross: torch.Tensor, wg2: torch.Tensor, scale: torch.Tensor) -> tor
     return torch.addcmul(cross, scale.unsqueeze(-1), wg2, value=-0.5).argmax(-1)
 
 
-def _fit(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum w a q`` and ``sum w q^2`` per sub-block for the chosen points (``a, w: [M, 8, 4]``)."""
-    q = GRID[idx]
+def _fit(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, grid: torch.Tensor = GRID) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum w a q`` and ``sum w q^2`` per sub-block for the chosen points (``a, w: [M, 8, 4]``; ``grid`` on their device)."""
+    q = grid[idx]
     return (w * a * q).sum((1, 2)), (w * q * q).sum((1, 2))
 
 
@@ -60,33 +60,34 @@ def encode(x: torch.Tensor, imp: torch.Tensor | None) -> Codes:
         w = x * x
     a = x.abs().reshape(n * 8, 8, 4)
     w = w.reshape(n * 8, 8, 4)
-    cross = (w * a) @ GRID.T  # [M, 8, 512]
-    wg2 = w @ (GRID * GRID).T
+    grid = GRID.to(x.device)
+    cross = (w * a) @ grid.T  # [M, 8, 512]
+    wg2 = w @ (grid * grid).T
     mx = a.amax((1, 2))
     safe = torch.where(mx > 0, mx, torch.ones_like(mx))
     best = torch.full_like(mx, -1.0)
-    idx = torch.zeros(a.shape[:2], dtype=torch.long)
+    idx = torch.zeros(a.shape[:2], dtype=torch.long, device=x.device)
     scale = torch.zeros_like(mx)
     for t in TRIALS:
         trial = _nearest(cross, wg2, (safe / t).unsqueeze(-1))
-        sqx, sq2 = _fit(a, w, trial)
+        sqx, sq2 = _fit(a, w, trial, grid)
         score = torch.where(sq2 > 0, sqx * sqx / sq2.clamp_min(1e-30), torch.zeros_like(sq2))
         better = score > best
         best = torch.where(better, score, best)
         idx = torch.where(better.unsqueeze(-1), trial, idx)
         scale = torch.where(better, sqx / sq2.clamp_min(1e-30), scale)
     again = _nearest(cross, wg2, torch.where(scale > 0, scale, safe / 15).unsqueeze(-1))  # once more at the fitted scale
-    sqx, sq2 = _fit(a, w, again)
+    sqx, sq2 = _fit(a, w, again, grid)
     score = torch.where(sq2 > 0, sqx * sqx / sq2.clamp_min(1e-30), torch.zeros_like(sq2))
     better = score > best
     idx = torch.where(better.unsqueeze(-1), again, idx)
-    sqx, sq2 = _fit(a, w, idx)
+    sqx, sq2 = _fit(a, w, idx, grid)
     scale = torch.where(sq2 > 0, sqx / sq2.clamp_min(1e-30), torch.zeros_like(sq2)).clamp_min(0).reshape(n, 8)
     sqx, sq2 = sqx.reshape(n, 8), sq2.reshape(n, 8)
 
     # the super-block scale: the candidate whose rounded 4-bit scales fit best
     top = scale.amax(1, keepdim=True)
-    d = (top / 31 * D_FACTORS.view(1, -1)).clamp(max=65504.0).to(torch.float16).float()  # [n, 31]
+    d = (top / 31 * D_FACTORS.to(x.device).view(1, -1)).clamp(max=65504.0).to(torch.float16).float()  # [n, 31]
     dsafe = torch.where(d > 0, d, torch.ones_like(d))
     lev = (0.5 * (scale.unsqueeze(1) / dsafe.unsqueeze(-1) - 1)).round().clamp(0, 15)  # [n, 31, 8]
     db = d.unsqueeze(-1) * (1 + 2 * lev)
@@ -101,8 +102,9 @@ def decode(c: Codes) -> torch.Tensor:
     """gguf-py's order: ``(d * (1 + 2 l)) * grid * sign`` in float32."""
     n = c["d"].shape[0]
     db = (c["d"].float().unsqueeze(1) * (1 + 2 * c["l"].float())).repeat_interleave(32, 1)
-    g = GRID[c["idx"].long()].reshape(n, 256)
-    sign = torch.where(c["neg"], torch.tensor(-1.0), torch.tensor(1.0))
+    dev = c["idx"].device
+    g = GRID.to(dev)[c["idx"].long()].reshape(n, 256)
+    sign = torch.where(c["neg"], torch.tensor(-1.0, device=dev), torch.tensor(1.0, device=dev))
     return db * g * sign
 
 

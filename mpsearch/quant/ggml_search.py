@@ -31,7 +31,7 @@ def symmetric(x: torch.Tensor, w: torch.Tensor, nmax: int, lo: int, hi: int, ste
     """Scale per block (``[N, 1]``, signed) for codes in ``[lo, hi]``; codes are then
     ``round(x / scale)``. Candidates ``-(nmax + step*k) / signed_absmax`` for ``|k| <= steps``."""
     mx = signed_absmax(x)
-    ks = torch.arange(-steps, steps + 1, dtype=torch.float32).view(-1, 1, 1)
+    ks = torch.arange(-steps, steps + 1, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     safe = torch.where(mx == 0, torch.ones_like(mx), mx)
     iscale = -(nmax + step * ks) / safe  # [K, N, 1]
     l = (iscale * x).round().clamp(lo, hi)
@@ -55,7 +55,7 @@ def asymmetric(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     mx = x.amax(-1, keepdim=True)
     rng = mx - mn
     safe = torch.where(rng > 0, rng, torch.ones_like(rng))
-    ks = torch.cat([torch.zeros(1), rmin + rdelta * torch.arange(nstep + 1, dtype=torch.float32)]).view(-1, 1, 1)
+    ks = torch.cat([torch.zeros(1, device=x.device), rmin + rdelta * torch.arange(nstep + 1, dtype=torch.float32, device=x.device)]).view(-1, 1, 1)
     iscale = (nmax + ks) / safe  # candidate 0 is the naive nmax / range
     l = ((x - mn) * iscale).round().clamp(0, nmax)  # [K, N, B]
     sw, sx = w.sum(-1), (w * x).sum(-1)
@@ -80,6 +80,7 @@ def asymmetric(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
 
 def nearest(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Index of the nearest entry of the sorted codebook ``values`` for each element of ``x``."""
+    values = values.to(x.device)
     mids = (values[1:] + values[:-1]) / 2
     return torch.bucketize(x, mids)
 
@@ -88,9 +89,10 @@ def codebook(x: torch.Tensor, w: torch.Tensor, values: torch.Tensor, ntry: int =
     """Scale per block (``[N, 1]``) for a non-uniform codebook ``values`` (IQ4_NL's):
     candidates ``(|v_0| + t) / max`` of both signs for ``|t| <= ntry``, each with its
     best fitted scale."""
+    values = values.to(x.device)
     mx = signed_absmax(x)
     safe = torch.where(mx == 0, torch.ones_like(mx), mx)
-    t = torch.arange(-ntry, ntry + 1, dtype=torch.float32)
+    t = torch.arange(-ntry, ntry + 1, dtype=torch.float32, device=x.device)
     ks = torch.cat([-(t + values[0].abs()), t + values[0].abs()]).view(-1, 1, 1)
     iscale = ks / safe  # [K, N, 1]
     q = values[nearest(values, iscale * x)]

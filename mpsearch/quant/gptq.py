@@ -77,7 +77,7 @@ def quantize_gptq(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None 
     clip = bool(p.get("clip", True))
     g = fmt.group_len(in_f)
     W = w.detach().to(torch.float64).clone()
-    H = importance.detach().to(torch.float64).clone()
+    H = importance.detach().to(device=W.device, dtype=torch.float64).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -85,9 +85,9 @@ def quantize_gptq(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None 
     diag = torch.diag(H).float()
     imp = (lambda j: diag[j:j + g]) if clip else (lambda j: None)
     static = [_group_params(W[:, j:j + g].float(), fmt, imp(j)) for j in range(0, in_f, g)] if act_order else None
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     # the factorisation in float64, the column sweep in float32 as the reference implementation does (2-3x faster)
     W, Hinv = W.float(), Hinv.float()
@@ -96,7 +96,7 @@ def quantize_gptq(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None 
     order = perm.tolist()
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
-        W1, Err = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, dtype=W.dtype)
+        W1, Err = W[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, dtype=W.dtype, device=W.device)
         for i in range(i2 - i1):
             col = order[i1 + i]  # the column's original index decides its group
             if act_order:

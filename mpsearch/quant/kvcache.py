@@ -144,7 +144,7 @@ def calibrate_kvquant(x: torch.Tensor, g: torch.Tensor | None, fmt: Format, head
     if _p(fmt, "nuq", False):
         z, _, _, mask, _ = _normalise(x, fmt, out, head_dim, target)
         keep = ~mask.reshape(-1)
-        w = (g.reshape(-1).to(torch.float32) ** 2) if g is not None else torch.ones(z.numel())
+        w = (g.reshape(-1).to(device=z.device, dtype=torch.float32) ** 2) if g is not None else torch.ones(z.numel(), device=z.device)
         out["codebook"] = weighted_kmeans(z.reshape(-1)[keep].clamp(-1, 1), w[keep], 2 ** fmt.bits)
     return out
 

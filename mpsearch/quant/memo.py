@@ -27,7 +27,7 @@ from .quantizer import format_identity
 def _digest(t: torch.Tensor | None) -> str:
     if t is None:
         return ""
-    return hashlib.sha256(t.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
 class QuantMemo:
@@ -48,6 +48,8 @@ class QuantMemo:
         self.misses += 1
         t0 = time.perf_counter()
         q = quantize(w, fmt, importance)
+        if q.device.type == "cuda":  # time the work, not its launch
+            torch.cuda.synchronize(q.device)
         size = q.numel() * q.element_size()
         if time.perf_counter() - t0 >= self.min_seconds and size <= self.max_bytes:
             self._items[key] = q

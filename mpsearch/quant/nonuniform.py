@@ -39,6 +39,7 @@ def _fp16(t: torch.Tensor) -> torch.Tensor:
 
 def _snap(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """``x`` (groups along the last axis) to ``scale * nearest level``, scale the group's fp16 absmax."""
+    levels = levels.to(x.device)
     scale = _fp16(x.abs().amax(-1, keepdim=True))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return levels[nearest(levels, x / scale)] * scale
@@ -113,7 +114,7 @@ def quantize_kmeans(w, fmt, importance=None, iterations: int = 12):
     srt, idx = rows.sort(-1)
     cw = wts.gather(-1, idx).cumsum(-1)
     cw = cw / cw[:, -1:]
-    probs = (torch.arange(k, dtype=torch.float32) + 0.5) / k
+    probs = (torch.arange(k, dtype=torch.float32, device=x.device) + 0.5) / k
     cent = srt.gather(-1, torch.searchsorted(cw, probs.expand(len(rows), k).contiguous()).clamp(max=rows.shape[-1] - 1))
     for _ in range(iterations):
         cent = cent.sort(-1).values

@@ -45,9 +45,9 @@ def suffix(fmt: Format) -> str:
 def dense_and_sparse(fn: Callable, w: torch.Tensor, fmt: Format, importance: torch.Tensor | None) -> torch.Tensor:
     """``fn`` on the dense part; the outliers back at their fp16 values."""
     x = w.detach().to(torch.float32)
-    sal = x.abs() if importance is None else x.abs() * importance.detach().float().clamp_min(0).sqrt().reshape(1, -1)
+    sal = x.abs() if importance is None else x.abs() * importance.detach().to(x.device).float().clamp_min(0).sqrt().reshape(1, -1)
     k = min(x.numel(), math.ceil(fraction(fmt) * x.numel()))
-    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
     mask[sal.reshape(-1).topk(k).indices] = True
     mask = mask.reshape(x.shape)
     dense = fn(torch.where(mask, torch.zeros_like(x), x), fmt, importance)

@@ -77,6 +77,9 @@ class Quantizer:
             raise FormatError(f"{kind} {self.name} quantization needs at least {least} bits, got {fmt.bits}")
 
     def __call__(self, w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """``w`` fake-quantized, on ``w``'s device (importance vectors, kept on the CPU, are moved there)."""
+        if importance is not None:
+            importance = importance.to(w.device)
         if importance is not None and importance.dim() == 2 and self.importance_kind == "columns":
             importance = importance.diagonal()  # the Gram matrix's diagonal is the imatrix
         if outliers.fraction(fmt):
@@ -167,10 +170,10 @@ def groups_of(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None, nam
     g = fmt.group_len(in_f)
     x = w.detach().to(torch.float32).reshape(out_f, in_f // g, g)
     if importance is None:
-        return x, torch.ones(1, in_f // g, g)
+        return x, torch.ones(1, in_f // g, g, device=x.device)
     if importance.shape != (in_f,):
         raise FormatError(f"importance must have shape ({in_f},), got {tuple(importance.shape)}")
-    return x, importance.detach().to(torch.float32).clamp_min(0).reshape(1, in_f // g, g) + 1e-12
+    return x, importance.detach().to(device=x.device, dtype=torch.float32).clamp_min(0).reshape(1, in_f // g, g) + 1e-12
 
 
 def get_quantizer(name: str) -> Quantizer:

@@ -62,11 +62,11 @@ def _rtn_groups(x: torch.Tensor, fmt: Format, ratio: float) -> torch.Tensor:
     """RTN of groups ``x [.., g]`` with the range shrunk by ``ratio``."""
     if fmt.symmetric:
         qmax = 2 ** (fmt.bits - 1) - 1
-        scale = _fp16(torch.where(x.abs().amax(-1, keepdim=True) > 0, x.abs().amax(-1, keepdim=True) * ratio / qmax, torch.ones(1)))
+        scale = _fp16(torch.where(x.abs().amax(-1, keepdim=True) > 0, x.abs().amax(-1, keepdim=True) * ratio / qmax, torch.ones(1, device=x.device)))
         return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
     qmax = 2**fmt.bits - 1
     lo, hi = x.amin(-1, keepdim=True) * ratio, x.amax(-1, keepdim=True) * ratio
-    scale = _fp16(torch.where(hi > lo, (hi - lo) / qmax, torch.ones(1)))
+    scale = _fp16(torch.where(hi > lo, (hi - lo) / qmax, torch.ones(1, device=x.device)))
     lo = _fp16(lo)
     return torch.clamp(torch.round((x - lo) / scale), 0, qmax) * scale + lo
 

@@ -1,0 +1,1 @@
+"""Programs the crash tests run as real processes (and kill with SIGKILL)."""
