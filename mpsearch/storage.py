@@ -59,9 +59,11 @@ def open_storage(url: str | Path, heartbeat: int = HEARTBEAT_S, max_retry: int =
         return HeartbeatJournal(url, heartbeat, heartbeat * GRACE_FACTOR, retry)
     if str(url).startswith("postgresql"):
         _require_driver(str(url))
-    return optuna.storages.RDBStorage(str(url), heartbeat_interval=heartbeat, grace_period=heartbeat * GRACE_FACTOR,
-                                      heartbeat_stale_trial_callback=retry,
-                                      engine_kwargs={"pool_pre_ping": True} if not str(url).startswith("sqlite") else None)
+    with warnings.catch_warnings():  # heartbeat_interval is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(str(url), heartbeat_interval=heartbeat, grace_period=heartbeat * GRACE_FACTOR,
+                                          heartbeat_stale_trial_callback=retry,
+                                          engine_kwargs={"pool_pre_ping": True} if not str(url).startswith("sqlite") else None)
 
 
 def _require_driver(url: str) -> None:

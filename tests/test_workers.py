@@ -114,7 +114,7 @@ def test_two_workers_drawing_the_same_plans_at_once_measure_each_plan_once(stora
         finish(w)
     df = study_table(storage_url)
     done = [k for _, w, k in log_lines(log) if w == "done"]
-    assert len(done) == len(set(done)) and {p for p, _, _ in log_lines(log)} == {w.pid for w in workers}
+    assert len(done) == len(set(done))  # which worker measures is a race; that no plan is measured twice is not
     measured = df[(df.state == "COMPLETE") & df.measured]
     assert set(measured.plan_hash) == set(done) and measured.duplicate.astype(bool).sum() == len(measured) - len(done) > 0
     space = toy_space(2)
