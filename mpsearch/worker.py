@@ -49,8 +49,10 @@ def run_worker(storage: str | Path, study_name: str = "mpsearch", *, threads: in
     from .evolution import open_study, original, run_trials, study_config, trials_table, write_outputs
     from .search import config_from_dict
     from .session import Session
-    from .storage import HEARTBEAT_S, open_storage
+    from .storage import HEARTBEAT_S, is_database, open_storage
 
+    if not is_database(storage) and not Path(storage).is_file():
+        raise FileNotFoundError(f"no study journal at {storage}: give the file `mpsearch evolve --storage` wrote (default OUT/study.log)")
     store = open_storage(storage, heartbeat or HEARTBEAT_S)
     study, info = load_study_info(store, study_name)
     overrides = {"threads": threads, "progress": progress, "use_cache": use_cache}

@@ -123,6 +123,22 @@ def test_two_workers_drawing_the_same_plans_at_once_measure_each_plan_once(stora
     assert (df.state == "COMPLETE").sum() >= 20
 
 
+def test_a_worker_given_a_missing_journal_fails_naming_it_and_creates_nothing(tmp_path):
+    from mpsearch.cli import main
+
+    path = tmp_path / "nothing" / "study.log"
+    assert main(["worker", "--storage", str(path)]) == 2
+    assert not path.parent.exists()
+
+
+def test_a_worker_on_a_study_evolve_did_not_make_is_refused(tmp_path):
+    from mpsearch.worker import run_worker
+
+    toy_study(str(tmp_path / "s.log"), trials=2)
+    with pytest.raises(ValueError, match="no study 'mpsearch'.*holds: toy"):
+        run_worker(tmp_path / "s.log", "mpsearch")
+
+
 # ---------------------------------------------------------------- mpsearch worker on the real model
 @pytest.mark.real
 def test_mpsearch_workers_share_one_postgresql_study(postgres_url, tmp_path):
