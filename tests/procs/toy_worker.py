@@ -40,7 +40,6 @@ def main() -> int:
 
     from mpsearch.evolution import open_study, run_trials, study_config
     from mpsearch.storage import open_storage
-    from mpsearch.worker import load_study_info  # noqa: F401 - the module a real worker runs
 
     import optuna
 
