@@ -16,13 +16,17 @@ Three rules make a cache tell the truth:
 """
 from __future__ import annotations
 
+import atexit
+import errno
 import hashlib
 import io
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -39,10 +43,91 @@ class CacheEntryError(ValueError):
 
 
 def cache_dir() -> Path:
-    """``$MPSEARCH_CACHE`` or ``~/.cache/mpsearch``."""
-    d = Path(os.environ.get("MPSEARCH_CACHE", Path.home() / ".cache" / "mpsearch"))
-    d.mkdir(parents=True, exist_ok=True)
+    """``$MPSEARCH_CACHE`` or ``~/.cache/mpsearch`` (made if missing and possible; see :func:`cache_writable`)."""
+    d = Path(os.environ.get("MPSEARCH_CACHE", Path.home() / ".cache" / "mpsearch")).absolute()
+    if not d.is_dir() and str(d) not in _UNWRITABLE:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            not_writable(d, e)
     return d
+
+
+# ---------------------------------------------------------------- a cache that cannot be written
+#: caches this process found it cannot write (read-only, no permission, full), with the reason
+_UNWRITABLE: dict[str, str] = {}
+_PROBED: set[str] = set()
+#: errnos that mean "no room or no right to write here" rather than a bug
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def not_writable(root: Path, e: OSError) -> None:
+    """Say once, in one line, that the cache ``root`` cannot be written; nothing more is written there."""
+    if str(root) not in _UNWRITABLE:
+        _UNWRITABLE[str(root)] = e.strerror or str(e)
+        what = "full" if e.errno in NO_SPACE else "not writable"
+        log.warning("cache %s is %s (%s): this run reads what it holds and goes on without caching", root, what, e.strerror or e)
+
+
+def cache_writable() -> bool:
+    """Whether this process may write into the cache (a real try, once per cache folder)."""
+    d = cache_dir()
+    if str(d) not in _PROBED and str(d) not in _UNWRITABLE:
+        _PROBED.add(str(d))
+        try:
+            fd, probe = tempfile.mkstemp(dir=d, prefix=".probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            not_writable(d, e)
+    return str(d) not in _UNWRITABLE
+
+
+def cache_write(path: Path, write: Callable[[Path], Any]) -> Path | None:
+    """``write(tmp)`` into a temporary sibling of ``path`` in the cache, then rename: ``path``, or None
+    when the cache cannot take it (read-only or full: said once, the temporary file removed). A path
+    outside the cache (a scratch folder) is written the same way, and its errors are raised."""
+    ours = cache_dir() in path.absolute().parents
+    if ours and not cache_writable():
+        return None
+    tmp = None
+    try:
+        tmp = atomic_path(path)
+        write(tmp)
+        os.replace(tmp, path)
+        return path
+    except OSError as e:
+        if not ours or e.errno not in NO_SPACE | NOT_WRITABLE:
+            raise
+        not_writable(cache_dir(), e)
+        return None
+    finally:
+        if tmp is not None:
+            remove(tmp)
+
+
+def remove(path: Path) -> None:
+    """Remove a file or folder if it is there and can be removed (a read-only cache keeps it)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+_SCRATCH: list[Path] = []
+
+
+def scratch_dir() -> Path:
+    """A folder in the system's temporary space for this process, removed when it exits: where a
+    converted model or fetched data go when the cache cannot take them."""
+    if not _SCRATCH:
+        _SCRATCH.append(Path(tempfile.mkdtemp(prefix="mpsearch-scratch-")))
+        atexit.register(shutil.rmtree, _SCRATCH[0], ignore_errors=True)
+    return _SCRATCH[0]
 
 
 def content_key(*parts: Any) -> str:
@@ -68,14 +153,13 @@ def atomic_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    tmp = atomic_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+def _write_synced(data: bytes) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return write
 
 
 def sha256(data: bytes) -> str:
@@ -83,19 +167,16 @@ def sha256(data: bytes) -> str:
 
 
 def discard(path: Path, reason: str) -> None:
-    """Log that the entry at ``path`` is unusable, and remove it (a file or a folder)."""
+    """Log that the entry at ``path`` is unusable, and remove it (a file or a folder) where the cache allows."""
     log.warning("cache entry %s is unusable (%s); removed, recomputing", path, reason)
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    remove(path)
 
 
 # ---------------------------------------------------------------- checksummed entries
-def write_entry(path: Path, body: bytes, key: str, schema: str) -> Path:
-    """One header line (schema, key, SHA-256 and length of the body), then the body."""
+def write_entry(path: Path, body: bytes, key: str, schema: str) -> Path | None:
+    """One header line (schema, key, SHA-256 and length of the body), then the body (None: the cache cannot take it)."""
     header = {"format": CACHE_FORMAT, "schema": schema, "key": key, "sha256": sha256(body), "bytes": len(body)}
-    return atomic_write_bytes(path, json.dumps(header).encode() + b"\n" + body)
+    return cache_write(path, _write_synced(json.dumps(header).encode() + b"\n" + body))
 
 
 def read_entry(path: Path, key: str, schema: str) -> bytes | None:
@@ -199,6 +280,38 @@ def _check_metadata(meta: dict, key: str) -> None:
         raise CacheEntryError(f"written for key {meta.get('key')}, expected {key}")
 
 
+def files_digest(folder: Path, skip: Iterable[str] = ()) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (by path relative to it), but those in ``skip``."""
+    skip = set(skip)
+    return {str(p.relative_to(folder)): sha256(p.read_bytes()) for p in sorted(folder.rglob("*"))
+            if p.is_file() and str(p.relative_to(folder)) not in skip}
+
+
+def check_files(folder: Path, recorded: str | None, skip: Iterable[str] = ()) -> None:
+    """Raise :class:`CacheEntryError` naming the first file under ``folder`` that differs from the
+    digests ``recorded`` (JSON of :func:`files_digest`): edited, added or removed."""
+    if recorded is None:
+        raise CacheEntryError("it records no checksums of its other files")
+    want, have = json.loads(recorded), files_digest(folder, skip)
+    for name in sorted(set(want) | set(have)):
+        if want.get(name) != have.get(name):
+            what = "missing" if name not in have else "not written by mpsearch" if name not in want else "altered"
+            raise CacheEntryError(f"{name} is {what} since it was cached")
+
+
+def read_tensors_metadata(path: Path, key: str) -> dict[str, str]:
+    """The metadata of a safetensors entry written for ``key`` (:class:`CacheEntryError` otherwise)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types for truncated or garbled files
+        raise CacheEntryError(f"{type(e).__name__}: {e}") from None
+    _check_metadata(meta, key)
+    return meta
+
+
 def load_tensors_into(path: Path, key: str, into: dict) -> set[str]:
     """Copy a checked safetensors entry tensor by tensor into the tensors of ``into`` (e.g. a
     model's ``state_dict()``), so a model is never held twice; returns the names loaded.
@@ -231,15 +344,22 @@ def load_tensors_into(path: Path, key: str, into: dict) -> set[str]:
     return set(names)
 
 
-def save_tensors(path: Path, state: dict, key: str, metadata: dict[str, str] | None = None) -> Path:
-    """safetensors with the key and a digest of every tensor in its metadata, written atomically."""
+def save_tensors(path: Path, state: dict, key: str, metadata: dict[str, str] | None = None) -> Path | None:
+    """safetensors with the key and a digest of every tensor in its metadata, written atomically
+    (None: the cache cannot take it)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    tmp = atomic_path(path)
-    meta = {**(metadata or {}), "format": CACHE_FORMAT, "key": key, "sha256": tensors_digest(state)}
-    save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    def write(tmp: Path) -> None:  # the digest is computed only when there is somewhere to write
+        meta = {**(metadata or {}), "format": CACHE_FORMAT, "key": key, "sha256": tensors_digest(state)}
+        try:
+            save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=meta)
+        except SafetensorError as e:  # its I/O errors come as text: "I/O error: No space left on device (os error 28)"
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(tmp)) from None
+    return cache_write(path, write)
 
 
 def load_tensors(path: Path, key: str) -> dict | None:

@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .files import check_out_dir, check_out_file, prepare_out_dir
 from .models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 
 
@@ -56,7 +57,16 @@ def _search(a: argparse.Namespace) -> int:
     for line in res.summary.get("warnings", []):
         print(f"warning: {line}")
     print(f"\nplans: {res.out_dir / 'plans'}\nresults: {res.out_dir / 'results.csv'}\nreport: {res.out_dir / 'report.html'}")
-    return 0
+    return _finite_or_fail(a.cmd, res.summary.get("nonfinite", []), f"; every output is written to {res.out_dir}")
+
+
+def _finite_or_fail(cmd: str, bad: list[str], note: str = "") -> int:
+    """Exit 1, with one line naming them, when a measured figure is NaN or infinite: a NaN result never exits 0."""
+    if not bad:
+        return 0
+    print(f"mpsearch {cmd}: error: measured NaN or infinite quality for {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "")
+          + f" (the model's outputs overflow with this plan, or without it){note}", file=sys.stderr)
+    return 1
 
 
 def _profile_device(a: argparse.Namespace) -> int:
@@ -72,6 +82,8 @@ def _profile_device(a: argparse.Namespace) -> int:
     if resolve_device(a.device).type != "cpu":  # the hooks read a host clock: on a GPU they would time kernel launches
         raise ValueError(f"--device {a.device}: profile-device times kernels on the CPU only (its timers read a host clock, which "
                          "on a GPU times kernel launches, not kernels); use --device cpu")
+    if a.out:
+        check_out_dir(a.out)
     torch.set_num_threads(a.threads)
     hw = local_hardware(refresh=a.no_cache)
     print(f"{hw.description}: " + ", ".join(f"{k} {v / 1e9:.1f} GOPS" for k, v in hw.peak.items()) + f", bandwidth {hw.bandwidth / 1e9:.1f} GB/s")
@@ -83,8 +95,7 @@ def _profile_device(a: argparse.Namespace) -> int:
     print(best.pivot_table(index="format", columns=["tokens", "in_features", "out_features"], values="ms").round(3).to_string())
     print(f"fixed part: decode {table.fixed['decode_ms']:.2f} ms at {a.context} tokens, prefill {table.fixed['prefill_ms']:.1f} ms")
     if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = prepare_out_dir(a.out)
         table.rows.to_csv(out / "kernels.csv", index=False)
         (out / "fixed.json").write_text(json.dumps({**table.fixed, "machine": table.machine, "model": a.model}, indent=1))
         write_hardware(hw, out / "hardware.toml")
@@ -97,6 +108,7 @@ def _report(a: argparse.Namespace) -> int:
 
     if not (Path(a.run) / "results.csv").is_file():
         raise FileNotFoundError(f"{a.run} holds no results.csv: give a search's output folder")
+    check_out_file(Path(a.run) / "report.html", "run folder")
     print(write_report(Path(a.run)))
     return 0
 
@@ -111,6 +123,7 @@ def _evolve(a: argparse.Namespace) -> int:
         raise ValueError("evolve seeds from one proxy's front; give a single --proxy")
     evo = EvolutionConfig(trials=a.trials, population=a.population, objective=a.objective, min_bits=lo, max_bits=hi, seed=a.seed,
                           study_name=a.study_name)
+    check_out_dir(a.out)
     if a.storage and "://" in a.storage:
         from .storage import open_storage
 
@@ -127,6 +140,8 @@ def _evolve(a: argparse.Namespace) -> int:
 def _worker(a: argparse.Namespace) -> int:
     from .worker import run_worker
 
+    if a.out:
+        check_out_dir(a.out)
     df = run_worker(a.storage, a.study, threads=a.threads, device=getattr(a, "device", None), progress=not a.quiet,
                     use_cache=not a.no_cache, heartbeat=a.heartbeat, sampler_seed=a.seed, out_dir=a.out)
     print(trial_summary(df))
@@ -165,6 +180,7 @@ def _heatmap(a: argparse.Namespace) -> int:
     from .plan import Plan
     from .report import bit_heatmap
 
+    check_out_file(a.out)
     plan = Plan.load(a.plan)
     in_features = None
     if a.model:
@@ -195,9 +211,7 @@ def _apply(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
     torch.set_num_threads(a.threads)
     plan = Plan.load(a.plan)
-    out = Path(a.out)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
-        raise ValueError(f"--out {out} is a folder with other files in it; give a new or empty folder")
+    out = check_out_dir(a.out, marker=APPLIED_MARKER)  # never over a folder of someone else's (their own checkpoint, say)
     if plan.runtime_formats():
         (n, t), f = next(iter(plan.runtime_formats().items()))
         raise ValueError(f"tensors[{n!r}].{t}: {f.key} quantizes a run-time tensor, which a saved model folder cannot carry "
@@ -217,7 +231,11 @@ def save_model_dir(lm, out: Path, plan_path: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lm.model.save_pretrained(out, safe_serialization=True)
     lm.tokenizer.save_pretrained(out)
-    (out / "mpsearch_plan.txt").write_text(f"fake-quantized (dequantized) weights of plan {plan_path}\n")
+    (out / APPLIED_MARKER).write_text(f"fake-quantized (dequantized) weights of plan {plan_path}\n")
+
+
+#: what ``apply`` leaves in the model folders it writes (and what lets it write there again)
+APPLIED_MARKER = "mpsearch_plan.txt"
 
 
 def _export(a: argparse.Namespace) -> int:
@@ -228,6 +246,7 @@ def _export(a: argparse.Namespace) -> int:
 
     if resolve_device(a.device).type != "cpu":  # checked like every model command's, then said what it means here
         logging.getLogger(__name__).info("export encodes on the CPU whatever --device says: the file's bytes do not depend on the machine")
+    check_out_file(a.out)
     torch.set_num_threads(a.threads)
     options = {"full_type": a.full_type} if a.to == "gguf" else {}
     if a.nearest:
@@ -250,7 +269,8 @@ def _eval(a: argparse.Namespace) -> int:
                         progress=not a.quiet, space=a.space, all_tensors=a.all_tensors, context=a.context, decode=a.decode,
                         device=a.device)
     print(json.dumps(res, indent=1))
-    return 0
+    q = res["plan"]
+    return _finite_or_fail(a.cmd, [] if all(math.isfinite(q[k]) for k in ("ppl", "kl", "nll")) else [str(a.plan)])
 
 
 def _leaderboard(a: argparse.Namespace) -> int:
@@ -259,6 +279,7 @@ def _leaderboard(a: argparse.Namespace) -> int:
 
     from .proxies import load_proxy
 
+    check_out_file(Path(f"{a.out}.csv"))
     proxies = a.proxies or list_proxies()
     evolved = {n for n in (load_proxy(p).name for p in proxies) if n.startswith("emq_")}  # the GP names its proxies emq_*
     board = run(a.ground_truth, proxies, a.out, a.budgets or [], a.boot, evolved, progress=not a.quiet, device=a.device)
@@ -273,6 +294,8 @@ def _evolve_proxy(a: argparse.Namespace) -> int:
     from .groundtruth import load_ground_truth
     from .leaderboard import held_out, session_for
 
+    check_out_file(a.out)
+    check_out_file(a.checkpoint, "--checkpoint")
     gt, meta = load_ground_truth(a.ground_truth)
     session = session_for(meta, [], measure=False, progress=not a.quiet, extra=term_proxies(), device=a.device)
     problem = Problem.from_session(session, gt)
@@ -530,11 +553,29 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(a, "budget", 1) is None:
         a.budget = ["uniform:3"]
     logging.basicConfig(level=logging.WARNING if getattr(a, "quiet", False) else logging.INFO, format="%(message)s")
+    if getattr(a, "quiet", False):
+        _quiet_libraries()
     try:
         return a.func(a)
     except user_errors() as e:  # bad input: one line naming the problem; crashes keep their traceback
         print(f"mpsearch {a.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or a folder it may not write: one line naming the place, not a traceback
+        from .cache import NO_SPACE, NOT_WRITABLE
+
+        if e.errno not in NO_SPACE | NOT_WRITABLE:
+            raise
+        print(f"mpsearch {a.cmd}: error: {e.strerror}: {e.filename or 'a file it writes'}", file=sys.stderr)
+        return 1
+
+
+def _quiet_libraries() -> None:
+    """``--quiet`` silences the progress bars of the libraries too (transformers' model loading, GGUF conversion)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is first imported
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -44,15 +44,22 @@ class _Spill:
     """An append-only temporary file of fp16 arrays, read back in the order written."""
 
     def __init__(self) -> None:
-        from .cache import cache_dir
+        from .cache import cache_dir, cache_writable
 
-        self.file = tempfile.TemporaryFile(dir=cache_dir(), prefix="reference-logprobs-")
+        # the cache's disk by default (a small /tmp may not hold Gemma's 4 GB); the system's when the cache is read-only
+        self.dir = cache_dir() if cache_writable() else None
+        self.file = tempfile.TemporaryFile(dir=self.dir, prefix="reference-logprobs-")
         self.index: list[tuple[int, tuple[int, ...]]] = []
 
     def append(self, t: torch.Tensor) -> None:
         a = t.detach().to(torch.float16).cpu().contiguous().numpy()  # fp16 before the copy: half the bytes off a GPU
         self.index.append((self.file.tell(), a.shape))
-        self.file.write(a.tobytes())
+        try:
+            self.file.write(a.tobytes())
+        except OSError as e:
+            where = self.dir or tempfile.gettempdir()
+            raise OSError(e.errno, f"{e.strerror} while spilling the reference log-probs ({a.nbytes * len(self.index) / 1e6:.0f} MB "
+                          f"so far) to {where}; free space there, or set MPSEARCH_CACHE or TMPDIR to a larger disk", str(where)) from None
 
     def read(self, i: int) -> torch.Tensor:
         offset, shape = self.index[i]

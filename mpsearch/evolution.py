@@ -339,11 +339,11 @@ def run_evolution(session, proxy: str, config: EvolutionConfig, out_dir: str | P
     (the measured Pareto front), the front's plans and ``pareto.png`` under ``out_dir``;
     running the same call again resumes.
     """
+    from .files import prepare_out_dir
     from .search import config_to_dict
     from .storage import HEARTBEAT_S, open_storage
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(out_dir)  # checked by the caller before the session opened (mpsearch.files.check_out_dir)
     problem = session.problem(proxy)
     budget_bits = [b.total_bits(session.numel) / session.numel for b in session.budgets]
     lo = config.min_bits if config.min_bits is not None else min(budget_bits) - 0.25
@@ -370,9 +370,10 @@ def original(kept: Sequence[Sequence[int]], choice: Sequence[int]) -> tuple[int,
 
 def write_outputs(session, study, space: Space, kept, proxy: str, config: EvolutionConfig, out: Path) -> pd.DataFrame:
     """trials.csv, front.csv, the front's plans and pareto.png; returns the trials with each one's full-problem choice."""
+    from .files import prepare_out_dir
     from .report import pareto_plot
 
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out)
     df = trials_table(study)
     df.drop(columns=["params"]).to_csv(out / "trials.csv", index=False)
     done = df[(df.state == "COMPLETE") & df.measured.astype(bool)].drop_duplicates("plan_hash")

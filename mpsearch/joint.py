@@ -189,7 +189,7 @@ def spread_calibration(calibration: dict[str, torch.Tensor], runtime: list[Runti
 def joint_search(cfg):
     """:func:`mpsearch.search` for a space with ``[input]`` / ``[kv_cache]``: per weight proxy, budget and
     allocation one plan, measured on the decode path at ``context`` (full-sequence windows without a KV cache)."""
-    from .search import SearchResult, results_table, safe_name, write_csv_atomic
+    from .search import SearchResult, nonfinite_plans, results_table, safe_name, write_csv_atomic
 
     joint = Joint.open(cfg)
     s = joint.session
@@ -236,7 +236,8 @@ def joint_search(cfg):
         write_csv_atomic(out / "runtime_table.csv", joint.table)
         cfg_d = {k: v for k, v in cfg.__dict__.items() if k != "rules"}
         write_json_atomic(out / "config.json", {**cfg_d, "rules": [repr(r) for r in cfg.rules]})
-    summary = {"infeasible": infeasible, "warnings": [f"no plan for {x}: the fixed split does not fit" for x in infeasible]}
+    summary = {"infeasible": infeasible, "warnings": [f"no plan for {x}: the fixed split does not fit" for x in infeasible],
+               "nonfinite": nonfinite_plans(table) if cfg.measure else []}
     if out is not None:
         from .html_report import write_report
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,9 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from .files import PLAN_BYTES, parse_json, read_text
 from .format import Format, FormatError
+from .patterns import PatternError, compile_pattern, fullmatch
 
 FORMAT_ID = "mpsearch.plan/v1"
 TARGETS = ("weight", "input", "k_cache", "v_cache")
@@ -77,6 +79,9 @@ class Plan:
     importance: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
     #: calibrated tensors of run-time formats, keyed ``module/target/format/name`` (:mod:`mpsearch.quant.hooks`)
     calibration: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    #: costs read off this machine's clocks (measured kernels, the roofline of its measured peaks): they differ from
+    #: run to run, so results.csv carries them and the plan file does not (same inputs, same file)
+    timings: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     # ------------------------------------------------------------ precedence
     def resolve(self, names: Iterable[str], pattern_names: Iterable[str] | None = None) -> "Plan":
@@ -92,11 +97,18 @@ class Plan:
         unknown = sorted(set(exact) - known)
         if unknown:
             raise PlanError(f"plan names tensor(s) the model does not have: {unknown[:5]}" + (" ..." if len(unknown) > 5 else ""))
-        patterns = [(k, re.compile(k[3:]), v) for k, v in self.tensors.items() if k.startswith("re:")]
+        patterns = [(k, v) for k, v in self.tensors.items() if k.startswith("re:")]
         default = self.tensors.get("_default")
         out: dict[str, dict[str, Format | None]] = {}
         scope = set(names if pattern_names is None else pattern_names)
-        unmatched = [k for k, rx, _ in patterns if not any(rx.fullmatch(n) for n in scope)]
+
+        def hit(k: str, n: str) -> bool:
+            try:
+                return bool(fullmatch(k, n, f"tensors[{k!r}]"))
+            except PatternError as e:
+                raise PlanError(str(e)) from None
+
+        unmatched = [k for k, _ in patterns if not any(hit(k, n) for n in scope)]
         if unmatched:
             where = "tensor of the model" if pattern_names is None else "decision tensor of the search space"
             raise PlanError(f"plan pattern(s) match no {where}: {unmatched}")
@@ -104,7 +116,7 @@ class Plan:
             if n in exact:
                 entry = exact[n]
             elif n in scope:
-                entry = next((e for _, rx, e in patterns if rx.fullmatch(n)), default)
+                entry = next((e for k, e in patterns if hit(k, n)), default)
             else:
                 entry = None
             if entry is not None:
@@ -140,7 +152,7 @@ class Plan:
             "model": {"id": self.model_id, "fingerprint": self.model_fingerprint},
             "tensors": {n: {t: (f.to_dict() if f is not None else None) for t, f in e.items()} for n, e in self.tensors.items()},
             "budget": self.budget,
-            "metrics": self.metrics,
+            "metrics": dict(sorted(self.metrics.items())),  # one byte order, whichever stage measured what first
             "provenance": self.provenance,
         }
 
@@ -164,12 +176,11 @@ class Plan:
             raise PlanError("tensors: expected an object mapping tensor names to targets")
         tensors: dict[str, dict[str, Format | None]] = {}
         for name, entry in d["tensors"].items():
+            try:
+                compile_pattern(name, "tensors")
+            except PatternError as e:
+                raise PlanError(str(e)) from None
             where = f"tensors[{name!r}]"
-            if name.startswith("re:"):
-                try:
-                    re.compile(name[3:])
-                except re.error as e:
-                    raise PlanError(f"{where}: bad regex: {e}") from None
             if not isinstance(entry, Mapping):
                 raise PlanError(f"{where}: expected an object of targets {list(TARGETS)}")
             bad = set(entry) - set(TARGETS)
@@ -199,16 +210,7 @@ class Plan:
     @staticmethod
     def load(path: str | Path) -> "Plan":
         path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise PlanError(f"no plan file at {path}") from None
-        except IsADirectoryError:
-            raise PlanError(f"{path} is a folder, not a plan file") from None
-        except UnicodeDecodeError:
-            raise PlanError(f"{path}: not a plan (a binary file, not UTF-8 JSON text)") from None
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{path}: not valid JSON: {e}") from None
+        d = parse_json(read_text(path, "plan file", PLAN_BYTES, PlanError), str(path), PlanError)
         try:
             plan = Plan.from_dict(d)
         except PlanError as e:
@@ -241,10 +243,13 @@ def _load_sidecar(path: Path, what: str, ref: Any) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not isinstance(ref, Mapping) or not isinstance(ref.get("file"), str) or not isinstance(ref.get("sha256"), str):
-        raise PlanError(f"{path}: {what}: expected an object with string keys 'file' and 'sha256'")
+    if not isinstance(ref, Mapping) or not isinstance(ref.get("file"), str) or not isinstance(ref.get("sha256"), str) \
+            or not Path(ref["file"]).name:
+        raise PlanError(f"{path}: {what}: expected an object with string keys 'file' (a file name) and 'sha256'")
     side = path.with_name(Path(ref["file"]).name)
     try:
+        if not stat.S_ISREG(os.stat(side).st_mode):  # a FIFO or a device would block or never end
+            raise PlanError(f"{path}: its {what} file {side.name} is not a regular file")
         tensors = load_file(str(side))
     except FileNotFoundError:
         raise PlanError(f"{path}: its {what} file {side.name} is missing (it holds {_HOLDS[what]})") from None

@@ -20,6 +20,7 @@ import pandas as pd
 from . import registry
 from .baselines import recipe_formats
 from .cost import BudgetError
+from .files import check_out_dir, prepare_out_dir
 from .models.data import BOS_CHOICES, DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from .html_report import write_report
 from .plan import Plan, write_json_atomic
@@ -241,6 +242,8 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
         cfg = SearchConfig(**{**asdict(config), **overrides})
     from .space import SearchSpace
 
+    if cfg.out_dir:  # before any work: never into a file, the root or someone else's folder
+        prepare_out_dir(check_out_dir(cfg.out_dir))
     if SearchSpace.from_file(cfg.space).runtime:  # inputs / KV cache: decided with the weights in one problem
         from .joint import joint_search
 
@@ -351,7 +354,7 @@ def refined_plans(session: Session, plans: dict[str, Plan], config: RefineConfig
             best.model_id, best.model_fingerprint, best.tensors, dict(best.budget), dict(best.metrics),
             {**best.provenance, "kind": "returned", "returned_from": name,
              "refinement": {"plans_measured": len(r.slice_kl), "slice_tokens": int(session.slice_tokens.numel())}},
-            importance=best.importance)
+            importance=best.importance, timings=dict(best.timings))
     return out, pd.DataFrame(rows)
 
 
@@ -361,12 +364,19 @@ def search_summary(table: pd.DataFrame, proxies: list[str], refinement: pd.DataF
     that measures worse than a baseline it was predicted to beat; the plan each budget returned."""
     plans = table[~table.kind.isin(["reference", "returned"])]
     corr = {p: rank_correlation(plans[f"predicted_{p}"].tolist(), plans["kl"].tolist()) for p in proxies if f"predicted_{p}" in plans}
-    out = {"correlation": corr, "warnings": proxy_warnings(table, proxies)}
+    out = {"correlation": corr, "warnings": proxy_warnings(table, proxies), "nonfinite": nonfinite_plans(table)}
     if refinement is not None and len(refinement):
         out["slice_correlation"] = {p: rank_correlation(refinement[f"predicted_{p}"].tolist(), refinement["slice_kl"].tolist())
                                     for p in proxies if f"predicted_{p}" in refinement}
         out["returned"] = {r.budget: r.source for _, r in table[table.kind == "returned"].iterrows()}
     return out
+
+
+def nonfinite_plans(table: pd.DataFrame) -> list[str]:
+    """The plans whose measured perplexity or KL is NaN or infinite (the CLI then exits 1)."""
+    cols = [c for c in ("ppl", "kl") if c in table]
+    bad = ~np.isfinite(table[cols].astype(float)).all(axis=1) if cols else pd.Series(False, index=table.index)
+    return [str(p) for p in table.loc[bad, "plan"]]
 
 
 def solver_params(name: str, decisions: list[Decision]) -> dict:
@@ -406,7 +416,8 @@ def results_table(plans: dict[str, Plan], reference_row: dict | None) -> pd.Data
     rows = [reference_row] if reference_row else []
     for name, plan in plans.items():
         rows.append({"plan": name, "kind": plan.provenance.get("kind", "proxy"), "budget": plan.budget.get("label"),
-                     "proxy": plan.provenance.get("proxy"), "source": plan.provenance.get("returned_from", name), **plan.metrics})
+                     "proxy": plan.provenance.get("proxy"), "source": plan.provenance.get("returned_from", name), **plan.metrics,
+                     **plan.timings})
     df = window_cis(pd.DataFrame(rows))
     first = [c for c in ("plan", "kind", "budget", "effective_bits", "size_bytes") if c in df]
     pred = sorted(c for c in df if c.startswith("predicted_"))

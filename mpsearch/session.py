@@ -20,6 +20,7 @@ import torch
 from . import __version__
 from .cache import CacheEntryError, cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
 from .cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
+from .cost.model import ConstraintSpec
 from .device import device_parts, exact_fp32, resolve_device
 from .evaluate import Evaluator
 from .format import Format
@@ -231,10 +232,15 @@ class Session:
         plan = Plan(self.lm.model_id, self.fingerprint, tensors, budget.to_dict() if budget else {}, {},
                     {**self.provenance, **provenance}, importance=importance_needed(formats, self.importance))
         plan.metrics.update({"effective_bits": plan_bits(formats, self.members), "size_bytes": plan_bytes(formats, self.members)})
-        if self.costs_suite is not None:  # every cost, in its results column's unit
-            plan.metrics.update(self.costs_suite.row(formats, self.members))
+        if self.costs_suite is not None:  # every cost, in its results column's unit; the timed ones beside the plan's identity
+            timed = self.costs_suite.timed()
+            for column, value in self.costs_suite.row(formats, self.members).items():
+                (plan.timings if column in timed else plan.metrics)[column] = value
             if self.config.constraints:
-                plan.metrics["meets_constraints"] = self.costs_suite.meets(formats, self.members, self.config.constraints)
+                suite = self.costs_suite
+                on_timed = any(suite.models[ConstraintSpec.parse(c).cost].column in timed for c in self.config.constraints)
+                meets = self.costs_suite.meets(formats, self.members, self.config.constraints)
+                (plan.timings if on_timed else plan.metrics)["meets_constraints"] = meets
         return plan
 
     @property

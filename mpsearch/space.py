@@ -7,31 +7,31 @@ model; allocators only ever see those indexed decisions, never modules.
 """
 from __future__ import annotations
 
-import re
-import tomllib
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
 from torch import nn
 
+from .files import SPACE_BYTES, parse_toml, read_text
 from .format import FULL_BITS, PER_CHANNEL, Format, FormatError
 from .layers import check_types, kind_of, matrix_shape
+from .patterns import PatternError, compile_pattern, fullmatch
+
+log = logging.getLogger(__name__)
 
 
 class SpaceError(ValueError):
     """A search-space file or rule that is malformed or matches nothing."""
 
 
-def check_pattern(pattern: Any, where: str) -> None:
-    """A name or a ``re:`` regex that compiles; the error names where it came from."""
-    if not isinstance(pattern, str) or not pattern:
-        raise SpaceError(f"{where}: expected a tensor name or 're:<regex>', got {pattern!r}")
-    if pattern.startswith("re:"):
-        try:
-            re.compile(pattern[3:])
-        except re.error as e:
-            raise SpaceError(f"{where}: bad regex {pattern!r}: {e}") from None
+def check_pattern(pattern: Any, where: str):
+    """A name or a ``re:`` regex that compiles (returned; None for a name); the error names where it came from."""
+    try:
+        return compile_pattern(pattern, where)
+    except PatternError as e:
+        raise SpaceError(str(e)) from None
 
 
 def _is_int(v: Any) -> bool:
@@ -46,10 +46,8 @@ def _list(table: dict, key: str, default: list, prefix: str = "") -> list:
 
 
 def matches(pattern: str, name: str) -> bool:
-    """Exact name, or ``re:<regex>`` matched in full."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return pattern == name
+    """Exact name, or ``re:<regex>`` matched in full (bounded in time: :mod:`mpsearch.patterns`)."""
+    return bool(fullmatch(pattern, name))
 
 
 @dataclass(frozen=True)
@@ -208,6 +206,9 @@ class SearchSpace:
     source: str = ""
 
     def __post_init__(self) -> None:
+        if not self.formats and (not self.bits or not self.group_sizes):
+            empty = "bits" if not self.bits else "group_sizes"
+            raise SpaceError(f"formats.{empty} is empty: the space offers no format to quantize with")
         for b in self.bits:
             if not _is_int(b) or not 1 <= b < FULL_BITS:
                 raise SpaceError(f"bits: {b!r} is not an integer in 1..{FULL_BITS - 1}")
@@ -220,7 +221,7 @@ class SearchSpace:
             for t in getattr(self, kind):
                 check_pattern(t, kind)
         for t in self.tie:
-            if not t.startswith("re:") or re.compile(t[3:]).groups < 1:
+            if not t.startswith("re:") or check_pattern(t, "tie").groups < 1:
                 raise SpaceError(f"tie pattern {t!r} must be 're:' with a capture group naming the tied set")
         if not isinstance(self.include_full, bool):
             raise SpaceError(f"include_full must be true or false, got {self.include_full!r}")
@@ -241,12 +242,7 @@ class SearchSpace:
                 known = sorted(p.stem for p in builtin.parent.glob("*.toml"))
                 raise SpaceError(f"no search space file {str(path)!r}; built-in spaces: {known}")
             path = builtin
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise SpaceError(f"{path}: not valid TOML: {e}") from None
-        except IsADirectoryError:
-            raise SpaceError(f"{path} is a folder, not a search-space file") from None
+        data = parse_toml(read_text(path, "search-space file", SPACE_BYTES, SpaceError), str(path), SpaceError)
         return SearchSpace.from_dict(data, source=str(path))
 
     @staticmethod
@@ -371,6 +367,15 @@ class SearchSpace:
         grid = self.candidate_formats()
         groups: dict[str, list[Member]] = {}
         allowed: dict[str, list[Format]] = {}
+        unfit = [m for m in members if not any(f.fits(m.in_features) for f in grid if not f.is_full)]
+        if unfit:  # nothing to quantize them with: they could only stay at 16 bits
+            offered = sorted({f.key for f in grid if not f.is_full})
+            what = (f"no format of {offered[:6]}{' ...' if len(offered) > 6 else ''} fits {len(unfit)} of its {len(members)} "
+                    f"tensors (e.g. {unfit[0].name!r}, rows of {sorted({m.in_features for m in unfit})[:4]}): no group size divides "
+                    "those row widths")
+            if len(unfit) == len(members):
+                raise SpaceError(f"search space {self.name!r} allows nothing: {what}; offer a group size that does")
+            log.warning("search space %r: %s; they stay unquantized", self.name, what)
         for m in members:
             rules = [r for r in self.rules if matches(r.match, m.name)]
             if any(r.exclude for r in rules):
@@ -392,7 +397,7 @@ class SearchSpace:
 
     def _tie_key(self, name: str) -> str:
         for t in self.tie:
-            mt = re.fullmatch(t[3:], name)
+            mt = fullmatch(t, name, "tie")
             if mt:
                 return "tie:" + ".".join(g for g in mt.groups() if g is not None)
         return name

@@ -20,6 +20,7 @@ Proxies over these live in ``proxies/runtime/`` (expressions over ``kl``, ``fish
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +30,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cache import cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
+from .cache import cache_dir, content_key, read_json, remove, require, require_finite, tokens_hash, write_json
 from .device import device_parts, to_model
 from .format import Format
 from .plan import importance_digest
-from .proxies.expr import ExpressionError, parse
 from .proxies.proxy import Proxy, ProxyFileError
 from .quant import format_identity
 from .quant import get_quantizer
@@ -101,20 +101,15 @@ def runtime_proxy_names() -> list[str]:
 
 def load_runtime_proxy(spec: str) -> Proxy:
     """A proxy over run-time primitives: a built-in name in ``proxies/runtime/`` or a TOML file."""
-    import tomllib
-
     path = Path(spec)
-    if not path.is_file():
+    if not os.path.lexists(path):
         path = Path(__file__).resolve().parents[1] / "proxies" / "runtime" / f"{spec}.toml"
         if not path.is_file():
             raise ProxyFileError(f"no run-time proxy file or built-in {spec!r}; built-in: {runtime_proxy_names()}")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-        if "expression" not in data or "name" not in data:
-            raise ProxyFileError(f"run-time proxy file {path} needs 'name' and 'expression'")
-        return Proxy(data["name"], parse(data["expression"], RUNTIME_NAMES), data.get("description", ""))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ExpressionError) as e:
-        raise ProxyFileError(f"run-time proxy file {path}: {e} (names: {sorted(RUNTIME_NAMES)})") from None
+        return Proxy.from_file(path, RUNTIME_NAMES)
+    except ProxyFileError as e:
+        raise ProxyFileError(f"run-time {e} (names: {sorted(RUNTIME_NAMES)})") from None
 
 
 def runtime_losses(table: pd.DataFrame, decisions: list[RuntimeDecision], proxy: Proxy) -> list[np.ndarray]:
@@ -246,7 +241,7 @@ def _measured_kl(model: nn.Module, pairs, tokens: torch.Tensor, calibration, pro
             if partial is not None and (i + 1) % SAVE_EVERY == 0:
                 write_json(partial, out, key, SCHEMA + "-partial")
     if partial is not None:
-        partial.unlink(missing_ok=True)
+        remove(partial)
     return out
 
 

@@ -5,6 +5,7 @@ search space stay in their original precision and are reported separately.
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -13,6 +14,9 @@ import numpy as np
 
 from ..format import Format
 from ..space import Decision, Member
+
+
+log = logging.getLogger(__name__)
 
 
 class BudgetError(ValueError):
@@ -78,6 +82,11 @@ class Budget:
                 fmts = uniform_formats(decisions, fmt)
             except ValueError as e:
                 raise BudgetError(f"budget {t}: {e}") from None
+            other = [n for n, f in fmts.items() if f != fmt]
+            if other:  # the rules or the space's grid leave them another format: the budget is not quite "uniform"
+                log.warning("budget %s: %d of %d tensors may not take %s in this space (e.g. %s gets %s); the budget is the size "
+                            "of the plan with the nearest formats they may take", t, len(other), len(fmts), fmt.key, other[0],
+                            fmts[other[0]].key)
             return Budget("bits", plan_bits(fmts, members), t, fmts, f"uniform-{fmt.key}")
         if kind == "bytes":
             return Budget("bytes", args[0], t)

@@ -97,6 +97,16 @@ def read_hardware(path: Path) -> Hardware:
 
 def write_hardware(hw: Hardware, path: Path) -> Path:
     """A profile as TOML (what ``profile-device`` writes for this machine)."""
+    from ..cache import atomic_path
+
+    tmp = atomic_path(path)
+    tmp.write_text(hardware_toml(hw))
+    os.replace(tmp, path)
+    return path
+
+
+def hardware_toml(hw: Hardware) -> str:
+    """The TOML text of a profile."""
     def table(name: str, d: dict) -> list[str]:
         return [f"[{name}]"] + [f"{k} = {json.dumps(v) if isinstance(v, str) else format(float(v), '.6g')}" for k, v in d.items()] + [""]
 
@@ -105,9 +115,4 @@ def write_hardware(hw: Hardware, path: Path) -> Path:
     if hw.energy_pj:
         lines += table("energy_pj", hw.energy_pj)
     lines += table("sources", hw.sources)
-    from ..cache import atomic_path
-
-    tmp = atomic_path(path)
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return "\n".join(lines) + "\n"

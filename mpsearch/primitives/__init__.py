@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import registry
-from ..cache import cache_dir, content_key, load_tensors, save_tensors, tokens_hash
+from ..cache import cache_dir, content_key, load_tensors, remove, save_tensors, tokens_hash
 from ..device import device_parts, model_device
 from . import activations, gradients, gram, hessian, synflow  # noqa: F401 - register the families
 from .base import Checkpoint, Family, PrimitiveError, PrimitiveSettings, Values
@@ -155,7 +155,7 @@ def compute_primitives(
             extra = {}
             if use_cache and fam.resumable:
                 if refresh:
-                    partial.unlink(missing_ok=True)
+                    remove(partial)
                 extra["checkpoint"] = Checkpoint(partial, keys[fam.name], every=checkpoint_every)
             with stages(f"primitives: {fam.name}") if stages is not None else contextlib.nullcontext():
                 values = fam.compute(model, tensors, tokens, settings, progress, **extra)
@@ -163,7 +163,7 @@ def compute_primitives(
             _check_finite(fam, values)
             if use_cache:
                 _save(path, values, keys[fam.name])
-                partial.unlink(missing_ok=True)
+                remove(partial)
         prims.values.update(values)
     return prims
 

@@ -81,7 +81,9 @@ class Checkpoint:
         self._last = time.monotonic()
 
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+        from ..cache import remove
+
+        remove(self.path)
 
 
 Compute = Callable[..., Values]

@@ -242,7 +242,14 @@ class _Compiler:
         if not isinstance(value, (int, float)):
             kind = "string" if isinstance(value, (str, bytes)) else type(value).__name__
             raise self.fail(f"{kind} constant {value!r} is not allowed")
-        const = torch.tensor(float(value), dtype=torch.float64)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = float("inf")
+        if not torch.isfinite(torch.tensor(number)):
+            digits = f"{len(str(value))}-digit" if isinstance(value, int) else str(value)
+            raise self.fail(f"constant {digits} number is beyond float64 (at most about 1.8e308)")
+        const = torch.tensor(number, dtype=torch.float64)
         return lambda env: const
 
     def name(self, name: str) -> Compiled:

@@ -1,13 +1,15 @@
 """Proxies: named expressions over per-(tensor, format) primitives, stored as TOML."""
 from __future__ import annotations
 
-import tomllib
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from mpsearch.files import PROXY_BYTES, parse_toml, read_text
 from mpsearch.primitives import primitive_names
 from mpsearch.proxies.expr import Expression, ExpressionError, parse
 
@@ -16,6 +18,8 @@ from mpsearch.proxies.expr import Expression, ExpressionError, parse
 FORMAT_NAMES: frozenset[str] = frozenset({"w", "dw", "numel", "bits", "qerr", "oerr", "kl"})
 PRIMITIVE_NAMES: frozenset[str] = FORMAT_NAMES | primitive_names()
 
+#: what a proxy may be called: it names result columns (``predicted_<name>``) and files
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 _REQUIRED = ("name", "expression")
 _OPTIONAL = ("description",)
 
@@ -48,15 +52,10 @@ class Proxy:
         return cls(name, parse(text, PRIMITIVE_NAMES), description)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Proxy:
-        """Load a TOML file with keys ``name``, ``expression`` and optional ``description``."""
+    def from_file(cls, path: str | Path, names: frozenset[str] = PRIMITIVE_NAMES) -> Proxy:
+        """Load a TOML file with keys ``name``, ``expression`` (over ``names``) and optional ``description``."""
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as err:
-            raise ProxyFileError(f"cannot read proxy file {str(path)!r}: {err}") from err
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ProxyFileError(f"malformed TOML in proxy file {str(path)!r}: {err}") from err
+        data = parse_toml(read_text(path, "proxy file", PROXY_BYTES, ProxyFileError), f"proxy file {str(path)!r}", ProxyFileError)
         for key in data:
             if key not in _REQUIRED + _OPTIONAL:
                 raise ProxyFileError(
@@ -72,8 +71,11 @@ class Proxy:
                     f"key {key!r} in proxy file {str(path)!r} must be a string, "
                     f"got {type(value).__name__}"
                 )
+        if not NAME.fullmatch(data["name"]):
+            raise ProxyFileError(f"name {data['name'][:80]!r} in proxy file {str(path)!r} is not a proxy name: 1-64 letters, "
+                                 "digits, '_', '-' or '.', starting with a letter or '_' (it names result columns and files)")
         try:
-            expression = parse(data["expression"], PRIMITIVE_NAMES)
+            expression = parse(data["expression"], names)
         except ExpressionError as err:
             raise ProxyFileError(f"bad expression in proxy file {str(path)!r}: {err}") from err
         return cls(data["name"], expression, data.get("description", ""))
@@ -92,7 +94,7 @@ def list_proxies() -> list[str]:
 def load_proxy(spec: str) -> Proxy:
     """Load ``spec`` as a path to a TOML file, else as the name of a built-in proxy."""
     path = Path(spec)
-    if path.is_file():
+    if os.path.lexists(path):  # whatever is there (a folder, a FIFO) gets from_file's error, not "no such proxy"
         return Proxy.from_file(path)
     builtin = builtin_dir() / f"{spec}.toml"
     if builtin.is_file():

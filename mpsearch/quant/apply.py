@@ -140,7 +140,13 @@ def apply_(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama
 
     def q(n: str, f) -> torch.Tensor:
         w, imp = _matrix(modules[n]), resolved.importance_for(n)
-        return quantize(w, f, imp) if memo is None else memo.quantize(n, w, f, imp)
+        try:
+            out = quantize(w, f, imp) if memo is None else memo.quantize(n, w, f, imp)
+        except (FormatError, torch.linalg.LinAlgError) as e:  # the quantizer's own complaint, with the tensor it was about
+            raise PlanError(f"tensors[{n!r}].weight: {f.key}: {e}") from None
+        if not torch.isfinite(out).all():  # nothing NaN goes on to be measured as if it were a plan
+            raise PlanError(f"tensors[{n!r}].weight: {f.key} {dict(f.params) or ''} gives NaN or infinite weights")
+        return out
     new = {n: q(n, f) for n, f in resolved.weight_formats().items()}
     for n, w in new.items():
         _set(modules[n], w)

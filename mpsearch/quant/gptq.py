@@ -115,6 +115,25 @@ def quantize_gptq(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None 
     return out.to(w.dtype)
 
 
+#: the largest ``damp``: beyond it the damped H is the identity times a huge number, and its inverse underflows to NaN
+MAX_DAMP = 100.0
+
+
+def check_gptq_params(p: dict) -> None:
+    """``act_order`` and ``clip`` true or false, ``damp`` in (0, MAX_DAMP] (0 leaves a rank-deficient H
+    singular), ``block`` a whole number of columns >= 1."""
+    for k in ("act_order", "clip"):
+        if k in p and not isinstance(p[k], bool):
+            raise FormatError(f"gptq: {k} must be true or false, got {p[k]!r}")
+    d = p.get("damp", 0.01)
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= MAX_DAMP:
+        raise FormatError(f"gptq: damp (a fraction of H's mean diagonal) must be a number in (0, {MAX_DAMP:g}], got {d!r}")
+    b = p.get("block", 128)
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        raise FormatError(f"gptq: block (columns per lazy update) must be a whole number >= 1, got {b!r}")
+
+
 GPTQ = register("quantizer", "gptq")(Quantizer(
     "gptq", quantize_gptq, version="v2", params=("act_order", "damp", "block", "clip"), uses_importance=True, importance_kind="gram",
+    check_params=check_gptq_params,
     about="GPTQ (column-wise error feedback through the inverse Gram matrix); layout and cost as uniform"))

@@ -12,6 +12,7 @@ format key gets ``+o<percent>``: ``u3g64a+o0.5``.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -24,6 +25,11 @@ INDEX_BITS = 32
 
 def fraction(fmt: Format) -> float:
     return float(dict(fmt.params).get("outliers", 0.0) or 0.0)
+
+
+def without(fmt: Format) -> Format:
+    """``fmt`` with no outliers: its grid alone."""
+    return replace(fmt, params=tuple((k, v) for k, v in fmt.params if k != "outliers"))
 
 
 def check(fmt: Format) -> None:

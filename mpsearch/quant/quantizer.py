@@ -58,6 +58,8 @@ class Quantizer:
     importance_kind: str = "columns"
     #: the plan targets its formats may be given to (:data:`mpsearch.plan.TARGETS`)
     targets: tuple[str, ...] = ("weight",)
+    #: ``check_params(params)`` raises :class:`FormatError` for a value of its ``params`` it cannot take
+    check_params: Callable[[dict[str, Any]], None] | None = None
 
     def check(self, fmt: Format) -> None:
         extra = sorted(set(dict(fmt.params)) - set(self.params))
@@ -69,6 +71,8 @@ class Quantizer:
                 want = ", ".join(f"{k}={v!r}" for k, v in self.fixed)
                 raise FormatError(f"quantizer {self.name!r} has a fixed layout ({want}); got {field_name}={getattr(fmt, field_name)!r}")
         outliers.check(fmt)
+        if self.check_params is not None:
+            self.check_params(dict(fmt.params))
         if fmt.is_full:
             return
         least = self.min_bits_symmetric if fmt.symmetric else self.min_bits

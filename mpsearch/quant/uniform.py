@@ -33,7 +33,8 @@ def quantize_none(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None 
 UNIFORM = register("quantizer", "uniform")(Quantizer(
     "uniform", quantize_uniform, version="v1", params=("outliers",),
     about="round-to-nearest, per-group fp16 scale (and fp16 zero point when asymmetric)"))
-NONE = register("quantizer", "none")(Quantizer("none", quantize_none, about="unquantized (fp16 storage)"))
+#: the unquantized format is 16 bits: ``{"quantizer": "none", "bits": 3}`` would cost 3.5 bits and store 16
+NONE = register("quantizer", "none")(Quantizer("none", quantize_none, fixed=(("bits", 16),), about="unquantized (fp16 storage)"))
 
 
 #: shrink factors of each group's range the clipping search tries
