@@ -83,6 +83,10 @@ json_leaf = st.none() | st.booleans() | st.integers() | st.floats() | st.text(ma
 any_json = st.recursive(json_leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=20)
 
 
+#: nesting past the limit: just past it, and past what a recursive parser survives
+depths = st.one_of(st.integers(33, 200), st.integers(1000, 5000))
+
+
 def nested(depth: int, leaf: str = "1") -> str:
     return "[" * depth + leaf + "]" * depth
 
@@ -110,7 +114,7 @@ def bad_plans(draw, fp: str) -> bytes:
     if kind == "deep":
         where = draw(st.sampled_from(["provenance", "metrics", "budget"]))
         text = json.dumps(plan)
-        return text.replace(f'"{where}": {{}}', f'"{where}": {{"x": {nested(draw(st.integers(33, 5000)))}}}', 1).encode()
+        return text.replace(f'"{where}": {{}}', f'"{where}": {{"x": {nested(draw(depths))}}}', 1).encode()
     if kind == "bits":
         fmt["bits"] = draw(bad_bits)
     elif kind == "group":
@@ -179,7 +183,7 @@ def bad_spaces(draw) -> bytes:
     kind = draw(st.sampled_from(["deep", "bits", "group", "unknown", "targets_type", "bad_regex", "binary", "truncated", "quantizer",
                                  "empty", "rule"]))
     if kind == "deep":
-        return (BASE_SPACE.replace("bits = [3, 4]", f"bits = {nested(draw(st.integers(33, 3000)), '3')}")).encode()
+        return (BASE_SPACE.replace("bits = [3, 4]", f"bits = {nested(draw(depths), '3')}")).encode()
     if kind == "bits":
         v = draw(st.one_of(st.integers().filter(lambda b: not 1 <= b <= 15), st.text(max_size=4), st.booleans(), st.floats(allow_nan=False)))
         return BASE_SPACE.replace("bits = [3, 4]", f"bits = [{_toml(v)}]").encode()
