@@ -397,7 +397,7 @@ def determinism(base: Path, warm: Path) -> list[dict]:
     same_figures = all(r.drop(columns=timed).equals(res[0].drop(columns=timed)) for r in res[1:])
     names = sorted(p.name for p in (base / "det1" / "plans").glob("*.json"))
     same_files = all((base / "det1" / "plans" / n).read_bytes() == (base / d / "plans" / n).read_bytes() for n in names for d in ("det2", "det3"))
-    ref = res[0].loc[res[0].kind == "reference", "ppl"].tolist() + [r.loc[r.kind == "reference", "ppl"].iloc[0] for r in res[1:]]
+    ref = [float(r.loc[r.kind == "reference", "ppl"].iloc[0]) for r in res]
     rows.append({"item": 9, "case": "search --proxy mse --budget 4.0 --seed 1: two fresh caches and a warm rerun give the same figures",
                  "held": same_figures, "rc": 0, "seconds": round(t, 1), "why": "" if same_figures else "figures differ",
                  "stderr": f"reference ppl {ref}"})

@@ -92,23 +92,21 @@ def check_depth(value: Any, where: str, error: type[ValueError] = ValueError, li
 
 def parse_json(text: str, where: str, error: type[ValueError] = ValueError) -> Any:
     """JSON of at most :data:`MAX_DEPTH` levels; any other text is ``error`` naming ``where``."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise error(f"{where}: not valid JSON: {e}") from None
-    except RecursionError:
-        raise error(f"{where} nests objects or arrays more than {MAX_DEPTH} levels deep") from None
-    return check_depth(value, where, error)
+    return _parse(json.loads, json.JSONDecodeError, "{where}: not valid JSON: {e}", text, where, error)
 
 
 def parse_toml(text: str, where: str, error: type[ValueError] = ValueError) -> dict:
     """TOML of at most :data:`MAX_DEPTH` levels; any other text is ``error`` naming ``where``."""
+    return _parse(tomllib.loads, tomllib.TOMLDecodeError, "malformed TOML in {where}: {e}", text, where, error)
+
+
+def _parse(loads, invalid: type[Exception], message: str, text: str, where: str, error: type[ValueError]) -> Any:
     try:
-        value = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise error(f"malformed TOML in {where}: {e}") from None
-    except RecursionError:
-        raise error(f"{where} nests tables or arrays more than {MAX_DEPTH} levels deep") from None
+        value = loads(text)
+    except invalid as e:
+        raise error(message.format(where=where, e=e)) from None
+    except RecursionError:  # both parsers recurse: far past MAX_DEPTH they run out of stack first
+        raise error(f"{where} nests objects or arrays more than {MAX_DEPTH} levels deep") from None
     return check_depth(value, where, error)
 
 

@@ -232,14 +232,14 @@ class Session:
         plan = Plan(self.lm.model_id, self.fingerprint, tensors, budget.to_dict() if budget else {}, {},
                     {**self.provenance, **provenance}, importance=importance_needed(formats, self.importance))
         plan.metrics.update({"effective_bits": plan_bits(formats, self.members), "size_bytes": plan_bytes(formats, self.members)})
-        if self.costs_suite is not None:  # every cost, in its results column's unit; the timed ones beside the plan's identity
-            timed = self.costs_suite.timed()
-            for column, value in self.costs_suite.row(formats, self.members).items():
+        suite = self.costs_suite
+        if suite is not None:  # every cost, in its results column's unit; those read off this machine's clocks beside the plan
+            timed = suite.timed()
+            for column, value in suite.row(formats, self.members).items():
                 (plan.timings if column in timed else plan.metrics)[column] = value
             if self.config.constraints:
-                suite = self.costs_suite
                 on_timed = any(suite.models[ConstraintSpec.parse(c).cost].column in timed for c in self.config.constraints)
-                meets = self.costs_suite.meets(formats, self.members, self.config.constraints)
+                meets = suite.meets(formats, self.members, self.config.constraints)
                 (plan.timings if on_timed else plan.metrics)["meets_constraints"] = meets
         return plan
 

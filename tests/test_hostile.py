@@ -239,7 +239,7 @@ def test_deeply_nested_plans_are_one_line(text, needle, tmp_path, capsys):
 def test_a_deeply_nested_space_is_one_line(tmp_path, no_model_load, capsys):
     (tmp_path / "s.toml").write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
     one_line_error(main(["search", "--quiet", "--space", str(tmp_path / "s.toml")]), capsys.readouterr().err,
-                   "nests tables or arrays more than 32 levels deep")
+                   "nests objects or arrays more than 32 levels deep")
 
 
 def special_files(tmp_path: Path) -> dict[str, Path]:
