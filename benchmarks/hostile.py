@@ -16,7 +16,7 @@ are real (a read-only bind mount and a small tmpfs in a mount namespace: root; s
 Writes ``benchmarks/results/hostile.csv`` (``item, case, held, rc, seconds, why, stderr``) and
 ``hostile.json`` (machine, counts per item).
 
-    .venv/bin/python benchmarks/hostile.py                 # about 25 minutes on 2 cores
+    .venv/bin/python benchmarks/hostile.py                 # about 40 minutes on 2 cores
     .venv/bin/python benchmarks/hostile.py --items 1 2 5   # some items only
 """
 from __future__ import annotations
