@@ -30,15 +30,15 @@ import pandas as pd
 import torch
 
 from foundation import machine
-from mpsearch.bootstrap import mean_ci
-from mpsearch.format import Format
+from mpsearch.core.stats import mean_ci
+from mpsearch.core.format import Format
 from mpsearch.models import load_model, load_text, token_chunks
 from mpsearch.models.batches import as_batches
 from mpsearch.models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
-from mpsearch.plan import Plan, fingerprint
+from mpsearch.core.plan import Plan, fingerprint
 from mpsearch.quant import applied
 from mpsearch.quant.calibrate import calibrate
-from mpsearch.space import SearchSpace
+from mpsearch.core.space import SearchSpace
 
 OUT = Path(__file__).parent / "results"
 WEIGHTS = {"W8": "u8gcha", "W4": "u4g64a"}

@@ -22,12 +22,12 @@ import torch
 from mpsearch import registry
 from mpsearch.cost import Budget, decision_costs
 from mpsearch.models import load_model, load_text, token_chunks
-from mpsearch.plan import write_json_atomic
+from mpsearch.core.plan import write_json_atomic
 from mpsearch.primitives import compute_primitives
 from mpsearch.proxies import load_proxy
 from mpsearch.proxies.table import cached_proxy_table, decision_losses
 from mpsearch.solvers import Problem, get_solver, pareto_front
-from mpsearch.space import SearchSpace
+from mpsearch.core.space import SearchSpace
 
 from foundation import RESULTS, machine  # noqa: E402  (same folder)
 

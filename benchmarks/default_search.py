@@ -13,8 +13,8 @@ import os
 import tempfile
 import time
 
-from mpsearch.plan import write_json_atomic
-from mpsearch.search import SearchConfig, search
+from mpsearch.core.plan import write_json_atomic
+from mpsearch.run.search import SearchConfig, search
 
 from foundation import RESULTS, machine  # noqa: E402
 

@@ -37,9 +37,9 @@ import pandas as pd
 import torch
 
 from mpsearch.export import export
-from mpsearch.format import PER_CHANNEL
+from mpsearch.core.format import PER_CHANNEL
 from mpsearch.models import load_model, load_text, token_chunks
-from mpsearch.plan import Plan
+from mpsearch.core.plan import Plan
 from mpsearch.quant import applied
 
 from foundation import RESULTS  # noqa: E402  (same folder)

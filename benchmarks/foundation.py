@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mpsearch.plan import write_json_atomic
-from mpsearch.search import SearchConfig, search
+from mpsearch.core.plan import write_json_atomic
+from mpsearch.run.search import SearchConfig, search
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: the foundation's three proxies; benchmarks/proxies.py compares every built-in one

@@ -26,7 +26,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import RESULTS, machine  # noqa: E402
 
-from mpsearch.search import SearchConfig, search  # noqa: E402
+from mpsearch.run.search import SearchConfig, search  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

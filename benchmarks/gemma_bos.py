@@ -25,10 +25,10 @@ from scipy.stats import spearmanr
 
 from mpsearch.models import load_model, load_text, token_chunks
 from mpsearch.models.data import DEFAULT_CALIBRATION
-from mpsearch.plan import write_json_atomic
+from mpsearch.core.plan import write_json_atomic
 from mpsearch.primitives import compute_primitives
-from mpsearch.search import SearchConfig, search
-from mpsearch.space import SearchSpace
+from mpsearch.run.search import SearchConfig, search
+from mpsearch.core.space import SearchSpace
 
 from foundation import RESULTS, machine  # noqa: E402
 

@@ -31,7 +31,7 @@ from foundation import RESULTS  # noqa: E402
 from llamacpp import BLOCK_LINEAR  # noqa: E402
 from llamacpp_tools import VERSION, build  # noqa: E402
 
-from mpsearch.format import Format  # noqa: E402
+from mpsearch.core.format import Format  # noqa: E402
 from mpsearch.quant import quantize  # noqa: E402
 
 #: preset -> the type it writes where the rows allow

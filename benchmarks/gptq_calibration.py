@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import RESULTS  # noqa: E402
 
-from mpsearch.format import Format  # noqa: E402
+from mpsearch.core.format import Format  # noqa: E402
 from mpsearch.models import load_model, load_text, token_chunks  # noqa: E402
 from mpsearch.models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, conventions  # noqa: E402
 from mpsearch.quant import quantize  # noqa: E402

@@ -31,10 +31,10 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import RESULTS, machine  # noqa: E402
 
-from mpsearch.groundtruth import SamplerConfig, make_ground_truth  # noqa: E402
-from mpsearch.leaderboard import with_config  # noqa: E402
-from mpsearch.search import SearchConfig  # noqa: E402
-from mpsearch.session import Session  # noqa: E402
+from mpsearch.run.groundtruth import SamplerConfig, make_ground_truth  # noqa: E402
+from mpsearch.run.leaderboard import with_config  # noqa: E402
+from mpsearch.run.search import SearchConfig  # noqa: E402
+from mpsearch.run.session import Session  # noqa: E402
 
 #: the hand-designed proxies whose MILP plans anchor the samples (never an evolved one:
 #: it is fitted on this ground truth)

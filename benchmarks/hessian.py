@@ -38,10 +38,10 @@ import torch
 from torch import nn
 
 from mpsearch.models import load_model, load_text, token_chunks
-from mpsearch.plan import write_json_atomic
+from mpsearch.core.plan import write_json_atomic
 from mpsearch.primitives.hessian import hutchinson
-from mpsearch.profiling import Stages
-from mpsearch.space import SearchSpace
+from mpsearch.core.profiling import Stages
+from mpsearch.core.space import SearchSpace
 
 from foundation import RESULTS, machine  # noqa: E402  (same folder)
 

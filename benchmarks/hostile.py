@@ -70,12 +70,12 @@ class Case:
 # ------------------------------------------------------------------ inputs
 def default_plan(w: Path, fmt: dict | None = None, key: str = Q) -> dict:
     from mpsearch.models import load_model
-    from mpsearch.plan import fingerprint
+    from mpsearch.core.plan import fingerprint
 
     global _FP
     if _FP is None:
         _FP = fingerprint(load_model("smollm2").model)
-    return {"format": "mpsearch.plan/v1", "model": {"id": "smollm2", "fingerprint": _FP},
+    return {"format": "mpsearch.core.plan/v1", "model": {"id": "smollm2", "fingerprint": _FP},
             "tensors": {key: {"weight": fmt or {"bits": 4, "group_size": 64}}}}
 
 
@@ -121,7 +121,7 @@ def nan_model(w: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mpsearch.models import load_model
-    from mpsearch.plan import fingerprint
+    from mpsearch.core.plan import fingerprint
 
     tok = load_model("smollm2").tokenizer
     torch.manual_seed(0)
@@ -131,7 +131,7 @@ def nan_model(w: Path) -> None:
         m.model.norm.weight.fill_(float("inf"))
     m.save_pretrained(w / "nan")
     tok.save_pretrained(w / "nan")
-    (w / "plan.json").write_text(json.dumps({"format": "mpsearch.plan/v1", "model": {"id": "nan", "fingerprint": fingerprint(m)},
+    (w / "plan.json").write_text(json.dumps({"format": "mpsearch.core.plan/v1", "model": {"id": "nan", "fingerprint": fingerprint(m)},
                                              "tensors": {Q: {"weight": {"bits": 4, "group_size": 64}}}}))
 
 
@@ -424,7 +424,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, nargs="*", default=None, help="run only these items (1-10)")
     ap.add_argument("--out", default=str(OUT / "hostile"), help="results prefix (default benchmarks/results/hostile)")
     a = ap.parse_args()
-    from mpsearch.cache import cache_dir
+    from mpsearch.store.cache import cache_dir
     from mpsearch.models import load_model
 
     load_model("smollm2")  # the warm cache holds the converted default model and its data

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from mpsearch.models import load_model, load_text, token_chunks
-from mpsearch.plan import write_json_atomic
+from mpsearch.core.plan import write_json_atomic
 from mpsearch.primitives.hessian import hutchinson
 from mpsearch.primitives.hutchpp import hutchpp
-from mpsearch.space import SearchSpace
+from mpsearch.core.space import SearchSpace
 
 from foundation import RESULTS, machine  # noqa: E402  (same folder)
 

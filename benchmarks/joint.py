@@ -15,7 +15,7 @@ K/V at 2, 3, 4, 8 bits or fp16); losses are measured single-target KL (weights: 
 
 Each plan is measured on the decode path: ``windows`` Persuasion windows of ``context``
 tokens, prefilled through the quantized cache, the last 128 decoded one at a time.
-Runs ``mpsearch.search`` (the same path as ``mpsearch search --space llama_wkv --context N``).
+Runs ``mpsearch.run.search`` (the same path as ``mpsearch search --space llama_wkv --context N``).
 SmolLM2's weights are dequantized Q4_1: a 4-bit g32 weight format reproduces them exactly.
 
 Writes ``benchmarks/results/joint.csv``: ``model, budget_bytes, context, allocation, ppl, kl``
@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from foundation import machine
-from mpsearch.search import SearchConfig, search
+from mpsearch.run.search import SearchConfig, search
 
 OUT = Path(__file__).parent / "results"
 
@@ -41,7 +41,7 @@ OUT = Path(__file__).parent / "results"
 def sizes(model: str) -> tuple[int, int]:
     """Decision weights of the llama_wkv space, and K + V elements per token (SmolLM2: 106,168,320 and 2 x 30 x 3 x 64)."""
     from mpsearch.models import load_model
-    from mpsearch.space import SearchSpace
+    from mpsearch.core.space import SearchSpace
 
     lm = load_model(model)
     c = lm.model.config

@@ -6,7 +6,7 @@ Every layer's K and V cache of SmolLM2 gets one format (weights stay as they are
 weights are dequantized Q4_1, which does not touch the cache). Each plan is applied with
 ``mpsearch.quant.applied`` and measured on the inference path: each evaluation window of
 ``context`` Persuasion tokens is prefilled through the cache 1024 tokens at a time, then its
-last ``decode`` tokens are decoded one at a time (:class:`mpsearch.evaluate.DecodeEvaluator`);
+last ``decode`` tokens are decoded one at a time (:class:`mpsearch.measure.evaluate.DecodeEvaluator`);
 ppl and KL(reference || quantized) are over those decoded tokens.
 
 - ``naive-per-token``: ``kvtok``, asymmetric uniform per token and head, fp16 min and scale;
@@ -31,12 +31,12 @@ import pandas as pd
 import torch
 
 from foundation import machine
-from mpsearch.bootstrap import mean_ci
-from mpsearch.evaluate import DecodeEvaluator
-from mpsearch.format import Format
+from mpsearch.core.stats import mean_ci
+from mpsearch.measure.evaluate import DecodeEvaluator
+from mpsearch.core.format import Format
 from mpsearch.models import load_model, load_text, token_chunks
 from mpsearch.models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
-from mpsearch.plan import Plan, fingerprint
+from mpsearch.core.plan import Plan, fingerprint
 from mpsearch.quant import applied
 from mpsearch.quant.calibrate import calibrate
 from mpsearch.quant.kvcache import bits_per_element

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from foundation import machine
-from mpsearch.format import Format
+from mpsearch.core.format import Format
 from mpsearch.models import load_model, load_text, token_chunks
 from mpsearch.models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from mpsearch.quant.calibrate import calibrate

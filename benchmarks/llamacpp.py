@@ -50,9 +50,9 @@ from mpsearch.export import export  # noqa: E402
 from mpsearch.export.names import source_gguf  # noqa: E402
 from mpsearch.models import load_model, load_text, token_chunks  # noqa: E402
 from mpsearch.models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, conventions  # noqa: E402
-from mpsearch.evaluate import Evaluator  # noqa: E402
-from mpsearch.plan import Plan  # noqa: E402
-from mpsearch.search import SearchConfig, search  # noqa: E402
+from mpsearch.measure.evaluate import Evaluator  # noqa: E402
+from mpsearch.core.plan import Plan  # noqa: E402
+from mpsearch.run.search import SearchConfig, search  # noqa: E402
 
 #: the issue's k-quant presets, and the i-quants that are llama.cpp's best files at 4.2-4.5 bpw with an imatrix
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ3_S", "IQ4_XS", "IQ4_NL", "Q4_K_S", "Q4_K_M", "Q5_K_M")

@@ -19,7 +19,7 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
-from mpsearch.cache import cache_dir
+from mpsearch.store.cache import cache_dir
 
 VERSION = "11434.0.0"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")

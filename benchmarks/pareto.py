@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mpsearch.baselines import recipe_formats
-from mpsearch.evolution import EvolutionConfig, pareto_mask, run_evolution
-from mpsearch.plan import write_json_atomic
-from mpsearch.predictor import PredictorConfig, predictor_search
-from mpsearch.report import bit_heatmap, pareto_plot
-from mpsearch.search import SearchConfig, solver_params
-from mpsearch.session import Session
+from mpsearch.solvers.baselines import recipe_formats
+from mpsearch.run.evolution import EvolutionConfig, pareto_mask, run_evolution
+from mpsearch.core.plan import write_json_atomic
+from mpsearch.solvers.predictor import PredictorConfig, predictor_search
+from mpsearch.report.plots import bit_heatmap, pareto_plot
+from mpsearch.run.search import SearchConfig, solver_params
+from mpsearch.run.session import Session
 from mpsearch.solvers import Status, get_solver
 
 from foundation import RESULTS, machine  # noqa: E402  (same folder)

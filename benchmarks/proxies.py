@@ -46,9 +46,9 @@ def time_family(name: str, threads: int, out: Path, model: str) -> None:
     from mpsearch.models.data import DEFAULT_CALIBRATION, conventions
     from mpsearch.primitives import compute_primitives, families, weights_hash
     from mpsearch.primitives.sensitivity import measured_kl
-    from mpsearch.profiling import Stages
-    from mpsearch.session import KL_SLICE
-    from mpsearch.space import SearchSpace
+    from mpsearch.core.profiling import Stages
+    from mpsearch.run.session import KL_SLICE
+    from mpsearch.core.space import SearchSpace
 
     torch.set_num_threads(threads)
     lm = load_model(model)
@@ -81,7 +81,7 @@ def main() -> None:
 
     from mpsearch.primitives import families
     from mpsearch.proxies import list_proxies
-    from mpsearch.search import SearchConfig, search
+    from mpsearch.run.search import SearchConfig, search
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     records = []

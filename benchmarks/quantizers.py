@@ -32,14 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import RESULTS, machine  # noqa: E402
 
 from mpsearch.cost import plan_bits  # noqa: E402
-from mpsearch.evaluate import Evaluator  # noqa: E402
-from mpsearch.format import Format  # noqa: E402
+from mpsearch.measure.evaluate import Evaluator  # noqa: E402
+from mpsearch.core.format import Format  # noqa: E402
 from mpsearch.models import load_model, load_text, token_chunks  # noqa: E402
 from mpsearch.models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, conventions  # noqa: E402
 from mpsearch.quant import get_quantizer, quantize  # noqa: E402
 from mpsearch.primitives import compute_primitives  # noqa: E402
-from mpsearch.search import SearchConfig  # noqa: E402
-from mpsearch.space import SearchSpace  # noqa: E402
+from mpsearch.run.search import SearchConfig  # noqa: E402
+from mpsearch.core.space import SearchSpace  # noqa: E402
 
 #: (label, key template) per quantizer; {b} is the bits
 METHODS = (

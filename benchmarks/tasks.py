@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/tasks.py [--threads 2] [--plans-dir RUN/plans] [--formats u3g64a,u4g64a]
 
 Model SmolLM2-135M (``--model``); held-out text Persuasion. Each plan is measured on
-16 x 512 evaluation tokens (ppl, KL to the unquantized model; :class:`mpsearch.evaluate.Evaluator`,
+16 x 512 evaluation tokens (ppl, KL to the unquantized model; :class:`mpsearch.measure.evaluate.Evaluator`,
 as ``mpsearch evaluate`` does) and on two tasks built from the same text
-(:mod:`mpsearch.tasks`): 200 LAMBADA-style cloze items (greedy last word of a sentence)
+(:mod:`mpsearch.measure.tasks`): 200 LAMBADA-style cloze items (greedy last word of a sentence)
 and 100 four-way continuation items (the true next sentence among three of similar
 length; ``mc_acc`` by summed log-likelihood, ``mc_acc_norm`` per byte), contexts of 128 tokens.
 
@@ -36,17 +36,17 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import RESULTS, machine  # noqa: E402
 
-from mpsearch.baselines import uniform_formats  # noqa: E402
-from mpsearch.cache import tokens_hash  # noqa: E402
+from mpsearch.solvers.baselines import uniform_formats  # noqa: E402
+from mpsearch.store.cache import tokens_hash  # noqa: E402
 from mpsearch.cost import plan_bits  # noqa: E402
-from mpsearch.evaluate import Evaluator  # noqa: E402
-from mpsearch.format import Format  # noqa: E402
+from mpsearch.measure.evaluate import Evaluator  # noqa: E402
+from mpsearch.core.format import Format  # noqa: E402
 from mpsearch.models import load_model, load_text, token_chunks  # noqa: E402
 from mpsearch.models.data import DEFAULT_EVALUATION, conventions  # noqa: E402
-from mpsearch.plan import Plan, fingerprint, write_json_atomic  # noqa: E402
+from mpsearch.core.plan import Plan, fingerprint, write_json_atomic  # noqa: E402
 from mpsearch.quant import applied  # noqa: E402
-from mpsearch.space import SearchSpace  # noqa: E402
-from mpsearch.tasks import TaskEvaluator, TaskSettings, wilson_ci  # noqa: E402
+from mpsearch.core.space import SearchSpace  # noqa: E402
+from mpsearch.measure.tasks import TaskEvaluator, TaskSettings, wilson_ci  # noqa: E402
 
 FORMATS = "u2g32a,u3g64a,u3g32a,u4g64a,u4g32a,u5g64a,u6g64a,u8g64a"
 COLUMNS = ["plan", "effective_bits", "ppl", "kl", "cloze_acc", "mc_acc"]

@@ -43,7 +43,7 @@ SEARCH = ["--budget", "uniform:3", "--population", "4", "--calib-chunks", "2", "
 def study(url: str, name: str):
     import optuna
 
-    from mpsearch.storage import open_storage
+    from mpsearch.store.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.load_study(study_name=name, storage=open_storage(url, 10))
@@ -86,7 +86,7 @@ def measured_throughput(url: str, workers: int, trials: int, base_cache: Path, t
 
 
 def overhead(url: str, workers: int, trials: int, tmp: Path) -> dict:
-    from mpsearch.evolution import EvolutionConfig, evolve
+    from mpsearch.run.evolution import EvolutionConfig, evolve
     from tests.procs.toy_worker import toy_space
 
     evolve(toy_space(12), None, url, EvolutionConfig(trials=trials, population=8, study_name="toy"), progress=False, work=False)

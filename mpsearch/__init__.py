@@ -6,10 +6,10 @@
 """
 __version__ = "0.1.0"
 
-from .evaluate import Evaluator, evaluate_plan  # noqa: E402
-from .plan import Plan, PlanError  # noqa: E402
+from .measure.evaluate import Evaluator, evaluate_plan  # noqa: E402
+from .core.plan import Plan, PlanError  # noqa: E402
 from .quant import Format, apply, apply_  # noqa: E402
-from .search import SearchConfig, SearchResult, search  # noqa: E402
-from .space import SearchSpace  # noqa: E402
+from .run.search import SearchConfig, SearchResult, search  # noqa: E402
+from .core.space import SearchSpace  # noqa: E402
 
 __all__ = ["Evaluator", "Format", "Plan", "PlanError", "SearchConfig", "SearchResult", "SearchSpace", "apply", "apply_", "evaluate_plan", "search"]

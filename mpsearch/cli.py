@@ -1,7 +1,7 @@
 """The ``mpsearch`` command: ``search``, ``evolve``, ``worker``, ``apply``, ``eval``, ``export``, ``heatmap``,
 ``leaderboard``, ``evolve-proxy``, ``profile-device``, ``report`` and ``list``.
 
-Every command is a thin layer over one library call (``mpsearch.search``,
+Every command is a thin layer over one library call (``mpsearch.run.search``,
 ``mpsearch.apply_``, ``mpsearch.evaluate_plan``); errors in the input are printed as
 one line naming the problem, with exit status 2.
 """
@@ -14,13 +14,13 @@ import logging
 import sys
 from pathlib import Path
 
-from .files import check_out_dir, check_out_file, prepare_out_dir
+from .core.files import check_out_dir, check_out_file, prepare_out_dir, shipped
 from .models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 
 
 def search_config(a: argparse.Namespace):
-    from .search import SearchConfig
-    from .space import Rule, SearchSpace
+    from .run.search import SearchConfig
+    from .core.space import Rule, SearchSpace
 
     base = SearchSpace.from_file(a.space).base_format
     rules = [Rule.parse_cli(kind, text, base) for kind in ("pin", "min_bits", "max_bits", "exclude") for text in getattr(a, kind)]
@@ -44,7 +44,7 @@ def search_config(a: argparse.Namespace):
 
 
 def _search(a: argparse.Namespace) -> int:
-    from .search import search
+    from .run.search import search
 
     res = search(search_config(a))
     print(summary(res.table))
@@ -75,9 +75,9 @@ def _profile_device(a: argparse.Namespace) -> int:
     from .cost.hardware import write_hardware
     from .cost.profile import local_hardware, profile_device
     from .models import load_model
-    from .space import SearchSpace
+    from .core.space import SearchSpace
 
-    from .device import resolve_device
+    from .core.device import resolve_device
 
     if resolve_device(a.device).type != "cpu":  # the hooks read a host clock: on a GPU they would time kernel launches
         raise ValueError(f"--device {a.device}: profile-device times kernels on the CPU only (its timers read a host clock, which "
@@ -104,7 +104,7 @@ def _profile_device(a: argparse.Namespace) -> int:
 
 
 def _report(a: argparse.Namespace) -> int:
-    from .html_report import write_report
+    from .report.html import write_report
 
     if not (Path(a.run) / "results.csv").is_file():
         raise FileNotFoundError(f"{a.run} holds no results.csv: give a search's output folder")
@@ -114,8 +114,8 @@ def _report(a: argparse.Namespace) -> int:
 
 
 def _evolve(a: argparse.Namespace) -> int:
-    from .evolution import EvolutionConfig, run_evolution
-    from .session import Session
+    from .run.evolution import EvolutionConfig, run_evolution
+    from .run.session import Session
 
     lo, hi = _window(a.window)
     cfg = search_config(a)
@@ -125,7 +125,7 @@ def _evolve(a: argparse.Namespace) -> int:
                           study_name=a.study_name)
     check_out_dir(a.out)
     if a.storage and "://" in a.storage:
-        from .storage import open_storage
+        from .store.storage import open_storage
 
         open_storage(a.storage, a.heartbeat)  # a bad URL or a missing driver fails before the model loads
     session = Session.open(cfg)
@@ -138,7 +138,7 @@ def _evolve(a: argparse.Namespace) -> int:
 
 
 def _worker(a: argparse.Namespace) -> int:
-    from .worker import run_worker
+    from .run.worker import run_worker
 
     if a.out:
         check_out_dir(a.out)
@@ -177,8 +177,8 @@ def _window(text: str | None) -> tuple[float | None, float | None]:
 
 def _heatmap(a: argparse.Namespace) -> int:
     from .models import load_model
-    from .plan import Plan
-    from .report import bit_heatmap
+    from .core.plan import Plan
+    from .report.plots import bit_heatmap
 
     check_out_file(a.out)
     plan = Plan.load(a.plan)
@@ -202,11 +202,11 @@ def _apply(a: argparse.Namespace) -> int:
     import torch
 
     from .models import load_model
-    from .plan import Plan
+    from .core.plan import Plan
     from .quant import apply_
     from .quant.apply import check_plan
 
-    from .device import resolve_device
+    from .core.device import resolve_device
 
     device = resolve_device(a.device)
     torch.set_num_threads(a.threads)
@@ -241,7 +241,7 @@ APPLIED_MARKER = "mpsearch_plan.txt"
 def _export(a: argparse.Namespace) -> int:
     import torch
 
-    from .device import resolve_device
+    from .core.device import resolve_device
     from .export import export
 
     if resolve_device(a.device).type != "cpu":  # checked like every model command's, then said what it means here
@@ -263,7 +263,7 @@ NEAREST_TARGETS = ("compressed-tensors", "torchao", "gptqmodel", "autoround")
 
 
 def _eval(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_plan
+    from .measure.evaluate import evaluate_plan
 
     res = evaluate_plan(a.plan, model=a.model, evaluation=a.evaluation, seq_len=a.eval_seq_len, chunks=a.eval_chunks, threads=a.threads,
                         progress=not a.quiet, space=a.space, all_tensors=a.all_tensors, context=a.context, decode=a.decode,
@@ -274,7 +274,7 @@ def _eval(a: argparse.Namespace) -> int:
 
 
 def _leaderboard(a: argparse.Namespace) -> int:
-    from .leaderboard import run
+    from .run.leaderboard import run
     from .proxies import list_proxies
 
     from .proxies import load_proxy
@@ -290,9 +290,9 @@ def _leaderboard(a: argparse.Namespace) -> int:
 
 
 def _evolve_proxy(a: argparse.Namespace) -> int:
-    from .emq import GPConfig, Problem, evolve, term_proxies, write_proxy
-    from .groundtruth import load_ground_truth
-    from .leaderboard import held_out, session_for
+    from .proxies.emq import GPConfig, Problem, evolve, term_proxies, write_proxy
+    from .run.groundtruth import load_ground_truth
+    from .run.leaderboard import held_out, session_for
 
     check_out_file(a.out)
     check_out_file(a.checkpoint, "--checkpoint")
@@ -309,13 +309,14 @@ def _evolve_proxy(a: argparse.Namespace) -> int:
 
 
 def _list(a: argparse.Namespace) -> int:
-    from . import registry, solvers  # noqa: F401
+    from .core import registry
+    from . import solvers  # noqa: F401
     from .models.loader import PACKAGED, WITH_DATA
     from .primitives import families
     from .proxies import list_proxies
 
-    spaces = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "search_spaces").glob("*.toml"))
-    from .targets import runtime_proxy_names
+    spaces = sorted(p.stem for p in shipped("search_spaces").glob("*.toml"))
+    from .run.targets import runtime_proxy_names
 
     print("proxies:", ", ".join(list_proxies()))
     print("run-time proxies (inputs, KV cache):", ", ".join(runtime_proxy_names()))
@@ -341,7 +342,7 @@ def _list(a: argparse.Namespace) -> int:
 
 
 def _export_targets() -> str:
-    from . import registry
+    from .core import registry
     import mpsearch.export  # noqa: F401  (registers the exporters)
 
     return "; ".join(f"{n} ({registry.get('exporter', n).about})" for n in registry.names("exporter"))
@@ -349,7 +350,7 @@ def _export_targets() -> str:
 
 def device_arg(sp: argparse.ArgumentParser) -> None:
     """``--device`` for a command that runs a model; the choices are checked by
-    :func:`mpsearch.device.resolve_device`, whose messages say what to use instead."""
+    :func:`mpsearch.core.device.resolve_device`, whose messages say what to use instead."""
     sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
 
 
@@ -561,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mpsearch {a.cmd}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk or a folder it may not write: one line naming the place, not a traceback
-        from .cache import NO_SPACE, NOT_WRITABLE
+        from .store.cache import NO_SPACE, NOT_WRITABLE
 
         if e.errno not in NO_SPACE | NOT_WRITABLE:
             raise
@@ -583,7 +584,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .models.data import DataError
     from .models.loader import ModelError
     from .primitives import PrimitiveError
-    from .registry import UnknownComponentError
+    from .core.registry import UnknownComponentError
     from .solvers import SolverError
 
     # ValueError covers PlanError, SpaceError, BudgetError, FormatError, ExpressionError, ProxyFileError

@@ -89,7 +89,7 @@ def tiny_run(tmp_path):
     Returns ``config(**overrides)``, a :class:`mpsearch.SearchConfig` for a whole search on them.
     Task accuracy and the kernel timings are off unless a test turns them on (tests/test_costs.py).
     """
-    from mpsearch.search import SearchConfig
+    from mpsearch.run.search import SearchConfig
 
     tok = tiny_tokenizer()
     model = tiny_llama(vocab=len(tok))
@@ -114,7 +114,7 @@ def tiny_gguf(path, seed: int = 0, hidden: int = 256, intermediate: int = 512, l
     import gguf
     import numpy as np
 
-    from mpsearch.format import Format
+    from mpsearch.core.format import Format
     from mpsearch.quant.ggml import TYPES, pack
 
     g = np.random.default_rng(seed)

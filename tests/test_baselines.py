@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from mpsearch.baselines import natural_recipe, recipe_formats, recipe_split, uniform_formats, use_more_bits
+from mpsearch.solvers.baselines import natural_recipe, recipe_formats, recipe_split, uniform_formats, use_more_bits
 from mpsearch.cost import Budget, plan_bits
-from mpsearch.format import Format
-from mpsearch.space import SearchSpace
+from mpsearch.core.format import Format
+from mpsearch.core.space import SearchSpace
 
 from .conftest import tiny_llama
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from mpsearch import cache
-from mpsearch.cache import cache_dir, content_key, read_json, tokens_hash, write_json
-from mpsearch.search import search
+from mpsearch.store.cache import cache_dir, content_key, read_json, tokens_hash, write_json
+from mpsearch.run.search import search
 
 from .conftest import tiny_llama, tiny_tokenizer
 
@@ -314,9 +314,9 @@ def test_a_corrupt_checkpoint_is_discarded_and_the_pass_starts_over(model, corru
 def test_the_evaluation_key_covers_the_importance_vector_where_a_format_reads_it():
     import torch
 
-    from mpsearch.format import Format
-    from mpsearch.plan import Plan
-    from mpsearch.session import plan_hash
+    from mpsearch.core.format import Format
+    from mpsearch.core.plan import Plan
+    from mpsearch.run.session import plan_hash
 
     def plan(fmt, imp):
         return Plan("m", "sha256:x", {"a": {"weight": Format.parse(fmt)}}, importance=None if imp is None else {"a": imp})

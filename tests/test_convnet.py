@@ -11,10 +11,10 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
-from mpsearch.layers import input_rows, kind_of, matrix, set_matrix, weight_modules
+from mpsearch.core.layers import input_rows, kind_of, matrix, set_matrix, weight_modules
 from mpsearch.models.batches import LabelledBatches, as_batches
 from mpsearch.models.loader import LoadedModel, WITH_DATA
-from mpsearch.space import SearchSpace, SpaceError
+from mpsearch.core.space import SearchSpace, SpaceError
 
 
 class TinyCNN(nn.Module):
@@ -146,7 +146,7 @@ def test_search_cli_on_a_tiny_conv_net(tmp_path, monkeypatch):
 
 
 def test_own_data_refuses_text_flags_before_the_model_loads(monkeypatch):
-    from mpsearch.search import SearchConfig
+    from mpsearch.run.search import SearchConfig
 
     def never():
         raise AssertionError("the model was loaded before the bad flag was found")

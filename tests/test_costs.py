@@ -14,9 +14,9 @@ from .conftest import tiny_llama
 from mpsearch.cost import BudgetError
 from mpsearch.cost.hardware import BUILTIN, HardwareError, load_hardware, read_hardware
 from mpsearch.cost.model import ConstraintSpec, ModelShape, Workload, get_cost
-from mpsearch.format import Format
-from mpsearch.progress import SearchProgress
-from mpsearch.space import Member
+from mpsearch.core.format import Format
+from mpsearch.core.progress import SearchProgress
+from mpsearch.core.space import Member
 
 FORMATS = ["fp16", "u2g32a", "u3g64a", "u4g32a", "u4g64a", "u6g64a", "u8g32a", "u8gcha"]
 
@@ -127,7 +127,7 @@ def test_every_kernel_computes_the_layer_it_packs(key, rows, out, seed) -> None:
 
 def test_a_deployed_plan_computes_what_the_fake_quantized_model_does() -> None:
     from mpsearch.kernels.deploy import deploy
-    from mpsearch.plan import Plan, fingerprint
+    from mpsearch.core.plan import Plan, fingerprint
     from mpsearch.quant import applied
 
     model = tiny_llama()
@@ -147,7 +147,7 @@ def test_a_deployed_plan_computes_what_the_fake_quantized_model_does() -> None:
 def test_profile_device_times_every_shape_and_format_and_caches_it() -> None:
     from mpsearch.cost.profile import profile_device
     from mpsearch.kernels import kernels_for
-    from mpsearch.space import SearchSpace
+    from mpsearch.core.space import SearchSpace
 
     model = tiny_llama()
     decisions = SearchSpace.from_file("llama").build(model)
@@ -189,7 +189,7 @@ def sentences_text(n: int = 400, seed: int = 0) -> str:
 
 
 def test_a_search_under_energy_and_measured_latency_limits_carries_every_cost(tiny_run, tmp_path) -> None:
-    from mpsearch.search import search
+    from mpsearch.run.search import search
 
     (tmp_path / "story.txt").write_text(sentences_text())
     base = dict(profile=True, tasks=True, task_items=12, task_context=24, evaluation=str(tmp_path / "story.txt"), refine=2)
@@ -216,7 +216,7 @@ def test_a_search_under_energy_and_measured_latency_limits_carries_every_cost(ti
 
 
 def test_a_limit_no_plan_meets_fails_before_the_heavy_stages(tiny_run, tmp_path) -> None:
-    from mpsearch.search import search
+    from mpsearch.run.search import search
 
     with pytest.raises(BudgetError, match=r"cannot be met: the cheapest plan costs [0-9.e+-]+ mJ"):
         search(tiny_run(constraints=("energy<=1nJ",)))

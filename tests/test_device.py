@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
-import mpsearch.device as device_mod
-from mpsearch.cache import content_key, tokens_hash
+import mpsearch.core.device as device_mod
+from mpsearch.store.cache import content_key, tokens_hash
 from mpsearch.cli import main, parser
-from mpsearch.device import device_parts, model_device, resolve_device
-from mpsearch.format import Format
-from mpsearch.search import SearchConfig
+from mpsearch.core.device import device_parts, model_device, resolve_device
+from mpsearch.core.format import Format
+from mpsearch.run.search import SearchConfig
 from tests.conftest import tiny_llama
 from tests.other_device import OTHER, OtherDevice
 
@@ -174,10 +174,10 @@ def test_primitives_on_another_device_equal_the_cpu_and_are_cached_apart(eager, 
 
 
 def test_measured_kl_evaluation_and_tasks_on_another_device(eager, tokens):
-    from mpsearch.evaluate import DecodeEvaluator, Evaluator
+    from mpsearch.measure.evaluate import DecodeEvaluator, Evaluator
     from mpsearch.primitives.sensitivity import measured_kl
-    from mpsearch.space import SearchSpace
-    from mpsearch.tasks import continuation_scores
+    from mpsearch.core.space import SearchSpace
+    from mpsearch.measure.tasks import continuation_scores
 
     decisions = SearchSpace.from_file("llama").build(eager)[:2]
     imp = {m.name: torch.rand(m.in_features) for d in decisions for m in d.members}
@@ -228,8 +228,8 @@ def test_every_weight_quantizer_on_another_device():
 
 def test_runtime_calibration_and_hooks_on_another_device(eager, tokens):
     """Activation / KV formats: calibrated on the device (results on the CPU, cached apart), applied as hooks there."""
-    from mpsearch.evaluate import DecodeEvaluator
-    from mpsearch.plan import Plan, fingerprint
+    from mpsearch.measure.evaluate import DecodeEvaluator
+    from mpsearch.core.plan import Plan, fingerprint
     from mpsearch.quant import applied
     from mpsearch.quant.calibrate import calibrate
 
@@ -253,13 +253,13 @@ def test_runtime_calibration_and_hooks_on_another_device(eager, tokens):
 
 
 def test_a_whole_search_on_another_device(tiny_run, monkeypatch):
-    """``mpsearch.search`` with the model on another device: the CPU's plans and measurements
+    """``mpsearch.run.search`` with the model on another device: the CPU's plans and measurements
     (to fp32 rounding: SDPA picks another kernel there), and its own cache entries."""
-    from mpsearch.search import search
+    from mpsearch.run.search import search
 
     kw = dict(proxies=("fisher", "measured_kl"), budgets=("3.5",), refine=2)
     cpu = search(tiny_run(out_dir=str(tiny_run().out_dir) + "-cpu", device="cpu", **kw))
-    monkeypatch.setattr("mpsearch.session.resolve_device", lambda spec: OTHER)
+    monkeypatch.setattr("mpsearch.run.session.resolve_device", lambda spec: OTHER)
     with OtherDevice():
         other = search(tiny_run(**kw))
     a, b = cpu.table.set_index("plan"), other.table.set_index("plan")
@@ -279,7 +279,7 @@ def test_cli_apply_and_eval_on_another_device(tiny_run, tmp_path, monkeypatch, c
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from mpsearch.plan import Plan, fingerprint
+    from mpsearch.core.plan import Plan, fingerprint
     from mpsearch.quant.apply import check_plan
 
     cfg = tiny_run()
@@ -319,7 +319,7 @@ def test_a_forgotten_move_fails_on_the_stand_in_device(eager, tokens):
 def test_stages_record_gpu_peaks_only_once_cuda_is_in_use(monkeypatch):
     """A CPU run's stages.csv keeps its columns; on a GPU each stage gets its peak GPU memory,
     nested stages folding into the stage around them."""
-    import mpsearch.profiling as profiling
+    import mpsearch.core.profiling as profiling
 
     class FakeCuda:
         allocated = peak = 0
@@ -376,7 +376,7 @@ def _agrees_with_the_cpu(device: torch.device, tokens) -> None:
     """The tiny Llama on ``device`` and on the CPU (default SDPA attention: the kernels a run uses).
 
     Tolerances, for fp32 on both (matmuls are fp32 unless the user enabled TF32; cuDNN's TF32
-    convolutions are turned off by :func:`mpsearch.device.exact_fp32`, not used by this model):
+    convolutions are turned off by :func:`mpsearch.core.device.exact_fp32`, not used by this model):
 
     - primitives from first derivatives and input statistics (fisher, grad, xtx, hinv, gram,
       synflow, the activation scalars): within 1e-4 relative plus 1e-4 of the primitive's largest
@@ -395,12 +395,12 @@ def _agrees_with_the_cpu(device: torch.device, tokens) -> None:
       level, so at most 0.1% of the weights differ, by at most one step; GPTQ's error feedback
       carries such a flip onward, so its result is compared by its error, within 1e-2 relative.
     """
-    from mpsearch.evaluate import Evaluator
-    from mpsearch.plan import Plan, fingerprint
+    from mpsearch.measure.evaluate import Evaluator
+    from mpsearch.core.plan import Plan, fingerprint
     from mpsearch.primitives import PrimitiveSettings, compute_primitives, primitive_names
     from mpsearch.primitives.sensitivity import measured_kl
     from mpsearch.quant import applied, quantize
-    from mpsearch.space import SearchSpace
+    from mpsearch.core.space import SearchSpace
 
     cpu = tiny_llama()
     gpu = copy.deepcopy(cpu).to(device)

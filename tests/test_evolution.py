@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpsearch.evolution import EvolutionConfig, Space, evolve, pareto_mask
+from mpsearch.run.evolution import EvolutionConfig, Space, evolve, pareto_mask
 
 pytest.importorskip("optuna")
 
@@ -124,7 +124,7 @@ def test_a_torn_last_journal_line_is_cut_off_and_the_study_resumes(tmp_path, cap
 
 
 def test_a_corrupt_journal_line_before_good_ones_is_an_error_naming_it(tmp_path) -> None:
-    from mpsearch.storage import repair_journal
+    from mpsearch.store.storage import repair_journal
 
     path = tmp_path / "study.log"
     path.write_bytes(b'{"a": 1}\nbroken\n{"b": 2}\n')

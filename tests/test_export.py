@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from mpsearch.export import ExportError, export
-from mpsearch.format import Format
+from mpsearch.core.format import Format
 from mpsearch.models import load_model
-from mpsearch.plan import Plan, fingerprint
+from mpsearch.core.plan import Plan, fingerprint
 from mpsearch.quant import applied
 from mpsearch.quant.ggml import TYPES
-from mpsearch.space import SearchSpace
+from mpsearch.core.space import SearchSpace
 from tests.conftest import tiny_gguf
 
 
@@ -106,7 +106,7 @@ def test_a_search_in_the_gguf_space_saves_plans_with_their_imatrix_and_they_expo
     from transformers import AutoModelForCausalLM
 
     from mpsearch.cli import main
-    from mpsearch.search import SearchConfig, search
+    from mpsearch.run.search import SearchConfig, search
     from tests.conftest import tiny_text
 
     monkeypatch.setenv("MPSEARCH_CACHE", str(tmp_path / "cache"))
@@ -140,7 +140,7 @@ def test_a_search_in_the_gguf_space_saves_plans_with_their_imatrix_and_they_expo
 
 
 def test_the_rich_space_searches_mixed_quantizers_and_counts_their_costs(tiny_run):
-    from mpsearch.search import search
+    from mpsearch.run.search import search
 
     res = search(tiny_run(space="rich", budgets=("3.6",), refine=0, eval_chunks=1))
     plan = res.plans["fisher-milp@3.6"]
@@ -153,13 +153,13 @@ def test_a_search_with_gptq_formats_collects_gram_matrices_and_its_plans_reapply
     """GPTQ in a search: the proxy table's error is the real GPTQ error (from each layer
     input's Gram matrix), the plan keeps the matrices of its GPTQ tensors, and a saved
     plan measures the same after loading."""
-    from mpsearch.evaluate import Evaluator
-    from mpsearch.plan import PlanError
+    from mpsearch.measure.evaluate import Evaluator
+    from mpsearch.core.plan import PlanError
     from mpsearch.quant import quantize
-    from mpsearch.search import search
+    from mpsearch.run.search import search
     from mpsearch.models.data import leading_tokens
     from mpsearch.quant import get_quantizer
-    from mpsearch.session import Session
+    from mpsearch.run.session import Session
     from tests.conftest import layer_inputs
 
     space = tmp_path / "gptq.toml"

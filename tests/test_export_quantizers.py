@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 
 from mpsearch.export import ExportError, export
-from mpsearch.format import Format
-from mpsearch.plan import Plan
-from mpsearch.plan import fingerprint
+from mpsearch.core.format import Format
+from mpsearch.core.plan import Plan
+from mpsearch.core.plan import fingerprint
 
 from .conftest import tiny_llama, tiny_tokenizer
 

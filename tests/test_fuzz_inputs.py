@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpsearch.cli import main
-from mpsearch.format import Format
-from mpsearch.plan import FORMAT_ID, Plan, fingerprint
-from mpsearch.registry import names
+from mpsearch.core.format import Format
+from mpsearch.core.plan import FORMAT_ID, Plan, fingerprint
+from mpsearch.core.registry import names
 from tests.conftest import tiny_llama, tiny_tokenizer
 
 #: seconds one case may take (they take milliseconds, a model-loading one under a second)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpsearch.format import Format, FormatError
+from mpsearch.core.format import Format, FormatError
 from mpsearch.quant import quantize
 from mpsearch.quant.ggml import TYPES, pack
 

@@ -18,10 +18,10 @@ import torch
 
 from mpsearch.cli import main
 from mpsearch.export import ExportError, export
-from mpsearch.format import Format, FormatError
-from mpsearch.plan import Plan, PlanError, fingerprint
+from mpsearch.core.format import Format, FormatError
+from mpsearch.core.plan import Plan, PlanError, fingerprint
 from mpsearch.quant import apply_
-from mpsearch.space import SearchSpace, SpaceError
+from mpsearch.core.space import SearchSpace, SpaceError
 from tests import confined
 from tests.conftest import tiny_gguf, tiny_llama, tiny_text, tiny_tokenizer
 from tests.test_validation import no_model_load  # noqa: F401  (fixture)
@@ -183,7 +183,7 @@ def test_gptq_at_the_largest_damp_is_still_finite():
 
 def test_an_unquantized_format_is_sixteen_bits(tmp_path):
     path = tmp_path / "p.json"
-    path.write_text(json.dumps({"format": "mpsearch.plan/v1", "model": {"id": "x", "fingerprint": "f"},
+    path.write_text(json.dumps({"format": "mpsearch.core.plan/v1", "model": {"id": "x", "fingerprint": "f"},
                                 "tensors": {Q: {"weight": {"quantizer": "none", "bits": 3}}}}))
     with pytest.raises(PlanError, match="quantizer 'none' has a fixed layout .bits=16.; got bits=3"):
         Plan.load(path)
@@ -214,7 +214,7 @@ def test_a_nan_measurement_never_exits_0(tiny_dir, tmp_path, capsys):
 
 
 def test_nonfinite_plans_are_named():
-    from mpsearch.search import nonfinite_plans
+    from mpsearch.run.search import nonfinite_plans
 
     t = pd.DataFrame({"plan": ["a", "b", "c"], "ppl": [1.0, math.nan, 2.0], "kl": [0.1, 0.2, math.inf]})
     assert nonfinite_plans(t) == ["b", "c"]
@@ -227,7 +227,7 @@ def deep(n: int) -> str:
 
 @pytest.mark.parametrize("text,needle", [
     (deep(200_000), "nests objects or arrays more than 32 levels deep"),
-    ('{"format": "mpsearch.plan/v1", "model": {"id": "x", "fingerprint": "y"}, "tensors": {}, "provenance": ' + deep(40) + "}",
+    ('{"format": "mpsearch.core.plan/v1", "model": {"id": "x", "fingerprint": "y"}, "tensors": {}, "provenance": ' + deep(40) + "}",
      "more than 32 levels"),
 ])
 def test_deeply_nested_plans_are_one_line(text, needle, tmp_path, capsys):
@@ -264,9 +264,9 @@ def test_plans_spaces_and_proxies_read_only_regular_files(kind, tmp_path, no_mod
 
 
 def test_an_oversized_plan_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    import mpsearch.plan
+    import mpsearch.core.plan
 
-    monkeypatch.setattr(mpsearch.plan, "PLAN_BYTES", 1000)
+    monkeypatch.setattr(mpsearch.core.plan, "PLAN_BYTES", 1000)
     (tmp_path / "p.json").write_text(" " * 1001)
     with pytest.raises(PlanError, match="is 1,001 bytes; a plan file is at most 1,000"):
         Plan.load(tmp_path / "p.json")

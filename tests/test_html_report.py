@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from mpsearch import html_report
-from mpsearch.format import Format
-from mpsearch.html_report import FIGURES, write_report
-from mpsearch.plan import Plan
+from mpsearch.core.format import Format
+from mpsearch.report.html import FIGURES, write_report
+from mpsearch.core.plan import Plan
 
 pytest.importorskip("plotly")
 
@@ -30,7 +30,7 @@ CANDIDATES = [Format(2, 64), Format(3, 64), Format(4, 64), Format(8, 64), Format
 
 
 def full_run(run: Path) -> Path:
-    """A finished search's folder, as mpsearch.search writes it (plus costs.csv)."""
+    """A finished search's folder, as mpsearch.run.search writes it (plus costs.csv)."""
     rng = np.random.default_rng(0)
     plans = {"uniform@bits:4": "uniform", "fisher-ilp@bits:3.5": "proxy", "kl-ilp@bits:3.5": "proxy", "recipe@bits:3.5": "recipe"}
     rows = [{"plan": "reference (unquantized)", "kind": "reference", "budget": None, "effective_bits": 32.0, "ppl": 12.0, "kl": 0.0}]
@@ -115,7 +115,7 @@ def test_full_run_has_every_figure(tmp_path) -> None:
 def test_partial_run_says_what_is_missing(tmp_path) -> None:
     pd.DataFrame([{"plan": "fisher-ilp@bits:3.5", "kind": "proxy", "budget": "bits:3.5", "effective_bits": 3.5,
                    "predicted_fisher": 0.1}]).to_csv(tmp_path / "results.csv", index=False)
-    done = subprocess.run([sys.executable, "-m", "mpsearch.html_report", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "mpsearch.report.html", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     text = (tmp_path / "report.html").read_text(encoding="utf-8")
     found = figure_divs(text)

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from scipy.stats import kendalltau, spearmanr
 
-from mpsearch.bootstrap import mean_ci, paired_diff_ci
-from mpsearch.leaderboard import BASELINES, held_out, rank, rho_at_k, scores
+from mpsearch.core.stats import mean_ci, paired_diff_ci
+from mpsearch.run.leaderboard import BASELINES, held_out, rank, rho_at_k, scores
 
 
 @settings(max_examples=30, deadline=None)
@@ -55,7 +55,7 @@ def test_rank_scores_the_held_out_plans_with_baselines():
 
 
 def test_paired_spearman_diff_of_a_proxy_with_itself_is_zero():
-    from mpsearch.leaderboard import paired_spearman_diff
+    from mpsearch.run.leaderboard import paired_spearman_diff
 
     rng = np.random.default_rng(2)
     y, p = rng.random(50), rng.random(50)
@@ -78,8 +78,8 @@ def cnn_session(monkeypatch):
     from tests.test_convnet import tiny_cnn_model
 
     from mpsearch.models.loader import WITH_DATA
-    from mpsearch.search import SearchConfig
-    from mpsearch.session import Session
+    from mpsearch.run.search import SearchConfig
+    from mpsearch.run.session import Session
 
     monkeypatch.setitem(WITH_DATA, "tiny-cnn", tiny_cnn_model)
     cfg = SearchConfig(model="tiny-cnn", space="cnn", proxies=("fisher", "mse"), budgets=("4",), calib_chunks=4, gram_chunks=4,
@@ -88,8 +88,8 @@ def cnn_session(monkeypatch):
 
 
 def test_ground_truth_is_stratified_deterministic_and_resumes(cnn_session, tmp_path):
-    from mpsearch.groundtruth import SamplerConfig, draw, load_ground_truth, make_ground_truth
-    from mpsearch.leaderboard import choices, plan_predictions, with_config
+    from mpsearch.run.groundtruth import SamplerConfig, draw, load_ground_truth, make_ground_truth
+    from mpsearch.run.leaderboard import choices, plan_predictions, with_config
 
     session, cfg = cnn_session
     sampler = SamplerConfig(plans=12, lo=3.0, hi=7.0, bins=4, redraw=(0.0, 1.0))
@@ -113,7 +113,7 @@ def test_ground_truth_is_stratified_deterministic_and_resumes(cnn_session, tmp_p
     # the plans' formats give back the predictions a proxy table makes
     ch = choices(session, table)
     pred = plan_predictions(session.losses["mse"], ch)
-    from mpsearch.search import predicted_loss
+    from mpsearch.run.search import predicted_loss
 
     fmts = json.loads(table.formats.iloc[3])
     direct = predicted_loss(session.tables["mse"], {m.name: next(f for f in d.formats if f.key == fmts[d.name])
@@ -140,7 +140,7 @@ def test_evolved_expression_text_computes_what_the_genome_computes(seed):
 
     from deap import gp
 
-    from mpsearch.emq import TERMS, _pset, to_expression
+    from mpsearch.proxies.emq import TERMS, _pset, to_expression
     from mpsearch.proxies.proxy import Proxy
 
     pset = _pset()
@@ -157,7 +157,7 @@ def test_evolved_expression_text_computes_what_the_genome_computes(seed):
 
 def _synthetic_problem(seed: int = 0):
     """Terms at random; the measured KL is a known expression of them, so the GP can find it."""
-    from mpsearch.emq import TERMS, Problem
+    from mpsearch.proxies.emq import TERMS, Problem
 
     rng = np.random.default_rng(seed)
     n_dec, n_opt, n_plans = 12, 4, 90
@@ -179,7 +179,7 @@ def test_screen_rejects_nan_constant_and_degenerate():
 
 
 def test_gp_finds_a_planted_proxy_and_resumes_exactly(tmp_path):
-    from mpsearch.emq import GPConfig, evolve, write_proxy
+    from mpsearch.proxies.emq import GPConfig, evolve, write_proxy
     from mpsearch.proxies.proxy import Proxy
 
     p = _synthetic_problem()
@@ -200,7 +200,7 @@ def test_gp_finds_a_planted_proxy_and_resumes_exactly(tmp_path):
 
 
 def test_gp_resume_from_a_middle_generation(tmp_path):
-    from mpsearch.emq import GPConfig, evolve
+    from mpsearch.proxies.emq import GPConfig, evolve
 
     p = _synthetic_problem(1)
     full = evolve(p, GPConfig(population=16, generations=4, seed=5), tmp_path / "full.pkl", progress=False)
@@ -213,8 +213,8 @@ def test_leaderboard_and_evolve_proxy_cli_on_a_tiny_ground_truth(cnn_session, tm
     """`mpsearch leaderboard` and `mpsearch evolve-proxy` end to end: CSV/MD/PNG, baselines,
     MILP plans measured, the evolved proxy written as an ordinary file and ranked."""
     from mpsearch.cli import main
-    from mpsearch.groundtruth import SamplerConfig, make_ground_truth
-    from mpsearch.leaderboard import with_config
+    from mpsearch.run.groundtruth import SamplerConfig, make_ground_truth
+    from mpsearch.run.leaderboard import with_config
 
     session, cfg = cnn_session
     gt = tmp_path / "gt.csv"
@@ -239,7 +239,7 @@ def test_leaderboard_and_evolve_proxy_cli_on_a_tiny_ground_truth(cnn_session, tm
 
 
 def test_spearman_within_bins_is_the_mean_of_the_bins():
-    from mpsearch.leaderboard import in_bins
+    from mpsearch.run.leaderboard import in_bins
 
     rng = np.random.default_rng(4)
     y, p = rng.random(40), rng.random(40)

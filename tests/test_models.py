@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpsearch.evaluate import Evaluator
+from mpsearch.measure.evaluate import Evaluator
 from mpsearch.models.data import TextData, conventions, leading_tokens, token_chunks
 
 from .conftest import tiny_llama, tiny_text, tiny_tokenizer

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpsearch.format import Format
+from mpsearch.core.format import Format
 from mpsearch.quant import quantize
 from mpsearch.quant.nonuniform import log_levels, nf_levels
 
@@ -140,8 +140,8 @@ def test_gptq_lowers_the_output_error_and_stays_on_the_group_grid(bits, act_orde
 
 
 def test_gptq_refuses_without_a_gram_matrix_and_so_does_a_search_without_calibration_importance():
-    from mpsearch.search import SearchConfig
-    from mpsearch.space import Rule
+    from mpsearch.run.search import SearchConfig
+    from mpsearch.core.space import Rule
 
     with pytest.raises(ValueError, match="Gram matrix"):
         quantize(torch.randn(4, 32), Format(4, 32, False, "gptq"), torch.ones(32))

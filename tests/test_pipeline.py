@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from mpsearch.cache import cache_dir
+from mpsearch.store.cache import cache_dir
 from mpsearch.cost import decision_costs
-from mpsearch.evaluate import Evaluator
+from mpsearch.measure.evaluate import Evaluator
 from mpsearch.primitives import PrimitiveError, compute_primitives
 from mpsearch.proxies import load_proxy
 from mpsearch.proxies.table import decision_losses, proxy_table
-from mpsearch.plan import Plan, fingerprint
+from mpsearch.core.plan import Plan, fingerprint
 from mpsearch.quant import applied
 from mpsearch.solvers import Problem, get_solver
-from mpsearch.space import SearchSpace
+from mpsearch.core.space import SearchSpace
 
 from .conftest import layer_inputs
 
@@ -92,7 +92,7 @@ def test_proxy_table_milp_plan_apply_evaluate(model, tokens, proxy):
 
 
 def test_caches_are_keyed_by_weight_values_not_just_shapes(tokens):
-    from mpsearch.plan import fingerprint as fp
+    from mpsearch.core.plan import fingerprint as fp
     from .conftest import tiny_llama
 
     a, b = tiny_llama(seed=0), tiny_llama(seed=5)

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from mpsearch.format import Format
-from mpsearch.plan import Plan, PlanError, fingerprint
+from mpsearch.core.format import Format
+from mpsearch.core.plan import Plan, PlanError, fingerprint
 from mpsearch.quant import applied, apply, apply_, quantizable_names
 
 from .conftest import tiny_llama
@@ -26,14 +26,14 @@ def test_round_trip(model, tmp_path):
     path = plan.save(tmp_path / "p.json")
     back = Plan.load(path)
     assert back.to_dict() == plan.to_dict()
-    assert json.loads(path.read_text())["format"] == "mpsearch.plan/v1"
+    assert json.loads(path.read_text())["format"] == "mpsearch.core.plan/v1"
 
 
 @pytest.mark.parametrize(
     "mutate,needle",
     [
         (lambda d: d.pop("format"), "'format'"),
-        (lambda d: d.update(format="mpsearch.plan/v0"), "format"),
+        (lambda d: d.update(format="mpsearch.core.plan/v0"), "format"),
         (lambda d: d.pop("tensors"), "'tensors'"),
         (lambda d: d.update(model="x"), "model"),
         (lambda d: d.update(extra=1), "extra"),
@@ -127,7 +127,7 @@ def test_a_weight_format_on_a_run_time_target_is_refused_clearly(model):
 def test_cli_reports_a_malformed_plan_in_one_line(tmp_path, capsys):
     from mpsearch.cli import main
 
-    (tmp_path / "bad.json").write_text(json.dumps({"format": "mpsearch.plan/v1", "model": {"id": "x", "fingerprint": "y"}, "tensors": {Q: {"weight": {"bits": 4, "grop_size": 64}}}}))
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "mpsearch.core.plan/v1", "model": {"id": "x", "fingerprint": "y"}, "tensors": {Q: {"weight": {"bits": 4, "grop_size": 64}}}}))
     assert main(["eval", str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err
     assert "grop_size" in err and Q in err and err.count("\n") == 1
@@ -136,7 +136,7 @@ def test_cli_reports_a_malformed_plan_in_one_line(tmp_path, capsys):
 def test_a_plan_with_an_importance_vector_saves_it_beside_and_checks_it_on_load(tmp_path):
     import torch
 
-    from mpsearch.plan import Plan, PlanError
+    from mpsearch.core.plan import Plan, PlanError
 
     imp = {"a": torch.rand(64), "b": torch.rand(32)}
     plan = Plan("m", "sha256:x", {"a": {"weight": Format.parse("q4_0")}, "b": {"weight": Format.parse("iq4_nl")}}, importance=imp)

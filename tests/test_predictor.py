@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpsearch.predictor import PredictorConfig, QualityPredictor, decision_groups, predictor_search
+from mpsearch.solvers.predictor import PredictorConfig, QualityPredictor, decision_groups, predictor_search
 from mpsearch.solvers import MILP, Problem
 
 pytest.importorskip("sklearn")

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from mpsearch.cache import cache_dir
+from mpsearch.store.cache import cache_dir
 from mpsearch.primitives import PrimitiveSettings, compute_primitives, families, family_of, primitive_names
 from mpsearch.primitives.activations import GPTQ_DAMP, KERNEL_BITS
 from mpsearch.primitives.hessian import hutchinson
 from mpsearch.proxies import PRIMITIVE_NAMES, list_proxies, load_proxy
 from mpsearch.proxies.table import proxy_table
-from mpsearch.space import SearchSpace
+from mpsearch.core.space import SearchSpace
 
 from .conftest import layer_inputs, tiny_llama
 
@@ -85,7 +85,7 @@ def test_the_gram_loss_proxy_reads_the_whole_output_error(all_tables):
     t = tables["gram_loss"]
     r = t[(t.tensor == DOWN) & (t.format == "u3g64a")].iloc[0]
     w = dict(tiny_llama().named_modules())[DOWN].weight.detach()
-    from mpsearch.format import Format
+    from mpsearch.core.format import Format
     from mpsearch.quant import quantize
 
     dw = (quantize(w, Format.parse("u3g64a")) - w).double()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from mpsearch.format import PER_CHANNEL, Format, FormatError
+from mpsearch.core.format import PER_CHANNEL, Format, FormatError
 from mpsearch.quant import quantize
 
 

@@ -13,9 +13,9 @@ import pytest
 
 from mpsearch.cli import main
 from mpsearch.models.data import NOVELS, load_text
-from mpsearch.plan import Plan, PlanError
+from mpsearch.core.plan import Plan, PlanError
 from mpsearch.quant import apply_
-from mpsearch.search import SearchConfig, search
+from mpsearch.run.search import SearchConfig, search
 
 from .conftest import tiny_llama
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mpsearch.search import search
+from mpsearch.run.search import search
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_refinement_off_returns_nothing_extra(tiny_run):
 
 
 def test_trust_region_path_runs_from_the_proxy_plan_to_the_anchor():
-    from mpsearch.refine import trust_region_path
+    from mpsearch.run.refine import trust_region_path
     from mpsearch.solvers import Problem
 
     rng = np.random.default_rng(0)

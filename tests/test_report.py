@@ -4,8 +4,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mpsearch.format import Format
-from mpsearch.report import bit_grid, bit_heatmap, pareto_plot
+from mpsearch.core.format import Format
+from mpsearch.report.plots import bit_grid, bit_heatmap, pareto_plot
 
 pytest.importorskip("matplotlib")
 

@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpsearch.evaluate import DecodeEvaluator
-from mpsearch.format import Format, FormatError
-from mpsearch.plan import Plan, PlanError, fingerprint
+from mpsearch.measure.evaluate import DecodeEvaluator
+from mpsearch.core.format import Format, FormatError
+from mpsearch.core.plan import Plan, PlanError, fingerprint
 from mpsearch.quant import applied, apply_, get_quantizer
 from mpsearch.quant.activation import quantize_cross, quantize_token
 from mpsearch.quant.calibrate import calibrate
@@ -196,7 +196,7 @@ def test_decode_path_scores_what_the_full_forward_scores():
 def test_joint_search_cli_on_a_tiny_model(tiny_run, tmp_path):
     """W+A+KV in one MILP from the CLI: every target in the plans, the memory budget kept, joint no worse predicted than separate."""
     from mpsearch.cli import main
-    from mpsearch.search import SearchConfig
+    from mpsearch.run.search import SearchConfig
 
     cfg: SearchConfig = tiny_run()
     out = tmp_path / "joint"
@@ -220,7 +220,7 @@ def test_joint_search_cli_on_a_tiny_model(tiny_run, tmp_path):
 
 
 def test_a_kv_space_without_context_or_with_a_bits_budget_fails_before_loading():
-    from mpsearch.search import SearchConfig
+    from mpsearch.run.search import SearchConfig
 
     with pytest.raises(ValueError, match="--context"):
         SearchConfig(space="llama_wkv", budgets=("100MB",))
@@ -317,8 +317,8 @@ def test_kv_hooks_and_decode_path_on_a_gemma_style_model():
 
 
 def test_an_interrupted_runtime_kl_pass_resumes_where_it_stopped(model, tokens, monkeypatch):
-    import mpsearch.targets as tg
-    from mpsearch.space import SearchSpace
+    import mpsearch.run.targets as tg
+    from mpsearch.core.space import SearchSpace
 
     space = SearchSpace.from_file("llama_wkv")
     decisions = tg.runtime_decisions(space, model, space.build(model))
@@ -362,7 +362,7 @@ def test_values_without_a_codebook_need_no_calibration(model, tokens):
 
 def test_a_bad_runtime_proxy_is_refused_before_loading(tmp_path):
     from mpsearch.proxies.proxy import ProxyFileError
-    from mpsearch.search import SearchConfig
+    from mpsearch.run.search import SearchConfig
 
     bad = tmp_path / "p.toml"
     bad.write_text('name = "p"\nexpression = "dw * 2"\n')  # a weight name: not a run-time primitive
@@ -374,7 +374,7 @@ def test_a_bad_runtime_proxy_is_refused_before_loading(tmp_path):
 
 def test_cached_calibration_is_served_only_intact(model, tokens):
     """The calibration cache entry is checked like every other: a damaged one is recomputed, never served."""
-    from mpsearch.cache import cache_dir
+    from mpsearch.store.cache import cache_dir
 
     sites = {(K0, "k_cache"): [Format.parse("kvquant3")], ("model.layers.0.mlp.down_proj", "input"): [Format.parse("cross8")]}
     first = calibrate(model, sites, tokens, weights_key="w")
@@ -392,8 +392,8 @@ def test_cached_calibration_is_served_only_intact(model, tokens):
 
 def test_weight_only_paths_refuse_a_space_with_run_time_targets():
     """evolve, the leaderboard and the predictor open a weights-only Session: they must not drop a space's inputs / KV silently."""
-    from mpsearch.search import SearchConfig
-    from mpsearch.session import Session
+    from mpsearch.run.search import SearchConfig
+    from mpsearch.run.session import Session
 
     cfg = SearchConfig(space="llama_wkv", budgets=("100MB",), context=256)
     with pytest.raises(ValueError, match="only `mpsearch search`"):
@@ -401,8 +401,8 @@ def test_weight_only_paths_refuse_a_space_with_run_time_targets():
 
 
 def test_a_fisher_runtime_proxy_skips_the_measured_kl_pass(model, tokens, monkeypatch):
-    import mpsearch.targets as tg
-    from mpsearch.space import SearchSpace
+    import mpsearch.run.targets as tg
+    from mpsearch.core.space import SearchSpace
 
     space = SearchSpace.from_file("llama_wkv")
     decisions = tg.runtime_decisions(space, model, space.build(model))

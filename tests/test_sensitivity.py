@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpsearch.plan import Plan, fingerprint
+from mpsearch.core.plan import Plan, fingerprint
 from mpsearch.primitives import sensitivity
 from mpsearch.primitives.sensitivity import measured_kl
 from mpsearch.quant import applied
-from mpsearch.space import SearchSpace
+from mpsearch.core.space import SearchSpace
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_weights_are_restored_and_results_cached(setup, monkeypatch):
 def test_corrupt_cache_is_recomputed(setup, caplog):
     model, tokens, decisions = setup
     measured_kl(model, decisions[:1], tokens, weights_key="w2", progress=False)
-    from mpsearch.cache import cache_dir
+    from mpsearch.store.cache import cache_dir
 
     for p in (cache_dir() / "sensitivity").glob("*.json"):
         p.write_text("{not json")

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpsearch.registry import UnknownComponentError
+from mpsearch.core.registry import UnknownComponentError
 from mpsearch.solvers import MILP, Allocator, BruteForce, Problem, SolverError, Status, get_solver
 
 pytestmark = pytest.mark.skipif(not MILP.is_available(), reason="HiGHS (highspy) not installed")

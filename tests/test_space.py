@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from mpsearch.cost import Budget, BudgetError, decision_costs, plan_bits
-from mpsearch.format import Format
-from mpsearch.session import check_budgets
-from mpsearch.space import Rule, SearchSpace, SpaceError
+from mpsearch.core.format import Format
+from mpsearch.run.session import check_budgets
+from mpsearch.core.space import Rule, SearchSpace, SpaceError
 
 
 @pytest.fixture

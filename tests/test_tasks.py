@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpsearch.models.data import leading_tokens
-from mpsearch.tasks import TaskEvaluator, TaskSettings, build_cloze, build_mc, continuation_scores, sentences, wilson_ci
+from mpsearch.measure.tasks import TaskEvaluator, TaskSettings, build_cloze, build_mc, continuation_scores, sentences, wilson_ci
 
 from .conftest import tiny_llama, tiny_tokenizer
 from .test_models import bos_tokenizer

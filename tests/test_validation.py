@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from mpsearch.cli import main, parser
-from mpsearch.format import Format, FormatError
-from mpsearch.plan import Plan, PlanError, fingerprint
+from mpsearch.core.format import Format, FormatError
+from mpsearch.core.plan import Plan, PlanError, fingerprint
 from mpsearch.quant import apply_, quantizable_names
-from mpsearch.space import SearchSpace, SpaceError
+from mpsearch.core.space import SearchSpace, SpaceError
 
 Q = "model.layers.0.self_attn.q_proj"
 
@@ -22,14 +22,14 @@ Q = "model.layers.0.self_attn.q_proj"
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Any attempt to load a model fails the test."""
-    import mpsearch.evaluate  # noqa: F401
+    import mpsearch.measure.evaluate  # noqa: F401
     import mpsearch.models
-    import mpsearch.session
+    import mpsearch.run.session
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(mpsearch.session, "load_model", refuse)
+    monkeypatch.setattr(mpsearch.run.session, "load_model", refuse)
     monkeypatch.setattr(mpsearch.models, "load_model", refuse)
 
 
@@ -87,7 +87,7 @@ def test_a_config_error_takes_seconds_on_a_cold_start(tmp_path):
 
 
 def test_budget_above_what_the_space_can_use_says_so(tiny_run, caplog):
-    from mpsearch.search import search
+    from mpsearch.run.search import search
 
     with caplog.at_level("WARNING"):
         res = search(tiny_run(budgets=("20",), measure=False, baselines=False))
@@ -96,9 +96,9 @@ def test_budget_above_what_the_space_can_use_says_so(tiny_run, caplog):
 
 
 def test_baselines_honour_pins(tiny_run):
-    from mpsearch.search import search
+    from mpsearch.run.search import search
 
-    res = search(tiny_run(measure=False, rules=(__import__("mpsearch.space", fromlist=["Rule"]).Rule(match=Q, pin=Format.full()),)))
+    res = search(tiny_run(measure=False, rules=(__import__("mpsearch.core.space", fromlist=["Rule"]).Rule(match=Q, pin=Format.full()),)))
     for name in ("uniform-u3g64a", "recipe@uniform:3"):
         assert res.plans[name].tensors[Q]["weight"].is_full, name
     assert res.plans["fisher-milp@uniform:3"].tensors[Q]["weight"].is_full
@@ -115,7 +115,7 @@ def test_baselines_honour_pins(tiny_run):
 ])
 def test_plan_formats_are_strict_on_load(fmt, needle, tmp_path, model):
     path = tmp_path / "p.json"
-    path.write_text(json.dumps({"format": "mpsearch.plan/v1", "model": {"id": "x", "fingerprint": fingerprint(model)},
+    path.write_text(json.dumps({"format": "mpsearch.core.plan/v1", "model": {"id": "x", "fingerprint": fingerprint(model)},
                                 "tensors": {Q: {"weight": fmt}}}))
     with pytest.raises(PlanError, match=needle.replace("[", r"\[").replace("]", r"\]")) as e:
         Plan.load(path)
@@ -172,7 +172,7 @@ def test_cli_apply_reports_tensors_and_writes_a_loadable_model(tiny_run, tmp_pat
 
     model_dir = tiny_run().model
     lm = load_model(model_dir)
-    plan = {"format": "mpsearch.plan/v1", "model": {"id": "tiny", "fingerprint": fingerprint(lm.model)},
+    plan = {"format": "mpsearch.core.plan/v1", "model": {"id": "tiny", "fingerprint": fingerprint(lm.model)},
             "tensors": {"_default": {"weight": {"bits": 4, "group_size": 32}}}}
     (tmp_path / "p.json").write_text(json.dumps(plan))
     assert main(["apply", str(tmp_path / "p.json"), "--model", model_dir, "--out", str(tmp_path / "q"), "--quiet"]) == 0
@@ -225,8 +225,8 @@ def argparse_suppress():
 
 def test_results_csv_grows_as_plans_are_measured(tiny_run, monkeypatch):
     """Issue 10 item 7: a search stopped while measuring left no results."""
-    from mpsearch.search import search
-    from mpsearch.session import Session
+    from mpsearch.run.search import search
+    from mpsearch.run.session import Session
 
     real, calls = Session.measure, []
 

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mpsearch.evolution import EvolutionConfig, evolve, trials_table
+from mpsearch.run.evolution import EvolutionConfig, evolve, trials_table
 from tests.procs.toy_worker import toy_quality, toy_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def log_lines(log: Path) -> list[tuple[int, str, str]]:
 def study_table(url: str) -> pd.DataFrame:
     import optuna
 
-    from mpsearch.storage import open_storage
+    from mpsearch.store.storage import open_storage
 
     return trials_table(optuna.load_study(study_name="toy", storage=open_storage(url, 1)))
 
@@ -132,7 +132,7 @@ def test_a_worker_given_a_missing_journal_fails_naming_it_and_creates_nothing(tm
 
 
 def test_a_worker_on_a_study_evolve_did_not_make_is_refused(tmp_path):
-    from mpsearch.worker import run_worker
+    from mpsearch.run.worker import run_worker
 
     toy_study(str(tmp_path / "s.log"), trials=2)
     with pytest.raises(ValueError, match="no study 'mpsearch'.*holds: toy"):

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..format import Format
-from ..space import Decision, Member
+from ..core.format import Format
+from ..core.space import Decision, Member
 
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,9 @@ class Budget:
         ``recipe:B`` is the size of the llama.cpp-style recipe with B bits for most tensors
         and B+2 for attention V / FFN down in the chosen layers (``recipe:4`` ~ Q4_K_M).
         Baselines honour the search space's rules (pins, bit bounds), see
-        :func:`mpsearch.baselines.uniform_formats`.
+        :func:`mpsearch.solvers.baselines.uniform_formats`.
         """
-        from ..baselines import natural_recipe, uniform_formats  # baselines build on costs
+        from ..solvers.baselines import natural_recipe, uniform_formats  # baselines build on costs
 
         kind, t, args = parse_budget_text(text)
         members = [mm for d in decisions for mm in d.members]

@@ -2,9 +2,9 @@
 Baskin et al.). Nominal bits: an unquantized tensor or a float input counts 16."""
 from __future__ import annotations
 
-from ..format import Format
-from ..registry import register
-from ..space import Member
+from ..core.format import Format
+from ..core.registry import register
+from ..core.space import Member
 from .model import CostModel, weight_bits
 
 

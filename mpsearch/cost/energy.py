@@ -7,9 +7,9 @@ head and reading the KV cache at ``workload.context`` tokens in fp16.
 """
 from __future__ import annotations
 
-from ..format import Format
-from ..registry import register
-from ..space import Member
+from ..core.format import Format
+from ..core.registry import register
+from ..core.space import Member
 from .model import CostModel, weight_bits, weight_bytes
 
 PJ = 1e-12

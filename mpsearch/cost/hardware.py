@@ -10,8 +10,9 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from ..core.files import shipped
 
-BUILTIN = Path(__file__).resolve().parents[2] / "hardware"
+BUILTIN = shipped("hardware")
 #: compute types a peak may be given for, from the narrowest
 COMPUTE_TYPES = ("int4", "int8", "fp8", "fp16", "bf16", "fp32")
 
@@ -97,7 +98,7 @@ def read_hardware(path: Path) -> Hardware:
 
 def write_hardware(hw: Hardware, path: Path) -> Path:
     """A profile as TOML (what ``profile-device`` writes for this machine)."""
-    from ..cache import atomic_path
+    from ..store.cache import atomic_path
 
     tmp = atomic_path(path)
     tmp.write_text(hardware_toml(hw))

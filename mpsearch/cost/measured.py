@@ -7,9 +7,9 @@ format costs is what the hardware does with it, which bits alone do not say (on 
 """
 from __future__ import annotations
 
-from ..format import Format
-from ..registry import register
-from ..space import Member
+from ..core.format import Format
+from ..core.registry import register
+from ..core.space import Member
 from .model import CostModel
 
 

@@ -19,9 +19,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from .. import registry
-from ..format import Format
-from ..space import Decision, Member
+from ..core import registry
+from ..core.format import Format
+from ..core.space import Decision, Member
 from .hardware import Hardware
 
 

@@ -29,8 +29,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..cache import cache_dir, cache_write, content_key, read_json, scratch_dir, write_json
-from ..format import Format
+from ..store.cache import cache_dir, cache_write, content_key, read_json, scratch_dir, write_json
+from ..core.format import Format
 from .hardware import Hardware, HardwareError, hardware_toml, read_hardware
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ a lower bound that the measured table (:mod:`mpsearch.cost.measured`) checks.
 """
 from __future__ import annotations
 
-from ..format import Format
-from ..registry import register
-from ..space import Member
+from ..core.format import Format
+from ..core.registry import register
+from ..core.space import Member
 from .model import CostModel, weight_bits, weight_bytes
 
 

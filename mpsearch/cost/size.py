@@ -1,9 +1,9 @@
 """Bytes: storage of the decision tensors, scales and zeros included (what ``--budget 48MB`` bounds)."""
 from __future__ import annotations
 
-from ..format import Format
-from ..registry import register
-from ..space import Member
+from ..core.format import Format
+from ..core.registry import register
+from ..core.space import Member
 from .model import CostModel, weight_bytes
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..format import Format
+from ..core.format import Format
 from ..solvers import Constraint
-from ..space import Decision, Member
+from ..core.space import Decision, Member
 from . import BudgetError
 from .hardware import load_hardware
 from .model import ConstraintSpec, CostModel, ModelShape, Workload, cost_names, get_cost

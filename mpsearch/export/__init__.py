@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import registry
-from ..plan import Plan
+from ..core import registry
+from ..core.plan import Plan
 
 
 class ExportError(ValueError):
@@ -77,6 +77,6 @@ def export(plan: Plan | str | Path, to: str, out: str | Path, model: str = "smol
     return ex.write(plan, Path(out), model, **options)
 
 
-from . import autoround_config, compressed_tensors_config, gguf_file, gptqmodel_config, tensor_types, torchao_config  # noqa: E402,F401  (register the exporters)
+from . import (autoround_config, compressed_tensors_config, gguf_file, gptqmodel_config, tensor_types, torchao_config)  # noqa: E402,F401  (register the exporters)
 
 __all__ = ["ExportError", "Exporter", "export", "exporter", "get_exporter"]

@@ -14,8 +14,8 @@ import logging
 import re
 from dataclasses import dataclass
 
-from ..format import PER_CHANNEL, Format
-from ..layers import matrix_shape
+from ..core.format import PER_CHANNEL, Format
+from ..core.layers import matrix_shape
 from ..models import load_model
 from ..quant import outliers
 from ..quant.apply import check_plan

@@ -14,8 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from .. import registry
-from ..format import Format
+from ..core import registry
+from ..core.format import Format
 
 
 class Kernel(ABC):

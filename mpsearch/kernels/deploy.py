@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..format import Format
+from ..core.format import Format
 from . import get_kernel, kernels_for
 
 #: the order kernels are preferred in when nothing was measured (fused before unfused)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..format import Format
-from ..registry import register
+from ..core.format import Format
+from ..core.registry import register
 from . import Kernel
 
 COMPUTE = torch.bfloat16

@@ -10,7 +10,7 @@ one pass works for any model with a loss and data:
 
 A plain token tensor is accepted wherever batches are (:func:`as_batches` wraps it), and
 hashes exactly as before, so existing cache entries stay valid. The data stays on the CPU;
-each batch moves to the model's device where a pass runs it (:mod:`mpsearch.device`). A model that is neither
+each batch moves to the model's device where a pass runs it (:mod:`mpsearch.core.device`). A model that is neither
 an LM nor a classifier needs its own :class:`Batches` subclass: a loss and data.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import model_device, to_model
+from ..core.device import model_device, to_model
 
 
 class Batches:
@@ -56,7 +56,7 @@ class Batches:
         raise NotImplementedError
 
     def evaluator(self, progress: bool = True):
-        """An object with ``fit(reference)`` and ``score(model)`` returning :class:`mpsearch.evaluate.Quality`."""
+        """An object with ``fit(reference)`` and ``score(model)`` returning :class:`mpsearch.measure.evaluate.Quality`."""
         raise NotImplementedError
 
 
@@ -98,7 +98,7 @@ class TokenBatches(Batches):
         return model(inputs_embeds=ones, use_cache=False).logits.sum()
 
     def digest(self) -> str:
-        from ..cache import tokens_hash
+        from ..store.cache import tokens_hash
 
         return tokens_hash(self.tokens)
 
@@ -106,7 +106,7 @@ class TokenBatches(Batches):
         return TokenBatches(self.tokens[:batches, :length])
 
     def evaluator(self, progress: bool = True):
-        from ..evaluate import Evaluator
+        from ..measure.evaluate import Evaluator
 
         return Evaluator(self.tokens, progress=progress)
 
@@ -157,6 +157,6 @@ class LabelledBatches(Batches):
         return LabelledBatches(self.x[:n], self.y[:n], self.batch_size)
 
     def evaluator(self, progress: bool = True):
-        from ..evaluate import ClassifierEvaluator
+        from ..measure.evaluate import ClassifierEvaluator
 
         return ClassifierEvaluator(self, progress=progress)

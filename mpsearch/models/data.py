@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import cache_dir
+from ..store.cache import cache_dir
 
 NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
 DEFAULT_CALIBRATION = "austen:prideprejudice"
@@ -82,7 +82,7 @@ def debian_data_dir(env: str, package: str, inside: Path, marker: str) -> Path:
     for c in candidates:
         if (c / marker).exists():
             return c
-    from ..cache import cache_writable, scratch_dir
+    from ..store.cache import cache_writable, scratch_dir
 
     return fetch_deb((cache_dir() if cache_writable() else scratch_dir()) / "data" / package, package) / inside
 
@@ -99,7 +99,7 @@ def fetch_deb(dest: Path, package: str = DEB_PACKAGE) -> Path:
         try:
             _unpack(debs[0], dest)
         except (OSError, DataError) as e:  # a full or read-only cache: unpack into this process's scratch space
-            from ..cache import NO_SPACE, NOT_WRITABLE, cache_dir, not_writable, scratch_dir
+            from ..store.cache import NO_SPACE, NOT_WRITABLE, cache_dir, not_writable, scratch_dir
 
             if cache_dir() not in dest.parents or (isinstance(e, OSError) and e.errno not in NO_SPACE | NOT_WRITABLE):
                 raise
@@ -134,7 +134,7 @@ def _read_austen() -> dict[str, list[str]]:
         ours = cache_dir() / "data" / DEB_PACKAGE
         if ours not in d.parents:
             raise
-        from ..cache import discard
+        from ..store.cache import discard
 
         discard(ours, str(e))
         return _read_rdata(austen_dir())

@@ -31,7 +31,7 @@ def head(parts, hidden: torch.Tensor) -> torch.Tensor:
 def logit_slices(model: nn.Module, ids: torch.Tensor, positions: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(logits[B, P, V], targets[B, P])`` of the next-token predictions of ``ids``, ``positions`` at a time,
     on the model's device (``ids`` are moved there)."""
-    from ..device import to_model
+    from ..core.device import to_model
 
     ids = to_model(ids, model)
     parts = decoder_parts(model)

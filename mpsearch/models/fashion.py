@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import cache_dir, content_key, load_tensors, save_tensors
+from ..store.cache import cache_dir, content_key, load_tensors, save_tensors
 from .batches import LabelledBatches
 from .data import DataError, debian_data_dir
 

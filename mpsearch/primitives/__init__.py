@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import registry
-from ..cache import cache_dir, content_key, load_tensors, remove, save_tensors, tokens_hash
-from ..device import device_parts, model_device
+from ..core import registry
+from ..store.cache import cache_dir, content_key, load_tensors, remove, save_tensors, tokens_hash
+from ..core.device import device_parts, model_device
 from . import activations, gradients, gram, hessian, synflow  # noqa: F401 - register the families
 from .base import Checkpoint, Family, PrimitiveError, PrimitiveSettings, Values
 
@@ -63,7 +63,7 @@ class Primitives:
     kl_key: str = ""
     #: measured KL when only that tensor is quantized, keyed by (tensor, format key)
     kl: dict[tuple[str, str], float] = field(default_factory=dict)
-    #: the device type the values were computed on ("cpu" leaves every key as it was; see :mod:`mpsearch.device`)
+    #: the device type the values were computed on ("cpu" leaves every key as it was; see :mod:`mpsearch.core.device`)
     device: str = "cpu"
 
     def get(self, primitive: str, tensor: str) -> torch.Tensor:
@@ -133,7 +133,7 @@ def compute_primitives(
 ) -> Primitives:
     """The primitives in ``needs`` (other names are ignored) for ``tensors``, by family, cached by content.
 
-    ``stages`` (a :class:`mpsearch.profiling.Stages`) records each family's time and memory;
+    ``stages`` (a :class:`mpsearch.core.profiling.Stages`) records each family's time and memory;
     ``refresh`` recomputes the families and overwrites their cache entries. With the
     cache on, resumable families save their running state at most every
     ``checkpoint_every`` seconds, and a rerun after a kill resumes at the next sequence.
@@ -181,7 +181,7 @@ def _save(path: Path, values: Values, key: str) -> None:
 
 def _load(path: Path, key: str, fam: Family, tensors: list[str]) -> Values | None:
     """Read a cache entry; a corrupt, incomplete or non-finite one is reported, removed and recomputed."""
-    from ..cache import discard
+    from ..store.cache import discard
 
     state = load_tensors(path, key)
     if state is None:

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..device import model_device
-from ..registry import register
-from ..layers import input_rows, matrix_shape, weight_modules
+from ..core.device import model_device
+from ..core.registry import register
+from ..core.layers import input_rows, matrix_shape, weight_modules
 from ..models.batches import as_batches
 from .base import Checkpoint, Family, PrimitiveSettings, Values
 

@@ -61,7 +61,7 @@ class Checkpoint:
 
     def resume(self) -> tuple[int, dict[str, torch.Tensor], dict]:
         """``(sequences done, saved tensors, saved extras)``; ``(0, {}, {})`` when nothing usable is saved."""
-        from ..cache import load_tensors_and_metadata
+        from ..store.cache import load_tensors_and_metadata
 
         got = load_tensors_and_metadata(self.path, self.key)
         if got is None:
@@ -73,7 +73,7 @@ class Checkpoint:
 
     def save(self, done: int, state: Callable[[], dict[str, torch.Tensor]], extra: dict | None = None, force: bool = False) -> None:
         """Save the state after ``done`` sequences, if ``every`` seconds have passed since the last save."""
-        from ..cache import save_tensors
+        from ..store.cache import save_tensors
 
         if not force and time.monotonic() - self._last < self.every:
             return
@@ -81,7 +81,7 @@ class Checkpoint:
         self._last = time.monotonic()
 
     def clear(self) -> None:
-        from ..cache import remove
+        from ..store.cache import remove
 
         remove(self.path)
 

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..device import to_model
+from ..core.device import to_model
 from ..models.decoder import decoder_parts, head
-from ..registry import register
-from ..layers import matrix, weight_modules
+from ..core.registry import register
+from ..core.layers import matrix, weight_modules
 from ..models.batches import as_batches
 from .base import Checkpoint, Family, PrimitiveSettings, Values
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..registry import register
+from ..core.registry import register
 from .activations import input_pass
 from .base import Checkpoint, Family, PrimitiveSettings, Values
 

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..registry import register
-from ..layers import matrix, weight_modules
+from ..core.registry import register
+from ..core.layers import matrix, weight_modules
 from ..models.batches import as_batches
 from .base import Checkpoint, Family, PrimitiveSettings, Values
 

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from ..layers import weight_modules
+from ..core.layers import weight_modules
 from ..models.batches import as_batches
 from .hessian import HessianEstimate, _double_backward_attention
 

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..cache import cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
-from ..device import device_parts, model_device
-from ..layers import matrix, set_matrix
+from ..store.cache import cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
+from ..core.device import device_parts, model_device
+from ..core.layers import matrix, set_matrix
 from ..models.batches import TokenBatches, as_batches
-from ..plan import importance_digest
+from ..core.plan import importance_digest
 from ..quant import format_identity, get_quantizer, quantize
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ SCHEMA = "measured-kl/v1"
 def kl_key(weights_key: str, tokens: torch.Tensor, pairs, importance: dict[str, torch.Tensor] | None = None, device="cpu") -> str:
     """Everything the measured KL depends on: weights, tokens (values, shape), each format's
     identity, the importance vectors of the quantizers that read one, and the device it was
-    measured on where that is not the CPU (:func:`mpsearch.device.device_parts`)."""
+    measured on where that is not the CPU (:func:`mpsearch.core.device.device_parts`)."""
     parts = [weights_key, tokens_hash(tokens), sorted({(t, format_identity(f)) for t, f in pairs}), SCHEMA]
     used = {t: importance[t] for t, f in pairs if importance and t in importance and get_quantizer(f.quantizer).reads_importance(f)}
     if used:

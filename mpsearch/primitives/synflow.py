@@ -12,8 +12,8 @@ import copy
 import torch
 from torch import nn
 
-from ..registry import register
-from ..layers import matrix, weight_modules
+from ..core.registry import register
+from ..core.layers import matrix, weight_modules
 from ..models.batches import as_batches
 from .base import Family, PrimitiveSettings, Values
 

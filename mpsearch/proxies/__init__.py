@@ -1,12 +1,6 @@
 """Proxies: expressions that predict the loss increase of quantizing one tensor."""
 from mpsearch.proxies.expr import Expression, ExpressionError, parse
-from mpsearch.proxies.proxy import (
-    PRIMITIVE_NAMES,
-    Proxy,
-    ProxyFileError,
-    list_proxies,
-    load_proxy,
-)
+from mpsearch.proxies.proxy import PRIMITIVE_NAMES, Proxy, ProxyFileError, list_proxies, load_proxy
 
 __all__ = [
     "Expression",

@@ -9,7 +9,7 @@ from typing import Mapping
 
 import torch
 
-from mpsearch.files import PROXY_BYTES, parse_toml, read_text
+from mpsearch.core.files import PROXY_BYTES, parse_toml, read_text, shipped
 from mpsearch.primitives import primitive_names
 from mpsearch.proxies.expr import Expression, ExpressionError, parse
 
@@ -83,7 +83,7 @@ class Proxy:
 
 def builtin_dir() -> Path:
     """The repository's top-level ``proxies/`` folder of built-in proxy files."""
-    return Path(__file__).resolve().parents[2] / "proxies"
+    return shipped("proxies")
 
 
 def list_proxies() -> list[str]:

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..cache import cache_dir, content_key, read_frame, require, require_finite, write_frame
-from ..layers import matrix
+from ..store.cache import cache_dir, content_key, read_frame, require, require_finite, write_frame
+from ..core.layers import matrix
 from ..primitives import Primitives, primitive_names
 from ..primitives.activations import KERNEL_BITS
-from ..plan import importance_digest
+from ..core.plan import importance_digest
 from ..quant import format_identity, get_quantizer, quantize
-from ..space import Decision
+from ..core.space import Decision
 from .proxy import Proxy
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..format import FULL_BITS, PER_CHANNEL, Format, FormatError
+from ..core.format import FULL_BITS, PER_CHANNEL, Format, FormatError
 from . import activation, affine, ggml, gptq, kvcache, nonuniform, uniform  # noqa: F401  (registers quantizers)
 from .quantizer import Quantizer, format_identity, get_quantizer, quantizer_version
 

@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from ..format import Format, FormatError
-from ..registry import register
+from ..core.format import Format, FormatError
+from ..core.registry import register
 from .quantizer import TargetQuantizer
 
 #: calibration keeps at most this many token rows per target (a random subset), to bound memory

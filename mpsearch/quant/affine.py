@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ..format import PER_CHANNEL, Format
-from ..registry import register
+from ..core.format import PER_CHANNEL, Format
+from ..core.registry import register
 from .quantizer import Quantizer, groups_of
 
 

@@ -12,9 +12,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..format import FormatError
-from ..layers import kind_of, matrix, set_matrix
-from ..plan import Plan, PlanError
+from ..core.format import FormatError
+from ..core.layers import kind_of, matrix, set_matrix
+from ..core.plan import Plan, PlanError
 from . import quantize
 from .hooks import RuntimeHooks
 from .memo import QuantMemo
@@ -23,7 +23,7 @@ from .quantizer import get_quantizer
 
 def quantizable_names(model: nn.Module) -> list[str]:
     """Names a plan may address by exact name: every layer of a known kind (Linear, Conv,
-    Conv1D; :mod:`mpsearch.layers`) and every other module with a 2-D ``weight`` (embeddings)."""
+    Conv1D; :mod:`mpsearch.core.layers`) and every other module with a 2-D ``weight`` (embeddings)."""
     return [n for n, m in model.named_modules()
             if kind_of(m) is not None or (isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2)]
 
@@ -41,7 +41,7 @@ def _set(m: nn.Module, w: torch.Tensor) -> None:
 
 def space_names(model: nn.Module, space: str = "llama") -> list[str]:
     """The tensors the search space ``space`` makes decisions (targets, less ignore)."""
-    from ..space import SearchSpace
+    from ..core.space import SearchSpace
 
     return [m.name for m in SearchSpace.from_file(space).members(model)]
 
@@ -131,7 +131,7 @@ def apply_(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama
     """
     resolved = check_plan(model, plan, check, space, all_tensors)
     if device is not None:
-        from ..device import exact_fp32, resolve_device
+        from ..core.device import exact_fp32, resolve_device
 
         device = device if isinstance(device, torch.device) else resolve_device(device)
         model.to(device)

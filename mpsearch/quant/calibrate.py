@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..device import device_parts, to_model
-from ..format import Format
+from ..core.device import device_parts, to_model
+from ..core.format import Format
 from .hooks import attention_of, calib_key
 from .quantizer import get_quantizer
 
@@ -45,7 +45,7 @@ def calibrate(model: nn.Module, formats: dict[tuple[str, str], list[Format]], to
     if weights_key:  # a checked cache entry: key and SHA-256 in its header, a bad one recomputed, never served
         from safetensors.torch import load, save
 
-        from ..cache import cache_dir, content_key, read_entry, tokens_hash, write_entry
+        from ..store.cache import cache_dir, content_key, read_entry, tokens_hash, write_entry
         from .quantizer import format_identity
 
         key = content_key(weights_key, tokens_hash(tokens), seed, ROWS_PER_WINDOW, SCHEMA,

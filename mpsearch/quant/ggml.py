@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..format import Format, FormatError
-from ..registry import register
+from ..core.format import Format, FormatError
+from ..core.registry import register
 from . import ggml_iq3
 from . import ggml_search as S
 from .quantizer import Quantizer

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from ..format import Format, FormatError
-from ..registry import register
+from ..core.format import Format, FormatError
+from ..core.registry import register
 from .quantizer import Quantizer
 from .uniform import CLIP_RATIOS, _fp16
 

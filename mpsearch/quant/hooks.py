@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..format import Format
+from ..core.format import Format
 from .quantizer import get_quantizer
 
 #: the attention projection each cache target hooks

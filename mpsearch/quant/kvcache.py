@@ -29,8 +29,8 @@ import math
 
 import torch
 
-from ..format import PER_CHANNEL, Format, FormatError
-from ..registry import register
+from ..core.format import PER_CHANNEL, Format, FormatError
+from ..core.registry import register
 from .quantizer import TargetQuantizer
 
 SCALE_BITS = 16

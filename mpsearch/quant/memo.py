@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..format import Format
+from ..core.format import Format
 from . import quantize
 from .quantizer import format_identity
 

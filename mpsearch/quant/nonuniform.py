@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from ..format import Format, FormatError
-from ..registry import register
+from ..core.format import Format, FormatError
+from ..core.registry import register
 from .ggml_search import nearest
 from .quantizer import SCALE_BITS, Quantizer, groups_of
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..format import Format, FormatError
+from ..core.format import Format, FormatError
 
 VALUE_BITS = 16
 INDEX_BITS = 32

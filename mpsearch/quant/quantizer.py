@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from .. import registry
-from ..format import PER_CHANNEL, Format, FormatError
+from ..core import registry
+from ..core.format import PER_CHANNEL, Format, FormatError
 from . import outliers
 
 #: bits of storage for one per-group scale and one zero point (fp16 each)
@@ -56,7 +56,7 @@ class Quantizer:
     #: what importance it reads: "columns" (``[in]``, the imatrix; given a Gram matrix it
     #: takes the diagonal) or "gram" (``[in, in]``, the layer input's X^T X / n, for GPTQ)
     importance_kind: str = "columns"
-    #: the plan targets its formats may be given to (:data:`mpsearch.plan.TARGETS`)
+    #: the plan targets its formats may be given to (:data:`mpsearch.core.plan.TARGETS`)
     targets: tuple[str, ...] = ("weight",)
     #: ``check_params(params)`` raises :class:`FormatError` for a value of its ``params`` it cannot take
     check_params: Callable[[dict[str, Any]], None] | None = None

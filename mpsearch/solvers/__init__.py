@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import registry
+from ..core import registry
 from . import base, lagrangian, milp  # noqa: F401  (imported for their @register side effects)
 from .baq import BAQ  # also registers "baq"
 from .base import Allocator, Constraint, Problem, SolverError, Status

@@ -10,7 +10,7 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from ..registry import register
+from ..core.registry import register
 from .base import Allocator, Problem, Status, greedy_repair
 
 

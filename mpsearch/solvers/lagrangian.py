@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..registry import register
+from ..core.registry import register
 from .base import Allocator, Problem, Status
 
 

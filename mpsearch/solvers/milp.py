@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from ..registry import register
+from ..core.registry import register
 from .base import REL_TOL, Allocator, Problem, SolverError, Status, greedy_repair
 
 # HiGHS defaults (feasibility 1e-6/1e-7) are too loose to keep the budget within

@@ -16,7 +16,7 @@ import numpy as np
 
 
 def toy_space(n: int = 6):
-    from mpsearch.evolution import Space
+    from mpsearch.run.evolution import Space
 
     bits = np.array([2.0, 3.0, 4.0, 8.0])
     return Space(tuple(f"d{i}" for i in range(n)), (("b2", "b3", "b4", "b8"),) * n, tuple(bits * 100 for _ in range(n)), 100 * n)
@@ -38,8 +38,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=None)
     a = p.parse_args()
 
-    from mpsearch.evolution import open_study, run_trials, study_config
-    from mpsearch.storage import open_storage
+    from mpsearch.run.evolution import open_study, run_trials, study_config
+    from mpsearch.store.storage import open_storage
 
     import optuna
 

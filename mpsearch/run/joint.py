@@ -14,7 +14,7 @@ solved on their own.
 
 Plans are measured on the inference path: each evaluation window of ``context`` tokens is
 prefilled through the (quantized) cache, then its last ``decode`` tokens are decoded one at
-a time (:class:`mpsearch.evaluate.DecodeEvaluator`).
+a time (:class:`mpsearch.measure.evaluate.DecodeEvaluator`).
 """
 from __future__ import annotations
 
@@ -26,16 +26,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cost import Budget, BudgetError, parse_budget_text
-from .evaluate import DecodeEvaluator
-from .format import Format
-from .models import load_text, token_chunks
-from .plan import Plan, write_json_atomic
-from .quant.calibrate import calibrate
-from .quant.hooks import calib_for, calib_key
+from ..cost import Budget, BudgetError, parse_budget_text
+from ..measure.evaluate import DecodeEvaluator
+from ..core.format import Format
+from ..models import load_text, token_chunks
+from ..core.plan import Plan, write_json_atomic
+from ..quant.calibrate import calibrate
+from ..quant.hooks import calib_for, calib_key
 from .session import KL_SLICE, Session
-from .solvers import Constraint, Problem, Status, get_solver
-from .targets import RuntimeDecision, kv_fp16_bytes, load_runtime_proxy, mean_act_bits, runtime_decisions, runtime_losses, runtime_table
+from ..solvers import Constraint, Problem, Status, get_solver
+from .targets import (RuntimeDecision, kv_fp16_bytes, load_runtime_proxy, mean_act_bits, runtime_decisions, runtime_losses, runtime_table)
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def spread_calibration(calibration: dict[str, torch.Tensor], runtime: list[Runti
 
 
 def joint_search(cfg):
-    """:func:`mpsearch.search` for a space with ``[input]`` / ``[kv_cache]``: per weight proxy, budget and
+    """:func:`mpsearch.run.search` for a space with ``[input]`` / ``[kv_cache]``: per weight proxy, budget and
     allocation one plan, measured on the decode path at ``context`` (full-sequence windows without a KV cache)."""
     from .search import SearchResult, nonfinite_plans, results_table, safe_name, write_csv_atomic
 
@@ -239,7 +239,7 @@ def joint_search(cfg):
     summary = {"infeasible": infeasible, "warnings": [f"no plan for {x}: the fixed split does not fit" for x in infeasible],
                "nonfinite": nonfinite_plans(table) if cfg.measure else []}
     if out is not None:
-        from .html_report import write_report
+        from ..report.html import write_report
 
         write_json_atomic(out / "summary.json", summary)
         write_report(out)  # the weights' bit map, the front and the stage times; no cost models or tasks here yet
@@ -250,7 +250,7 @@ def _evaluator(cfg, s: Session):
     """Windows of ``context`` tokens decoded through the cache; without a KV cache, the usual full-sequence windows."""
     if not cfg.context:
         return s.evaluator
-    from .models.data import conventions
+    from ..models.data import conventions
 
     text = load_text(cfg.evaluation)
     lead = conventions(s.lm.tokenizer, cfg.bos)["evaluation_leading"]

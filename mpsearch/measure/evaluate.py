@@ -44,7 +44,7 @@ class _Spill:
     """An append-only temporary file of fp16 arrays, read back in the order written."""
 
     def __init__(self) -> None:
-        from .cache import cache_dir, cache_writable
+        from ..store.cache import cache_dir, cache_writable
 
         # the cache's disk by default (a small /tmp may not hold Gemma's 4 GB); the system's when the cache is read-only
         self.dir = cache_dir() if cache_writable() else None
@@ -115,7 +115,7 @@ class Evaluator:
 
     def _logprobs(self, model: nn.Module, desc: str):
         """Yield ``(window, log_probs[B, P, V], targets[B, P])`` per batch (window) and slice of at most ``positions`` positions."""
-        from .models.decoder import logit_slices
+        from ..models.decoder import logit_slices
 
         model.eval()
         batches = torch.split(self.tokens, self.batch_size)
@@ -179,12 +179,12 @@ def evaluate_plan(plan, model: str = "smollm2", evaluation: str | None = None, s
     ``context > 0``: windows of ``context`` tokens on the decode path (:class:`DecodeEvaluator`,
     the last ``decode`` tokens through the cache) instead of ``seq_len`` full-sequence windows.
     """
-    from .device import exact_fp32, resolve_device
-    from .models import load_model, load_text, token_chunks
-    from .models.data import DEFAULT_EVALUATION, DataError
-    from .plan import Plan
-    from .quant import applied
-    from .quant.apply import check_plan
+    from ..core.device import exact_fp32, resolve_device
+    from ..models import load_model, load_text, token_chunks
+    from ..models.data import DEFAULT_EVALUATION, DataError
+    from ..core.plan import Plan
+    from ..quant import applied
+    from ..quant.apply import check_plan
 
     if seq_len < 2 or chunks < 1:
         raise DataError(f"need --eval-seq-len >= 2 and --eval-chunks >= 1, got {seq_len}, {chunks}")
@@ -257,9 +257,9 @@ class DecodeEvaluator:
         """Per window: ``(log_probs[D, V], targets[D])`` of its last ``decode`` tokens, read through the cache."""
         from transformers import DynamicCache
 
-        from .models.decoder import decoder_parts, head
+        from ..models.decoder import decoder_parts, head
 
-        from .device import to_model
+        from ..core.device import to_model
 
         parts = decoder_parts(model)
         if parts is None:

@@ -211,8 +211,8 @@ def continuation_scores(model, seqs: list[tuple[list[int], int]], batch_size: in
     and whether greedy decoding reproduces all of them. Sequences run ``batch_size`` at a
     time (longest first), padded on the right with an attention mask; the LM head and
     log-softmax run only on the scored positions, ``positions`` at a time."""
-    from .device import model_device
-    from .models.decoder import decoder_parts, head
+    from ..core.device import model_device
+    from ..models.decoder import decoder_parts, head
 
     parts = decoder_parts(model) if isinstance(model, nn.Module) else None
     dev = model_device(model)  # the batch is built on the CPU and moved there; the sums come back once per batch
@@ -261,7 +261,7 @@ class TaskEvaluator:
 
     def __init__(self, text, tokenizer, settings: TaskSettings = TaskSettings(), bos: list[int] | None = None,
                  progress: bool = True, batch_size: int = 16, positions: int = 64) -> None:
-        from .models.data import leading_tokens
+        from ..models.data import leading_tokens
 
         self.text = getattr(text, "text", text)
         self.tokenizer, self.settings, self.progress = tokenizer, settings, progress

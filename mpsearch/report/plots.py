@@ -11,7 +11,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from .format import Format
+from ..core.format import Format
 
 
 def _pyplot():
@@ -36,7 +36,7 @@ def pareto_plot(df: pd.DataFrame, path: str | Path, y: str = "kl", method: str =
                 title: str = "", log_y: bool = True) -> Path:
     """Scatter every evaluated plan (effective bits vs ``y``), one colour per ``method``,
     with each method's measured Pareto front drawn as a step line."""
-    from .evolution import pareto_mask
+    from ..run.evolution import pareto_mask
 
     missing = {"effective_bits", y, method} - set(df.columns)
     if missing:

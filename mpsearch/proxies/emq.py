@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .leaderboard import _spearman, held_out, plan_predictions
+from ..run.leaderboard import _spearman, held_out, plan_predictions
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class GPConfig:
 
 def term_proxies() -> list:
     """The terms as proxies (``term_<name>``), so sessions compute and cache their tables."""
-    from .proxies.proxy import Proxy
+    from .proxy import Proxy
 
     return [Proxy.from_string(f"term_{k}", v) for k, v in TERMS.items()]
 
@@ -142,7 +142,7 @@ class Problem:
     @classmethod
     def from_session(cls, session, gt) -> "Problem":
         """Terms from the session's ``term_*`` tables (all in one row order), plans from the ground truth."""
-        from .leaderboard import choices
+        from ..run.leaderboard import choices
 
         tables = {k: session.tables[f"term_{k}"] for k in TERMS}
         first = next(iter(tables.values()))
@@ -301,11 +301,11 @@ def _save(path, state: dict) -> None:
 
 def write_proxy(result: dict, path: str | Path, name: str = "emq_evolved", note: str = "") -> Path:
     """The winner as an ordinary proxy file (checked to parse before it is written)."""
-    from .proxies.proxy import Proxy
+    from .proxy import Proxy
 
     Proxy.from_string(name, result["expression"])
     body = (f'name = "{name}"\nexpression = "{result["expression"]}"\n'
-            f'description = """\\\nEvolved by genetic programming (mpsearch.emq, DEAP) over the expression language: \\\n'
+            f'description = """\\\nEvolved by genetic programming (mpsearch.proxies.emq, DEAP) over the expression language: \\\n'
             f'tree {result["tree"]}; train Spearman {result["train_spearman"]:.3f}. {note}"""\n')
     path = Path(path)
     path.write_text(body)

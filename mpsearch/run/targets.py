@@ -30,16 +30,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cache import cache_dir, content_key, read_json, remove, require, require_finite, tokens_hash, write_json
-from .device import device_parts, to_model
-from .format import Format
-from .plan import importance_digest
-from .proxies.proxy import Proxy, ProxyFileError
-from .quant import format_identity
-from .quant import get_quantizer
-from .quant.hooks import CACHE_PROJ, RuntimeHooks, attention_of, calib_for, quantize_site
-from .quant.kvcache import storage_bits
-from .space import Decision, SearchSpace
+from ..store.cache import cache_dir, content_key, read_json, remove, require, require_finite, tokens_hash, write_json
+from ..core.device import device_parts, to_model
+from ..core.files import shipped
+from ..core.format import Format
+from ..core.plan import importance_digest
+from ..proxies.proxy import Proxy, ProxyFileError
+from ..quant import format_identity
+from ..quant import get_quantizer
+from ..quant.hooks import CACHE_PROJ, RuntimeHooks, attention_of, calib_for, quantize_site
+from ..quant.kvcache import storage_bits
+from ..core.space import Decision, SearchSpace
 
 RUNTIME_NAMES = frozenset({"kl", "fisher", "mse", "kernel", "bits"})
 SCHEMA = "runtime-sensitivity/v1"
@@ -96,14 +97,14 @@ def runtime_decisions(space: SearchSpace, model: nn.Module, weights: list[Decisi
 
 
 def runtime_proxy_names() -> list[str]:
-    return sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "proxies" / "runtime").glob("*.toml"))
+    return sorted(p.stem for p in shipped("proxies", "runtime").glob("*.toml"))
 
 
 def load_runtime_proxy(spec: str) -> Proxy:
     """A proxy over run-time primitives: a built-in name in ``proxies/runtime/`` or a TOML file."""
     path = Path(spec)
     if not os.path.lexists(path):
-        path = Path(__file__).resolve().parents[1] / "proxies" / "runtime" / f"{spec}.toml"
+        path = shipped("proxies", "runtime", f"{spec}.toml")
         if not path.is_file():
             raise ProxyFileError(f"no run-time proxy file or built-in {spec!r}; built-in: {runtime_proxy_names()}")
     try:
@@ -165,7 +166,7 @@ def _check(rows, n: int, measure_kl: bool = True) -> None:
 def _fisher_mse(model: nn.Module, pairs, calib: torch.Tensor, calibration, progress: bool) -> list[dict]:
     """One forward + backward per calibration window; at every site, each format's error is
     weighted by the squared gradient there (the backward starts at the input embeddings)."""
-    from .quant.activation import kernel_counts
+    from ..quant.activation import kernel_counts
 
     acc = [{"fisher": 0.0, "mse": 0.0, "zeros": 0, "nonzero": 0} for _ in pairs]
     by_site: dict[tuple[str, str], list[int]] = {}
@@ -222,7 +223,7 @@ def _measured_kl(model: nn.Module, pairs, tokens: torch.Tensor, calibration, pro
                  key: str = "") -> list[float]:
     """KL with one site quantized at a time, re-running the decoder from that site's layer on.
     Saved to ``partial`` every :data:`SAVE_EVERY` pairs, so an interrupted pass resumes there."""
-    from .primitives.sensitivity import _layer_of, _Reference, _tail_runner
+    from ..primitives.sensitivity import _layer_of, _Reference, _tail_runner
 
     done = (read_json(partial, key, SCHEMA + "-partial", lambda v: require_finite(v, "a partial KL")) or []) if partial else []
     out = list(done[: len(pairs)])

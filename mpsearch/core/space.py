@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
-from .files import SPACE_BYTES, parse_toml, read_text
+from .files import SPACE_BYTES, parse_toml, read_text, shipped
 from .format import FULL_BITS, PER_CHANNEL, Format, FormatError
 from .layers import check_types, kind_of, matrix_shape
 from .patterns import PatternError, compile_pattern, fullmatch
@@ -46,7 +46,7 @@ def _list(table: dict, key: str, default: list, prefix: str = "") -> list:
 
 
 def matches(pattern: str, name: str) -> bool:
-    """Exact name, or ``re:<regex>`` matched in full (bounded in time: :mod:`mpsearch.patterns`)."""
+    """Exact name, or ``re:<regex>`` matched in full (bounded in time: :mod:`mpsearch.core.patterns`)."""
     return bool(fullmatch(pattern, name))
 
 
@@ -159,7 +159,7 @@ class RuntimeTarget:
 
     @staticmethod
     def from_table(table: str, data: Any) -> "RuntimeTarget":
-        from .quant import get_quantizer
+        from ..quant import get_quantizer
 
         where = f"[{table}]"
         if not isinstance(data, dict) or set(data) - {"formats", "include_full", "min_bits"}:
@@ -188,7 +188,7 @@ class SearchSpace:
     """Declarative space; ``build(model)`` makes it concrete."""
 
     name: str = "custom"
-    #: module types that can be decisions (:mod:`mpsearch.layers`): Linear, Conv1d, Conv2d, Conv1D
+    #: module types that can be decisions (:mod:`mpsearch.core.layers`): Linear, Conv1d, Conv2d, Conv1D
     types: tuple[str, ...] = ("Linear",)
     targets: tuple[str, ...] = (r"re:.*",)
     ignore: tuple[str, ...] = ()
@@ -201,7 +201,7 @@ class SearchSpace:
     formats: tuple[Format, ...] = ()
     tie: tuple[str, ...] = ()
     rules: tuple[Rule, ...] = field(default=())
-    #: run-time targets (``[input]``, ``[kv_cache]`` tables): decided with the weights (:mod:`mpsearch.targets`)
+    #: run-time targets (``[input]``, ``[kv_cache]`` tables): decided with the weights (:mod:`mpsearch.run.targets`)
     runtime: tuple[RuntimeTarget, ...] = ()
     source: str = ""
 
@@ -237,7 +237,7 @@ class SearchSpace:
     def from_file(path: str | Path) -> "SearchSpace":
         path = Path(path)
         if not path.exists():
-            builtin = Path(__file__).resolve().parents[1] / "search_spaces" / f"{path}.toml"
+            builtin = shipped("search_spaces", f"{path}.toml")
             if not builtin.exists():
                 known = sorted(p.stem for p in builtin.parent.glob("*.toml"))
                 raise SpaceError(f"no search space file {str(path)!r}; built-in spaces: {known}")
@@ -346,7 +346,7 @@ class SearchSpace:
     # --------------------------------------------------------------- building
     def members(self, model: nn.Module) -> list[Member]:
         """Every layer of the space's ``types`` that the targets select and ignore does not,
-        with its weight's shape as a matrix ``[out, fan_in]`` (:mod:`mpsearch.layers`)."""
+        with its weight's shape as a matrix ``[out, fan_in]`` (:mod:`mpsearch.core.layers`)."""
         out = []
         for name, mod in model.named_modules():
             kind = kind_of(mod)

@@ -48,7 +48,7 @@ class Stages:
     def __init__(self, interval: float = 0.05, progress=None) -> None:
         self.interval = interval
         self.records: list[dict] = []
-        #: told each stage's name as it starts (:class:`mpsearch.progress.SearchProgress`)
+        #: told each stage's name as it starts (:class:`mpsearch.core.progress.SearchProgress`)
         self.progress = progress
         #: per open stage that watches the GPU (outermost first): the most bytes allocated so far
         self._gpu_open: list[list[int]] = []

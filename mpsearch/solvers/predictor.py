@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from .solvers import MILP, Problem, Status
+from . import MILP, Problem, Status
 
 Measure = Callable[[tuple[int, ...]], dict]
 

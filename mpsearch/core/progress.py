@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
-log = logging.getLogger("mpsearch.progress")
+log = logging.getLogger("mpsearch.core.progress")
 
 
 def _clock(seconds: float) -> str:

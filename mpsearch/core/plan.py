@@ -1,4 +1,4 @@
-"""The plan: the one artifact every stage exchanges (``mpsearch.plan/v1``).
+"""The plan: the one artifact every stage exchanges (``mpsearch.core.plan/v1``).
 
 A plan maps tensor names to a format per target (``weight`` today; ``input``,
 ``k_cache`` and ``v_cache`` are reserved for activation and KV formats). Entries may
@@ -36,7 +36,7 @@ from .files import PLAN_BYTES, parse_json, read_text
 from .format import Format, FormatError
 from .patterns import PatternError, compile_pattern, fullmatch
 
-FORMAT_ID = "mpsearch.plan/v1"
+FORMAT_ID = "mpsearch.core.plan/v1"
 TARGETS = ("weight", "input", "k_cache", "v_cache")
 TOP_KEYS = {"format", "model", "tensors", "budget", "metrics", "provenance", "importance", "calibration"}
 

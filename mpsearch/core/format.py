@@ -47,7 +47,7 @@ class Format:
         for k, v in self.params:
             if not isinstance(k, str) or not (v is None or isinstance(v, (bool, int, float, str))):
                 raise FormatError(f"params: {k!r} must map to a number, string or boolean, got {v!r}")
-        from .quant.quantizer import get_quantizer  # the quantizer decides what it accepts
+        from ..quant.quantizer import get_quantizer  # the quantizer decides what it accepts
         from .registry import UnknownComponentError
 
         try:
@@ -65,7 +65,7 @@ class Format:
         return Format(bits=FULL_BITS, group_size=PER_CHANNEL, symmetric=True, quantizer="none")
 
     def _quantizer(self):
-        from .quant.quantizer import get_quantizer
+        from ..quant.quantizer import get_quantizer
 
         return get_quantizer(self.quantizer)
 
@@ -93,7 +93,7 @@ class Format:
         ``u4g64a``-style (``{u|NAME}{bits}g{group|ch}{a|s}``)."""
         import re
 
-        from .quant.quantizer import get_quantizer
+        from ..quant.quantizer import get_quantizer
         from .registry import UnknownComponentError, names
 
         if key == "fp16":
@@ -135,7 +135,7 @@ class Format:
         if extra:
             raise FormatError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(known)}")
         if "bits" not in d and "quantizer" in d:  # a fixed layout (e.g. {"quantizer": "q4_k"}) supplies the rest
-            from .quant.quantizer import get_quantizer
+            from ..quant.quantizer import get_quantizer
             from .registry import UnknownComponentError
 
             try:

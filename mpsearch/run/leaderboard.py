@@ -1,6 +1,6 @@
 """The proxy leaderboard: every proxy file ranked on a shared ground truth, with bootstrap CIs.
 
-A ground truth (:mod:`mpsearch.groundtruth`) is plans with measured KL. A proxy predicts
+A ground truth (:mod:`mpsearch.run.groundtruth`) is plans with measured KL. A proxy predicts
 each plan's loss as the sum of its per-(tensor, format) table; the leaderboard scores
 how well those predictions rank the measured KL on the held-out plans (every third plan,
 ``plan % 3 == 0``; the rest train evolved proxies): Spearman, Kendall's tau, and EMQ's
@@ -131,7 +131,7 @@ def paired_spearman_diff(a: np.ndarray, b: np.ndarray, y: np.ndarray, boot: int 
 
 def milp_quality(session, budgets: list[float], proxies: list[str]) -> pd.DataFrame:
     """Each proxy's MILP plan at each budget (effective bits), measured: one row per (proxy, budget)."""
-    from .solvers import Status, get_solver
+    from ..solvers import Status, get_solver
 
     rows = []
     for name in proxies:
@@ -148,7 +148,7 @@ def milp_quality(session, budgets: list[float], proxies: list[str]) -> pd.DataFr
 def write(board: pd.DataFrame, milp: pd.DataFrame | None, out: str | Path, title: str) -> dict[str, Path]:
     """``<out>.csv`` (the board, with each proxy's MILP KL per budget as ``milp_kl@B`` columns),
     ``<out>.md`` and ``<out>.png`` (Spearman and rho_s@20 with their CIs)."""
-    from .report import _pyplot, _save
+    from ..report.plots import _pyplot, _save
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,7 @@ def run(ground_truth: str | Path, proxies: list[str], out: str | Path, budgets: 
     ``proxies`` are names or files; ``evolved`` names the evolved ones; ``device`` is where the model runs."""
     from .groundtruth import load_ground_truth
 
-    from .proxies import load_proxy
+    from ..proxies import load_proxy
 
     gt, meta = load_ground_truth(ground_truth)
     session = session_for(meta, proxies, measure=bool(budgets), progress=progress, device=device)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from .cost import plan_bits
-from .format import Format
-from .space import Decision, Member
+from ..cost import plan_bits
+from ..core.format import Format
+from ..core.space import Decision, Member
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 MORE_BITS_TENSORS = re.compile(r".*(?:self_attn\.v_proj|mlp\.down_proj)$")

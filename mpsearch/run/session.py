@@ -17,27 +17,27 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import __version__
-from .cache import CacheEntryError, cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
-from .cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
-from .cost.model import ConstraintSpec
-from .device import device_parts, exact_fp32, resolve_device
-from .evaluate import Evaluator
-from .format import Format
-from .models import load_model, load_text, token_chunks
-from .models.loader import WITH_DATA
-from .models.batches import as_batches
-from .models.data import conventions, text_tokens
-from .plan import Plan, fingerprint, importance_digest
-from .primitives import Primitives, PrimitiveSettings, compute_primitives
-from .primitives.sensitivity import kl_key, measured_kl
-from .profiling import Stages
-from .proxies import load_proxy
-from .proxies.table import cached_proxy_tables, decision_losses
-from .quant import applied, format_identity, get_quantizer
-from .quant.memo import QuantMemo
-from .solvers import Problem
-from .space import Decision, SearchSpace
+from .. import __version__
+from ..store.cache import CacheEntryError, cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
+from ..cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
+from ..cost.model import ConstraintSpec
+from ..core.device import device_parts, exact_fp32, resolve_device
+from ..measure.evaluate import Evaluator
+from ..core.format import Format
+from ..models import load_model, load_text, token_chunks
+from ..models.loader import WITH_DATA
+from ..models.batches import as_batches
+from ..models.data import conventions, text_tokens
+from ..core.plan import Plan, fingerprint, importance_digest
+from ..primitives import Primitives, PrimitiveSettings, compute_primitives
+from ..primitives.sensitivity import kl_key, measured_kl
+from ..core.profiling import Stages
+from ..proxies import load_proxy
+from ..proxies.table import cached_proxy_tables, decision_losses
+from ..quant import applied, format_identity, get_quantizer
+from ..quant.memo import QuantMemo
+from ..solvers import Problem
+from ..core.space import Decision, SearchSpace
 
 log = logging.getLogger(__name__)
 #: measured-KL sensitivity runs on a slice of the calibration text: 1 sequence x 256 tokens
@@ -72,7 +72,7 @@ class Session:
     constraints: tuple = ()
     #: the search's cost models (:class:`mpsearch.cost.suite.CostSuite`), when opened with ``costs=True``
     costs_suite: object = None
-    #: cloze and multiple-choice items from the evaluation text (:class:`mpsearch.tasks.TaskEvaluator`), when asked for
+    #: cloze and multiple-choice items from the evaluation text (:class:`mpsearch.measure.tasks.TaskEvaluator`), when asked for
     tasks: object = None
 
     @classmethod
@@ -80,7 +80,7 @@ class Session:
              costs: bool = False) -> "Session":
         """Load, build and compute in stages; a typo in a proxy or budget fails before heavy work.
         ``extra_proxies`` are :class:`~mpsearch.proxies.Proxy` objects computed beside the config's.
-        ``joint=True``: the weights' part of a joint search (:mod:`mpsearch.joint`), which reads the
+        ``joint=True``: the weights' part of a joint search (:mod:`mpsearch.run.joint`), which reads the
         budgets (weights + KV) and decides the space's ``[input]`` / ``[kv_cache]`` itself. ``costs=True``: build
         the cost models and the ``--constraint`` rows (timing this machine's kernels if asked) before the heavy stages.
         ``cfg.device`` is resolved first (a missing GPU fails before anything loads); the model moves there once the
@@ -106,7 +106,7 @@ class Session:
             check_budgets(budgets, decision_costs(decisions), sum(d.numel for d in decisions))
         suite, constraints = None, ()
         if costs:
-            from .cost.suite import CostSuite
+            from ..cost.suite import CostSuite
 
             suite = CostSuite.open(cfg, lm.model, decisions, stages, fingerprint=str(lm.model_id))
             constraints = suite.constraints(decisions, cfg.constraints)
@@ -328,7 +328,7 @@ def _task_evaluator(cfg, lm, texts, stages: Stages):
     """The task items, built before the heavy stages (a text too short for them fails here)."""
     if not getattr(cfg, "tasks", False) or not cfg.measure or lm.data is not None or texts is None:
         return None
-    from .tasks import TaskEvaluator, TaskSettings
+    from ..measure.tasks import TaskEvaluator, TaskSettings
 
     lead = conventions(lm.tokenizer, cfg.bos)
     settings = TaskSettings(cloze_items=cfg.task_items, mc_items=max(1, cfg.task_items // 2), context_tokens=cfg.task_context, seed=cfg.seed)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cost import Budget
-from .plan import Plan
-from .solvers import Problem, Status, get_solver
+from ..cost import Budget
+from ..core.plan import Plan
+from ..solvers import Problem, Status, get_solver
 
 log = logging.getLogger(__name__)
 

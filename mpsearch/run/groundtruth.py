@@ -1,6 +1,6 @@
 """Ground truth for ranking proxies: sampled plans with their measured quality.
 
-:func:`make_ground_truth` samples plans from an open :class:`~mpsearch.session.Session`,
+:func:`make_ground_truth` samples plans from an open :class:`~mpsearch.run.session.Session`,
 stratified over effective bits (equal counts per bits bin) and over how far each sits
 from a proxy optimum (a share of its decisions redrawn away from one proxy's MILP plan
 at the same budget, from 0 to all of them), measures each, and writes one CSV row per
@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .plan import write_json_atomic
-from .solvers import Status, get_solver
+from ..core.plan import write_json_atomic
+from ..solvers import Status, get_solver
 
 log = logging.getLogger(__name__)
 

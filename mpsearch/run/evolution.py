@@ -92,7 +92,7 @@ def evolve(space: Space, measure: Measure, storage, config: EvolutionConfig = Ev
     measure trials until the study holds ``config.trials`` complete ones; return every trial.
 
     ``storage`` is an Optuna storage, a database URL or a journal file path
-    (:func:`mpsearch.storage.open_storage`). ``seeds`` are plans (option index per
+    (:func:`mpsearch.store.storage.open_storage`). ``seeds`` are plans (option index per
     decision), e.g. the proxy's Pareto plans: they are the first trials any worker runs and
     join NSGA-II's first generation. Other processes may work on the same study at the
     same time (:func:`work`); ``work=False`` only creates and seeds it.
@@ -114,7 +114,7 @@ def open_study(space: Space, storage, config: EvolutionConfig, sampler_seed: int
     import optuna
     from optuna.samplers.nsgaii import PolynomialMutation
 
-    from .storage import open_storage
+    from ..store.storage import open_storage
 
     if isinstance(storage, (str, Path)):
         storage = open_storage(storage)
@@ -176,7 +176,7 @@ def run_trials(study, space: Space, measure: Measure, config: EvolutionConfig, p
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
-    from .storage import claims_for
+    from ..store.storage import claims_for
 
     storage = study._storage
     claims = claims_for(storage, study.study_name)
@@ -298,7 +298,7 @@ def _unique(space: Space, seeds: Sequence[Sequence[int]]) -> list[tuple[int, ...
 
 def front_seeds(problem, bits_per_choice: Callable[[Sequence[int]], float], lo: float, hi: float, k: int) -> list[tuple[int, ...]]:
     """Up to ``k`` points of the proxy's Pareto front inside [lo, hi] bits, evenly spread by bits."""
-    from .solvers import pareto_front
+    from ..solvers import pareto_front
 
     front = pareto_front(problem)
     points = [(bits_per_choice(front.choice(i)), i) for i in range(len(front))]
@@ -315,7 +315,7 @@ def hull_space(problem, numel: int, seeds: Sequence[Sequence[int]]) -> tuple[Spa
     (the only ones any budget's proxy optimum uses) plus any option a seed uses, ordered
     by cost. Returns the space and, per decision, the original option index of each option.
     """
-    from .solvers.lagrangian import decision_hull
+    from ..solvers.lagrangian import decision_hull
 
     kept = []
     for i, (loss, cost) in enumerate(zip(problem.loss, problem.cost)):
@@ -329,21 +329,21 @@ def hull_space(problem, numel: int, seeds: Sequence[Sequence[int]]) -> tuple[Spa
 def run_evolution(session, proxy: str, config: EvolutionConfig, out_dir: str | Path,
                   extra_seeds: Sequence[Sequence[int]] = (), storage=None, work: bool = True,
                   heartbeat: int | None = None) -> pd.DataFrame:
-    """NSGA-II on a prepared :class:`~mpsearch.session.Session`, seeded from ``proxy``'s front.
+    """NSGA-II on a prepared :class:`~mpsearch.run.session.Session`, seeded from ``proxy``'s front.
 
     Searches each decision's proxy-hull formats (:func:`hull_space`). The study lives in
     ``storage`` (a journal file, ``out_dir/study.log`` by default, or a database URL) with
-    everything a worker needs to join it (:func:`mpsearch.worker.run_worker`): the search
+    everything a worker needs to join it (:func:`mpsearch.run.worker.run_worker`): the search
     settings, the proxy, the hull and the model's fingerprint. ``work=False`` creates and
     seeds the study and leaves the trials to workers. Writes ``trials.csv``, ``front.csv``
     (the measured Pareto front), the front's plans and ``pareto.png`` under ``out_dir``;
     running the same call again resumes.
     """
-    from .files import prepare_out_dir
+    from ..core.files import prepare_out_dir
     from .search import config_to_dict
-    from .storage import HEARTBEAT_S, open_storage
+    from ..store.storage import HEARTBEAT_S, open_storage
 
-    out = prepare_out_dir(out_dir)  # checked by the caller before the session opened (mpsearch.files.check_out_dir)
+    out = prepare_out_dir(out_dir)  # checked by the caller before the session opened (mpsearch.core.files.check_out_dir)
     problem = session.problem(proxy)
     budget_bits = [b.total_bits(session.numel) / session.numel for b in session.budgets]
     lo = config.min_bits if config.min_bits is not None else min(budget_bits) - 0.25
@@ -370,8 +370,8 @@ def original(kept: Sequence[Sequence[int]], choice: Sequence[int]) -> tuple[int,
 
 def write_outputs(session, study, space: Space, kept, proxy: str, config: EvolutionConfig, out: Path) -> pd.DataFrame:
     """trials.csv, front.csv, the front's plans and pareto.png; returns the trials with each one's full-problem choice."""
-    from .files import prepare_out_dir
-    from .report import pareto_plot
+    from ..core.files import prepare_out_dir
+    from ..report.plots import pareto_plot
 
     prepare_out_dir(out)
     df = trials_table(study)

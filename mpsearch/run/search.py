@@ -17,20 +17,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import registry
-from .baselines import recipe_formats
-from .cost import BudgetError
-from .files import check_out_dir, prepare_out_dir
-from .models.data import BOS_CHOICES, DEFAULT_CALIBRATION, DEFAULT_EVALUATION
-from .html_report import write_report
-from .plan import Plan, write_json_atomic
-from .profiling import Stages
-from .progress import SearchProgress
-from .quant import Format, get_quantizer
+from ..core import registry
+from ..solvers.baselines import recipe_formats
+from ..cost import BudgetError
+from ..core.files import check_out_dir, prepare_out_dir
+from ..models.data import BOS_CHOICES, DEFAULT_CALIBRATION, DEFAULT_EVALUATION
+from ..report.html import write_report
+from ..core.plan import Plan, write_json_atomic
+from ..core.profiling import Stages
+from ..core.progress import SearchProgress
+from ..quant import Format, get_quantizer
 from .refine import RefineConfig, proxy_warnings, rank_correlation, refine_budget
 from .session import Session
-from .solvers import Status, get_solver, pareto_front  # also registers the solvers
-from .space import Decision, Rule
+from ..solvers import Status, get_solver, pareto_front  # also registers the solvers
+from ..core.space import Decision, Rule
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class SearchConfig:
     measure: bool = True
     threads: int = 2
     #: where the model computes: cpu, cuda, cuda:N or auto (cuda when available); the spelling is checked here,
-    #: the device when the session opens (:func:`mpsearch.device.resolve_device`), still before heavy work
+    #: the device when the session opens (:func:`mpsearch.core.device.resolve_device`), still before heavy work
     device: str = "auto"
     seed: int = 0
     out_dir: str = "runs/latest"
@@ -87,7 +87,7 @@ class SearchConfig:
     progress: bool = True
     #: seconds between the saved states of a long primitive pass (a killed search resumes from the last one)
     checkpoint_every: float = 30.0
-    #: spaces with run-time targets (:mod:`mpsearch.joint`): the context length a memory budget
+    #: spaces with run-time targets (:mod:`mpsearch.run.joint`): the context length a memory budget
     #: holds the KV cache at (0: no KV cache in the space), sequences per batch, tokens decoded
     #: one at a time through the cache when measuring, the run-time proxy, a MAC-weighted bound
     #: on the mean activation bits (0: none), and the allocations to make per budget
@@ -107,7 +107,7 @@ class SearchConfig:
     energy_table: str = "horowitz-45nm"
     prefill: int = 512
     profile: bool = True
-    #: task accuracy (:mod:`mpsearch.tasks`) of every measured plan: cloze items from the evaluation text
+    #: task accuracy (:mod:`mpsearch.measure.tasks`) of every measured plan: cloze items from the evaluation text
     #: (multiple-choice items: half as many), each with at most ``task_context`` tokens of context
     tasks: bool = True
     task_items: int = 100
@@ -133,7 +133,7 @@ class SearchConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if not isinstance(self.checkpoint_every, (int, float)) or isinstance(self.checkpoint_every, bool) or not self.checkpoint_every >= 0:
             raise ValueError(f"checkpoint_every must be a number of seconds >= 0, got {self.checkpoint_every!r}")
-        from .device import check_device_spec
+        from ..core.device import check_device_spec
 
         check_device_spec(self.device)
         for name, least in (("context", 0), ("batch", 1), ("decode", 1), ("input_min_bits", 0), ("prefill", 1)):
@@ -157,7 +157,7 @@ class SearchConfig:
             raise ValueError(f"bos must be one of {', '.join(BOS_CHOICES)}, got {self.bos!r}")
         if self.calibration == self.evaluation:
             raise ValueError(f"calibration and evaluation data are both {self.calibration!r}: never evaluate on calibration text")
-        from .models.loader import WITH_DATA
+        from ..models.loader import WITH_DATA
 
         if self.model in WITH_DATA and (self.calibration, self.evaluation) != (DEFAULT_CALIBRATION, DEFAULT_EVALUATION):
             raise ValueError(f"model {self.model!r} brings its own data; --calibration/--evaluation do not apply to it")
@@ -165,15 +165,15 @@ class SearchConfig:
 
     def check(self) -> None:
         """Budgets, solver, proxies, search space and rules resolve (no model needed)."""
-        from .cost import parse_budget_text
-        from .proxies import load_proxy
-        from .space import SearchSpace
+        from ..cost import parse_budget_text
+        from ..proxies import load_proxy
+        from ..core.space import SearchSpace
 
         for b in self.budgets:
             parse_budget_text(b)
         solver = registry.get("solver", self.solver)
-        from .cost.hardware import load_hardware
-        from .cost.model import ConstraintSpec
+        from ..cost.hardware import load_hardware
+        from ..cost.model import ConstraintSpec
 
         for c in self.constraints:
             ConstraintSpec.parse(c)
@@ -240,7 +240,7 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
     cfg = config or SearchConfig(**overrides)
     if config is not None and overrides:
         cfg = SearchConfig(**{**asdict(config), **overrides})
-    from .space import SearchSpace
+    from ..core.space import SearchSpace
 
     if cfg.out_dir:  # before any work: never into a file, the root or someone else's folder
         prepare_out_dir(check_out_dir(cfg.out_dir))
@@ -321,7 +321,7 @@ def search(config: SearchConfig | None = None, **overrides) -> SearchResult:
         for name, f in fronts.items():
             f.to_csv(out / f"front_{safe_name(name)}.csv", index=False)
         if cfg.measure:
-            from .report import pareto_plot
+            from ..report.plots import pareto_plot
 
             plotted = table[table.kind != "reference"].assign(method=lambda d: [n.split("@")[0] for n in d.plan])
             pareto_plot(plotted, out / "pareto.png", y="kl", title="measured KL vs effective bits, per method")
@@ -432,7 +432,7 @@ def window_cis(df: pd.DataFrame) -> pd.DataFrame:
     ``dkl_best_lo``/``dkl_best_hi``: a CI above 0 means the plan is worse beyond the text's noise;
     ``ppl_ratio_best`` (its perplexity over that plan's, from the paired per-window NLL) with its CI.
     The per-window values themselves stay in the plan files, not in the table."""
-    from .bootstrap import mean_ci, paired_diff_ci
+    from ..core.stats import mean_ci, paired_diff_ci
 
     if "kl_windows" not in df:
         return df
@@ -468,7 +468,7 @@ def write_outputs(out: Path, plans: dict[str, Plan], table: pd.DataFrame, stages
 
 def write_csv_atomic(path: Path, df: pd.DataFrame) -> None:
     """A reader (or a killed run) never sees half a table."""
-    from .cache import atomic_path
+    from ..store.cache import atomic_path
 
     tmp = atomic_path(path)
     df.to_csv(tmp, index=False)

@@ -4,9 +4,9 @@
 needs: the search settings, the proxy, the formats searched per decision and the
 model's fingerprint. ``mpsearch worker --study NAME --storage URL`` reads them, opens
 the same session (model, data and primitives, from its own cache), checks that its model
-is the study's, and runs :func:`mpsearch.evolution.run_trials`. Any number of workers
+is the study's, and runs :func:`mpsearch.run.evolution.run_trials`. Any number of workers
 may run at once, on one machine (a journal file) or many (PostgreSQL): see
-:mod:`mpsearch.storage` for heartbeats and plan claims.
+:mod:`mpsearch.store.storage` for heartbeats and plan claims.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def run_worker(storage: str | Path, study_name: str = "mpsearch", *, threads: in
     from .evolution import open_study, original, run_trials, study_config, trials_table, write_outputs
     from .search import config_from_dict
     from .session import Session
-    from .storage import HEARTBEAT_S, is_database, open_storage
+    from ..store.storage import HEARTBEAT_S, is_database, open_storage
 
     if not is_database(storage) and not Path(storage).is_file():
         raise FileNotFoundError(f"no study journal at {storage}: give the file `mpsearch evolve --storage` wrote (default OUT/study.log)")

@@ -23,6 +23,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+#: the repository's folders of built-in files (search spaces, proxies, hardware profiles)
+SHIPPED = Path(__file__).resolve().parents[2]
+
+
+def shipped(*parts: str) -> Path:
+    """A built-in file or folder: ``shipped("search_spaces", "llama.toml")``."""
+    return SHIPPED.joinpath(*parts)
+
+
 #: size caps of the files users write by hand or mpsearch writes for them
 PLAN_BYTES = 64 << 20
 SPACE_BYTES = 1 << 20

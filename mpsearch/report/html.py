@@ -1,11 +1,11 @@
 """One HTML page per search (``report.html`` beside ``results.csv``), readable offline.
 
-``write_report(run_dir)`` reads a run folder as :func:`mpsearch.search.search` writes it
+``write_report(run_dir)`` reads a run folder as :func:`mpsearch.run.search.search` writes it
 (results.csv, plans/*.json, proxy_table_<proxy>.csv, stages.csv, and costs.csv where a
 cost model wrote one) and draws six plotly figures, with plotly.js embedded once in the
 page. A figure whose inputs are missing (results.csv grows plan by plan during a search)
 is replaced by a paragraph saying what is missing; a partial run never raises.
-``python -m mpsearch.html_report RUN_DIR`` writes the report of a finished or running search.
+``python -m mpsearch.report.html RUN_DIR`` writes the report of a finished or running search.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class _Missing(Exception):
 
 @dataclass(frozen=True)
 class _Bits:
-    """Stands in for a Format in :func:`mpsearch.report.bit_grid` (which reads ``.bits``) when the value is already known."""
+    """Stands in for a Format in :func:`mpsearch.report.plots.bit_grid` (which reads ``.bits``) when the value is already known."""
 
     bits: float
 
@@ -43,8 +43,8 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
     """Write ``run_dir/report.html`` (atomically) and return its path."""
     import plotly.offline
 
-    from . import __version__
-    from .cache import atomic_path
+    from .. import __version__
+    from ..store.cache import atomic_path
 
     run_dir = Path(run_dir)
     sections = []
@@ -147,7 +147,7 @@ def _log_ok(values) -> bool:
 def _pareto(run_dir: Path):
     import plotly.graph_objects as go
 
-    from .evolution import pareto_mask
+    from ..run.evolution import pareto_mask
 
     df = _results(run_dir)
     if "kl" not in df or df["kl"].notna().sum() == 0:
@@ -180,9 +180,9 @@ def _pareto(run_dir: Path):
 def _heatmap(run_dir: Path):
     import plotly.graph_objects as go
 
-    from .plan import Plan, PlanError
-    from .report import bit_grid
-    from .search import safe_name
+    from ..core.plan import Plan, PlanError
+    from .plots import bit_grid
+    from ..run.search import safe_name
 
     files = sorted((run_dir / "plans").glob("*.json")) if (run_dir / "plans").is_dir() else []
     if not files:
@@ -264,7 +264,7 @@ def _predicted(run_dir: Path):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from .refine import rank_correlation
+    from ..run.refine import rank_correlation
 
     df = _results(run_dir)
     df = df[df["kind"] != "returned"]
@@ -344,5 +344,5 @@ _BUILDERS = {"pareto": _pareto, "heatmap": _heatmap, "sensitivity": _sensitivity
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m mpsearch.html_report RUN_DIR")
+        sys.exit("usage: python -m mpsearch.report.html RUN_DIR")
     print(write_report(Path(sys.argv[1])))

@@ -1,0 +1,1 @@
+"""Bytes on disk: the content-addressed cache and the Optuna study storages."""
