@@ -33,6 +33,7 @@ from foundation import machine
 from mpsearch.core.stats import mean_ci
 from mpsearch.core.format import Format
 from mpsearch.models import load_model, load_text, token_chunks
+from mpsearch.measure.evaluate import evaluator_for
 from mpsearch.models.batches import as_batches
 from mpsearch.models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from mpsearch.core.plan import Plan, fingerprint
@@ -57,7 +58,8 @@ def main() -> None:
     model = lm.model
     names = [m.name for m in SearchSpace.from_file("llama").members(model)]
     calib = token_chunks(lm.tokenizer, load_text(DEFAULT_CALIBRATION), 512, 8)
-    ev = as_batches(token_chunks(lm.tokenizer, load_text(DEFAULT_EVALUATION), a.seq_len, a.windows)).evaluator(progress=False).fit(model)
+    ev = as_batches(token_chunks(lm.tokenizer, load_text(DEFAULT_EVALUATION), a.seq_len, a.windows))
+    ev = evaluator_for(ev, progress=False).fit(model)
     acts = {k: Format.parse(k) for k in ACTS}
     calibration = calibrate(model, {(n, "input"): [f for f in acts.values() if not f.is_full] for n in names}, calib)
     rows, kernel_rows = [], []

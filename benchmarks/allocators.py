@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mpsearch import registry
+from mpsearch.core import registry
 from mpsearch.cost import Budget, decision_costs
 from mpsearch.models import load_model, load_text, token_chunks
-from mpsearch.core.plan import write_json_atomic
+from mpsearch.core.files import write_json_atomic
 from mpsearch.primitives import compute_primitives
 from mpsearch.proxies import load_proxy
 from mpsearch.proxies.table import cached_proxy_table, decision_losses

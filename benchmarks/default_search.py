@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 
-from mpsearch.core.plan import write_json_atomic
+from mpsearch.core.files import write_json_atomic
 from mpsearch.run.search import SearchConfig, search
 
 from foundation import RESULTS, machine  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mpsearch.core.plan import write_json_atomic
+from mpsearch.core.files import write_json_atomic
 from mpsearch.run.search import SearchConfig, search
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -25,7 +25,7 @@ from scipy.stats import spearmanr
 
 from mpsearch.models import load_model, load_text, token_chunks
 from mpsearch.models.data import DEFAULT_CALIBRATION
-from mpsearch.core.plan import write_json_atomic
+from mpsearch.core.files import write_json_atomic
 from mpsearch.primitives import compute_primitives
 from mpsearch.run.search import SearchConfig, search
 from mpsearch.core.space import SearchSpace

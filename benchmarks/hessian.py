@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from mpsearch.models import load_model, load_text, token_chunks
-from mpsearch.core.plan import write_json_atomic
+from mpsearch.core.files import write_json_atomic
 from mpsearch.primitives.hessian import hutchinson
 from mpsearch.core.profiling import Stages
 from mpsearch.core.space import SearchSpace

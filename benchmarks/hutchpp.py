@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mpsearch.models import load_model, load_text, token_chunks
-from mpsearch.core.plan import write_json_atomic
+from mpsearch.core.files import write_json_atomic
 from mpsearch.primitives.hessian import hutchinson
 from mpsearch.primitives.hutchpp import hutchpp
 from mpsearch.core.space import SearchSpace

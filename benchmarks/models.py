@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mpsearch.core.plan import write_json_atomic
+from mpsearch.core.files import write_json_atomic
 from mpsearch.run.search import SearchConfig, search
 
 from foundation import RESULTS, machine  # noqa: E402 - run from benchmarks/ or with it on the path

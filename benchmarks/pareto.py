@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 
 from mpsearch.solvers.baselines import recipe_formats
-from mpsearch.run.evolution import EvolutionConfig, pareto_mask, run_evolution
-from mpsearch.core.plan import write_json_atomic
+from mpsearch.core.stats import pareto_mask
+from mpsearch.run.evolution import EvolutionConfig, run_evolution
+from mpsearch.core.files import write_json_atomic
 from mpsearch.solvers.predictor import PredictorConfig, predictor_search
 from mpsearch.report.plots import bit_heatmap, pareto_plot
 from mpsearch.run.search import SearchConfig, solver_params

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pulp
 
-from mpsearch.core.plan import write_json_atomic
+from mpsearch.core.files import write_json_atomic
 from mpsearch.solvers import MILP, Constraint, Problem
 
 from allocators import synthetic  # noqa: E402  (same folder)

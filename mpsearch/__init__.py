@@ -3,13 +3,33 @@
     import mpsearch
     result = mpsearch.search(budgets=("uniform:3",), proxies=("fisher",))
     mpsearch.apply_(model, mpsearch.Plan.load("plan.json"))
+
+The names below are loaded on first use, so ``import mpsearch`` (and every module under it)
+imports nothing of the search until it is asked for.
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
-from .measure.evaluate import Evaluator, evaluate_plan  # noqa: E402
-from .core.plan import Plan, PlanError  # noqa: E402
-from .quant import Format, apply, apply_  # noqa: E402
-from .run.search import SearchConfig, SearchResult, search  # noqa: E402
-from .core.space import SearchSpace  # noqa: E402
+#: public name -> the module that defines it
+_PUBLIC = {
+    "Evaluator": "mpsearch.measure.evaluate",
+    "evaluate_plan": "mpsearch.run.evaluation",
+    "Format": "mpsearch.core.format",
+    "Plan": "mpsearch.core.plan",
+    "PlanError": "mpsearch.core.plan",
+    "SearchSpace": "mpsearch.core.space",
+    "apply": "mpsearch.quant.apply",
+    "apply_": "mpsearch.quant.apply",
+    "applied": "mpsearch.quant.apply",
+    "SearchConfig": "mpsearch.run.config",
+    "SearchResult": "mpsearch.run.outputs",
+    "search": "mpsearch.run.search",
+}
+__all__ = ["__version__", *sorted(_PUBLIC)]
 
-__all__ = ["Evaluator", "Format", "Plan", "PlanError", "SearchConfig", "SearchResult", "SearchSpace", "apply", "apply_", "evaluate_plan", "search"]
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'mpsearch' has no attribute {name!r}")

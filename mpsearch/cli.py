@@ -19,7 +19,7 @@ from .models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 
 
 def search_config(a: argparse.Namespace):
-    from .run.search import SearchConfig
+    from .run.config import SearchConfig
     from .core.space import Rule, SearchSpace
 
     base = SearchSpace.from_file(a.space).base_format
@@ -263,7 +263,7 @@ NEAREST_TARGETS = ("compressed-tensors", "torchao", "gptqmodel", "autoround")
 
 
 def _eval(a: argparse.Namespace) -> int:
-    from .measure.evaluate import evaluate_plan
+    from .run.evaluation import evaluate_plan
 
     res = evaluate_plan(a.plan, model=a.model, evaluation=a.evaluation, seq_len=a.eval_seq_len, chunks=a.eval_chunks, threads=a.threads,
                         progress=not a.quiet, space=a.space, all_tensors=a.all_tensors, context=a.context, decode=a.decode,
@@ -290,7 +290,7 @@ def _leaderboard(a: argparse.Namespace) -> int:
 
 
 def _evolve_proxy(a: argparse.Namespace) -> int:
-    from .proxies.emq import GPConfig, Problem, evolve, term_proxies, write_proxy
+    from .run.emq import GPConfig, Problem, evolve, term_proxies, write_proxy
     from .run.groundtruth import load_ground_truth
     from .run.leaderboard import held_out, session_for
 
@@ -310,7 +310,6 @@ def _evolve_proxy(a: argparse.Namespace) -> int:
 
 def _list(a: argparse.Namespace) -> int:
     from .core import registry
-    from . import solvers  # noqa: F401
     from .models.loader import PACKAGED, WITH_DATA
     from .primitives import families
     from .proxies import list_proxies
@@ -329,8 +328,6 @@ def _list(a: argparse.Namespace) -> int:
     print("costs (--constraint NAME<=LIMIT):", ", ".join(cost_names()))
     print("hardware profiles (--hardware):", ", ".join(["local"] + sorted(p.stem for p in BUILTIN.glob("*.toml"))))
     print("kernels (profile-device):", ", ".join(kernel_names()))
-    import mpsearch.export  # noqa: F401  (registers the exporters)
-
     print("exporters:", ", ".join(registry.names("exporter")))
     print("search spaces:", ", ".join(spaces))
     print("packaged models:", ", ".join([*PACKAGED, *WITH_DATA]), "(or a .gguf file, a model folder, a hub id)")
@@ -343,7 +340,6 @@ def _list(a: argparse.Namespace) -> int:
 
 def _export_targets() -> str:
     from .core import registry
-    import mpsearch.export  # noqa: F401  (registers the exporters)
 
     return "; ".join(f"{n} ({registry.get('exporter', n).about})" for n in registry.names("exporter"))
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mpsearch import cache
+from mpsearch.store import cache
 from mpsearch.store.cache import cache_dir, content_key, read_json, tokens_hash, write_json
 from mpsearch.run.search import search
 

@@ -198,7 +198,7 @@ def test_measured_kl_evaluation_and_tasks_on_another_device(eager, tokens):
 
 def test_every_weight_quantizer_on_another_device():
     """Each quantizer runs where its weight is, reading importance kept on the CPU, with the CPU's result."""
-    from mpsearch import registry
+    from mpsearch.core import registry
     from mpsearch.quant import get_quantizer, quantize
 
     g = torch.Generator().manual_seed(0)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpsearch.run.evolution import EvolutionConfig, Space, evolve, pareto_mask
+from mpsearch.core.stats import pareto_mask
+from mpsearch.run.evolution import EvolutionConfig, Space, evolve
 
 pytest.importorskip("optuna")
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mpsearch import html_report
+from mpsearch.report import html as html_report
 from mpsearch.core.format import Format
 from mpsearch.report.html import FIGURES, write_report
 from mpsearch.core.plan import Plan

@@ -140,7 +140,7 @@ def test_evolved_expression_text_computes_what_the_genome_computes(seed):
 
     from deap import gp
 
-    from mpsearch.proxies.emq import TERMS, _pset, to_expression
+    from mpsearch.run.emq import TERMS, _pset, to_expression
     from mpsearch.proxies.proxy import Proxy
 
     pset = _pset()
@@ -157,7 +157,7 @@ def test_evolved_expression_text_computes_what_the_genome_computes(seed):
 
 def _synthetic_problem(seed: int = 0):
     """Terms at random; the measured KL is a known expression of them, so the GP can find it."""
-    from mpsearch.proxies.emq import TERMS, Problem
+    from mpsearch.run.emq import TERMS, Problem
 
     rng = np.random.default_rng(seed)
     n_dec, n_opt, n_plans = 12, 4, 90
@@ -179,7 +179,7 @@ def test_screen_rejects_nan_constant_and_degenerate():
 
 
 def test_gp_finds_a_planted_proxy_and_resumes_exactly(tmp_path):
-    from mpsearch.proxies.emq import GPConfig, evolve, write_proxy
+    from mpsearch.run.emq import GPConfig, evolve, write_proxy
     from mpsearch.proxies.proxy import Proxy
 
     p = _synthetic_problem()
@@ -200,7 +200,7 @@ def test_gp_finds_a_planted_proxy_and_resumes_exactly(tmp_path):
 
 
 def test_gp_resume_from_a_middle_generation(tmp_path):
-    from mpsearch.proxies.emq import GPConfig, evolve
+    from mpsearch.run.emq import GPConfig, evolve
 
     p = _synthetic_problem(1)
     full = evolve(p, GPConfig(population=16, generations=4, seed=5), tmp_path / "full.pkl", progress=False)

@@ -219,7 +219,7 @@ def test_kernel_lookup_uses_the_formats_bits(all_tables):
 
 def test_sliced_loss_backward_equals_the_models_own_loss(model):
     """The gradient pass runs the LM head a slice of positions at a time (Gemma's 262k vocabulary)."""
-    from mpsearch.primitives.gradients import loss_backward
+    from mpsearch.models.decoder import loss_backward
 
     ids = torch.randint(0, 256, (1, 23), generator=torch.Generator().manual_seed(4))
     w = model.model.layers[1].mlp.down_proj.weight

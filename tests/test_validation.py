@@ -144,8 +144,9 @@ def test_exact_names_still_reach_any_weight(model):
 
 def test_a_group_size_that_does_not_fit_names_the_tensor_before_the_reference_pass(tmp_path, monkeypatch):
     """Issue 10 item 6: group_size 100 failed without naming the tensor, after the full reference pass."""
-    from mpsearch import evaluate
+    from mpsearch.measure import evaluate
     from mpsearch.models.loader import LoadedModel
+    from mpsearch.run import evaluation
 
     from .conftest import tiny_llama, tiny_text, tiny_tokenizer
 
@@ -155,7 +156,7 @@ def test_a_group_size_that_does_not_fit_names_the_tensor_before_the_reference_pa
     (tmp_path / "t.txt").write_text(tiny_text(3))
     plan = Plan("tiny", fingerprint(m), {Q: {"weight": Format(4, 100)}})
     with pytest.raises(PlanError, match=rf"{Q}.*group size 100 does not divide its input dimension 64"):
-        evaluate.evaluate_plan(plan, model="tiny", evaluation=str(tmp_path / "t.txt"), seq_len=16, chunks=1, progress=False)
+        evaluation.evaluate_plan(plan, model="tiny", evaluation=str(tmp_path / "t.txt"), seq_len=16, chunks=1, progress=False)
 
 
 def test_a_binary_plan_file_is_named(tmp_path, capsys):

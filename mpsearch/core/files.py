@@ -21,7 +21,7 @@ import stat
 import tempfile
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 #: the repository's folders of built-in files (search spaces, proxies, hardware profiles)
 SHIPPED = Path(__file__).resolve().parents[2]
@@ -117,6 +117,51 @@ def _parse(loads, invalid: type[Exception], message: str, text: str, where: str,
     except RecursionError:  # both parsers recurse: far past MAX_DEPTH they run out of stack first
         raise error(f"{where} nests objects or arrays more than {MAX_DEPTH} levels deep") from None
     return check_depth(value, where, error)
+
+
+# ------------------------------------------------------------------ writing
+def atomic_path(path: Path) -> Path:
+    """A new temporary file beside ``path`` (its folder made): write there, then ``os.replace`` it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` to a temporary sibling of ``path``, then rename it: a reader, or a run killed
+    half-way, never sees half a file. The one way mpsearch writes a file whole."""
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
+
+
+def write_csv_atomic(path: str | Path, df) -> Path:
+    return write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):  # numpy and torch scalars
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def safe_name(name: str) -> str:
+    """A plan or proxy name as a file name: letters, digits and ``-_.@`` kept, anything else ``_``."""
+    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in name)
 
 
 # ------------------------------------------------------------------ output paths

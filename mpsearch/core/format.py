@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import registry
+from .registry import UnknownComponentError
+
 #: ``group_size`` value meaning one group per output row (per-channel)
 PER_CHANNEL = -1
 #: ``bits`` value meaning "leave the tensor unquantized" (stored as fp16)
@@ -47,11 +50,8 @@ class Format:
         for k, v in self.params:
             if not isinstance(k, str) or not (v is None or isinstance(v, (bool, int, float, str))):
                 raise FormatError(f"params: {k!r} must map to a number, string or boolean, got {v!r}")
-        from ..quant.quantizer import get_quantizer  # the quantizer decides what it accepts
-        from .registry import UnknownComponentError
-
-        try:
-            get_quantizer(self.quantizer).check(self)
+        try:  # the quantizer decides what it accepts
+            registry.get("quantizer", self.quantizer).check(self)
         except UnknownComponentError as e:
             raise FormatError(str(e)) from None
 
@@ -65,9 +65,7 @@ class Format:
         return Format(bits=FULL_BITS, group_size=PER_CHANNEL, symmetric=True, quantizer="none")
 
     def _quantizer(self):
-        from ..quant.quantizer import get_quantizer
-
-        return get_quantizer(self.quantizer)
+        return registry.get("quantizer", self.quantizer)
 
     def fits(self, in_features: int) -> bool:
         """Whether the layout tiles a row of ``in_features`` (a group size must divide it)."""
@@ -93,18 +91,15 @@ class Format:
         ``u4g64a``-style (``{u|NAME}{bits}g{group|ch}{a|s}``)."""
         import re
 
-        from ..quant.quantizer import get_quantizer
-        from .registry import UnknownComponentError, names
-
         if key == "fp16":
             return Format.full()
-        if key in names("quantizer"):
-            q = get_quantizer(key)
+        if key in registry.names("quantizer"):
+            q = registry.get("quantizer", key)
             if {"bits", "group_size"} <= set(q.default_fields()):
                 return Format(quantizer=key, **q.default_fields())
         t = re.fullmatch(r"([a-z][a-z_]*?)(\d+)(?:g(\d+))?", key)  # a run-time quantizer: tok8, kvquant3, kvtok4g32
-        if t and t.group(1) in names("quantizer") and hasattr(get_quantizer(t.group(1)), "calibrate"):
-            fields = get_quantizer(t.group(1)).default_fields()
+        if t and t.group(1) in registry.names("quantizer") and hasattr(registry.get("quantizer", t.group(1)), "calibrate"):
+            fields = registry.get("quantizer", t.group(1)).default_fields()
             if t.group(3):
                 fields["group_size"] = int(t.group(3))
             return Format(bits=int(t.group(2)), quantizer=t.group(1), **fields)
@@ -113,7 +108,7 @@ class Format:
             raise FormatError(f"{key!r} is not a format key (e.g. 'u4g64a', 'q4_k', 'fp16', 'u3g64a+o0.5')")
         name = "uniform" if m.group(1) == "u" else m.group(1)
         try:
-            get_quantizer(name)
+            registry.get("quantizer", name)
         except UnknownComponentError as e:
             raise FormatError(f"format {key!r}: {e}") from None
         group = PER_CHANNEL if m.group(3) == "ch" else int(m.group(3))
@@ -135,11 +130,8 @@ class Format:
         if extra:
             raise FormatError(f"{where}: unknown key(s) {sorted(extra)}; allowed: {sorted(known)}")
         if "bits" not in d and "quantizer" in d:  # a fixed layout (e.g. {"quantizer": "q4_k"}) supplies the rest
-            from ..quant.quantizer import get_quantizer
-            from .registry import UnknownComponentError
-
             try:
-                d = {**get_quantizer(d["quantizer"]).default_fields(), **d}
+                d = {**registry.get("quantizer", d["quantizer"]).default_fields(), **d}
             except (UnknownComponentError, TypeError) as e:
                 raise FormatError(f"{where}: {e}") from None
         if "bits" not in d:

@@ -21,10 +21,8 @@ tensors the same way: ``calibration``, written as ``NAME.calibration.safetensors
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -32,7 +30,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .files import PLAN_BYTES, parse_json, read_text
+from .files import PLAN_BYTES, parse_json, read_text, write_atomic, write_json_atomic
 from .format import Format, FormatError
 from .patterns import PatternError, compile_pattern, fullmatch
 
@@ -231,10 +229,8 @@ def _save_sidecar(path: Path, what: str, tensors: Mapping[str, torch.Tensor]) ->
     from safetensors.torch import save_file
 
     side = path.with_name(f"{path.stem}.{what}.safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = side.with_name(f".{side.name}.tmp")
-    save_file({k: v.detach().to(torch.float32).contiguous().cpu().clone() for k, v in tensors.items()}, str(tmp))  # clone: entries may share storage
-    os.replace(tmp, side)
+    write_atomic(side, lambda tmp: save_file({k: v.detach().to(torch.float32).contiguous().cpu().clone() for k, v in tensors.items()},
+                                             str(tmp)))  # clone: entries may share storage
     return {"file": side.name, "sha256": importance_digest(tensors)}
 
 
@@ -258,21 +254,3 @@ def _load_sidecar(path: Path, what: str, ref: Any) -> dict[str, torch.Tensor]:
     if importance_digest(tensors) != ref["sha256"]:
         raise PlanError(f"{path}: its {what} file {side.name} does not match the SHA-256 the plan records")
     return tensors
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write to a temporary file beside ``path`` and rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

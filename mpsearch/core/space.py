@@ -12,8 +12,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from torch import nn
 
+from . import registry
 from .files import SPACE_BYTES, parse_toml, read_text, shipped
 from .format import FULL_BITS, PER_CHANNEL, Format, FormatError
 from .layers import check_types, kind_of, matrix_shape
@@ -140,6 +143,22 @@ class Decision:
         return sum(m.numel * self.formats[j].effective_bits(m.in_features) for m in self.members)
 
 
+def decision_costs(decisions: list[Decision]) -> list[np.ndarray]:
+    """Total effective bits of each decision in each of its formats."""
+    return [np.array([d.bits(j) for j in range(len(d.formats))], dtype=np.float64) for d in decisions]
+
+
+def plan_bits(formats: dict[str, Format], members: list[Member]) -> float:
+    """Effective bits per weight of ``formats`` over ``members`` (missing = unquantized, 16)."""
+    total = sum(m.numel * (formats[m.name].effective_bits(m.in_features) if m.name in formats else 16.0) for m in members)
+    return total / sum(m.numel for m in members)
+
+
+def plan_bytes(formats: dict[str, Format], members: list[Member]) -> float:
+    """Storage of the decision tensors in bytes."""
+    return plan_bits(formats, members) * sum(m.numel for m in members) / 8.0
+
+
 #: run-time targets a space file may add as tables, and the plan targets each one decides
 RUNTIME_TABLES = {"input": ("input",), "kv_cache": ("k_cache", "v_cache")}
 
@@ -159,8 +178,6 @@ class RuntimeTarget:
 
     @staticmethod
     def from_table(table: str, data: Any) -> "RuntimeTarget":
-        from ..quant import get_quantizer
-
         where = f"[{table}]"
         if not isinstance(data, dict) or set(data) - {"formats", "include_full", "min_bits"}:
             raise SpaceError(f"{where} takes formats, include_full and min_bits; got {data!r}")
@@ -169,7 +186,7 @@ class RuntimeTarget:
             raise SpaceError(f"{table}.formats must be a non-empty list of format keys like 'tok8' or 'kvquant3', got {keys!r}")
         fmts = tuple(Format.parse(k) for k in keys)
         for f in fmts:
-            if not set(RUNTIME_TABLES[table]) <= set(get_quantizer(f.quantizer).targets):
+            if not set(RUNTIME_TABLES[table]) <= set(registry.get("quantizer", f.quantizer).targets):
                 raise SpaceError(f"{table}.formats: {f.key} is not a format for {' / '.join(RUNTIME_TABLES[table])}")
         mb = data.get("min_bits")
         if mb is not None and (not _is_int(mb) or not 1 <= mb <= FULL_BITS):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.format import Format
-from ..core.space import Decision, Member
+from ..core.space import Decision, decision_costs, plan_bits, plan_bytes  # noqa: F401  (costs of plans, read here too)
 
 
 log = logging.getLogger(__name__)
@@ -136,19 +136,3 @@ def parse_budget_text(text: str) -> tuple[str, str, tuple]:
     if unit:
         return "bytes", t, (value * _UNITS[unit],)
     return "bits", t, (value,)
-
-
-def decision_costs(decisions: list[Decision]) -> list[np.ndarray]:
-    """Total effective bits of each decision in each of its formats."""
-    return [np.array([d.bits(j) for j in range(len(d.formats))], dtype=np.float64) for d in decisions]
-
-
-def plan_bits(formats: dict[str, Format], members: list[Member]) -> float:
-    """Effective bits per weight of ``formats`` over ``members`` (missing = unquantized, 16)."""
-    total = sum(m.numel * (formats[m.name].effective_bits(m.in_features) if m.name in formats else 16.0) for m in members)
-    return total / sum(m.numel for m in members)
-
-
-def plan_bytes(formats: dict[str, Format], members: list[Member]) -> float:
-    """Storage of the decision tensors in bytes."""
-    return plan_bits(formats, members) * sum(m.numel for m in members) / 8.0

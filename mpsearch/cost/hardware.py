@@ -10,7 +10,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from ..core.files import shipped
+from ..core.files import shipped, write_text_atomic
 
 BUILTIN = shipped("hardware")
 #: compute types a peak may be given for, from the narrowest
@@ -67,11 +67,10 @@ class Hardware:
 
 
 def load_hardware(name: str | Path) -> Hardware:
-    """A profile by name (``hardware/<name>.toml``, or ``local`` for this machine) or by path."""
+    """A profile by name (``hardware/<name>.toml``) or by path; ``local``, this machine measured, is
+    :func:`mpsearch.cost.profile.hardware`'s."""
     if str(name) == "local":
-        from .profile import local_hardware
-
-        return local_hardware()
+        raise HardwareError("the 'local' profile is measured on this machine: mpsearch.cost.profile.hardware('local') gives it")
     path = Path(name)
     if not path.suffix:
         path = BUILTIN / f"{name}.toml"
@@ -98,12 +97,7 @@ def read_hardware(path: Path) -> Hardware:
 
 def write_hardware(hw: Hardware, path: Path) -> Path:
     """A profile as TOML (what ``profile-device`` writes for this machine)."""
-    from ..store.cache import atomic_path
-
-    tmp = atomic_path(path)
-    tmp.write_text(hardware_toml(hw))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, hardware_toml(hw))
 
 
 def hardware_toml(hw: Hardware) -> str:

@@ -142,13 +142,10 @@ def weight_bytes(m: Member, fmt: Format) -> float:
 
 
 def cost_names() -> list[str]:
-    from . import bops, energy, measured, roofline, size  # noqa: F401  (register the built-in cost models)
-
     return registry.names("cost")
 
 
 def get_cost(name: str) -> type[CostModel]:
-    cost_names()
     return registry.get("cost", name)
 
 

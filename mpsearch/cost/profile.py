@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..store.cache import cache_dir, cache_write, content_key, read_json, scratch_dir, write_json
 from ..core.format import Format
-from .hardware import Hardware, HardwareError, hardware_toml, read_hardware
+from .hardware import Hardware, HardwareError, hardware_toml, load_hardware, read_hardware
 
 log = logging.getLogger(__name__)
 SCHEMA = "device-profile/v2"  # v2: kernels timed inside the model
@@ -100,6 +100,11 @@ def local_hardware(refresh: bool = False) -> Hardware:
         path = scratch_dir() / path.name
         path.write_text(text)
     return read_hardware(path)  # what a later run reads from the cache, to the digit
+
+
+def hardware(name: str) -> Hardware:
+    """A hardware profile by name or path, ``local`` (this machine, measured once) included."""
+    return local_hardware() if str(name) == "local" else load_hardware(name)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ..core.format import Format
 from ..solvers import Constraint
 from ..core.space import Decision, Member
 from . import BudgetError
-from .hardware import load_hardware
+from .profile import hardware
 from .model import ConstraintSpec, CostModel, ModelShape, Workload, cost_names, get_cost
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ class CostSuite:
         shape = ModelShape.of(model)
         wanted = {ConstraintSpec.parse(c).cost for c in cfg.constraints}
         with stage(f"hardware profile {cfg.hardware}"):
-            hw = load_hardware(cfg.hardware)
-        energy_hw = load_hardware(cfg.energy_table)
+            hw = hardware(cfg.hardware)
+        energy_hw = hardware(cfg.energy_table)
         profile = None
         timed = wanted & {"measured_decode", "measured_prefill"}
         if (cfg.profile or timed) and not shape.layers:  # the kernels run a decoder's linears; a CNN has no decode step

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import exporter
+from .base import exporter
 from .int_schemes import plan_schemes
 
 BITS = frozenset({2, 3, 4, 8})

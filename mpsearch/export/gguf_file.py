@@ -26,7 +26,7 @@ import torch
 from ..models import load_model
 from ..quant.apply import check_plan
 from ..quant.ggml import TYPES, pack
-from . import ExportError, exporter
+from .base import ExportError, exporter
 from .names import arch_of, field, gguf_names, source_gguf
 
 log = logging.getLogger(__name__)

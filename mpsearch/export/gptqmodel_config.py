@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from . import exporter
+from .base import exporter
 from .int_schemes import plan_schemes
 
 BITS = frozenset({2, 3, 4, 8})

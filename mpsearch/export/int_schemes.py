@@ -19,7 +19,7 @@ from ..core.layers import matrix_shape
 from ..models import load_model
 from ..quant import outliers
 from ..quant.apply import check_plan
-from . import ExportError
+from .base import ExportError
 
 log = logging.getLogger(__name__)
 #: quantizers whose format is a plain integer grid with a scale (and zero) per group

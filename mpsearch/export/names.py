@@ -25,7 +25,7 @@ def field(reader: gguf.GGUFReader, key: str):
 
 def arch_of(spec: str, model: nn.Module) -> tuple[gguf.MODEL_ARCH, int]:
     """llama.cpp's architecture and block count: from the source GGUF, else from the HF config."""
-    from . import ExportError
+    from .base import ExportError
 
     by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
     src = source_gguf(spec)
@@ -44,7 +44,7 @@ def arch_of(spec: str, model: nn.Module) -> tuple[gguf.MODEL_ARCH, int]:
 def gguf_names(arch: gguf.MODEL_ARCH, blocks: int, modules: list[str]) -> dict[str, str]:
     """Module name -> GGUF tensor name of its weight (``model.layers.0.self_attn.q_proj`` ->
     ``blk.0.attn_q.weight``); an error names a module llama.cpp has no tensor for."""
-    from . import ExportError
+    from .base import ExportError
 
     table = gguf.get_tensor_name_map(arch, blocks)
     out = {}

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..models import load_model
 from ..quant.apply import check_plan
 from ..quant.ggml import TYPES
-from . import ExportError, exporter
+from .base import ExportError, exporter
 from .names import arch_of, gguf_names
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import ExportError, exporter
+from .base import ExportError, exporter
 from .int_schemes import plan_schemes
 
 BITS = frozenset(range(1, 9))

@@ -7,48 +7,6 @@ this machine (:mod:`mpsearch.cost.profile`); :func:`mpsearch.kernels.deploy.depl
 model whose decision linears run through them, and its decode time is what the cost
 models are checked against.
 """
-from __future__ import annotations
+from .base import Kernel, get_kernel, kernel_names, kernels_for
 
-from abc import ABC, abstractmethod
-from typing import ClassVar
-
-import torch
-
-from ..core import registry
-from ..core.format import Format
-
-
-class Kernel(ABC):
-    """``pack`` a weight [out, in] for a format; ``run`` a [tokens, in] input through it."""
-
-    name: ClassVar[str]
-    #: bump when the layout or the operator changes: profile tables are keyed by it
-    version: ClassVar[int] = 1
-
-    @abstractmethod
-    def applies(self, fmt: Format, in_features: int, device: str) -> bool:
-        """Whether this kernel can run ``fmt`` for rows of ``in_features`` on ``device``."""
-
-    @abstractmethod
-    def pack(self, weight: torch.Tensor, fmt: Format) -> dict[str, torch.Tensor]:
-        """The stored tensors (codes, scales...) for ``weight`` in ``fmt``."""
-
-    @abstractmethod
-    def run(self, x: torch.Tensor, packed: dict[str, torch.Tensor], fmt: Format) -> torch.Tensor:
-        """``x @ W.T`` in the input's dtype."""
-
-
-def kernel_names() -> list[str]:
-    from . import torch_kernels  # noqa: F401  (registers the built-in kernels)
-
-    return registry.names("kernel")
-
-
-def get_kernel(name: str) -> Kernel:
-    kernel_names()
-    return registry.get("kernel", name)()
-
-
-def kernels_for(fmt: Format, in_features: int, device: str = "cpu") -> list[str]:
-    """Every kernel that can run ``fmt`` (an unquantized format runs ``dense`` only)."""
-    return [k for k in kernel_names() if get_kernel(k).applies(fmt, in_features, device)]
+__all__ = ["Kernel", "get_kernel", "kernel_names", "kernels_for"]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..core.format import Format
-from . import get_kernel, kernels_for
+from .base import get_kernel, kernels_for
 
 #: the order kernels are preferred in when nothing was measured (fused before unfused)
 PREFERENCE = ("int4pack", "int8pack", "dequant", "dense")

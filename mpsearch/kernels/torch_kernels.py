@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..core.format import Format
 from ..core.registry import register
-from . import Kernel
+from .base import Kernel
 
 COMPUTE = torch.bfloat16
 

@@ -167,42 +167,6 @@ def _nll_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:
     return float(F.nll_loss(logp.reshape(-1, logp.shape[-1]), targets.reshape(-1), reduction="sum"))
 
 
-def evaluate_plan(plan, model: str = "smollm2", evaluation: str | None = None, seq_len: int = 512, chunks: int = 16, threads: int = 2,
-                  progress: bool = True, space: str = "llama", all_tensors: bool = False, context: int = 0, decode: int = 128,
-                  device: str = "auto") -> dict:
-    """Load ``model``, measure the reference and ``plan`` on held-out text: ppl and KL for both.
-    ``device`` (cpu, cuda, cuda:N, auto) is where the model runs and the plan is quantized; it is
-    checked before anything loads.
-
-    The plan is checked against the model (fingerprint, every format fits its tensor)
-    before the reference pass; ``space``/``all_tensors`` as in :func:`mpsearch.quant.apply_`.
-    ``context > 0``: windows of ``context`` tokens on the decode path (:class:`DecodeEvaluator`,
-    the last ``decode`` tokens through the cache) instead of ``seq_len`` full-sequence windows.
-    """
-    from ..core.device import exact_fp32, resolve_device
-    from ..models import load_model, load_text, token_chunks
-    from ..models.data import DEFAULT_EVALUATION, DataError
-    from ..core.plan import Plan
-    from ..quant import applied
-    from ..quant.apply import check_plan
-
-    if seq_len < 2 or chunks < 1:
-        raise DataError(f"need --eval-seq-len >= 2 and --eval-chunks >= 1, got {seq_len}, {chunks}")
-    dev = resolve_device(device)
-    torch.set_num_threads(threads)
-    plan = Plan.load(plan) if not isinstance(plan, Plan) else plan
-    text = load_text(evaluation or DEFAULT_EVALUATION)
-    lm = load_model(model)
-    check_plan(lm.model, plan, space=space, all_tensors=all_tensors)
-    lm.model.to(dev)
-    exact_fp32(dev)
-    tokens = token_chunks(lm.tokenizer, text, context or seq_len, chunks)
-    ev = (DecodeEvaluator(tokens, decode, progress=progress) if context else Evaluator(tokens, progress=progress)).fit(lm.model)
-    with applied(lm.model, plan, space=space, all_tensors=all_tensors):
-        q = ev.score(lm.model)
-    return {"plan": q.to_dict(), "reference": ev.reference_.to_dict()}
-
-
 class DecodeEvaluator:
     """Quality on the inference path through the KV cache: each window ``[context]`` is prefilled
     ``chunk`` tokens at a time through a cache, then its last ``decode`` tokens are fed one at a
@@ -277,3 +241,13 @@ class DecodeEvaluator:
                 steps.append(body(input_ids=ids[:, t: t + 1], cache=cache, use_cache=True).last_hidden_state)
             logits = head(parts, torch.cat(steps, dim=1))[0]
             yield F.log_softmax(logits, dim=-1), ids[0, prefill:]
+
+
+def evaluator_for(batches, progress: bool = True):
+    """The evaluator of what ``batches`` hold: next-token windows (perplexity and KL) or labelled
+    examples (:class:`~mpsearch.models.batches.LabelledBatches`: accuracy, loss and KL)."""
+    from ..models.batches import LabelledBatches
+
+    if isinstance(batches, LabelledBatches):
+        return ClassifierEvaluator(batches, progress=progress)
+    return Evaluator(batches.tokens, progress=progress)

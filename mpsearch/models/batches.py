@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.device import model_device, to_model
+from ..store.cache import tokens_hash
+from .decoder import loss_backward
 
 
 class Batches:
@@ -88,8 +90,6 @@ class TokenBatches(Batches):
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
     def loss_backward(self, model: nn.Module, i: int) -> None:
-        from ..primitives.gradients import loss_backward
-
         loss_backward(model, self.tokens[i].unsqueeze(0))
 
     def synflow_output(self, model: nn.Module) -> torch.Tensor:
@@ -98,17 +98,10 @@ class TokenBatches(Batches):
         return model(inputs_embeds=ones, use_cache=False).logits.sum()
 
     def digest(self) -> str:
-        from ..store.cache import tokens_hash
-
         return tokens_hash(self.tokens)
 
     def head(self, batches: int, length: int | None = None) -> "TokenBatches":
         return TokenBatches(self.tokens[:batches, :length])
-
-    def evaluator(self, progress: bool = True):
-        from ..measure.evaluate import Evaluator
-
-        return Evaluator(self.tokens, progress=progress)
 
 
 class LabelledBatches(Batches):
@@ -155,8 +148,3 @@ class LabelledBatches(Batches):
     def head(self, batches: int, length: int | None = None) -> "LabelledBatches":
         n = batches * self.batch_size
         return LabelledBatches(self.x[:n], self.y[:n], self.batch_size)
-
-    def evaluator(self, progress: bool = True):
-        from ..measure.evaluate import ClassifierEvaluator
-
-        return ClassifierEvaluator(self, progress=progress)

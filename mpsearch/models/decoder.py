@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..core.device import to_model
 
 
 def decoder_parts(model: nn.Module):
@@ -31,8 +34,6 @@ def head(parts, hidden: torch.Tensor) -> torch.Tensor:
 def logit_slices(model: nn.Module, ids: torch.Tensor, positions: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(logits[B, P, V], targets[B, P])`` of the next-token predictions of ``ids``, ``positions`` at a time,
     on the model's device (``ids`` are moved there)."""
-    from ..core.device import to_model
-
     ids = to_model(ids, model)
     parts = decoder_parts(model)
     targets = ids[:, 1:]
@@ -44,3 +45,25 @@ def logit_slices(model: nn.Module, ids: torch.Tensor, positions: int) -> Iterato
     hidden = parts[0](input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
     for s in range(0, targets.shape[1], positions):
         yield head(parts, hidden[:, s: s + positions]), targets[:, s: s + positions]
+
+
+def loss_backward(model: nn.Module, ids: torch.Tensor, positions: int = 32) -> None:
+    """``backward()`` of the mean next-token loss over ``ids`` ``[1, T]``.
+
+    For a decoder the head and the loss run a slice of ``positions`` at a time and the
+    body's backward once (:mod:`mpsearch.models.decoder`), so the logits of the whole
+    sequence never exist at once, nor their gradient. Anything else: the model's own loss.
+    """
+    ids = to_model(ids, model)
+    parts = decoder_parts(model)
+    if parts is None or ids.shape[0] != 1:
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        return
+    hidden = parts[0](input_ids=ids, use_cache=False).last_hidden_state
+    h = hidden.detach().requires_grad_(True)
+    targets = ids[:, 1:]
+    for s in range(0, targets.shape[1], positions):
+        logits = head(parts, h[:, s: s + min(positions, targets.shape[1] - s)])
+        t = targets[:, s: s + positions]
+        (F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum") / targets.numel()).backward()
+    hidden.backward(h.grad)

@@ -23,7 +23,6 @@ from torch import nn
 from ..core import registry
 from ..store.cache import cache_dir, content_key, load_tensors, remove, save_tensors, tokens_hash
 from ..core.device import device_parts, model_device
-from . import activations, gradients, gram, hessian, synflow  # noqa: F401 - register the families
 from .base import Checkpoint, Family, PrimitiveError, PrimitiveSettings, Values
 
 log = logging.getLogger(__name__)

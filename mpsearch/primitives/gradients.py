@@ -9,12 +9,9 @@ Only decision weights get gradients, so the backward pass is no wider than neede
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.device import to_model
-from ..models.decoder import decoder_parts, head
 from ..core.registry import register
 from ..core.layers import matrix, weight_modules
 from ..models.batches import as_batches
@@ -65,28 +62,6 @@ def gradients(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settin
     n = len(data)
     return {"fisher": {t: matrix(modules[t], f.div_(n)).contiguous() for t, f in zip(tensors, f_acc)},
             "grad": {t: matrix(modules[t], g.div_(n)).contiguous() for t, g in zip(tensors, g_acc)}}
-
-
-def loss_backward(model: nn.Module, ids: torch.Tensor, positions: int = 32) -> None:
-    """``backward()`` of the mean next-token loss over ``ids`` ``[1, T]``.
-
-    For a decoder the head and the loss run a slice of ``positions`` at a time and the
-    body's backward once (:mod:`mpsearch.models.decoder`), so the logits of the whole
-    sequence never exist at once, nor their gradient. Anything else: the model's own loss.
-    """
-    ids = to_model(ids, model)
-    parts = decoder_parts(model)
-    if parts is None or ids.shape[0] != 1:
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        return
-    hidden = parts[0](input_ids=ids, use_cache=False).last_hidden_state
-    h = hidden.detach().requires_grad_(True)
-    targets = ids[:, 1:]
-    for s in range(0, targets.shape[1], positions):
-        logits = head(parts, h[:, s: s + min(positions, targets.shape[1] - s)])
-        t = targets[:, s: s + positions]
-        (F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum") / targets.numel()).backward()
-    hidden.backward(h.grad)
 
 
 FAMILY = register("primitive family", "gradients")(Family(

@@ -54,20 +54,20 @@ def measured_kl(model: nn.Module, decisions, tokens: torch.Tensor, weights_key: 
     if todo:
         data = as_batches(tokens)
         if isinstance(data, TokenBatches):  # a decoder: rerun only the layers from the quantized one on
-            tail, ref_logp = _tail_runner(model, data.tokens)
-            layer_of = _layer_of
+            tail, ref_logp = tail_runner(model, data.tokens)
+            layer_index = layer_of
         else:  # anything else: the whole forward pass each time
             def tail(_layer: int) -> torch.Tensor:
                 return torch.cat([F.log_softmax(data.logits(model, i), dim=-1) for i in range(len(data))])
             with torch.no_grad():
                 ref_logp = tail(0)
-            def layer_of(_name: str) -> int:
+            def layer_index(_name: str) -> int:
                 return 0
-        ref = _Reference(ref_logp)
+        ref = Reference(ref_logp)
         modules = dict(model.named_modules())
         by_layer: dict[int, list] = {}
         for t, f in todo:
-            by_layer.setdefault(layer_of(t), []).append((t, f))
+            by_layer.setdefault(layer_index(t), []).append((t, f))
         bar = tqdm(total=len(todo), desc="measured KL per (tensor, format)", disable=not progress, unit="pair")
         with torch.no_grad():
             for layer in sorted(by_layer):
@@ -86,14 +86,14 @@ def measured_kl(model: nn.Module, decisions, tokens: torch.Tensor, weights_key: 
     return pd.DataFrame([(t, f.key, done[(t, f.key)]) for t, f in pairs], columns=["tensor", "format", "kl"])
 
 
-def _layer_of(name: str) -> int:
+def layer_of(name: str) -> int:
     m = _LAYER.search(name)
     if not m:
         raise ValueError(f"cannot tell which decoder layer {name!r} belongs to (expected 'layers.<N>.')")
     return int(m[1])
 
 
-def _tail_runner(model: nn.Module, tokens: torch.Tensor) -> tuple[Callable[[int], torch.Tensor], torch.Tensor]:
+def tail_runner(model: nn.Module, tokens: torch.Tensor) -> tuple[Callable[[int], torch.Tensor], torch.Tensor]:
     """Record every decoder layer's call once; return ``tail(l)`` (log-probs from layer l on) and the reference log-probs."""
     body = getattr(model, "model", None)
     layers = getattr(body, "layers", None)
@@ -130,7 +130,7 @@ def _tail_runner(model: nn.Module, tokens: torch.Tensor) -> tuple[Callable[[int]
     return tail, ref
 
 
-class _Reference:
+class Reference:
     """The reference distribution with its probabilities and entropy computed once."""
 
     def __init__(self, logp: torch.Tensor) -> None:

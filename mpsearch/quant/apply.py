@@ -15,10 +15,9 @@ from torch import nn
 from ..core.format import FormatError
 from ..core.layers import kind_of, matrix, set_matrix
 from ..core.plan import Plan, PlanError
-from . import quantize
 from .hooks import RuntimeHooks
 from .memo import QuantMemo
-from .quantizer import get_quantizer
+from .quantizer import get_quantizer, quantize
 
 
 def quantizable_names(model: nn.Module) -> list[str]:

@@ -20,8 +20,7 @@ from collections import OrderedDict
 import torch
 
 from ..core.format import Format
-from . import quantize
-from .quantizer import format_identity
+from .quantizer import format_identity, quantize
 
 
 def _digest(t: torch.Tensor | None) -> str:

@@ -180,6 +180,18 @@ def groups_of(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None, nam
     return x, importance.detach().to(device=x.device, dtype=torch.float32).clamp_min(0).reshape(1, in_f // g, g) + 1e-12
 
 
+def quantize(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Fake-quantize ``w`` with ``fmt``; 16 bits returns the tensor unchanged.
+
+    ``importance`` (``[in_features]``, e.g. the layer input's second moments, which is
+    what llama.cpp's imatrix holds) weights each column's error in quantizers that
+    search their scales; the others ignore it.
+    """
+    if fmt.is_full:
+        return w.detach().clone()
+    return get_quantizer(fmt.quantizer)(w, fmt, importance)
+
+
 def get_quantizer(name: str) -> Quantizer:
     """The registered quantizer ``name``; the error lists the known ones."""
     return registry.get("quantizer", name)

@@ -43,8 +43,8 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
     """Write ``run_dir/report.html`` (atomically) and return its path."""
     import plotly.offline
 
-    from .. import __version__
-    from ..store.cache import atomic_path
+    from .._version import __version__
+    from ..core.files import write_text_atomic
 
     run_dir = Path(run_dir)
     sections = []
@@ -68,11 +68,7 @@ def write_report(run_dir: str | Path, title: str | None = None) -> Path:
     toc = "\n".join(f'<li><a href="#fig-{n}">{TITLES[n]}</a></li>' for n in FIGURES)
     page = _PAGE.format(title=html.escape(title), plotlyjs=plotly.offline.get_plotlyjs(), toc=toc, sections="\n".join(sections),
                         version=html.escape(__version__), run_dir=html.escape(str(run_dir.resolve())), config=config_html)
-    path = run_dir / "report.html"
-    tmp = atomic_path(path)
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(run_dir / "report.html", page)
 
 
 _PAGE = """<!DOCTYPE html>
@@ -147,7 +143,7 @@ def _log_ok(values) -> bool:
 def _pareto(run_dir: Path):
     import plotly.graph_objects as go
 
-    from ..run.evolution import pareto_mask
+    from ..core.stats import pareto_mask
 
     df = _results(run_dir)
     if "kl" not in df or df["kl"].notna().sum() == 0:
@@ -182,7 +178,7 @@ def _heatmap(run_dir: Path):
 
     from ..core.plan import Plan, PlanError
     from .plots import bit_grid
-    from ..run.search import safe_name
+    from ..core.files import safe_name
 
     files = sorted((run_dir / "plans").glob("*.json")) if (run_dir / "plans").is_dir() else []
     if not files:
@@ -264,7 +260,7 @@ def _predicted(run_dir: Path):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from ..run.refine import rank_correlation
+    from ..core.stats import rank_correlation
 
     df = _results(run_dir)
     df = df[df["kind"] != "returned"]

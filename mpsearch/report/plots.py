@@ -14,7 +14,7 @@ import pandas as pd
 from ..core.format import Format
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,12 +23,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -36,12 +36,12 @@ def pareto_plot(df: pd.DataFrame, path: str | Path, y: str = "kl", method: str =
                 title: str = "", log_y: bool = True) -> Path:
     """Scatter every evaluated plan (effective bits vs ``y``), one colour per ``method``,
     with each method's measured Pareto front drawn as a step line."""
-    from ..run.evolution import pareto_mask
+    from ..core.stats import pareto_mask
 
     missing = {"effective_bits", y, method} - set(df.columns)
     if missing:
         raise ValueError(f"pareto_plot needs columns {sorted(missing)}")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     data = df.dropna(subset=[y])
     if log_y:  # an exact plan (KL 0) would vanish from a log axis: draw it at half the smallest positive value
@@ -58,7 +58,7 @@ def pareto_plot(df: pd.DataFrame, path: str | Path, y: str = "kl", method: str =
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title(title or f"measured {y} vs size: every evaluated plan, fronts as lines")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def bit_grid(formats: Mapping[str, Format], in_features: Mapping[str, int] | None = None) -> pd.DataFrame:
@@ -85,7 +85,7 @@ def bit_heatmap(formats: Mapping[str, Format], path: str | Path, in_features: Ma
                 title: str = "") -> Path:
     """Per-layer bit map of one plan: rows are layers, columns tensor kinds, colour effective bits."""
     grid = bit_grid(formats, in_features)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * grid.shape[1], 1.0 + 0.28 * grid.shape[0]))
     im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis")
     ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=45, ha="right", fontsize=8)
@@ -96,4 +96,4 @@ def bit_heatmap(formats: Mapping[str, Format], path: str | Path, in_features: Ma
             ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=6, color="w" if v < np.nanmean(grid.to_numpy()) else "k")
     fig.colorbar(im, ax=ax, label="effective bits" if in_features else "bits")
     ax.set_title(title or "bits per tensor", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..core.stats import pareto_mask
+
 log = logging.getLogger(__name__)
 
 #: measure(choice) -> {"kl": ..., "ppl": ...}: the measured quality of a plan.
@@ -274,16 +276,6 @@ def trials_table(study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def pareto_mask(bits: np.ndarray, quality: np.ndarray) -> np.ndarray:
-    """True for points no other point beats on both (fewer-or-equal bits and lower-or-equal quality)."""
-    bits, quality = np.asarray(bits, float), np.asarray(quality, float)
-    keep = np.ones(bits.size, dtype=bool)
-    for i in range(bits.size):
-        dominated = (bits <= bits[i]) & (quality <= quality[i]) & ((bits < bits[i]) | (quality < quality[i]))
-        keep[i] = not dominated.any()
-    return keep
-
-
 def _unique(space: Space, seeds: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
     out, keys = [], set()
     for s in seeds:
@@ -340,7 +332,7 @@ def run_evolution(session, proxy: str, config: EvolutionConfig, out_dir: str | P
     running the same call again resumes.
     """
     from ..core.files import prepare_out_dir
-    from .search import config_to_dict
+    from .config import config_to_dict
     from ..store.storage import HEARTBEAT_S, open_storage
 
     out = prepare_out_dir(out_dir)  # checked by the caller before the session opened (mpsearch.core.files.check_out_dir)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..core.plan import write_json_atomic
+from ..core.files import write_json_atomic
 from ..solvers import Status, get_solver
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def make_ground_truth(session, out: str | Path, cfg: SamplerConfig, settings: di
 
 
 def _write(path: Path, rows: list[dict]) -> None:
-    from .search import write_csv_atomic
+    from ..core.files import write_csv_atomic
 
     write_csv_atomic(path, pd.DataFrame(rows).sort_values("plan"))
 

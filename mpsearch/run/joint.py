@@ -30,9 +30,11 @@ from ..cost import Budget, BudgetError, parse_budget_text
 from ..measure.evaluate import DecodeEvaluator
 from ..core.format import Format
 from ..models import load_text, token_chunks
-from ..core.plan import Plan, write_json_atomic
+from ..core.files import write_json_atomic
+from ..core.plan import Plan
 from ..quant.calibrate import calibrate
 from ..quant.hooks import calib_for, calib_key
+from .outputs import SearchResult, nonfinite_plans, reference_row, results_table, write_outputs
 from .session import KL_SLICE, Session
 from ..solvers import Constraint, Problem, Status, get_solver
 from .targets import (RuntimeDecision, kv_fp16_bytes, load_runtime_proxy, mean_act_bits, runtime_decisions, runtime_losses, runtime_table)
@@ -189,7 +191,6 @@ def spread_calibration(calibration: dict[str, torch.Tensor], runtime: list[Runti
 def joint_search(cfg):
     """:func:`mpsearch.run.search` for a space with ``[input]`` / ``[kv_cache]``: per weight proxy, budget and
     allocation one plan, measured on the decode path at ``context`` (full-sequence windows without a KV cache)."""
-    from .search import SearchResult, nonfinite_plans, results_table, safe_name, write_csv_atomic
 
     joint = Joint.open(cfg)
     s = joint.session
@@ -219,23 +220,16 @@ def joint_search(cfg):
                                               solver="milp", kind=allocation, allocation=allocation)
                 plans[name].budget.update({"context": cfg.context, "batch": cfg.batch, "act_bits": cfg.act_bits})
     out = Path(cfg.out_dir) if cfg.out_dir else None
-    reference_row = None
+    reference = None
     if cfg.measure:
         ev = _evaluator(cfg, s)
-        reference_row = {"plan": "reference (unquantized)", "kind": "reference", "effective_bits": 32.0, **ev.reference_.to_dict()}
+        reference = reference_row(ev.reference_.to_dict())
         for name, plan in plans.items():
             with stages(f"evaluate {name}"):
                 plan.metrics.update(s.measure(plan, f"eval {name}", ev))
-    table = results_table(plans, reference_row)
+    table = results_table(plans, reference)
     if out is not None:
-        (out / "plans").mkdir(parents=True, exist_ok=True)
-        for name, plan in plans.items():
-            plan.save(out / "plans" / f"{safe_name(name)}.json")
-        write_csv_atomic(out / "results.csv", table)
-        write_csv_atomic(out / "stages.csv", pd.DataFrame(stages.records))
-        write_csv_atomic(out / "runtime_table.csv", joint.table)
-        cfg_d = {k: v for k, v in cfg.__dict__.items() if k != "rules"}
-        write_json_atomic(out / "config.json", {**cfg_d, "rules": [repr(r) for r in cfg.rules]})
+        write_outputs(out, plans, table, pd.DataFrame(stages.records), {"runtime_table": joint.table}, cfg)
     summary = {"infeasible": infeasible, "warnings": [f"no plan for {x}: the fixed split does not fit" for x in infeasible],
                "nonfinite": nonfinite_plans(table) if cfg.measure else []}
     if out is not None:

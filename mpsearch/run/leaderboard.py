@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import kendalltau, spearmanr
+
+from ..core.stats import kendall, spearman
 
 log = logging.getLogger(__name__)
 
@@ -54,32 +55,20 @@ def rho_at_k(pred: np.ndarray, y: np.ndarray, k: int) -> float:
     """EMQ's rho_s@k: Spearman among the ``k``% of plans with the best (lowest) measured value."""
     n = max(3, int(round(len(y) * k / 100)))
     top = np.argsort(y, kind="stable")[:n]
-    return _spearman(pred[top], y[top])
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0  # a constant ranking says nothing
-    return float(spearmanr(a, b).statistic)
-
-
-def _kendall(a: np.ndarray, b: np.ndarray) -> float:
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0
-    return float(kendalltau(a, b).statistic)
+    return spearman(pred[top], y[top])
 
 
 def in_bins(pred: np.ndarray, y: np.ndarray, bins: np.ndarray) -> float:
     """Mean Spearman within each effective-bits bin (bins of fewer than 3 plans skipped): how
     well a proxy ranks plans of about the same size, where bits alone say nothing."""
-    vals = [_spearman(pred[bins == b], y[bins == b]) for b in np.unique(bins) if (bins == b).sum() >= 3]
+    vals = [spearman(pred[bins == b], y[bins == b]) for b in np.unique(bins) if (bins == b).sum() >= 3]
     return float(np.mean(vals)) if vals else float("nan")
 
 
 def scores(pred: np.ndarray, y: np.ndarray, boot: int = 1000, seed: int = 0, bins: np.ndarray | None = None) -> dict[str, float]:
     """Spearman, Kendall and rho_s@k of ``pred`` against ``y`` (and, given ``bins``, the mean
     Spearman within bins), each with a bootstrap 95% CI over plans."""
-    stats = {"spearman": _spearman, "kendall": _kendall, **{f"rho_top{k}": (lambda a, b, k=k: rho_at_k(a, b, k)) for k in TOP_K}}
+    stats = {"spearman": spearman, "kendall": kendall, **{f"rho_top{k}": (lambda a, b, k=k: rho_at_k(a, b, k)) for k in TOP_K}}
     rng = np.random.default_rng(seed)
     samples = [rng.integers(0, len(y), len(y)) for _ in range(boot)]
     out: dict[str, float] = {}
@@ -124,9 +113,9 @@ def paired_spearman_diff(a: np.ndarray, b: np.ndarray, y: np.ndarray, boot: int 
     diffs = []
     for _ in range(boot):
         s = rng.integers(0, len(y), len(y))
-        diffs.append(_spearman(a[s], y[s]) - _spearman(b[s], y[s]))
+        diffs.append(spearman(a[s], y[s]) - spearman(b[s], y[s]))
     lo, hi = np.nanpercentile(diffs, [2.5, 97.5])
-    return _spearman(a, y) - _spearman(b, y), float(lo), float(hi)
+    return spearman(a, y) - spearman(b, y), float(lo), float(hi)
 
 
 def milp_quality(session, budgets: list[float], proxies: list[str]) -> pd.DataFrame:
@@ -148,7 +137,7 @@ def milp_quality(session, budgets: list[float], proxies: list[str]) -> pd.DataFr
 def write(board: pd.DataFrame, milp: pd.DataFrame | None, out: str | Path, title: str) -> dict[str, Path]:
     """``<out>.csv`` (the board, with each proxy's MILP KL per budget as ``milp_kl@B`` columns),
     ``<out>.md`` and ``<out>.png`` (Spearman and rho_s@20 with their CIs)."""
-    from ..report.plots import _pyplot, _save
+    from ..report.plots import pyplot, save_figure
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +164,7 @@ def write(board: pd.DataFrame, milp: pd.DataFrame | None, out: str | Path, title
                           + (" (better beyond the CI)" if r.vs_best_hand_lo > 0 else
                              " (worse beyond the CI)" if r.vs_best_hand_hi < 0 else " (within the CI: not better)")]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(board) + 1.5), sharey=True)
     ypos = np.arange(len(board))[::-1]
     for ax, k, label in ((axes[0], "spearman", "Spearman"), (axes[1], "rho_top20", "rho_s@20%")):
@@ -187,7 +176,7 @@ def write(board: pd.DataFrame, milp: pd.DataFrame | None, out: str | Path, title
         ax.set_xlabel(f"{label} with measured KL (95% CI)")
     axes[0].set_yticks(ypos, board["proxy"])
     fig.suptitle(title)
-    _save(fig, out.with_suffix(".png"))
+    save_figure(fig, out.with_suffix(".png"))
     return {"csv": out.with_suffix(".csv"), "md": out.with_suffix(".md"), "png": out.with_suffix(".png")}
 
 
@@ -195,7 +184,7 @@ def session_for(meta: dict, proxies: list[str], measure: bool = True, progress: 
     """Reopen the session a ground truth was made in (its recorded config), with ``proxies``
     (names or files) and ``extra`` proxy objects (e.g. the GP's terms), on ``device`` (this
     machine's choice, not the recorded one: the ground truth may come from another machine)."""
-    from .search import SearchConfig
+    from .config import SearchConfig
     from .session import Session
 
     cfg = SearchConfig(**{**meta["config"], "proxies": tuple(proxies) or ("mse",), "measure": measure, "refine": 0, "progress": progress,

@@ -159,17 +159,6 @@ def swap(session, choice: tuple, limit: float, rng: np.random.Generator) -> tupl
     return cand if session.fits(cand, limit) else None
 
 
-def rank_correlation(predicted: list[float], measured: list[float]) -> dict:
-    """Spearman and Kendall rank correlation between a proxy's predictions and measured KL."""
-    from scipy.stats import kendalltau, spearmanr
-
-    pts = [(p, m) for p, m in zip(predicted, measured) if np.isfinite(p) and np.isfinite(m)]
-    if len(pts) < 3:
-        return {"plans": len(pts), "spearman": float("nan"), "kendall": float("nan")}
-    p, m = zip(*pts)
-    return {"plans": len(pts), "spearman": float(spearmanr(p, m).statistic), "kendall": float(kendalltau(p, m).statistic)}
-
-
 def proxy_warnings(table, proxies: list[str]) -> list[str]:
     """One line per proxy plan that measures worse than a baseline of its budget it was predicted to beat."""
     out = []

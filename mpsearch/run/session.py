@@ -17,12 +17,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..store.cache import CacheEntryError, cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
 from ..cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
 from ..cost.model import ConstraintSpec
 from ..core.device import device_parts, exact_fp32, resolve_device
-from ..measure.evaluate import Evaluator
+from ..measure.evaluate import Evaluator, evaluator_for
 from ..core.format import Format
 from ..models import load_model, load_text, token_chunks
 from ..models.loader import WITH_DATA
@@ -260,7 +260,7 @@ class Session:
     def _fitted(self, attr: str, tokens: torch.Tensor, stage: str, progress: bool) -> Evaluator:
         if getattr(self, attr, None) is None:
             with self.stages(stage):
-                setattr(self, attr, as_batches(tokens).evaluator(progress=progress).fit(self.model))
+                setattr(self, attr, evaluator_for(as_batches(tokens), progress).fit(self.model))
         return getattr(self, attr)
 
     def choice_cost(self, choice: Sequence[int]) -> float:

@@ -223,14 +223,14 @@ def _measured_kl(model: nn.Module, pairs, tokens: torch.Tensor, calibration, pro
                  key: str = "") -> list[float]:
     """KL with one site quantized at a time, re-running the decoder from that site's layer on.
     Saved to ``partial`` every :data:`SAVE_EVERY` pairs, so an interrupted pass resumes there."""
-    from ..primitives.sensitivity import _layer_of, _Reference, _tail_runner
+    from ..primitives.sensitivity import layer_of, Reference, tail_runner
 
     done = (read_json(partial, key, SCHEMA + "-partial", lambda v: require_finite(v, "a partial KL")) or []) if partial else []
     out = list(done[: len(pairs)])
     if len(out) == len(pairs):
         return out
-    tail, ref_logp = _tail_runner(model, tokens)
-    ref = _Reference(ref_logp)
+    tail, ref_logp = tail_runner(model, tokens)
+    ref = Reference(ref_logp)
     with torch.no_grad():
         for i, (d, f) in enumerate(tqdm(pairs[len(out):], desc="run-time measured KL", disable=not progress, unit="pair", initial=len(out),
                                         total=len(pairs)), start=len(out)):
@@ -238,7 +238,7 @@ def _measured_kl(model: nn.Module, pairs, tokens: torch.Tensor, calibration, pro
                 out.append(0.0)
             else:
                 with RuntimeHooks(model, {(m, d.target): f for m in d.modules}, calibration):
-                    out.append(max(0.0, ref.kl(tail(_layer_of(d.modules[0])))))
+                    out.append(max(0.0, ref.kl(tail(layer_of(d.modules[0])))))
             if partial is not None and (i + 1) % SAVE_EVERY == 0:
                 write_json(partial, out, key, SCHEMA + "-partial")
     if partial is not None:

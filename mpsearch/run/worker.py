@@ -47,7 +47,7 @@ def run_worker(storage: str | Path, study_name: str = "mpsearch", *, threads: in
     there (trials.csv, front.csv, plans), as ``mpsearch evolve`` does.
     """
     from .evolution import open_study, original, run_trials, study_config, trials_table, write_outputs
-    from .search import config_from_dict
+    from .config import config_from_dict
     from .session import Session
     from ..store.storage import HEARTBEAT_S, is_database, open_storage
 

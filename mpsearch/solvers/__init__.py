@@ -1,13 +1,12 @@
-"""Budget allocators. Importing this package registers every built-in solver."""
+"""Budget allocators, each registered by its own module (looked up by name: :func:`get_solver`)."""
 from __future__ import annotations
 
 from typing import Any
 
 from ..core import registry
-from . import base, lagrangian, milp  # noqa: F401  (imported for their @register side effects)
-from .baq import BAQ  # also registers "baq"
+from .baq import BAQ
 from .base import Allocator, Constraint, Problem, SolverError, Status
-from .greedy import Greedy  # also registers "greedy"
+from .greedy import Greedy
 from .lagrangian import Lagrangian, pareto_front
 from .milp import MILP, BruteForce
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from ..cost import plan_bits
+from ..core.space import plan_bits
 from ..core.format import Format
 from ..core.space import Decision, Member
 

@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ..core.files import atomic_path
+
 log = logging.getLogger(__name__)
 
 #: bump to orphan every entry written by an older layout
@@ -145,12 +147,6 @@ def tokens_hash(tokens) -> str:
     h = hashlib.sha256(f"{tuple(tokens.shape)}|{tokens.dtype};".encode())
     h.update(tokens.contiguous().cpu().numpy().tobytes())  # the same bytes, wherever the tensor lives
     return h.hexdigest()[:20]
-
-
-def atomic_path(path: Path) -> Path:
-    """A temporary sibling of ``path``; write there, then ``os.replace(tmp, path)``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def _write_synced(data: bytes) -> Callable[[Path], None]:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..run.leaderboard import _spearman, held_out, plan_predictions
+from ..core.stats import spearman
+from .leaderboard import held_out, plan_predictions
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class GPConfig:
 
 def term_proxies() -> list:
     """The terms as proxies (``term_<name>``), so sessions compute and cache their tables."""
-    from .proxy import Proxy
+    from ..proxies.proxy import Proxy
 
     return [Proxy.from_string(f"term_{k}", v) for k, v in TERMS.items()]
 
@@ -184,7 +185,7 @@ class Problem:
         if why is not None:
             return -1.0, why
         mask = self.train if split is None else split
-        return _spearman(self.predictions(values)[mask], self.kl[mask]), None
+        return spearman(self.predictions(values)[mask], self.kl[mask]), None
 
 
 def _offsets(n_options: list[int]) -> np.ndarray:
@@ -301,11 +302,11 @@ def _save(path, state: dict) -> None:
 
 def write_proxy(result: dict, path: str | Path, name: str = "emq_evolved", note: str = "") -> Path:
     """The winner as an ordinary proxy file (checked to parse before it is written)."""
-    from .proxy import Proxy
+    from ..proxies.proxy import Proxy
 
     Proxy.from_string(name, result["expression"])
     body = (f'name = "{name}"\nexpression = "{result["expression"]}"\n'
-            f'description = """\\\nEvolved by genetic programming (mpsearch.proxies.emq, DEAP) over the expression language: \\\n'
+            f'description = """\\\nEvolved by genetic programming (mpsearch.run.emq, DEAP) over the expression language: \\\n'
             f'tree {result["tree"]}; train Spearman {result["train_spearman"]:.3f}. {note}"""\n')
     path = Path(path)
     path.write_text(body)
