@@ -46,7 +46,7 @@ def test_weights_are_restored_and_results_cached(setup, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed instead of read from the cache")
 
-    monkeypatch.setattr(sensitivity, "_tail_runner", boom)
+    monkeypatch.setattr(sensitivity, "tail_runner", boom)
     again = measured_kl(model, decisions, tokens, weights_key="w1", progress=False)
     assert again.equals(first)
 

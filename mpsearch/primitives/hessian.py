@@ -90,7 +90,7 @@ def hutchinson(
     sq = torch.zeros_like(sums)
     diag_acc = [torch.zeros_like(p, dtype=torch.float32) for p in params] if diag else []
     flags = [p.requires_grad for p in model.parameters()]
-    attn = _double_backward_attention(model)
+    attn = double_backward_attention(model)
     done = 0
     shared = [[torch.zeros_like(p) for p in params] for _ in range(probes)] if share_probes else []
     start, saved, extra = checkpoint.resume() if checkpoint else (0, {}, {})
@@ -171,7 +171,7 @@ def _probe(params: list[torch.Tensor], seed: int, k: int) -> list[torch.Tensor]:
     return [torch.empty((1, *p.shape), dtype=p.dtype).bernoulli_(0.5, generator=gen).mul_(2).sub_(1).to(p.device) for p in params]
 
 
-def _double_backward_attention(model: nn.Module) -> str | None:
+def double_backward_attention(model: nn.Module) -> str | None:
     """Switch a transformers model to eager attention (SDPA's CPU kernel has no double
     backward, nor have the fused CUDA ones); returns the implementation to restore, or None if nothing changed."""
     config = getattr(model, "config", None)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..core.layers import weight_modules
 from ..models.batches import as_batches
-from .hessian import HessianEstimate, _double_backward_attention
+from .hessian import HessianEstimate, double_backward_attention
 
 
 def hutchpp(model: nn.Module, tensors: list[str], tokens, sketch: int = 4, probes: int = 8, seed: int = 0) -> HessianEstimate:
@@ -44,7 +44,7 @@ def hutchpp(model: nn.Module, tensors: list[str], tokens, sketch: int = 4, probe
         return torch.empty(shape, dtype=dtype).bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
 
     flags = [p.requires_grad for p in model.parameters()]
-    attn = _double_backward_attention(model)
+    attn = double_backward_attention(model)
     try:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -26,7 +26,7 @@ import torch
 from ..core.format import Format, FormatError
 from ..core.registry import register
 from .quantizer import Quantizer
-from .uniform import CLIP_RATIOS, _fp16
+from .uniform import CLIP_RATIOS, fp16_round
 
 
 def _group_params(x: torch.Tensor, fmt: Format, imp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,11 +38,11 @@ def _group_params(x: torch.Tensor, fmt: Format, imp: torch.Tensor | None = None)
         if fmt.symmetric:
             qmax = 2 ** (fmt.bits - 1) - 1
             amax = x.abs().amax(-1, keepdim=True) * r
-            params = _fp16(torch.where(amax > 0, amax / qmax, torch.ones_like(amax))), torch.zeros_like(amax)
+            params = fp16_round(torch.where(amax > 0, amax / qmax, torch.ones_like(amax))), torch.zeros_like(amax)
         else:
             qmax = 2**fmt.bits - 1
             lo, hi = x.amin(-1, keepdim=True) * r, x.amax(-1, keepdim=True) * r
-            params = _fp16(torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))), _fp16(lo)
+            params = fp16_round(torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))), fp16_round(lo)
         if imp is None:
             return params
         err = ((_round(x, *params, fmt) - x) ** 2 * imp).sum(-1, keepdim=True)

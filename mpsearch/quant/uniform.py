@@ -8,7 +8,7 @@ from ..core.registry import register
 from .quantizer import Quantizer, groups_of
 
 
-def _fp16(t: torch.Tensor) -> torch.Tensor:
+def fp16_round(t: torch.Tensor) -> torch.Tensor:
     """Round to fp16 precision: scales and zeros are stored (and costed) as fp16."""
     r = t.to(torch.float16).to(torch.float32)
     return torch.where(torch.isfinite(r) & (r != 0) | (t == 0), r, t)
@@ -63,12 +63,12 @@ def _rtn_groups(x: torch.Tensor, fmt: Format, ratio: float) -> torch.Tensor:
     """RTN of groups ``x [.., g]`` with the range shrunk by ``ratio``."""
     if fmt.symmetric:
         qmax = 2 ** (fmt.bits - 1) - 1
-        scale = _fp16(torch.where(x.abs().amax(-1, keepdim=True) > 0, x.abs().amax(-1, keepdim=True) * ratio / qmax, torch.ones(1, device=x.device)))
+        scale = fp16_round(torch.where(x.abs().amax(-1, keepdim=True) > 0, x.abs().amax(-1, keepdim=True) * ratio / qmax, torch.ones(1, device=x.device)))
         return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
     qmax = 2**fmt.bits - 1
     lo, hi = x.amin(-1, keepdim=True) * ratio, x.amax(-1, keepdim=True) * ratio
-    scale = _fp16(torch.where(hi > lo, (hi - lo) / qmax, torch.ones(1, device=x.device)))
-    lo = _fp16(lo)
+    scale = fp16_round(torch.where(hi > lo, (hi - lo) / qmax, torch.ones(1, device=x.device)))
+    lo = fp16_round(lo)
     return torch.clamp(torch.round((x - lo) / scale), 0, qmax) * scale + lo
 
 
