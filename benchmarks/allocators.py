@@ -9,6 +9,7 @@ quality of these plans is the foundation benchmark's job.
 
     .venv/bin/python benchmarks/allocators.py [--repeats 5] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,19 +19,18 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-
-from mpsearch.core import registry
-from mpsearch.cost import Budget, decision_costs
-from mpsearch.models import load_model, load_text, token_chunks
-from mpsearch.core.files import write_json_atomic
-from mpsearch.primitives import compute_primitives
-from mpsearch.proxies import load_proxy
-from mpsearch.proxies.table import cached_proxy_table, decision_losses
-from mpsearch.solvers import Problem, get_solver, pareto_front
-from mpsearch.core.space import SearchSpace
-
 from foundation import RESULTS, machine  # noqa: E402  (same folder)
 
+from mpsearch.core import registry
+from mpsearch.core.files import write_json_atomic
+from mpsearch.core.space import SearchSpace
+from mpsearch.cost import Budget, decision_costs
+from mpsearch.models import load_model, load_text, token_chunks
+from mpsearch.primitives import compute_primitives
+from mpsearch.proxies import load_proxy
+from mpsearch.proxies.table import decision_losses
+from mpsearch.run.cached import cached_proxy_table
+from mpsearch.solvers import Problem, get_solver, pareto_front
 
 SIZES: dict[str, list[float]] = {}  # weights per decision, for BAQ
 
@@ -49,7 +49,13 @@ def model_problems() -> dict[str, Problem]:
     for label in ("uniform:3", "uniform:4"):
         b = Budget.parse(label, decisions, space.base_format)
         SIZES[f"smollm2-fisher@{label}"] = [d.numel for d in decisions]
-        out[f"smollm2-fisher@{label}"] = Problem.build([d.name for d in decisions], [[f.key for f in d.formats] for d in decisions], losses, costs, b.total_bits(numel))
+        out[f"smollm2-fisher@{label}"] = Problem.build(
+            [d.name for d in decisions],
+            [[f.key for f in d.formats] for d in decisions],
+            losses,
+            costs,
+            b.total_bits(numel),
+        )
     return out
 
 
@@ -79,7 +85,14 @@ def main() -> None:
             t0 = time.perf_counter()
             front = pareto_front(problem)
             times.append(time.perf_counter() - t0)
-        rows.append({"problem": pname, "allocator": "pareto_front", "median_s": float(np.median(times)), "front_points": len(front)})
+        rows.append(
+            {
+                "problem": pname,
+                "allocator": "pareto_front",
+                "median_s": float(np.median(times)),
+                "front_points": len(front),
+            }
+        )
         exact = None
         for sname in ["milp"] + [s for s in registry.names("solver") if s not in ("milp", "brute")]:
             params = {"gap": 1e-5} if sname == "milp" and problem.n_decisions > 1000 else {}
@@ -91,13 +104,24 @@ def main() -> None:
                 times.append(res.wall_time_)
             if sname == "milp":
                 exact = res.loss_
-            rows.append({"problem": pname, "allocator": sname + (" (gap 1e-5)" if "gap" in params else ""), "median_s": float(np.median(times)),
-                         "status": res.status_, "loss_vs_milp": res.loss_ / exact if exact else float("nan"), "budget_used": res.cost_ / problem.budget})
+            rows.append(
+                {
+                    "problem": pname,
+                    "allocator": sname + (" (gap 1e-5)" if "gap" in params else ""),
+                    "median_s": float(np.median(times)),
+                    "status": res.status_,
+                    "loss_vs_milp": res.loss_ / exact if exact else float("nan"),
+                    "budget_used": res.cost_ / problem.budget,
+                }
+            )
     df = pd.DataFrame(rows)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
     out = RESULTS / "allocators"
     df.to_csv(out.with_suffix(".csv"), index=False)
-    write_json_atomic(out.with_suffix(".json"), {"machine": machine(a.threads), "repeats": a.repeats, "results": json.loads(df.to_json(orient="records"))})
+    write_json_atomic(
+        out.with_suffix(".json"),
+        {"machine": machine(a.threads), "repeats": a.repeats, "results": json.loads(df.to_json(orient="records"))},
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ with the wall time, the peak resident memory and every stage.
 
     .venv/bin/python benchmarks/default_search.py [--threads 2] [--model smollm2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,10 +14,10 @@ import os
 import tempfile
 import time
 
+from foundation import RESULTS, machine  # noqa: E402
+
 from mpsearch.core.files import write_json_atomic
 from mpsearch.run.search import SearchConfig, search
-
-from foundation import RESULTS, machine  # noqa: E402
 
 
 def main() -> None:
@@ -26,12 +27,22 @@ def main() -> None:
     a = ap.parse_args()
     os.environ["MPSEARCH_CACHE"] = tempfile.mkdtemp(prefix="mpsearch-bench-")
     t0 = time.perf_counter()
-    res = search(SearchConfig(model=a.model, threads=a.threads, progress=False, out_dir=str(RESULTS / f"default_search_run_{a.model}")))
+    res = search(
+        SearchConfig(
+            model=a.model, threads=a.threads, progress=False, out_dir=str(RESULTS / f"default_search_run_{a.model}")
+        )
+    )
     total = time.perf_counter() - t0
     name = "default_search" if a.model == "smollm2" else f"default_search_{a.model}"
-    out = {"machine": machine(a.threads), "model": a.model, "total_seconds": round(total, 1),
-           "peak_rss_mb": float(res.stages.peak_rss_mb.max()), "summary": res.summary,
-           "results": json.loads(res.table.to_json(orient="records")), "stages": json.loads(res.stages.to_json(orient="records"))}
+    out = {
+        "machine": machine(a.threads),
+        "model": a.model,
+        "total_seconds": round(total, 1),
+        "peak_rss_mb": float(res.stages.peak_rss_mb.max()),
+        "summary": res.summary,
+        "results": json.loads(res.table.to_json(orient="records")),
+        "stages": json.loads(res.stages.to_json(orient="records")),
+    }
     write_json_atomic(RESULTS / f"{name}.json", out)
     print(res.stages.to_string(index=False))
     print(f"total {total:.0f} s, peak {out['peak_rss_mb']:.0f} MB")

@@ -23,6 +23,7 @@ Writes ``benchmarks/results/exports.csv``: ``target, package, package_version, r
 (pass / fail / not installable), ``modules_checked``, ``mismatches``, ``logits_kl_vs_simulation``
 (torchao: KL between its quantized model's logits and mpsearch's simulation), ``note``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,20 +36,21 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
-from mpsearch.export import export
-from mpsearch.core.format import PER_CHANNEL
-from mpsearch.models import load_model, load_text, token_chunks
-from mpsearch.core.plan import Plan
-from mpsearch.quant import applied
-
 from foundation import RESULTS  # noqa: E402  (same folder)
+
+from mpsearch.core.format import PER_CHANNEL
+from mpsearch.core.plan import Plan
+from mpsearch.export import export
+from mpsearch.models import load_model, load_text, token_chunks
+from mpsearch.quant import applied
 
 ROOT = Path(__file__).resolve().parents[1]
 
 #: what each benchmark-only package needs installed (all --no-deps, torch left alone)
-INSTALL = {"gptqmodel": ["gptqmodel==7.7.0", "PyPcre", "logbar", "device-smi", "tokenicer", "defuser"],
-           "auto_round": ["auto-round==0.16.1", "py-cpuinfo", "datasets"]}
+INSTALL = {
+    "gptqmodel": ["gptqmodel==7.7.0", "PyPcre", "logbar", "device-smi", "tokenicer", "defuser"],
+    "auto_round": ["auto-round==0.16.1", "py-cpuinfo", "datasets"],
+}
 
 
 def ensure(module: str) -> str | None:
@@ -58,7 +60,11 @@ def ensure(module: str) -> str | None:
         return None
     except ImportError:
         pass
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *INSTALL.get(module, [])], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", *INSTALL.get(module, [])],
+        capture_output=True,
+        text=True,
+    )
     try:
         importlib.import_module(module)
         return None
@@ -69,7 +75,10 @@ def ensure(module: str) -> str | None:
 def planned(plan: Plan, model) -> dict:
     """Per planned module ``(bits, group_size or -1, symmetric)``, or None when unquantized."""
     fmts = plan.resolve([n for n, _ in model.named_modules()]).weight_formats()
-    return {n: None if f.is_full else (f.bits, f.group_size if f.group_size != PER_CHANNEL else -1, f.symmetric) for n, f in fmts.items()}
+    return {
+        n: None if f.is_full else (f.bits, f.group_size if f.group_size != PER_CHANNEL else -1, f.symmetric)
+        for n, f in fmts.items()
+    }
 
 
 def check_compressed_tensors(plan, want, out) -> tuple[int, str]:
@@ -99,11 +108,24 @@ def check_torchao(plan, want, out) -> tuple[int, str]:
     bad = 0
     for n, w in want.items():
         c = cfg.fqn_to_config.get(n)
-        got = None if c is None else (int(str(c.weight_dtype).removeprefix("torch.int")), getattr(c.granularity, "group_size", -1),
-                                      c.mapping_type.name == "SYMMETRIC")
+        got = (
+            None
+            if c is None
+            else (
+                int(str(c.weight_dtype).removeprefix("torch.int")),
+                getattr(c.granularity, "group_size", -1),
+                c.mapping_type.name == "SYMMETRIC",
+            )
+        )
         bad += got != w
-    mapped = Plan(plan.model_id, plan.model_fingerprint,
-                  {n: {"weight": f if f.is_full else replace(f, quantizer="affine")} for n, f in plan.weight_formats().items()}, {}, {}, {})
+    mapped = Plan(
+        plan.model_id,
+        plan.model_fingerprint,
+        {n: {"weight": f if f.is_full else replace(f, quantizer="affine")} for n, f in plan.weight_formats().items()},
+        {},
+        {},
+        {},
+    )
     lm = load_model("smollm2")
     toks = token_chunks(lm.tokenizer, load_text("austen:persuasion"), 128, 2)
     with torch.no_grad():
@@ -114,22 +136,31 @@ def check_torchao(plan, want, out) -> tuple[int, str]:
         ao = torch.log_softmax(lm.model(input_ids=toks).logits.float(), -1)
     kl = lambda p, q: float((p.exp() * (p - q)).sum(-1).mean())  # noqa: E731
     check_torchao.kl_vs_simulation = kl(sim, ao)
-    return bad, (f"--nearest: the plan's uniform formats on torchao's affine grid; KL(ref||mpsearch affine simulation) {kl(ref, sim):.3f}, "
-                 f"KL(ref||torchao) {kl(ref, ao):.3f}, KL(simulation||torchao) {kl(sim, ao):.2e}, max |logit diff| "
-                 f"{float((sim - ao).abs().max()):.2e}")
+    return bad, (
+        "--nearest: the plan's uniform formats on torchao's affine grid; KL(ref||mpsearch affine simulation) "
+        f"{kl(ref, sim):.3f}, "
+        f"KL(ref||torchao) {kl(ref, ao):.3f}, KL(simulation||torchao) {kl(sim, ao):.2e}, max |logit diff| "
+        f"{float((sim - ao).abs().max()):.2e}"
+    )
 
 
 def check_gptqmodel(plan, want, out) -> tuple[int, str]:
     from gptqmodel.quantization.config import QuantizeConfig
 
     d = json.loads(export(plan, "gptqmodel", out / "gptqmodel.json").read_text())
-    cfg = QuantizeConfig(bits=d["bits"], group_size=d["group_size"], sym=d["sym"], desc_act=d["desc_act"], dynamic=d["dynamic"])
+    cfg = QuantizeConfig(
+        bits=d["bits"], group_size=d["group_size"], sym=d["sym"], desc_act=d["desc_act"], dynamic=d["dynamic"]
+    )
     bad = 0
     for n, w in want.items():
         if cfg.dynamic_get(n) is False:
             got = None
         else:
-            got = (cfg.dynamic_get(n, "bits", cfg.bits), cfg.dynamic_get(n, "group_size", cfg.group_size), cfg.dynamic_get(n, "sym", cfg.sym))
+            got = (
+                cfg.dynamic_get(n, "bits", cfg.bits),
+                cfg.dynamic_get(n, "group_size", cfg.group_size),
+                cfg.dynamic_get(n, "sym", cfg.sym),
+            )
         bad += got != w
     return bad, "GPTQModel 7.7 requires torch>=2.14.1: installed --no-deps for its config parser only"
 
@@ -141,7 +172,9 @@ def check_autoround(plan, want, out) -> tuple[int, str]:
 
     lc = json.loads(export(plan, "autoround", out / "autoround.json").read_text())
     lm = load_model("smollm2")
-    res = resolve_layer_config(model=lm.model, scheme=ResolvedScheme.from_scheme(preset_name_to_scheme("W4A16"), "W4A16"), layer_config=lc)
+    res = resolve_layer_config(
+        model=lm.model, scheme=ResolvedScheme.from_scheme(preset_name_to_scheme("W4A16"), "W4A16"), layer_config=lc
+    )
     bad = 0
     for n, w in want.items():
         r = res.get(n)
@@ -150,15 +183,21 @@ def check_autoround(plan, want, out) -> tuple[int, str]:
     return bad, "resolved with AutoRound's resolve_layer_config (W4A16 base scheme)"
 
 
-TARGETS = [("compressed-tensors", "compressed-tensors", "compressed_tensors", check_compressed_tensors),
-           ("torchao", "torchao", "torchao", check_torchao),
-           ("gptqmodel", "gptqmodel", "gptqmodel", check_gptqmodel),
-           ("autoround", "auto-round", "auto_round", check_autoround)]
+TARGETS = [
+    ("compressed-tensors", "compressed-tensors", "compressed_tensors", check_compressed_tensors),
+    ("torchao", "torchao", "torchao", check_torchao),
+    ("gptqmodel", "gptqmodel", "gptqmodel", check_gptqmodel),
+    ("autoround", "auto-round", "auto_round", check_autoround),
+]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--plan", default=str(ROOT / "runs/quickstart/plans/fisher-milp@uniform_3.json"), help="plan to export (default: the quick start's)")
+    ap.add_argument(
+        "--plan",
+        default=str(ROOT / "runs/quickstart/plans/fisher-milp@uniform_3.json"),
+        help="plan to export (default: the quick start's)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -171,16 +210,38 @@ def main() -> None:
         err = ensure(module)
         version = importlib.metadata.version(package) if err is None else ""
         if err is not None:
-            rows.append({"target": target, "package": package, "package_version": version, "round_trip": "not installable",
-                         "modules_checked": 0, "mismatches": "", "note": err})
+            rows.append(
+                {
+                    "target": target,
+                    "package": package,
+                    "package_version": version,
+                    "round_trip": "not installable",
+                    "modules_checked": 0,
+                    "mismatches": "",
+                    "note": err,
+                }
+            )
             continue
         bad, note = check(plan, want, out)
-        rows.append({"target": target, "package": package, "package_version": version, "round_trip": "pass" if bad == 0 else "fail",
-                     "modules_checked": len(want), "mismatches": bad,
-                     "logits_kl_vs_simulation": getattr(check, "kl_vs_simulation", ""), "note": note})
+        rows.append(
+            {
+                "target": target,
+                "package": package,
+                "package_version": version,
+                "round_trip": "pass" if bad == 0 else "fail",
+                "modules_checked": len(want),
+                "mismatches": bad,
+                "logits_kl_vs_simulation": getattr(check, "kl_vs_simulation", ""),
+                "note": note,
+            }
+        )
         print(rows[-1], flush=True)
     pd.DataFrame(rows).to_csv(RESULTS / "exports.csv", index=False)
-    print(pd.DataFrame(rows)[["target", "package_version", "round_trip", "modules_checked", "mismatches"]].to_string(index=False))
+    print(
+        pd.DataFrame(rows)[["target", "package_version", "round_trip", "modules_checked", "mismatches"]].to_string(
+            index=False
+        )
+    )
 
 
 if __name__ == "__main__":

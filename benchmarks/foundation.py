@@ -4,10 +4,12 @@
 Perplexity and KL on held-out text (Persuasion) for uniform 3- and 4-bit, the
 llama.cpp-style recipe (at its own 3/5- and 4/6-bit sizes, and squeezed to the uniform
 sizes), and MILP plans of the mse, fisher and input_moment proxies at each of those effective bits
-(calibrated on Pride and Prejudice); wall time and memory of each stage. Writes benchmarks/results/foundation.{json,csv,md}.
+(calibrated on Pride and Prejudice); wall time and memory of each stage. Writes
+benchmarks/results/foundation.{json,csv,md}.
 
     .venv/bin/python benchmarks/foundation.py [--threads 2] [--eval-chunks 16] [--model gemma3-270m]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +35,32 @@ FOUNDATION_PROXIES = ("mse", "fisher", "input_moment")
 
 def machine(threads: int) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         commit = "unknown"
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": sys.version.split()[0], "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def markdown(table) -> str:
@@ -55,14 +78,25 @@ def main() -> None:
     ap.add_argument("--eval-chunks", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--out", default=None, help="results path without suffix (default benchmarks/results/foundation[_MODEL])")
-    ap.add_argument("--reuse-cache", action="store_true", help="use ~/.cache/mpsearch (stage timings then show cache hits)")
+    ap.add_argument(
+        "--out", default=None, help="results path without suffix (default benchmarks/results/foundation[_MODEL])"
+    )
+    ap.add_argument(
+        "--reuse-cache", action="store_true", help="use ~/.cache/mpsearch (stage timings then show cache hits)"
+    )
     a = ap.parse_args()
     if not a.reuse_cache:  # a fresh cache, so every stage's time and memory is real work
         os.environ["MPSEARCH_CACHE"] = tempfile.mkdtemp(prefix="mpsearch-bench-")
     cfg = SearchConfig(
-        model=a.model, proxies=FOUNDATION_PROXIES, refine=0, budgets=("uniform:3", "uniform:4", "recipe:3", "recipe:4"), threads=a.threads,
-        calib_chunks=a.calib_chunks, calib_seq_len=a.seq_len, eval_chunks=a.eval_chunks, eval_seq_len=a.seq_len,
+        model=a.model,
+        proxies=FOUNDATION_PROXIES,
+        refine=0,
+        budgets=("uniform:3", "uniform:4", "recipe:3", "recipe:4"),
+        threads=a.threads,
+        calib_chunks=a.calib_chunks,
+        calib_seq_len=a.seq_len,
+        eval_chunks=a.eval_chunks,
+        eval_seq_len=a.seq_len,
         out_dir=str(RESULTS / ("foundation_run" if a.model == "smollm2" else f"foundation_run_{a.model}")),
     )
     t0 = time.perf_counter()
@@ -72,16 +106,28 @@ def main() -> None:
     table = pd.concat([ref, res.table[res.table.kind != "reference"].sort_values(["budget", "ppl"])])
     out = Path(a.out or RESULTS / ("foundation" if a.model == "smollm2" else f"foundation_{a.model}"))
     table.to_csv(out.with_suffix(".csv"), index=False)
-    write_json_atomic(out.with_suffix(".json"), {
-        "machine": machine(a.threads),
-        "settings": {"model": a.model, "calibration": cfg.calibration, "calib_tokens": cfg.calib_chunks * cfg.calib_seq_len, "evaluation": cfg.evaluation, "eval_tokens": cfg.eval_chunks * cfg.eval_seq_len, "space": cfg.space},
-        "total_seconds": round(total, 1),
-        "results": json.loads(table.to_json(orient="records")),
-        "stages": json.loads(res.stages.to_json(orient="records")),
-    })
+    write_json_atomic(
+        out.with_suffix(".json"),
+        {
+            "machine": machine(a.threads),
+            "settings": {
+                "model": a.model,
+                "calibration": cfg.calibration,
+                "calib_tokens": cfg.calib_chunks * cfg.calib_seq_len,
+                "evaluation": cfg.evaluation,
+                "eval_tokens": cfg.eval_chunks * cfg.eval_seq_len,
+                "space": cfg.space,
+            },
+            "total_seconds": round(total, 1),
+            "results": json.loads(table.to_json(orient="records")),
+            "stages": json.loads(res.stages.to_json(orient="records")),
+        },
+    )
     md = markdown(table)
     stages = res.stages[["stage", "seconds", "rss_before_mb", "rss_after_mb", "peak_rss_mb"]].to_string(index=False)
-    out.with_suffix(".md").write_text(f"{md}\nStages (wall seconds; resident MB before, after, and peak during the stage):\n\n```\n{stages}\n```\n")
+    out.with_suffix(".md").write_text(
+        f"{md}\nStages (wall seconds; resident MB before, after, and peak during the stage):\n\n```\n{stages}\n```\n"
+    )
     print(md)
     print(stages)
     print(f"\ntotal {total:.0f} s; wrote {out.with_suffix('.json')}")

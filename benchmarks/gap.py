@@ -13,6 +13,7 @@ benchmark (8 x 512 tokens of Pride and Prejudice; 16 x 512 of Persuasion).
 Appends its rows (model, plan, kind, effective_bits, ppl, kl, space, proxies) to
 benchmarks/results/gap_3.5.csv; ``goal.py`` reads them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,20 +41,42 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     t0 = time.perf_counter()
-    res = search(SearchConfig(model=a.model, space=a.space, proxies=tuple(a.proxies), budgets=("3.5",), refine=a.refine,
-                              threads=a.threads, out_dir=str(REPO / "runs" / f"gap-{Path(a.model).stem}"), progress=False))
+    res = search(
+        SearchConfig(
+            model=a.model,
+            space=a.space,
+            proxies=tuple(a.proxies),
+            budgets=("3.5",),
+            refine=a.refine,
+            threads=a.threads,
+            out_dir=str(REPO / "runs" / f"gap-{Path(a.model).stem}"),
+            progress=False,
+        )
+    )
     t = res.table
     rows = t[t.kind.isin(["proxy", "refined", "returned", "uniform", "recipe"])].assign(
-        model=a.model, space=Path(a.space).stem, proxies=" ".join(a.proxies))
+        model=a.model, space=Path(a.space).stem, proxies=" ".join(a.proxies)
+    )
     rows = rows[["model", "plan", "kind", "effective_bits", "ppl", "kl", "space", "proxies"]]
     path = RESULTS / "gap_3.5.csv"
     old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=rows.columns)
     old = old[~((old.model == a.model) & (old.space == Path(a.space).stem))]
     pd.concat([old, rows], ignore_index=True).to_csv(path, index=False)
-    (RESULTS / f"gap_3.5_{Path(a.model).stem}.json").write_text(json.dumps({
-        "machine": machine(a.threads), "space": a.space, "proxies": a.proxies, "refine": a.refine,
-        "summary": res.summary, "total_seconds": round(time.perf_counter() - t0, 1),
-        "stages": res.stages.to_dict("records")}, indent=1, default=str))
+    (RESULTS / f"gap_3.5_{Path(a.model).stem}.json").write_text(
+        json.dumps(
+            {
+                "machine": machine(a.threads),
+                "space": a.space,
+                "proxies": a.proxies,
+                "refine": a.refine,
+                "summary": res.summary,
+                "total_seconds": round(time.perf_counter() - t0, 1),
+                "stages": res.stages.to_dict("records"),
+            },
+            indent=1,
+            default=str,
+        )
+    )
     print(rows.to_string(index=False))
 
 

@@ -10,6 +10,7 @@ without BOS. Writes benchmarks/results/gemma_bos.{json,md}.
 
     .venv/bin/python benchmarks/gemma_bos.py [--threads 2] [--chunks 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,26 +22,34 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from foundation import RESULTS, machine  # noqa: E402
 from scipy.stats import spearmanr
 
+from mpsearch.core.files import write_json_atomic
+from mpsearch.core.space import SearchSpace
 from mpsearch.models import load_model, load_text, token_chunks
 from mpsearch.models.data import DEFAULT_CALIBRATION
-from mpsearch.core.files import write_json_atomic
 from mpsearch.primitives import compute_primitives
 from mpsearch.run.search import SearchConfig, search
-from mpsearch.core.space import SearchSpace
-
-from foundation import RESULTS, machine  # noqa: E402
 
 MODEL = "gemma3-270m"
-CASES = {"auto": "BOS in both", "none": "no BOS (before the fix)", "evaluation": "BOS in evaluation only",
-         "calibration": "BOS in calibration only"}
+CASES = {
+    "auto": "BOS in both",
+    "none": "no BOS (before the fix)",
+    "evaluation": "BOS in evaluation only",
+    "calibration": "BOS in calibration only",
+}
 
 
 def position_loss(model, windows: torch.Tensor, first: int = 8) -> dict:
     """Mean next-token loss on the first ``first`` targets of each window and on the rest."""
     with torch.no_grad():
-        nll = torch.cat([F.cross_entropy(model(input_ids=w[None]).logits[0, :-1].float(), w[1:], reduction="none")[None] for w in windows])
+        nll = torch.cat(
+            [
+                F.cross_entropy(model(input_ids=w[None]).logits[0, :-1].float(), w[1:], reduction="none")[None]
+                for w in windows
+            ]
+        )
     return {"first": float(nll[:, :first].mean()), "rest": float(nll[:, first:].mean())}
 
 
@@ -56,27 +65,59 @@ def fisher_breakdown(fisher: dict[str, torch.Tensor]) -> dict:
         kinds[kind] = kinds.get(kind, 0.0) + float(v.sum()) / total
         thirds[third] = thirds.get(third, 0.0) + float(v.sum()) / total
     top = sorted(fisher, key=lambda n: -float(fisher[n].sum()))[:5]
-    return {"total": total, "by_kind": kinds, "by_layer_third": thirds,
-            "top5": {n: float(fisher[n].sum()) / total for n in top}}
+    return {
+        "total": total,
+        "by_kind": kinds,
+        "by_layer_third": thirds,
+        "top5": {n: float(fisher[n].sum()) / total for n in top},
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--chunks", type=int, default=4, help="calibration and evaluation sequences of 512 tokens (default 4, as in the report)")
+    ap.add_argument(
+        "--chunks",
+        type=int,
+        default=4,
+        help="calibration and evaluation sequences of 512 tokens (default 4, as in the report)",
+    )
     ap.add_argument("--out", default=str(RESULTS / "gemma_bos"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rows = []
     for bos, label in CASES.items():
-        res = search(SearchConfig(model=MODEL, proxies=("fisher",), budgets=("uniform:3", "uniform:4"), calib_chunks=a.chunks,
-                                  eval_chunks=a.chunks, refine=0, bos=bos, threads=a.threads, progress=False,
-                                  out_dir=str(RESULTS / f"gemma_bos_run_{bos}")))
+        res = search(
+            SearchConfig(
+                model=MODEL,
+                proxies=("fisher",),
+                budgets=("uniform:3", "uniform:4"),
+                calib_chunks=a.chunks,
+                eval_chunks=a.chunks,
+                refine=0,
+                bos=bos,
+                threads=a.threads,
+                progress=False,
+                out_dir=str(RESULTS / f"gemma_bos_run_{bos}"),
+            )
+        )
         t = res.table
         ref = t[t.kind == "reference"].iloc[0]
         for _, r in t[t.kind != "reference"].iterrows():
-            rows.append({"bos": bos, "case": label, "reference_ppl": ref.ppl, "budget": r.budget, "plan": r.plan, "kind": r.kind,
-                         "effective_bits": r.effective_bits, "ppl": r.ppl, "kl": r.kl, "predicted_fisher": r.predicted_fisher})
+            rows.append(
+                {
+                    "bos": bos,
+                    "case": label,
+                    "reference_ppl": ref.ppl,
+                    "budget": r.budget,
+                    "plan": r.plan,
+                    "kind": r.kind,
+                    "effective_bits": r.effective_bits,
+                    "ppl": r.ppl,
+                    "kl": r.kl,
+                    "predicted_fisher": r.predicted_fisher,
+                }
+            )
     table = pd.DataFrame(rows)
 
     lm = load_model(MODEL)
@@ -95,11 +136,24 @@ def main() -> None:
     inside["trace_ratio_without_over_with"] = float(np.sum(b_sums) / np.sum(a_sums))
 
     out = Path(a.out)
-    write_json_atomic(out.with_suffix(".json"), {"machine": machine(a.threads), "model": MODEL, "chunks": a.chunks,
-                                                 "results": json.loads(table.to_json(orient="records")), "fisher": inside})
+    write_json_atomic(
+        out.with_suffix(".json"),
+        {
+            "machine": machine(a.threads),
+            "model": MODEL,
+            "chunks": a.chunks,
+            "results": json.loads(table.to_json(orient="records")),
+            "fisher": inside,
+        },
+    )
     md = table.pivot_table(index=["case", "budget"], columns="kind", values="kl", aggfunc="min")
-    text_md = ("KL to the reference (lower is better), Fisher-MILP plan (proxy) vs baselines:\n\n```\n"
-               + md.to_string(float_format=lambda v: f"{v:.4g}") + "\n```\n\nInside the Fisher:\n\n```\n" + json.dumps(inside, indent=1) + "\n```\n")
+    text_md = (
+        "KL to the reference (lower is better), Fisher-MILP plan (proxy) vs baselines:\n\n```\n"
+        + md.to_string(float_format=lambda v: f"{v:.4g}")
+        + "\n```\n\nInside the Fisher:\n\n```\n"
+        + json.dumps(inside, indent=1)
+        + "\n```\n"
+    )
     out.with_suffix(".md").write_text(text_md)
     print(text_md)
 

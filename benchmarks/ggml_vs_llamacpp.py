@@ -14,6 +14,7 @@ allocation: a KL gap between files of equal size is then the allocation's doing.
 Writes benchmarks/results/ggml_vs_llamacpp.csv (model, type, tensors, numel,
 llama_cpp_error, mpsearch_error, ratio).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,14 +36,27 @@ from mpsearch.core.format import Format  # noqa: E402
 from mpsearch.quant import quantize  # noqa: E402
 
 #: preset -> the type it writes where the rows allow
-PRESETS = {"Q4_0": "q4_0", "Q4_1": "q4_1", "IQ4_NL": "iq4_nl", "Q5_0": "q5_0", "Q8_0": "q8_0", "IQ4_XS": "iq4_xs",
-           "Q3_K_S": "q3_k", "IQ3_S": "iq3_s", "Q2_K": "q2_k"}
+PRESETS = {
+    "Q4_0": "q4_0",
+    "Q4_1": "q4_1",
+    "IQ4_NL": "iq4_nl",
+    "Q5_0": "q5_0",
+    "Q8_0": "q8_0",
+    "IQ4_XS": "iq4_xs",
+    "Q3_K_S": "q3_k",
+    "IQ3_S": "iq3_s",
+    "Q2_K": "q2_k",
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--work", default=None, help="benchmarks/llamacpp.py's --work folder (default ~/.cache/mpsearch/bench/llamacpp-MODEL)")
+    ap.add_argument(
+        "--work",
+        default=None,
+        help="benchmarks/llamacpp.py's --work folder (default ~/.cache/mpsearch/bench/llamacpp-MODEL)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -57,9 +71,23 @@ def main() -> None:
     rows = []
     for preset, key in PRESETS.items():
         out = work / f"types-{preset}.gguf"
-        subprocess.run([str(bins / "llama-quantize"), "--imatrix", str(im_path), "--token-embedding-type", "f32",
-                        "--output-tensor-type", "f32", str(ref_path), str(out), preset, str(a.threads)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                str(bins / "llama-quantize"),
+                "--imatrix",
+                str(im_path),
+                "--token-embedding-type",
+                "f32",
+                "--output-tensor-type",
+                "f32",
+                str(ref_path),
+                str(out),
+                preset,
+                str(a.threads),
+            ],
+            check=True,
+            capture_output=True,
+        )
         theirs = {t.name: t for t in gguf.GGUFReader(out).tensors if t.name in ref}
         want = gguf.GGMLQuantizationType[key.upper()]
         err_l = err_m = 0.0
@@ -78,8 +106,17 @@ def main() -> None:
             n += 1
             numel += w.numel()
         out.unlink()
-        rows.append({"model": a.model, "type": key, "tensors": n, "numel": numel, "llama_cpp_error": err_l,
-                     "mpsearch_error": err_m, "ratio": err_m / err_l if err_l else None})
+        rows.append(
+            {
+                "model": a.model,
+                "type": key,
+                "tensors": n,
+                "numel": numel,
+                "llama_cpp_error": err_l,
+                "mpsearch_error": err_m,
+                "ratio": err_m / err_l if err_l else None,
+            }
+        )
         print(rows[-1], flush=True)
     path = RESULTS / "ggml_vs_llamacpp.csv"
     old = pd.read_csv(path) if path.exists() else None

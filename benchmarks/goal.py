@@ -20,6 +20,7 @@
 
 Writes benchmarks/results/goal.{md,csv}.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,15 +45,29 @@ def sizes_table(ll: pd.DataFrame) -> pd.DataFrame:
         for size in sorted({round(b, 4) for b in lc.bpw if b < 5.0}):
             same = lc[lc.bpw <= size + 0.01]  # llama.cpp's best file of at most this size
             best = same.loc[same.kl.idxmin()]
-            base = {"model": model, "size_bpw": size, "llama_cpp_best": f"{best['name']}{' +imatrix' if best.imatrix else ''}",
-                    "llama_cpp_kl": best.kl}
+            base = {
+                "model": model,
+                "size_bpw": size,
+                "llama_cpp_best": f"{best['name']}{' +imatrix' if best.imatrix else ''}",
+                "llama_cpp_kl": best.kl,
+            }
             mine = ms[(ms.budget.astype(float) - size).abs() < 1e-3]
             if mine.empty:
-                rows.append({**base, "space": "", "mpsearch_bpw": None, "mpsearch_kl": None, "ratio": None, "winner": "not run"})
+                rows.append(
+                    {**base, "space": "", "mpsearch_bpw": None, "mpsearch_kl": None, "ratio": None, "winner": "not run"}
+                )
             for r in mine.itertuples():
                 ratio = r.kl / best.kl
-                rows.append({**base, "space": r.space, "mpsearch_bpw": r.bpw, "mpsearch_kl": r.kl, "ratio": ratio,
-                             "winner": "mpsearch" if ratio < 1 else "llama.cpp"})
+                rows.append(
+                    {
+                        **base,
+                        "space": r.space,
+                        "mpsearch_bpw": r.bpw,
+                        "mpsearch_kl": r.kl,
+                        "ratio": ratio,
+                        "winner": "mpsearch" if ratio < 1 else "llama.cpp",
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -63,11 +78,17 @@ def side_by_side(ll: pd.DataFrame, model: str, space: str = "gguf") -> str:
     m = ll[ll.model == model]
     lc = m[m.source == "llama.cpp"]
     ms = m[(m.source == "mpsearch") & (m.space == space)]
-    lines = ["| size (bpw) | llama.cpp, no imatrix (KL) | llama.cpp, imatrix (KL) | mpsearch (KL) | its types via llama-quantize | ratio |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| size (bpw) | llama.cpp, no imatrix (KL) | llama.cpp, imatrix (KL) | mpsearch (KL) | its types via "
+        "llama-quantize | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     for size in sorted({round(b, 4) for b in lc.bpw if b < 5.0}):
         same = lc[(lc.bpw - size).abs() < 1e-3]
-        files = [", ".join(f"{r.name} {r.kl:.3f}" for r in same[same.imatrix == flag].itertuples()) or "-" for flag in (False, True)]
+        files = [
+            ", ".join(f"{r.name} {r.kl:.3f}" for r in same[same.imatrix == flag].itertuples()) or "-"
+            for flag in (False, True)
+        ]
         at = ms[(ms.budget.astype(float) - size).abs() < 1e-3]
         ret, req = at[at.kind == "returned"], at[at.kind == "tensor-types"]
         milp_only = ret.empty and not at[at.kind == "proxy"].empty
@@ -76,7 +97,10 @@ def side_by_side(ll: pd.DataFrame, model: str, space: str = "gguf") -> str:
         best = lc[lc.bpw <= size + 0.01].kl.min()
         mine = f"**{ret.kl.iloc[0]:.4f}**{' (MILP plan)' if milp_only else ''}" if len(ret) else "not run"
         ratio = f"{ret.kl.iloc[0] / best:.2f}" if len(ret) else ""
-        lines.append(f"| {size:.4f} | {files[0]} | {files[1]} | {mine} | {f'{req.kl.iloc[0]:.4f}' if len(req) else '-'} | {ratio} |")
+        lines.append(
+            f"| {size:.4f} | {files[0]} | {files[1]} | {mine} | {f'{req.kl.iloc[0]:.4f}' if len(req) else '-'} | "
+            f"{ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -94,8 +118,18 @@ def gap_table(models: pd.DataFrame, extra: pd.DataFrame | None) -> pd.DataFrame:
             cands = pd.concat([cands, e.assign(plan=e.plan + " (" + e.space + " space)")[cols]])
         best = cands.loc[cands.ppl.idxmin()]
         share = (math.log(u3) - math.log(best.ppl)) / (math.log(u3) - math.log(u4))
-        rows.append({"model": model, "uniform3_ppl": u3, "uniform4_ppl": u4, "best_plan": best.plan,
-                     "best_bits": best.effective_bits, "best_ppl": best.ppl, "best_kl": best.kl, "gap_closed": share})
+        rows.append(
+            {
+                "model": model,
+                "uniform3_ppl": u3,
+                "uniform4_ppl": u4,
+                "best_plan": best.plan,
+                "best_bits": best.effective_bits,
+                "best_ppl": best.ppl,
+                "best_kl": best.kl,
+                "gap_closed": share,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -105,27 +139,46 @@ def main() -> None:
     extra_path = RESULTS / "gap_3.5.csv"
     extra = pd.read_csv(extra_path) if extra_path.exists() else None
     sizes, gap = sizes_table(ll), gap_table(models, extra)
-    md = ["| model | size (bpw) | llama.cpp's best file | its KL | mpsearch space | mpsearch bpw | mpsearch KL | ratio | winner |",
-          "|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        "| model | size (bpw) | llama.cpp's best file | its KL | mpsearch space | mpsearch bpw | mpsearch KL | ratio | "
+        "winner |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sizes.itertuples():
-        f = (lambda v, p: "" if v is None or pd.isna(v) else f"{v:.{p}f}")  # noqa: E731
-        md.append(f"| {r.model} | {r.size_bpw:.4f} | {r.llama_cpp_best} | {r.llama_cpp_kl:.4f} | {r.space} | {f(r.mpsearch_bpw, 4)} | "
-                  f"{f(r.mpsearch_kl, 4)} | {f(r.ratio, 2)} | {r.winner} |")
-    md += ["", "| model | uniform 3-bit ppl | uniform 4-bit ppl | best plan at <= 3.5 bits | bits | ppl | KL | log-ppl gap closed |",
-           "|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r.model} | {r.uniform3_ppl:.2f} | {r.uniform4_ppl:.2f} | {r.best_plan} | {r.best_bits:.3f} | {r.best_ppl:.2f} | "
-           f"{r.best_kl:.4f} | {r.gap_closed:.0%} |" for r in gap.itertuples()]
+        f = lambda v, p: "" if v is None or pd.isna(v) else f"{v:.{p}f}"  # noqa: E731
+        md.append(
+            f"| {r.model} | {r.size_bpw:.4f} | {r.llama_cpp_best} | {r.llama_cpp_kl:.4f} | {r.space} | "
+            f"{f(r.mpsearch_bpw, 4)} | "
+            f"{f(r.mpsearch_kl, 4)} | {f(r.ratio, 2)} | {r.winner} |"
+        )
+    md += [
+        "",
+        "| model | uniform 3-bit ppl | uniform 4-bit ppl | best plan at <= 3.5 bits | bits | ppl | KL | log-ppl gap "
+        "closed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {r.model} | {r.uniform3_ppl:.2f} | {r.uniform4_ppl:.2f} | {r.best_plan} | {r.best_bits:.3f} | "
+        f"{r.best_ppl:.2f} | "
+        f"{r.best_kl:.4f} | {r.gap_closed:.0%} |"
+        for r in gap.itertuples()
+    ]
     # the same share against uniform GPTQ, the strongest uniform quantizer (quantizers.py)
     for model, r in gap.set_index("model").iterrows():
         path = RESULTS / ("quantizers.csv" if model == "smollm2" else f"quantizers_{model}.csv")
         q = pd.read_csv(path) if path.exists() else None
-        if q is None or not {3, 4} <= set(q[q.quantizer.str.endswith("(default)") & q.quantizer.str.startswith("GPTQ")].bits):
+        if q is None or not {3, 4} <= set(
+            q[q.quantizer.str.endswith("(default)") & q.quantizer.str.startswith("GPTQ")].bits
+        ):
             md += ["", f"{model}: uniform GPTQ at 3 and 4 bits not measured (benchmarks/quantizers.py --model {model})"]
             continue
         g = q[q.quantizer.str.endswith("(default)") & q.quantizer.str.startswith("GPTQ")].set_index("bits").ppl
         share = (math.log(g[3]) - math.log(r.best_ppl)) / (math.log(g[3]) - math.log(g[4]))
-        md += ["", f"{model}: against uniform GPTQ (3-bit ppl {g[3]:.2f}, 4-bit {g[4]:.2f}) the same plan closes "
-                   f"{share:.0%} of the log-ppl gap"]
+        md += [
+            "",
+            f"{model}: against uniform GPTQ (3-bit ppl {g[3]:.2f}, 4-bit {g[4]:.2f}) the same plan closes "
+            f"{share:.0%} of the log-ppl gap",
+        ]
     for model in ll.model.unique():
         md += ["", f"{model}:", "", side_by_side(ll, model)]
     (RESULTS / "goal.md").write_text("\n".join(md) + "\n")

@@ -13,6 +13,7 @@ matrix on ``SearchConfig.gram_chunks`` (64) windows.
 
 Writes benchmarks/results/gptq_calibration.csv.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,13 @@ from mpsearch.models import load_model, load_text, token_chunks  # noqa: E402
 from mpsearch.models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, conventions  # noqa: E402
 from mpsearch.quant import quantize  # noqa: E402
 
-LAYERS = ("model.layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj", "model.layers.10.mlp.down_proj",
-          "model.layers.20.mlp.gate_proj", "model.layers.20.mlp.down_proj")
+LAYERS = (
+    "model.layers.3.self_attn.q_proj",
+    "model.layers.3.mlp.down_proj",
+    "model.layers.10.mlp.down_proj",
+    "model.layers.20.mlp.gate_proj",
+    "model.layers.20.mlp.down_proj",
+)
 
 
 def grams(model, names: list[str], windows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -44,7 +50,9 @@ def grams(model, names: list[str], windows: torch.Tensor) -> dict[str, torch.Ten
         def f(_m, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             acc[name] += x.T @ x
+
         return f
+
     hs = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
     with torch.no_grad():
         for seq in windows:
@@ -67,9 +75,14 @@ def main() -> None:
     lead = conventions(lm.tokenizer)
     mods = dict(lm.model.named_modules())
     names = [n for n in LAYERS if n in mods]
-    calib = token_chunks(lm.tokenizer, load_text(DEFAULT_CALIBRATION), 512, max(a.windows), lead=lead["calibration_leading"])
-    held = grams(lm.model, names, token_chunks(lm.tokenizer, load_text(DEFAULT_EVALUATION), 512, 16,
-                                                lead=lead["evaluation_leading"]))
+    calib = token_chunks(
+        lm.tokenizer, load_text(DEFAULT_CALIBRATION), 512, max(a.windows), lead=lead["calibration_leading"]
+    )
+    held = grams(
+        lm.model,
+        names,
+        token_chunks(lm.tokenizer, load_text(DEFAULT_EVALUATION), 512, 16, lead=lead["evaluation_leading"]),
+    )
     fitted = {k: grams(lm.model, names, calib[:k]) for k in a.windows}
     rows = []
     for n in names:
@@ -78,6 +91,7 @@ def main() -> None:
         def err(q: torch.Tensor) -> float:
             d = (q - w).double()
             return float(torch.einsum("ij,jk,ik->", d, held[n], d))
+
         for b in a.bits:
             rtn = err(quantize(w, Format(b, 64, False, "uniform")))
             base = {"model": a.model, "tensor": n, "bits": b, "rtn_error": rtn}
@@ -87,13 +101,30 @@ def main() -> None:
             for k, h in fitted.items():
                 for act in (False, True):
                     for damp in (0.01, 0.1):
-                        e = err(quantize(w, Format(b, 64, False, "gptq", (("act_order", act), ("damp", damp))), h[n].float()))
-                        rows.append({**base, "method": "gptq" + (" act-order" if act else ""), "windows": k, "damp": damp,
-                                     "error": e, "vs_rtn": e / rtn})
+                        e = err(
+                            quantize(
+                                w, Format(b, 64, False, "gptq", (("act_order", act), ("damp", damp))), h[n].float()
+                            )
+                        )
+                        rows.append(
+                            {
+                                **base,
+                                "method": "gptq" + (" act-order" if act else ""),
+                                "windows": k,
+                                "damp": damp,
+                                "error": e,
+                                "vs_rtn": e / rtn,
+                            }
+                        )
         print(n, flush=True)
     table = pd.DataFrame(rows)
-    table.to_csv(RESULTS / ("gptq_calibration" + ("" if a.model == "smollm2" else f"_{Path(a.model).stem}") + ".csv"), index=False)
-    summary = table[table.method != "clip"].groupby(["method", "windows", "damp", "bits"]).vs_rtn.median().unstack("bits")
+    table.to_csv(
+        RESULTS / ("gptq_calibration" + ("" if a.model == "smollm2" else f"_{Path(a.model).stem}") + ".csv"),
+        index=False,
+    )
+    summary = (
+        table[table.method != "clip"].groupby(["method", "windows", "damp", "bits"]).vs_rtn.median().unstack("bits")
+    )
     print(f"median held-out output error / RTN's over {len(names)} layers ({time.perf_counter() - t0:.0f} s):")
     print(summary.round(3).to_string())
 

@@ -25,6 +25,7 @@ e.g. ``pip install torch --index-url https://download.pytorch.org/whl/cu124``), 
 SmolLM2 GGUF file that setup fetches. Each run converts the model again (its cache is empty), as
 ``benchmarks/default_search.py`` does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,11 @@ SEARCH = ["search", "--proxy", "fisher", "--budget", "uniform:3"]
 PROBE = """
 import json, platform, torch
 cuda = torch.cuda.is_available()
-print(json.dumps({"python": platform.python_version(), "torch": torch.__version__, "cuda_available": cuda, "cuda": torch.version.cuda,
+gpu = torch.cuda.get_device_properties(0) if cuda else None
+print(json.dumps({"python": platform.python_version(), "torch": torch.__version__,
+                  "cuda_available": cuda, "cuda": torch.version.cuda,
                   "gpu": torch.cuda.get_device_name(0) if cuda else None,
-                  "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None}))
+                  "gpu_memory_gb": round(gpu.total_memory / 2**30, 1) if cuda else None}))
 """
 
 
@@ -62,28 +65,64 @@ def probe(python: str) -> dict:
         out = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         said = (getattr(e, "stderr", None) or "").strip().splitlines()
-        detail = said[-1] if said else (f"exit status {e.returncode}" if isinstance(e, subprocess.CalledProcessError) else str(e))
-        sys.exit(f"gpu_stages: {python} cannot import torch ({detail}); "
-                 "give --python an interpreter with mpsearch's dependencies (scripts/setup.sh makes .venv)")
+        detail = (
+            said[-1]
+            if said
+            else (f"exit status {e.returncode}" if isinstance(e, subprocess.CalledProcessError) else str(e))
+        )
+        sys.exit(
+            f"gpu_stages: {python} cannot import torch ({detail}); "
+            "give --python an interpreter with mpsearch's dependencies (scripts/setup.sh makes .venv)"
+        )
     return json.loads(out.strip().splitlines()[-1])
 
 
 def machine(info: dict, threads: int) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
     except OSError:
         commit = "unknown"
     cpuinfo = Path("/proc/cpuinfo")
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")),
-               platform.processor()) if cpuinfo.exists() else platform.processor()
-    return {**info, "cpu": cpu, "cores": os.cpu_count(), "threads": threads, "commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if cpuinfo.exists()
+        else platform.processor()
+    )
+    return {
+        **info,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def run_search(python: str, device: str, threads: int, work: Path) -> tuple[list[dict], dict]:
     """One cold search on ``device``: its stage rows and what was run."""
     out, cache = work / f"run-{device}", work / f"cache-{device}"
-    cmd = [python, "-m", "mpsearch.cli", *SEARCH, "--out", str(out), "--device", device, "--threads", str(threads), "--quiet"]
+    cmd = [
+        python,
+        "-m",
+        "mpsearch.cli",
+        *SEARCH,
+        "--out",
+        str(out),
+        "--device",
+        device,
+        "--threads",
+        str(threads),
+        "--quiet",
+    ]
     print(f"gpu_stages: {device}: {' '.join(cmd)} (MPSEARCH_CACHE={cache})", flush=True)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "MPSEARCH_CACHE": str(cache)})
@@ -92,7 +131,10 @@ def run_search(python: str, device: str, threads: int, work: Path) -> tuple[list
         sys.exit(f"gpu_stages: the {device} search failed (exit status {done.returncode}); nothing written")
     with open(out / "stages.csv", newline="") as f:
         stages = list(csv.DictReader(f))
-    rows = [{"device": device, "stage": s["stage"], "seconds": float(s["seconds"]), "peak_mb": peak_mb(s, device)} for s in stages]
+    rows = [
+        {"device": device, "stage": s["stage"], "seconds": float(s["seconds"]), "peak_mb": peak_mb(s, device)}
+        for s in stages
+    ]
     return rows, {"device": device, "command": cmd[1:], "total_seconds": round(seconds, 1), "stages": len(rows)}
 
 
@@ -106,11 +148,25 @@ def peak_mb(stage: dict, device: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of both runs (default 2, the search's default)")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help=f"CSV to write; the JSON goes beside it (default {DEFAULT_OUT.relative_to(ROOT)})")
+    ap.add_argument(
+        "--threads", type=int, default=2, help="torch threads of both runs (default 2, the search's default)"
+    )
+    ap.add_argument(
+        "--out",
+        default=str(DEFAULT_OUT),
+        help=f"CSV to write; the JSON goes beside it (default {DEFAULT_OUT.relative_to(ROOT)})",
+    )
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU run")
-    ap.add_argument("--allow-cpu-only", action="store_true", help="without a GPU, run and write the CPU run alone instead of stopping")
-    ap.add_argument("--python", default=default_python(), help="interpreter that runs the searches (default .venv/bin/python, else this one)")
+    ap.add_argument(
+        "--allow-cpu-only",
+        action="store_true",
+        help="without a GPU, run and write the CPU run alone instead of stopping",
+    )
+    ap.add_argument(
+        "--python",
+        default=default_python(),
+        help="interpreter that runs the searches (default .venv/bin/python, else this one)",
+    )
     a = ap.parse_args()
     if a.threads < 1:
         sys.exit("gpu_stages: --threads must be >= 1")
@@ -119,9 +175,11 @@ def main() -> None:
     if info["cuda_available"]:
         devices.append("cuda")
     elif not a.allow_cpu_only:
-        sys.exit(f"gpu_stages: no CUDA device is available to {a.python} (torch {info['torch']}, "
-                 f"{'a CPU-only build' if not info['cuda'] else 'CUDA ' + info['cuda']}); nothing written. "
-                 "Run it on a GPU machine, or pass --allow-cpu-only for the CPU run alone")
+        sys.exit(
+            f"gpu_stages: no CUDA device is available to {a.python} (torch {info['torch']}, "
+            f"{'a CPU-only build' if not info['cuda'] else 'CUDA ' + info['cuda']}); nothing written. "
+            "Run it on a GPU machine, or pass --allow-cpu-only for the CPU run alone"
+        )
     else:
         print("gpu_stages: no CUDA device here: the cuda run is skipped (--allow-cpu-only)", flush=True)
     if not devices:
@@ -142,9 +200,13 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp_csv, out)
-    meta = {"machine": machine(info, a.threads), "search": SEARCH, "runs": runs,
-            "peak_mb": "cpu: the stage's peak resident memory (peak_rss_mb); cuda: the most GPU memory torch allocated "
-                       "during the stage (peak_gpu_mb), 0 before the model moved to the GPU"}
+    meta = {
+        "machine": machine(info, a.threads),
+        "search": SEARCH,
+        "runs": runs,
+        "peak_mb": "cpu: the stage's peak resident memory (peak_rss_mb); cuda: the most GPU memory torch allocated "
+        "during the stage (peak_gpu_mb), 0 before the model moved to the GPU",
+    }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     for run in runs:
         print(f"gpu_stages: {run['device']}: {run['total_seconds']:.0f} s in all")

@@ -19,6 +19,7 @@ anchors rotate over the 15 hand-designed proxies). Writes
 measured: rerun to resume), its settings ``.json``, and ``_single.csv``: the measured KL
 of every (tensor, format) quantized alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,14 +39,35 @@ from mpsearch.run.session import Session  # noqa: E402
 
 #: the hand-designed proxies whose MILP plans anchor the samples (never an evolved one:
 #: it is fitted on this ground truth)
-ANCHORS = ("baq", "fisher", "fit", "grad_norm", "gram_loss", "hawq_v2", "hessian_diag", "input_moment", "input_moment_loss",
-           "measured_kl", "mse", "qvlm_entropy", "size", "snip", "synflow")
+ANCHORS = (
+    "baq",
+    "fisher",
+    "fit",
+    "grad_norm",
+    "gram_loss",
+    "hawq_v2",
+    "hessian_diag",
+    "input_moment",
+    "input_moment_loss",
+    "measured_kl",
+    "mse",
+    "qvlm_entropy",
+    "size",
+    "snip",
+    "synflow",
+)
 
 SETUPS = {
-    "smollm2": dict(name="lm", config=dict(model="smollm2", space="llama", eval_chunks=8, eval_seq_len=256),
-                    sampler=dict(plans=300, lo=2.5, hi=5.5, bins=6)),
-    "fashion-cnn": dict(name="cnn", config=dict(model="fashion-cnn", space="cnn", calib_chunks=8, gram_chunks=8, eval_chunks=10),
-                        sampler=dict(plans=1000, lo=2.5, hi=6.5, bins=8)),
+    "smollm2": dict(
+        name="lm",
+        config=dict(model="smollm2", space="llama", eval_chunks=8, eval_seq_len=256),
+        sampler=dict(plans=300, lo=2.5, hi=5.5, bins=6),
+    ),
+    "fashion-cnn": dict(
+        name="cnn",
+        config=dict(model="fashion-cnn", space="cnn", calib_chunks=8, gram_chunks=8, eval_chunks=10),
+        sampler=dict(plans=1000, lo=2.5, hi=6.5, bins=8),
+    ),
 }
 
 
@@ -58,12 +80,16 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     setup = SETUPS[args.model]
-    cfg = SearchConfig(**setup["config"], proxies=ANCHORS, budgets=("4",), refine=0, threads=args.threads, progress=True)
+    cfg = SearchConfig(
+        **setup["config"], proxies=ANCHORS, budgets=("4",), refine=0, threads=args.threads, progress=True
+    )
     sampler = SamplerConfig(**{**setup["sampler"], **({"plans": args.plans} if args.plans else {})}, anchors=ANCHORS)
     out = args.out or RESULTS / f"ground_truth_{setup['name']}.csv"
     session = Session.open(cfg)
     make_ground_truth(session, out, sampler, {"config": with_config(cfg), "machine": machine(args.threads)})
-    single = pd.DataFrame([(t, f, v) for (t, f), v in sorted(session.prims.kl.items())], columns=["tensor", "format", "kl"])
+    single = pd.DataFrame(
+        [(t, f, v) for (t, f), v in sorted(session.prims.kl.items())], columns=["tensor", "format", "kl"]
+    )
     single.to_csv(out.with_name(out.stem + "_single.csv"), index=False)
     print(f"wrote {out} ({sampler.plans} plans) and {out.with_name(out.stem + '_single.csv')} ({len(single)} pairs)")
 

@@ -18,6 +18,7 @@ f = 0.25, 0.5, 0.75 (the notebook's form):
 
 Writes ``benchmarks/results/hawq_latency.csv`` and ``hawq_latency.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
-
 from foundation import RESULTS, machine
-from mpsearch.cost.hardware import load_hardware
+from scipy.stats import spearmanr
 from solvers_vs_cbc import BITS, DATA, cbc, groups, layer_tables, ours
+
+from mpsearch.cost.hardware import load_hardware
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="pulp")
 
@@ -39,7 +40,9 @@ def roofline_ms(net: dict, hw) -> np.ndarray:
     """(layers x 2) predicted milliseconds at int4 and int8 (inputs at the same bits)."""
     millions = "bops_millions" in net
     macs = np.array(net["bops_millions" if millions else "bops"], dtype=float) * (1e6 if millions else 1.0)
-    params = np.array(net["parameters_millions" if millions else "parameters"], dtype=float) * (1e6 if millions else 1.0)
+    params = np.array(net["parameters_millions" if millions else "parameters"], dtype=float) * (
+        1e6 if millions else 1.0
+    )
     cols = []
     for b in BITS:
         peak = hw.peak[hw.compute_type(b, b)]
@@ -56,12 +59,14 @@ def main() -> None:
         tables = layer_tables(net)
         published = tables["latency"]
         roof = roofline_ms(net, t4)
-        fits[name] = {"spearman_int4": float(spearmanr(roof[:, 0], published[:, 0]).statistic),
-                      "spearman_int8": float(spearmanr(roof[:, 1], published[:, 1]).statistic),
-                      "median_published_over_roofline_int4": float(np.median(published[:, 0] / roof[:, 0])),
-                      "median_published_over_roofline_int8": float(np.median(published[:, 1] / roof[:, 1])),
-                      "int8_over_int4_published": float(published[:, 1].sum() / published[:, 0].sum()),
-                      "int8_over_int4_roofline": float(roof[:, 1].sum() / roof[:, 0].sum())}
+        fits[name] = {
+            "spearman_int4": float(spearmanr(roof[:, 0], published[:, 0]).statistic),
+            "spearman_int8": float(spearmanr(roof[:, 1], published[:, 1]).statistic),
+            "median_published_over_roofline_int4": float(np.median(published[:, 0] / roof[:, 0])),
+            "median_published_over_roofline_int8": float(np.median(published[:, 1] / roof[:, 1])),
+            "int8_over_int4_published": float(published[:, 1].sum() / published[:, 0].sum()),
+            "int8_over_int4_roofline": float(roof[:, 1].sum() / roof[:, 0].sum()),
+        }
         grp = groups(len(published), net["ties"])
         for f in (0.25, 0.5, 0.75):
             limit = float(published[:, 0].sum() + f * (published[:, 1].sum() - published[:, 0].sum()))
@@ -71,19 +76,35 @@ def main() -> None:
             r_limit = float(roof[:, 0].sum() + f * (roof[:, 1].sum() - roof[:, 0].sum()))
             plan_roof, loss_roof = ours(rt, grp, ["latency"], {"latency": r_limit})
             lat = lambda plan: float(sum(published[i, BITS.index(b)] for i, b in enumerate(plan)))  # noqa: E731
-            rows.append({"net": name, "f": f, "limit_ms": limit, "layers": len(published),
-                         "same_plan_as_cbc": plan_ours == plan_cbc, "loss_ours": loss_ours, "loss_cbc": loss_cbc,
-                         "int8_layers": sum(b == 8 for b in plan_ours), "published_ms": lat(plan_ours),
-                         "roofline_int8_layers": sum(b == 8 for b in plan_roof),
-                         "roofline_agrees_layers": sum(a == b for a, b in zip(plan_ours, plan_roof)),
-                         "roofline_plan_published_ms": lat(plan_roof), "roofline_plan_meets_limit": lat(plan_roof) <= limit + 1e-9,
-                         "roofline_plan_loss": loss_roof, "bits": "".join("8" if b == 8 else "4" for b in plan_ours),
-                         "roofline_bits": "".join("8" if b == 8 else "4" for b in plan_roof)})
+            rows.append(
+                {
+                    "net": name,
+                    "f": f,
+                    "limit_ms": limit,
+                    "layers": len(published),
+                    "same_plan_as_cbc": plan_ours == plan_cbc,
+                    "loss_ours": loss_ours,
+                    "loss_cbc": loss_cbc,
+                    "int8_layers": sum(b == 8 for b in plan_ours),
+                    "published_ms": lat(plan_ours),
+                    "roofline_int8_layers": sum(b == 8 for b in plan_roof),
+                    "roofline_agrees_layers": sum(a == b for a, b in zip(plan_ours, plan_roof)),
+                    "roofline_plan_published_ms": lat(plan_roof),
+                    "roofline_plan_meets_limit": lat(plan_roof) <= limit + 1e-9,
+                    "roofline_plan_loss": loss_roof,
+                    "bits": "".join("8" if b == 8 else "4" for b in plan_ours),
+                    "roofline_bits": "".join("8" if b == 8 else "4" for b in plan_roof),
+                }
+            )
             print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
     df.to_csv(RESULTS / "hawq_latency.csv", index=False)
-    summary = {"roofline_vs_published": fits, "all_same_as_cbc": bool(df.same_plan_as_cbc.all()),
-               "t4": {"peak": t4.peak, "bandwidth": t4.bandwidth, "sources": t4.sources}, "machine": machine(1)}
+    summary = {
+        "roofline_vs_published": fits,
+        "all_same_as_cbc": bool(df.same_plan_as_cbc.all()),
+        "t4": {"peak": t4.peak, "bandwidth": t4.bandwidth, "sources": t4.sources},
+        "machine": machine(1),
+    }
     Path(RESULTS / "hawq_latency.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(fits, indent=1))
 

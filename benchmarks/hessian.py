@@ -25,6 +25,7 @@ still builds each graph once. The comparison is at equal variance: per tensor,
 ``(time x SE^2)`` of each side (the time each needs to reach a given standard error),
 and the median over tensors of PyHessian's over ours.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,15 +36,14 @@ import sys
 
 import numpy as np
 import torch
+from foundation import RESULTS, machine  # noqa: E402  (same folder)
 from torch import nn
 
-from mpsearch.models import load_model, load_text, token_chunks
 from mpsearch.core.files import write_json_atomic
-from mpsearch.primitives.hessian import hutchinson
 from mpsearch.core.profiling import Stages
 from mpsearch.core.space import SearchSpace
-
-from foundation import RESULTS, machine  # noqa: E402  (same folder)
+from mpsearch.models import load_model, load_text, token_chunks
+from mpsearch.primitives.hessian import hutchinson
 
 
 def pyhessian():
@@ -75,8 +75,9 @@ def grads_on_decisions_only(model: nn.Module, names: list[str]) -> None:
         modules[n].weight.requires_grad_(True)
 
 
-def run_side(side: str, probes: int, batch: int, threads: int, mode: str = "batch", sequences: int = 4,
-             shared: bool = False) -> dict:
+def run_side(
+    side: str, probes: int, batch: int, threads: int, mode: str = "batch", sequences: int = 4, shared: bool = False
+) -> dict:
     """One side in this (fresh) process: per-tensor trace samples, time and peak memory."""
     torch.set_num_threads(threads)
     lm = load_model()
@@ -87,8 +88,16 @@ def run_side(side: str, probes: int, batch: int, threads: int, mode: str = "batc
     stages = Stages()
     if side == "ours":
         with stages(side):  # dataloader mode: one graph per sequence, `probes` independent probes each
-            est = hutchinson(model, names, toks, probes=probes, batch=batch, chunk=1 if mode == "dataloader" else None,
-                             share_probes=shared, progress=False)
+            est = hutchinson(
+                model,
+                names,
+                toks,
+                probes=probes,
+                batch=batch,
+                chunk=1 if mode == "dataloader" else None,
+                share_probes=shared,
+                progress=False,
+            )
         mean, se = [est.trace[n] for n in names], [est.trace_se[n] for n in names]
     elif mode == "dataloader":
         ph = pyhessian()
@@ -116,8 +125,16 @@ def run_side(side: str, probes: int, batch: int, threads: int, mode: str = "batc
                 samples[k] = [float((x * y).sum()) for x, y in zip(hv, v)]
         mean, se = samples.mean(0).tolist(), (samples.std(0, ddof=1) / np.sqrt(probes)).tolist()
     rec = stages.records[-1]
-    return {"side": side, "seconds": rec["seconds"], "peak_rss_mb": rec["peak_rss_mb"], "rss_before_mb": rec["rss_before_mb"],
-            "names": names, "mean": mean, "se": se, "tokens": int(toks.numel())}
+    return {
+        "side": side,
+        "seconds": rec["seconds"],
+        "peak_rss_mb": rec["peak_rss_mb"],
+        "rss_before_mb": rec["rss_before_mb"],
+        "names": names,
+        "mean": mean,
+        "se": se,
+        "tokens": int(toks.numel()),
+    }
 
 
 def main() -> None:
@@ -126,9 +143,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mode", choices=["batch", "dataloader"], default="batch")
-    ap.add_argument("--sequences", type=int, default=None, help="sequences of 256 tokens (default 4, or 8 in dataloader mode)")
-    ap.add_argument("--probes-ours", type=int, default=None, help="dataloader mode: our probes per sequence (default 2)")
-    ap.add_argument("--shared", action="store_true", help="dataloader mode: ours shares each probe across sequences (PyHessian's estimator)")
+    ap.add_argument(
+        "--sequences", type=int, default=None, help="sequences of 256 tokens (default 4, or 8 in dataloader mode)"
+    )
+    ap.add_argument(
+        "--probes-ours", type=int, default=None, help="dataloader mode: our probes per sequence (default 2)"
+    )
+    ap.add_argument(
+        "--shared",
+        action="store_true",
+        help="dataloader mode: ours shares each probe across sequences (PyHessian's estimator)",
+    )
     ap.add_argument("--side", choices=["ours", "pyhessian"], help=argparse.SUPPRESS)  # internal: one side per process
     a = ap.parse_args()
     sequences = a.sequences or (8 if a.mode == "dataloader" else 4)
@@ -139,9 +164,28 @@ def main() -> None:
     sides = {}
     for side in ("pyhessian", "ours"):  # each in a fresh process: no allocator warm-up carried over
         probes = (a.probes_ours or 2) if side == "ours" and a.mode == "dataloader" else a.probes
-        out = subprocess.run([sys.executable, __file__, "--side", side, "--probes", str(probes), "--batch", str(a.batch),
-                              "--threads", str(a.threads), "--mode", a.mode, "--sequences", str(sequences)] + ["--shared"] * a.shared,
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--side",
+                side,
+                "--probes",
+                str(probes),
+                "--batch",
+                str(a.batch),
+                "--threads",
+                str(a.threads),
+                "--mode",
+                a.mode,
+                "--sequences",
+                str(sequences),
+            ]
+            + ["--shared"] * a.shared,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         sides[side] = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
         print(side, sides[side]["seconds"], "s")
     o, p = sides["ours"], sides["pyhessian"]
@@ -149,18 +193,32 @@ def main() -> None:
     z = np.abs(o_mean - p_mean) / np.sqrt(o_se**2 + p_se**2)
     work = (p["seconds"] * p_se**2) / (o["seconds"] * o_se**2)  # time to equal SE, theirs over ours, per tensor
     result = {
-        "mode": a.mode, "shared_probes": a.shared, "sequences": sequences, "probes": a.probes,
-        "probes_ours": (a.probes_ours or 2) if a.mode == "dataloader" else a.probes, "batch": a.batch, "tensors": len(o["names"]), "tokens": o["tokens"],
-        "seconds_ours": o["seconds"], "seconds_pyhessian": p["seconds"], "pyhessian_over_ours": p["seconds"] / o["seconds"],
-        "peak_rss_mb_ours": o["peak_rss_mb"], "peak_rss_mb_pyhessian": p["peak_rss_mb"],
-        "total_trace_ours": float(o_mean.sum()), "total_trace_pyhessian": float(p_mean.sum()),
-        "median_abs_z": float(np.median(z)), "share_within_2se": float((z < 2).mean()),
-        "median_rel_se_ours": float(np.median(o_se / np.abs(o_mean))), "median_rel_se_pyhessian": float(np.median(p_se / np.abs(p_mean))),
+        "mode": a.mode,
+        "shared_probes": a.shared,
+        "sequences": sequences,
+        "probes": a.probes,
+        "probes_ours": (a.probes_ours or 2) if a.mode == "dataloader" else a.probes,
+        "batch": a.batch,
+        "tensors": len(o["names"]),
+        "tokens": o["tokens"],
+        "seconds_ours": o["seconds"],
+        "seconds_pyhessian": p["seconds"],
+        "pyhessian_over_ours": p["seconds"] / o["seconds"],
+        "peak_rss_mb_ours": o["peak_rss_mb"],
+        "peak_rss_mb_pyhessian": p["peak_rss_mb"],
+        "total_trace_ours": float(o_mean.sum()),
+        "total_trace_pyhessian": float(p_mean.sum()),
+        "median_abs_z": float(np.median(z)),
+        "share_within_2se": float((z < 2).mean()),
+        "median_rel_se_ours": float(np.median(o_se / np.abs(o_mean))),
+        "median_rel_se_pyhessian": float(np.median(p_se / np.abs(p_mean))),
         "equal_variance_speedup_median": float(np.median(work)),
         "equal_variance_speedup_quartiles": [float(np.quantile(work, 0.25)), float(np.quantile(work, 0.75))],
         "machine": machine(a.threads),
     }
-    write_json_atomic(RESULTS / ("hessian.json" if a.mode == "batch" else f"hessian_dataloader{'_shared' * a.shared}.json"), result)
+    write_json_atomic(
+        RESULTS / ("hessian.json" if a.mode == "batch" else f"hessian_dataloader{'_shared' * a.shared}.json"), result
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
 
 

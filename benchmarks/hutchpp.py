@@ -15,6 +15,7 @@ same per-probe variance as ours (``benchmarks/hessian.py``: 1.04x its time at eq
 probes), so the ratio to PyHessian at equal variance is that measured time ratio times
 the speed-up measured here (a product of two measured ratios, labelled as such).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,14 +24,13 @@ import time
 
 import numpy as np
 import torch
+from foundation import RESULTS, machine  # noqa: E402  (same folder)
 
-from mpsearch.models import load_model, load_text, token_chunks
 from mpsearch.core.files import write_json_atomic
+from mpsearch.core.space import SearchSpace
+from mpsearch.models import load_model, load_text, token_chunks
 from mpsearch.primitives.hessian import hutchinson
 from mpsearch.primitives.hutchpp import hutchpp
-from mpsearch.core.space import SearchSpace
-
-from foundation import RESULTS, machine  # noqa: E402  (same folder)
 
 
 def main() -> None:
@@ -52,7 +52,9 @@ def main() -> None:
         for side in runs:
             t0 = time.perf_counter()
             if side == "hutchinson":
-                est = hutchinson(lm.model, names, toks, probes=hvps, chunk=None, diag=False, seed=1000 + seed, progress=False)
+                est = hutchinson(
+                    lm.model, names, toks, probes=hvps, chunk=None, diag=False, seed=1000 + seed, progress=False
+                )
             else:
                 est = hutchpp(lm.model, names, toks, sketch=a.sketch, probes=a.probes, seed=1000 + seed)
             secs[side].append(time.perf_counter() - t0)
@@ -64,13 +66,23 @@ def main() -> None:
     speedup = (t_plain * var_plain) / (t_hpp * np.maximum(var_hpp, 1e-300))
     prior = json.loads((RESULTS / "hessian.json").read_text())
     result = {
-        "tensors": len(names), "tokens": int(toks.numel()), "seeds": a.seeds, "hvps_each": hvps, "sketch": a.sketch, "probes": a.probes,
-        "seconds_hutchinson_median": t_plain, "seconds_hutchpp_median": t_hpp,
+        "tensors": len(names),
+        "tokens": int(toks.numel()),
+        "seeds": a.seeds,
+        "hvps_each": hvps,
+        "sketch": a.sketch,
+        "probes": a.probes,
+        "seconds_hutchinson_median": t_plain,
+        "seconds_hutchpp_median": t_hpp,
         "variance_ratio_median": float(np.median(var_plain / np.maximum(var_hpp, 1e-300))),
-        "variance_ratio_quartiles": [float(np.quantile(var_plain / np.maximum(var_hpp, 1e-300), q)) for q in (0.25, 0.75)],
+        "variance_ratio_quartiles": [
+            float(np.quantile(var_plain / np.maximum(var_hpp, 1e-300), q)) for q in (0.25, 0.75)
+        ],
         "equal_variance_speedup_median": float(np.median(speedup)),
         "equal_variance_speedup_quartiles": [float(np.quantile(speedup, q)) for q in (0.25, 0.75)],
-        "mean_trace_agreement_median_rel": float(np.median(np.abs(plain.mean(0) - hpp.mean(0)) / np.abs(plain.mean(0)))),
+        "mean_trace_agreement_median_rel": float(
+            np.median(np.abs(plain.mean(0) - hpp.mean(0)) / np.abs(plain.mean(0)))
+        ),
         "pyhessian_time_over_ours_plain": prior["pyhessian_over_ours"],
         "pyhessian_over_hutchpp_at_equal_variance_derived": prior["pyhessian_over_ours"] * float(np.median(speedup)),
         "machine": machine(a.threads),

@@ -24,6 +24,7 @@ plus the split the plan made (``weight_bytes, kv_bytes, weight_bits, kv_bits``),
 ``dkl_best*`` (KL minus the better plan of the budget, paired CI), the predicted loss and the
 unquantized model's ``reference_ppl`` on the same windows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,17 +32,19 @@ import json
 from pathlib import Path
 
 import pandas as pd
-
 from foundation import machine
+
 from mpsearch.run.search import SearchConfig, search
 
 OUT = Path(__file__).parent / "results"
 
 
 def sizes(model: str) -> tuple[int, int]:
-    """Decision weights of the llama_wkv space, and K + V elements per token (SmolLM2: 106,168,320 and 2 x 30 x 3 x 64)."""
-    from mpsearch.models import load_model
+    """Decision weights of the llama_wkv space, and K + V elements per token.
+
+    SmolLM2: 106,168,320 and 2 x 30 x 3 x 64."""
     from mpsearch.core.space import SearchSpace
+    from mpsearch.models import load_model
 
     lm = load_model(model)
     c = lm.model.config
@@ -56,29 +59,73 @@ def main() -> None:
     ap.add_argument("--windows", type=int, nargs="+", default=[2, 1], help="evaluation windows per context")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--proxy", default="measured_kl", help="weight proxy; the run-time proxy is paired with it (measured_kl -> kl, fisher -> fisher)")
+    ap.add_argument(
+        "--proxy",
+        default="measured_kl",
+        help="weight proxy; the run-time proxy is paired with it (measured_kl -> kl, fisher -> fisher)",
+    )
     a = ap.parse_args()
     weights, kv_per_token = sizes(a.model)
     out = OUT / "joint.csv"
-    rows = pd.read_csv(out).query("model != @a.model").to_dict("records") if out.exists() else []  # other models' rows stay
+    rows = (
+        pd.read_csv(out).query("model != @a.model").to_dict("records") if out.exists() else []
+    )  # other models' rows stay
     for context, windows in zip(a.contexts, a.windows):
         budgets = [f"{round(b * (weights + kv_per_token * context) / 8)}B" for b in a.bits]
-        res = search(SearchConfig(model=a.model, space="llama_wkv", proxies=(a.proxy,), budgets=tuple(budgets), context=context, decode=128,
-                                  eval_chunks=windows, refine=0, baselines=False, threads=a.threads, out_dir=f"runs/joint-{a.model}-{context}"))
+        res = search(
+            SearchConfig(
+                model=a.model,
+                space="llama_wkv",
+                proxies=(a.proxy,),
+                budgets=tuple(budgets),
+                context=context,
+                decode=128,
+                eval_chunks=windows,
+                refine=0,
+                baselines=False,
+                threads=a.threads,
+                out_dir=f"runs/joint-{a.model}-{context}",
+            )
+        )
         table = res.table.set_index("plan")
         ref = res.table[res.table.kind == "reference"].iloc[0]
         for name, plan in res.plans.items():
             m, t = plan.metrics, table.loc[name]
-            rows.append({"model": a.model, "proxy": a.proxy, "budget_bytes": float(plan.budget["limit"]), "context": context,
-                         "allocation": plan.provenance["allocation"], "ppl": m["ppl"], "kl": m["kl"],
-                         "kl_lo": t.kl_lo, "kl_hi": t.kl_hi, "dkl_best": t.dkl_best, "dkl_best_lo": t.dkl_best_lo, "dkl_best_hi": t.dkl_best_hi,
-                         "weight_bytes": m["weight_bytes"], "kv_bytes": m["kv_bytes"], "weight_bits": m["effective_bits"],
-                         "kv_bits": m["kv_bits"], "predicted": m.get("predicted"), "eval_windows": windows,
-                         "mean_bits": float(plan.budget["limit"]) * 8 / (weights + kv_per_token * context), "reference_ppl": ref.ppl})
+            rows.append(
+                {
+                    "model": a.model,
+                    "proxy": a.proxy,
+                    "budget_bytes": float(plan.budget["limit"]),
+                    "context": context,
+                    "allocation": plan.provenance["allocation"],
+                    "ppl": m["ppl"],
+                    "kl": m["kl"],
+                    "kl_lo": t.kl_lo,
+                    "kl_hi": t.kl_hi,
+                    "dkl_best": t.dkl_best,
+                    "dkl_best_lo": t.dkl_best_lo,
+                    "dkl_best_hi": t.dkl_best_hi,
+                    "weight_bytes": m["weight_bytes"],
+                    "kv_bytes": m["kv_bytes"],
+                    "weight_bits": m["effective_bits"],
+                    "kv_bits": m["kv_bits"],
+                    "predicted": m.get("predicted"),
+                    "eval_windows": windows,
+                    "mean_bits": float(plan.budget["limit"]) * 8 / (weights + kv_per_token * context),
+                    "reference_ppl": ref.ppl,
+                }
+            )
         pd.DataFrame(rows).to_csv(out, index=False)
         print(pd.DataFrame(rows).to_string(), flush=True)
     meta = json.loads((OUT / "joint.json").read_text()) if (OUT / "joint.json").exists() else {}
-    meta[a.model] = {"machine": machine(a.threads), "bits": a.bits, "contexts": a.contexts, "windows": a.windows, "decode": 128, "proxy": a.proxy}
+    meta[a.model] = {
+        "machine": machine(a.threads),
+        "bits": a.bits,
+        "contexts": a.contexts,
+        "windows": a.windows,
+        "decode": 128,
+        "proxy": a.proxy,
+    }
     (OUT / "joint.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 

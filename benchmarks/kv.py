@@ -19,6 +19,7 @@ Writes ``benchmarks/results/kv.csv``: ``model, method, kv_bits, context, ppl, kl
 exact ``bits_per_element`` at that context (every scale, zero, codebook, outlier and sink
 counted), ``kl_lo/kl_hi`` (bootstrap over windows) and the seconds per plan.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,14 +30,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
 from foundation import machine
+
+from mpsearch.core.format import Format
+from mpsearch.core.plan import Plan, fingerprint
 from mpsearch.core.stats import mean_ci
 from mpsearch.measure.evaluate import DecodeEvaluator
-from mpsearch.core.format import Format
 from mpsearch.models import load_model, load_text, token_chunks
 from mpsearch.models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
-from mpsearch.core.plan import Plan, fingerprint
 from mpsearch.quant import applied
 from mpsearch.quant.calibrate import calibrate
 from mpsearch.quant.kvcache import bits_per_element
@@ -56,7 +57,11 @@ def methods(bits: int) -> dict[str, Format]:
 def kv_plan(lm, fmt: Format, calib_tokens: torch.Tensor) -> Plan:
     model = lm.model
     layers = range(model.config.num_hidden_layers)
-    sites = {(f"model.layers.{i}.self_attn.{p}", t): fmt for i in layers for p, t in (("k_proj", "k_cache"), ("v_proj", "v_cache"))}
+    sites = {
+        (f"model.layers.{i}.self_attn.{p}", t): fmt
+        for i in layers
+        for p, t in (("k_proj", "k_cache"), ("v_proj", "v_cache"))
+    }
     plan = Plan(lm.model_id, fingerprint(model), {n: {t: f} for (n, t), f in sites.items()})
     plan.calibration = calibrate(model, {s: [f] for s, f in sites.items()}, calib_tokens) or None
     return plan
@@ -77,11 +82,25 @@ def main() -> None:
     calib = token_chunks(lm.tokenizer, load_text(DEFAULT_CALIBRATION), 512, 8)
     tokens = token_chunks(lm.tokenizer, load_text(DEFAULT_EVALUATION), a.context, a.windows)
     ev = DecodeEvaluator(tokens, decode=a.decode, progress=False).fit(lm.model)
-    rows = [{"model": "smollm2", "method": "reference", "kv_bits": 16, "context": a.context, "ppl": ev.reference_.ppl, "kl": 0.0,
-             "bits_per_element": 16.0, "kl_lo": 0.0, "kl_hi": 0.0, "seconds": float("nan")}]
+    rows = [
+        {
+            "model": "smollm2",
+            "method": "reference",
+            "kv_bits": 16,
+            "context": a.context,
+            "ppl": ev.reference_.ppl,
+            "kl": 0.0,
+            "bits_per_element": 16.0,
+            "kl_lo": 0.0,
+            "kl_hi": 0.0,
+            "seconds": float("nan"),
+        }
+    ]
     print(rows[0], flush=True)
     done = pd.read_csv(a.out) if Path(a.out).exists() else pd.DataFrame(columns=["method", "kv_bits", "context"])
-    done = done[(done.context == a.context) & (done.method != "reference")]  # a rerun resumes: rows already measured stay
+    done = done[
+        (done.context == a.context) & (done.method != "reference")
+    ]  # a rerun resumes: rows already measured stay
     rows += done.to_dict("records")
     for bits in (8, 4, 3, 2):
         for method, fmt in methods(bits).items():
@@ -92,14 +111,36 @@ def main() -> None:
             with applied(lm.model, plan) as model:
                 q = ev.score(model)
             lo, hi = mean_ci(q.kl_windows)
-            bpe = (bits_per_element(fmt, "k_cache", a.context, width, head_dim) + bits_per_element(fmt, "v_cache", a.context, width, head_dim)) / 2
-            rows.append({"model": "smollm2", "method": method, "kv_bits": bits, "context": a.context, "ppl": q.ppl, "kl": q.kl,
-                         "bits_per_element": bpe, "kl_lo": lo, "kl_hi": hi, "seconds": time.perf_counter() - t, "format": fmt.key})
+            bpe = (
+                bits_per_element(fmt, "k_cache", a.context, width, head_dim)
+                + bits_per_element(fmt, "v_cache", a.context, width, head_dim)
+            ) / 2
+            rows.append(
+                {
+                    "model": "smollm2",
+                    "method": method,
+                    "kv_bits": bits,
+                    "context": a.context,
+                    "ppl": q.ppl,
+                    "kl": q.kl,
+                    "bits_per_element": bpe,
+                    "kl_lo": lo,
+                    "kl_hi": hi,
+                    "seconds": time.perf_counter() - t,
+                    "format": fmt.key,
+                }
+            )
             print(rows[-1], flush=True)
             pd.DataFrame(rows).to_csv(a.out, index=False)
-    meta = {"machine": machine(a.threads),
-            "context": a.context, "windows": a.windows, "decode": a.decode, "calibration": f"{DEFAULT_CALIBRATION}: 8 x 512 tokens",
-            "evaluation": f"{DEFAULT_EVALUATION}: {a.windows} windows of {a.context} tokens, the last {a.decode} decoded through the cache"}
+    meta = {
+        "machine": machine(a.threads),
+        "context": a.context,
+        "windows": a.windows,
+        "decode": a.decode,
+        "calibration": f"{DEFAULT_CALIBRATION}: 8 x 512 tokens",
+        "evaluation": f"{DEFAULT_EVALUATION}: {a.windows} windows of {a.context} tokens, the last {a.decode} decoded "
+        "through the cache",
+    }
     Path(a.out).with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
 
 

@@ -10,14 +10,15 @@ computed on the token itself and cannot clip.
 
 Writes ``benchmarks/results/kv_clipping.json``: the clipped fraction per layer and overall.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import torch
-
 from foundation import machine
+
 from mpsearch.core.format import Format
 from mpsearch.models import load_model, load_text, token_chunks
 from mpsearch.models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
@@ -32,7 +33,11 @@ def main() -> None:
     model = lm.model
     fmt = Format.parse("kvquant8")
     names = [f"model.layers.{i}.self_attn.k_proj" for i in range(model.config.num_hidden_layers)]
-    calib = calibrate(model, {(n, "k_cache"): [fmt] for n in names}, token_chunks(lm.tokenizer, load_text(DEFAULT_CALIBRATION), 512, 8))
+    calib = calibrate(
+        model,
+        {(n, "k_cache"): [fmt] for n in names},
+        token_chunks(lm.tokenizer, load_text(DEFAULT_CALIBRATION), 512, 8),
+    )
     ids = token_chunks(lm.tokenizer, load_text(DEFAULT_EVALUATION), 2048, 1)
     seen = {}
     modules = dict(model.named_modules())
@@ -43,7 +48,9 @@ def main() -> None:
         h.remove()
     per_layer, clipped, total = {}, 0, 0
     for n in names:
-        z, _, _, outlier, _ = _normalise(seen[n][1:], fmt, calib_for(calib, n, "k_cache", fmt), model.config.head_dim, "k_cache")
+        z, _, _, outlier, _ = _normalise(
+            seen[n][1:], fmt, calib_for(calib, n, "k_cache", fmt), model.config.head_dim, "k_cache"
+        )
         clip = (z.abs() > 1) & ~outlier
         per_layer[n] = float(clip.float().mean())
         clipped, total = clipped + int(clip.sum()), total + clip.numel()

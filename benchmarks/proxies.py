@@ -18,6 +18,7 @@ the proxies, not the search that guards them.
 
 Writes benchmarks/results/proxies[_MODEL].{csv,md,json} and proxies_primitives[_MODEL].csv.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,6 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-
 from foundation import RESULTS, machine  # noqa: E402  (same folder)
 
 BUDGETS = ("uniform:3", "uniform:4")
@@ -42,13 +42,13 @@ def time_family(name: str, threads: int, out: Path, model: str) -> None:
     """Child process: compute one family afresh (or the measured KL) and write its stage record."""
     import torch
 
+    from mpsearch.core.profiling import Stages
+    from mpsearch.core.space import SearchSpace
     from mpsearch.models import load_model, load_text, token_chunks
     from mpsearch.models.data import DEFAULT_CALIBRATION, conventions
     from mpsearch.primitives import compute_primitives, families, weights_hash
     from mpsearch.primitives.sensitivity import measured_kl
-    from mpsearch.core.profiling import Stages
     from mpsearch.run.session import KL_SLICE
-    from mpsearch.core.space import SearchSpace
 
     torch.set_num_threads(threads)
     lm = load_model(model)
@@ -60,9 +60,18 @@ def time_family(name: str, threads: int, out: Path, model: str) -> None:
     stages = Stages()
     if name == "measured_kl":
         with stages("primitives: measured_kl"):
-            measured_kl(lm.model, decisions, calib[: KL_SLICE[0], : KL_SLICE[1]], weights_hash(lm.model), use_cache=True, progress=True)
+            measured_kl(
+                lm.model,
+                decisions,
+                calib[: KL_SLICE[0], : KL_SLICE[1]],
+                weights_hash(lm.model),
+                use_cache=True,
+                progress=True,
+            )
     else:
-        compute_primitives(lm.model, tensors, calib, set(families()[name].provides), progress=True, stages=stages, refresh=True)
+        compute_primitives(
+            lm.model, tensors, calib, set(families()[name].provides), progress=True, stages=stages, refresh=True
+        )
     out.write_text(json.dumps(stages.records[-1]))
 
 
@@ -70,7 +79,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--time-kl", action="store_true", help="also time the measured-KL pass (clear its cache first to time it cold)")
+    ap.add_argument(
+        "--time-kl", action="store_true", help="also time the measured-KL pass (clear its cache first to time it cold)"
+    )
     ap.add_argument("--skip-timing", action="store_true", help="reuse cached primitives; only run the search")
     ap.add_argument("--family", help=argparse.SUPPRESS)  # internal: run one family in this process
     ap.add_argument("--record", help=argparse.SUPPRESS)
@@ -88,22 +99,61 @@ def main() -> None:
     if not a.skip_timing:
         for name in [*families(), *(["measured_kl"] if a.time_kl else [])]:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                subprocess.run([sys.executable, __file__, "--family", name, "--record", f.name, "--threads", str(a.threads), "--model", a.model], check=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--family",
+                        name,
+                        "--record",
+                        f.name,
+                        "--threads",
+                        str(a.threads),
+                        "--model",
+                        a.model,
+                    ],
+                    check=True,
+                )
                 rec = json.loads(Path(f.name).read_text())
-            records.append({"family": name, "provides": ", ".join(families()[name].provides) if name in families() else "kl",
-                            "seconds": rec["seconds"], "peak_rss_mb": rec["peak_rss_mb"], "rss_before_mb": rec["rss_before_mb"]})
+            records.append(
+                {
+                    "family": name,
+                    "provides": ", ".join(families()[name].provides) if name in families() else "kl",
+                    "seconds": rec["seconds"],
+                    "peak_rss_mb": rec["peak_rss_mb"],
+                    "rss_before_mb": rec["rss_before_mb"],
+                }
+            )
             print(records[-1], flush=True)
         pd.DataFrame(records).to_csv(RESULTS / f"proxies_primitives{suffix(a.model)}.csv", index=False)
 
     proxies = tuple(list_proxies())
-    res = search(SearchConfig(model=a.model, proxies=proxies, budgets=BUDGETS, threads=a.threads, refine=0,
-                              out_dir=str(RESULTS / f"proxies_run{suffix(a.model)}")))
+    res = search(
+        SearchConfig(
+            model=a.model,
+            proxies=proxies,
+            budgets=BUDGETS,
+            threads=a.threads,
+            refine=0,
+            out_dir=str(RESULTS / f"proxies_run{suffix(a.model)}"),
+        )
+    )
     table = res.table
     out = RESULTS / f"proxies{suffix(a.model)}"
     table.to_csv(out.with_suffix(".csv"), index=False)
     out.with_suffix(".md").write_text(summary(table, proxies))
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine(a.threads), "model": a.model, "budgets": BUDGETS, "primitives": records,
-                                                    "stages": res.stages.to_dict("records")}, indent=1))
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "machine": machine(a.threads),
+                "model": a.model,
+                "budgets": BUDGETS,
+                "primitives": records,
+                "stages": res.stages.to_dict("records"),
+            },
+            indent=1,
+        )
+    )
     print(summary(table, proxies))
 
 

@@ -17,6 +17,7 @@ grid with groups of 32 (Q4_1), which favours 4-bit formats of that shape.
 Writes benchmarks/results/quantizers[_MODEL].{csv,md,json}, the CSV after every row: an
 interrupted run resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import RESULTS, machine  # noqa: E402
 
+from mpsearch.core.format import Format  # noqa: E402
+from mpsearch.core.space import SearchSpace  # noqa: E402
 from mpsearch.cost import plan_bits  # noqa: E402
 from mpsearch.measure.evaluate import Evaluator  # noqa: E402
-from mpsearch.core.format import Format  # noqa: E402
 from mpsearch.models import load_model, load_text, token_chunks  # noqa: E402
 from mpsearch.models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION, conventions  # noqa: E402
-from mpsearch.quant import get_quantizer, quantize  # noqa: E402
 from mpsearch.primitives import compute_primitives  # noqa: E402
+from mpsearch.quant import get_quantizer, quantize  # noqa: E402
 from mpsearch.run.search import SearchConfig  # noqa: E402
-from mpsearch.core.space import SearchSpace  # noqa: E402
 
 #: (label, key template) per quantizer; {b} is the bits
 METHODS = (
@@ -79,10 +80,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--gram-chunks", type=int, default=SearchConfig.gram_chunks,
-                    help="calibration windows GPTQ's Gram matrix is fitted on (default: the search's)")
-    ap.add_argument("--only", nargs="*", default=None, metavar="LABEL",
-                    help="run only the quantizers whose label starts with one of these (the CSV keeps earlier rows)")
+    ap.add_argument(
+        "--gram-chunks",
+        type=int,
+        default=SearchConfig.gram_chunks,
+        help="calibration windows GPTQ's Gram matrix is fitted on (default: the search's)",
+    )
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        metavar="LABEL",
+        help="run only the quantizers whose label starts with one of these (the CSV keeps earlier rows)",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -95,16 +105,32 @@ def main() -> None:
     names = [m.name for m in members]
     imp = compute_primitives(lm.model, names, calib, {"xtx"}, progress=False).xtx  # the imatrix; cached
     # GPTQ's Gram matrix on gram_chunks windows, as a search fits it (SearchConfig.gram_chunks)
-    gram_windows = token_chunks(lm.tokenizer, load_text(DEFAULT_CALIBRATION), 512, a.gram_chunks, lead=lead["calibration_leading"])
+    gram_windows = token_chunks(
+        lm.tokenizer, load_text(DEFAULT_CALIBRATION), 512, a.gram_chunks, lead=lead["calibration_leading"]
+    )
     gram = compute_primitives(lm.model, names, gram_windows, {"gram"}, progress=False).gram
     ev = Evaluator(evalt, progress=False).fit(lm.model)
     print(f"reference ppl {ev.reference_.ppl:.3f}; statistics in {time.perf_counter() - t0:.0f} s", flush=True)
     original = {m.name: modules[m.name].weight.detach().clone() for m in members}
     out = RESULTS / ("quantizers" if a.model == "smollm2" else f"quantizers_{Path(a.model).stem}")
-    rows = [{"model": a.model, "quantizer": "reference", "format": "-", "bits": 32, "bpw": 32.0, "ppl": ev.reference_.ppl, "kl": 0.0,
-             "seconds_to_quantize": 0.0}]
+    rows = [
+        {
+            "model": a.model,
+            "quantizer": "reference",
+            "format": "-",
+            "bits": 32,
+            "bpw": 32.0,
+            "ppl": ev.reference_.ppl,
+            "kl": 0.0,
+            "seconds_to_quantize": 0.0,
+        }
+    ]
     # resumable: rows measured by an earlier, interrupted run of the same model are kept
-    done = pd.read_csv(out.with_suffix(".csv")) if out.with_suffix(".csv").exists() else pd.DataFrame(columns=["model", "quantizer", "format"])
+    done = (
+        pd.read_csv(out.with_suffix(".csv"))
+        if out.with_suffix(".csv").exists()
+        else pd.DataFrame(columns=["model", "quantizer", "format"])
+    )
     done = done[(done.model == a.model) & (done.quantizer != "reference")]
     jobs = [(label, fmt_of(t, b), b) for b in (2, 3, 4) for label, t in METHODS]
     jobs += [(f"GGUF {k.upper()} (imatrix)", Format.parse(k), b) for b, keys in GGUF.items() for k in keys]
@@ -113,7 +139,11 @@ def main() -> None:
     for label, fmt, bits in jobs:
         if not all(fmt.fits(m.in_features) for m in members):
             continue
-        key = fmt.key + (", act-order" if dict(fmt.params).get("act_order") else "") + (", clipped" if dict(fmt.params).get("clip") else "")
+        key = (
+            fmt.key
+            + (", act-order" if dict(fmt.params).get("act_order") else "")
+            + (", clipped" if dict(fmt.params).get("clip") else "")
+        )
         if key in set(done.get("format", ())):
             rows.append(done[done.format == key].iloc[0].to_dict())
             continue
@@ -128,9 +158,18 @@ def main() -> None:
         with torch.no_grad():
             for m in members:
                 modules[m.name].weight.copy_(original[m.name])
-        rows.append({"model": a.model, "quantizer": label, "format": key, "bits": bits,
-                     "bpw": plan_bits({m.name: fmt for m in members}, members), "ppl": res.ppl, "kl": res.kl,
-                     "seconds_to_quantize": round(seconds, 1)})
+        rows.append(
+            {
+                "model": a.model,
+                "quantizer": label,
+                "format": key,
+                "bits": bits,
+                "bpw": plan_bits({m.name: fmt for m in members}, members),
+                "ppl": res.ppl,
+                "kl": res.kl,
+                "seconds_to_quantize": round(seconds, 1),
+            }
+        )
         print(rows[-1], flush=True)
         with_earlier(rows, done).to_csv(out.with_suffix(".csv"), index=False)
     table = with_earlier(rows, done)
@@ -138,8 +177,12 @@ def main() -> None:
     md = ["| quantizer | format | bpw | ppl | KL |", "|---|---|---|---|---|"]
     md += [f"| {r.quantizer} | {r.format} | {r.bpw:.3f} | {r.ppl:.2f} | {r.kl:.4f} |" for r in table.itertuples()]
     out.with_suffix(".md").write_text(__doc__.split("\n\n")[1] + "\n\n" + "\n".join(md) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine(a.threads), "model": a.model,
-                                                    "total_seconds": round(time.perf_counter() - t0, 1)}, indent=1))
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {"machine": machine(a.threads), "model": a.model, "total_seconds": round(time.perf_counter() - t0, 1)},
+            indent=1,
+        )
+    )
     print("\n".join(md))
 
 

@@ -12,6 +12,7 @@ side by side in one run; optima are compared objective to objective and plan to 
 
     .venv/bin/python benchmarks/solvers_vs_cbc.py [--repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,12 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pulp
+from allocators import synthetic  # noqa: E402  (same folder)
+from foundation import RESULTS, machine  # noqa: E402
 
 from mpsearch.core.files import write_json_atomic
 from mpsearch.solvers import MILP, Constraint, Problem
-
-from allocators import synthetic  # noqa: E402  (same folder)
-from foundation import RESULTS, machine  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="pulp")  # PuLP 3.3 announces its 4.0 API
 DATA = Path(__file__).parent / "data" / "hawq_v3_ilp.json"
@@ -55,13 +55,23 @@ def groups(n: int, ties: list[list[int]]) -> list[list[int]]:
     return [next((t for t in ties if t[0] == i), [i]) for i in range(n) if i not in tied]
 
 
-def ours(tables: dict, grp: list[list[int]], kinds: list[str], limits: dict[str, float]) -> tuple[tuple[int, ...], float]:
+def ours(
+    tables: dict, grp: list[list[int]], kinds: list[str], limits: dict[str, float]
+) -> tuple[tuple[int, ...], float]:
     """Tied layers become one decision (summed tables); the first kind is the budget row."""
+
     def merged(t: np.ndarray) -> list[np.ndarray]:
         return [t[g].sum(0) for g in grp]
+
     extra = [Constraint(k, merged(tables[k]), limits[k]) for k in kinds[1:]]
-    p = Problem.build([str(g) for g in grp], [["int4", "int8"]] * len(grp), merged(tables["loss"]),
-                      merged(tables[kinds[0]]), limits[kinds[0]], extra)
+    p = Problem.build(
+        [str(g) for g in grp],
+        [["int4", "int8"]] * len(grp),
+        merged(tables["loss"]),
+        merged(tables[kinds[0]]),
+        limits[kinds[0]],
+        extra,
+    )
     s = MILP().solve(p)
     bits = [0] * sum(len(g) for g in grp)
     for g, j in zip(grp, s.choice_):
@@ -70,7 +80,9 @@ def ours(tables: dict, grp: list[list[int]], kinds: list[str], limits: dict[str,
     return tuple(bits), s.loss_
 
 
-def cbc(tables: dict, ties: list[list[int]], kinds: list[str], limits: dict[str, float], solver: str = "cbc") -> tuple[tuple[int, ...], float]:
+def cbc(
+    tables: dict, ties: list[list[int]], kinds: list[str], limits: dict[str, float], solver: str = "cbc"
+) -> tuple[tuple[int, ...], float]:
     """HAWQ-V3's formulation: integer x in {1, 2} per layer (4/8 bit), ties as equalities."""
     n = tables["loss"].shape[0]
     prob = pulp.LpProblem("hawq", pulp.LpMinimize)
@@ -107,17 +119,30 @@ def hawq_rows(repeats: int) -> list[dict]:
         n, ties = tables["loss"].shape[0], data[net]["ties"]
         grp = groups(n, ties)
         for f in (0.25, 0.5, 0.75):
-            limits = {k: float(tables[k][:, 0].sum() + f * (tables[k][:, 1].sum() - tables[k][:, 0].sum())) for k in ("size", "bops", "latency")}
+            limits = {
+                k: float(tables[k][:, 0].sum() + f * (tables[k][:, 1].sum() - tables[k][:, 0].sum()))
+                for k in ("size", "bops", "latency")
+            }
             for kinds in (["size"], ["bops"], ["latency"], ["size", "bops", "latency"]):
                 (p_ours, l_ours), t_ours = timed(lambda: ours(tables, grp, kinds, limits), repeats)
                 (p_cbc, l_cbc), t_cbc = timed(lambda: cbc(tables, ties, kinds, limits), repeats)
                 (_, l_hi), t_hi = timed(lambda: cbc(tables, ties, kinds, limits, "highs"), repeats)
-                rows.append({
-                    "problem": f"{net} {'+'.join(kinds)} f={f}", "layers": n, "decisions": len(grp),
-                    "loss_ours": l_ours, "loss_cbc": l_cbc, "loss_pulp_highs": l_hi,
-                    "same_optimum": abs(l_ours - l_cbc) <= 1e-9 * max(1.0, abs(l_cbc)), "same_plan": p_ours == p_cbc,
-                    "s_ours": t_ours, "s_cbc": t_cbc, "s_pulp_highs": t_hi, "cbc_over_ours": t_cbc / t_ours,
-                })
+                rows.append(
+                    {
+                        "problem": f"{net} {'+'.join(kinds)} f={f}",
+                        "layers": n,
+                        "decisions": len(grp),
+                        "loss_ours": l_ours,
+                        "loss_cbc": l_cbc,
+                        "loss_pulp_highs": l_hi,
+                        "same_optimum": abs(l_ours - l_cbc) <= 1e-9 * max(1.0, abs(l_cbc)),
+                        "same_plan": p_ours == p_cbc,
+                        "s_ours": t_ours,
+                        "s_cbc": t_cbc,
+                        "s_pulp_highs": t_hi,
+                        "cbc_over_ours": t_cbc / t_ours,
+                    }
+                )
                 print(rows[-1])
     return rows
 
@@ -143,12 +168,23 @@ def synthetic_rows(repeats: int) -> list[dict]:
         gap = 0.0 if n <= 1_000 else 1e-5
         s, t_ours = timed(lambda: MILP(gap=gap).solve(p), repeats)
         (st, (l_cbc, c_cbc)), t_cbc = timed(run_cbc, 1 if n > 1_000 else repeats)
-        rows.append({
-            "problem": f"synthetic {n}x{k} @4 bits", "layers": n, "decisions": n, "milp_gap": gap,
-            "loss_ours": s.loss_, "loss_cbc": l_cbc, "cbc_status": st, "cbc_within_budget": p.fits(c_cbc),
-            "same_optimum": abs(s.loss_ - l_cbc) <= 1e-6 * abs(l_cbc), "rel_diff": (s.loss_ - l_cbc) / abs(l_cbc),
-            "s_ours": t_ours, "s_cbc": t_cbc, "cbc_over_ours": t_cbc / t_ours,
-        })
+        rows.append(
+            {
+                "problem": f"synthetic {n}x{k} @4 bits",
+                "layers": n,
+                "decisions": n,
+                "milp_gap": gap,
+                "loss_ours": s.loss_,
+                "loss_cbc": l_cbc,
+                "cbc_status": st,
+                "cbc_within_budget": p.fits(c_cbc),
+                "same_optimum": abs(s.loss_ - l_cbc) <= 1e-6 * abs(l_cbc),
+                "rel_diff": (s.loss_ - l_cbc) / abs(l_cbc),
+                "s_ours": t_ours,
+                "s_cbc": t_cbc,
+                "cbc_over_ours": t_cbc / t_ours,
+            }
+        )
         print(rows[-1])
     return rows
 
@@ -162,10 +198,16 @@ def main() -> None:
     df.to_csv(RESULTS / "solvers_vs_cbc.csv", index=False)
     h = pd.DataFrame(hawq)
     summary = {
-        "hawq_problems": len(h), "hawq_same_optimum": int(h["same_optimum"].sum()), "hawq_same_plan": int(h["same_plan"].sum()),
+        "hawq_problems": len(h),
+        "hawq_same_optimum": int(h["same_optimum"].sum()),
+        "hawq_same_plan": int(h["same_plan"].sum()),
         "hawq_median_cbc_over_ours": float(h["cbc_over_ours"].median()),
-        "hawq_median_s_ours": float(h["s_ours"].median()), "hawq_median_s_cbc": float(h["s_cbc"].median()),
-        "synthetic": synth, "pulp_version": pulp.__version__, "repeats": a.repeats, "machine": machine(1),
+        "hawq_median_s_ours": float(h["s_ours"].median()),
+        "hawq_median_s_cbc": float(h["s_cbc"].median()),
+        "synthetic": synth,
+        "pulp_version": pulp.__version__,
+        "repeats": a.repeats,
+        "machine": machine(1),
     }
     write_json_atomic(RESULTS / "solvers_vs_cbc.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "synthetic"}, indent=1))

@@ -20,6 +20,7 @@ each accuracy (negative: a lower ppl / KL goes with a higher accuracy). Resumabl
 already in the json (same items, same evaluation tokens) are not measured again.
 ``--items 10 --plans 2`` is a quick check of the script, not a result.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,17 +37,17 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import RESULTS, machine  # noqa: E402
 
-from mpsearch.solvers.baselines import uniform_formats  # noqa: E402
-from mpsearch.store.cache import tokens_hash  # noqa: E402
+from mpsearch.core.format import Format  # noqa: E402
+from mpsearch.core.plan import Plan, fingerprint, write_json_atomic  # noqa: E402
+from mpsearch.core.space import SearchSpace  # noqa: E402
 from mpsearch.cost import plan_bits  # noqa: E402
 from mpsearch.measure.evaluate import Evaluator  # noqa: E402
-from mpsearch.core.format import Format  # noqa: E402
+from mpsearch.measure.tasks import TaskEvaluator, TaskSettings, wilson_ci  # noqa: E402
 from mpsearch.models import load_model, load_text, token_chunks  # noqa: E402
 from mpsearch.models.data import DEFAULT_EVALUATION, conventions  # noqa: E402
-from mpsearch.core.plan import Plan, fingerprint, write_json_atomic  # noqa: E402
 from mpsearch.quant import applied  # noqa: E402
-from mpsearch.core.space import SearchSpace  # noqa: E402
-from mpsearch.measure.tasks import TaskEvaluator, TaskSettings, wilson_ci  # noqa: E402
+from mpsearch.solvers.baselines import uniform_formats  # noqa: E402
+from mpsearch.store.cache import tokens_hash  # noqa: E402
 
 FORMATS = "u2g32a,u3g64a,u3g32a,u4g64a,u4g32a,u5g64a,u6g64a,u8g64a"
 COLUMNS = ["plan", "effective_bits", "ppl", "kl", "cloze_acc", "mc_acc"]
@@ -64,8 +65,17 @@ def plans_to_measure(lm, members, formats: list[str], plans_dirs: list[str]) -> 
         except ValueError as e:
             print(f"skipping uniform {key}: {e}", flush=True)
             continue
-        out.append((f"uniform:{key}", Plan(lm.model_id, fp, {n: {"weight": f} for n, f in fmts.items()},
-                                           metrics={"effective_bits": plan_bits(fmts, members)})))
+        out.append(
+            (
+                f"uniform:{key}",
+                Plan(
+                    lm.model_id,
+                    fp,
+                    {n: {"weight": f} for n, f in fmts.items()},
+                    metrics={"effective_bits": plan_bits(fmts, members)},
+                ),
+            )
+        )
     for path in [p for d in plans_dirs for p in sorted(Path(d).glob("*.json")) if not p.stem.startswith("returned@")]:
         plan = Plan.load(path)
         plan.metrics.setdefault("effective_bits", plan_bits(plan.weight_formats(), members))
@@ -80,8 +90,11 @@ def correlations(rows: list[dict]) -> dict:
         for y in ACCURACIES:
             a, b = [r[x] for r in rows], [r[y] for r in rows]
             ok = len(rows) >= 3 and len(set(a)) > 1 and len(set(b)) > 1
-            out[f"{x}~{y}"] = {"spearman": float(stats.spearmanr(a, b)[0]) if ok else None,
-                               "kendall": float(stats.kendalltau(a, b)[0]) if ok else None, "plans": len(rows)}
+            out[f"{x}~{y}"] = {
+                "spearman": float(stats.spearmanr(a, b)[0]) if ok else None,
+                "kendall": float(stats.kendalltau(a, b)[0]) if ok else None,
+                "plans": len(rows),
+            }
     return out
 
 
@@ -93,7 +106,9 @@ def main() -> None:
     ap.add_argument("--eval-chunks", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--formats", default=FORMATS, help="uniform RTN formats, comma-separated ('' for none)")
-    ap.add_argument("--plans-dir", action="append", default=[], help="also measure every *.json plan in this folder (repeatable)")
+    ap.add_argument(
+        "--plans-dir", action="append", default=[], help="also measure every *.json plan in this folder (repeatable)"
+    )
     ap.add_argument("--cloze-items", type=int, default=TaskSettings.cloze_items)
     ap.add_argument("--mc-items", type=int, default=TaskSettings.mc_items)
     ap.add_argument("--items", type=int, default=None, help="both item counts at once (a quick check)")
@@ -101,11 +116,18 @@ def main() -> None:
     ap.add_argument("--choices", type=int, default=TaskSettings.choices)
     ap.add_argument("--seed", type=int, default=TaskSettings.seed)
     ap.add_argument("--plans", type=int, default=None, help="measure at most this many plans (in order) this run")
-    ap.add_argument("--out", default=str(RESULTS / "tasks"), help="results path without suffix (default benchmarks/results/tasks)")
+    ap.add_argument(
+        "--out", default=str(RESULTS / "tasks"), help="results path without suffix (default benchmarks/results/tasks)"
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    settings = TaskSettings(cloze_items=a.items or a.cloze_items, mc_items=a.items or a.mc_items,
-                            context_tokens=a.context_tokens, choices=a.choices, seed=a.seed)
+    settings = TaskSettings(
+        cloze_items=a.items or a.cloze_items,
+        mc_items=a.items or a.mc_items,
+        context_tokens=a.context_tokens,
+        choices=a.choices,
+        seed=a.seed,
+    )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -115,9 +137,12 @@ def main() -> None:
     tokens = token_chunks(lm.tokenizer, text, a.seq_len, a.eval_chunks, lead=lead["evaluation_leading"])
     bos = lead["leading_tokens"] if lead["evaluation_leading"] else []
     tasks = TaskEvaluator(text, lm.tokenizer, settings, bos=bos, progress=False)
-    setup = {"model": lm.model_id, "evaluation": f"{a.evaluation}: {a.eval_chunks} x {a.seq_len} tokens",
-             "eval_sha": tokens_hash(tokens),
-             "tasks": {"key": tasks.cache_parts[-1], **asdict(settings), "bos": tasks.bos}}
+    setup = {
+        "model": lm.model_id,
+        "evaluation": f"{a.evaluation}: {a.eval_chunks} x {a.seq_len} tokens",
+        "eval_sha": tokens_hash(tokens),
+        "tasks": {"key": tasks.cache_parts[-1], **asdict(settings), "bos": tasks.bos},
+    }
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     done = old.get("plans", {}) if old.get("setup") == setup else {}
     if old and not done:
@@ -125,7 +150,11 @@ def main() -> None:
 
     members = [m for d in SearchSpace.from_file("llama").build(lm.model) for m in d.members]
     ev = Evaluator(tokens, progress=False)
-    todo = [(n, p) for n, p in plans_to_measure(lm, members, [f for f in a.formats.split(",") if f], a.plans_dir) if n not in done]
+    todo = [
+        (n, p)
+        for n, p in plans_to_measure(lm, members, [f for f in a.formats.split(",") if f], a.plans_dir)
+        if n not in done
+    ]
     for name, plan in todo[: a.plans]:
         t0 = time.perf_counter()
         if not hasattr(ev, "reference_"):
@@ -138,16 +167,29 @@ def main() -> None:
                 q, t1 = ev.score(model, desc=name).to_dict(), time.perf_counter()
                 r = tasks.score(model, desc=name)
             bits = float(plan.metrics["effective_bits"])
-        row = {"plan": name, "effective_bits": bits, "ppl": q["ppl"], "kl": q["kl"], **r,
-               **{f"{k}_ci": wilson_ci(r[k], r["mc_items" if k.startswith("mc") else "cloze_items"]) for k in ACCURACIES},
-               "seconds_ppl_kl": t1 - t0, "seconds_tasks": time.perf_counter() - t1}
+        row = {
+            "plan": name,
+            "effective_bits": bits,
+            "ppl": q["ppl"],
+            "kl": q["kl"],
+            **r,
+            **{f"{k}_ci": wilson_ci(r[k], r["mc_items" if k.startswith("mc") else "cloze_items"]) for k in ACCURACIES},
+            "seconds_ppl_kl": t1 - t0,
+            "seconds_tasks": time.perf_counter() - t1,
+        }
         done[name] = row
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if not k.endswith("_ci")),
-              flush=True)
+        print(
+            " ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if not k.endswith("_ci")
+            ),
+            flush=True,
+        )
         rows = list(done.values())
         pd.DataFrame(rows)[COLUMNS].to_csv(out.with_suffix(".csv"), index=False)
-        write_json_atomic(out.with_suffix(".json"), {"machine": machine(a.threads), "setup": setup, "plans": done,
-                                                     "correlations": correlations(rows)})
+        write_json_atomic(
+            out.with_suffix(".json"),
+            {"machine": machine(a.threads), "setup": setup, "plans": done, "correlations": correlations(rows)},
+        )
     rows = list(done.values())
     for k, v in correlations(rows).items():
         if v["spearman"] is not None:

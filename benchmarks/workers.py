@@ -19,6 +19,7 @@ overhead_s_per_trial) and workers.json (settings, machine, per-run details).
 
     .venv/bin/python benchmarks/workers.py            # about 12 minutes on 2 cores
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,21 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "benchmarks" / "results"
-SEARCH = ["--budget", "uniform:3", "--population", "4", "--calib-chunks", "2", "--calib-seq-len", "256",
-          "--eval-chunks", "4", "--eval-seq-len", "256", "--quiet"]
+SEARCH = [
+    "--budget",
+    "uniform:3",
+    "--population",
+    "4",
+    "--calib-chunks",
+    "2",
+    "--calib-seq-len",
+    "256",
+    "--eval-chunks",
+    "4",
+    "--eval-seq-len",
+    "256",
+    "--quiet",
+]
 
 
 def study(url: str, name: str):
@@ -67,32 +81,93 @@ def measured_throughput(url: str, workers: int, trials: int, base_cache: Path, t
     name = f"bench-{workers}"
     env = {**os.environ, "MPSEARCH_CACHE": str(fresh_cache(base_cache, tmp / f"cache-{workers}"))}
     cmd = [sys.executable, "-m", "mpsearch.cli"]
-    subprocess.run(cmd + ["evolve", *SEARCH, "--trials", str(trials), "--storage", url, "--study-name", name, "--no-work",
-                          "--out", str(tmp / f"evo-{workers}")], check=True, cwd=ROOT, env=env, capture_output=True)
+    subprocess.run(
+        cmd
+        + [
+            "evolve",
+            *SEARCH,
+            "--trials",
+            str(trials),
+            "--storage",
+            url,
+            "--study-name",
+            name,
+            "--no-work",
+            "--out",
+            str(tmp / f"evo-{workers}"),
+        ],
+        check=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+    )
     start = time.monotonic()
-    procs = [subprocess.Popen(cmd + ["worker", "--study", name, "--storage", url, "--threads", str(max(1, 2 // workers)), "--quiet"],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(workers)]
+    procs = [
+        subprocess.Popen(
+            cmd + ["worker", "--study", name, "--storage", url, "--threads", str(max(1, 2 // workers)), "--quiet"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(workers)
+    ]
     for p in procs:
         out, _ = p.communicate()
         if p.returncode:
             raise SystemExit(f"worker failed:\n{out[-3000:]}")
     wall = time.monotonic() - start
     trials_ = study(url, name).get_trials(deepcopy=False)
-    measured = [t for t in trials_ if t.state.name == "COMPLETE" and t.user_attrs.get("measured") and not t.user_attrs.get("duplicate")]
+    measured = [
+        t
+        for t in trials_
+        if t.state.name == "COMPLETE" and t.user_attrs.get("measured") and not t.user_attrs.get("duplicate")
+    ]
     minutes = window_minutes(trials_)
-    return {"plans": len(measured), "trials": sum(t.state.name == "COMPLETE" for t in trials_), "minutes": minutes,
-            "plans_per_min": len(measured) / minutes, "wall_s_with_startup": wall}
+    return {
+        "plans": len(measured),
+        "trials": sum(t.state.name == "COMPLETE" for t in trials_),
+        "minutes": minutes,
+        "plans_per_min": len(measured) / minutes,
+        "wall_s_with_startup": wall,
+    }
 
 
 def overhead(url: str, workers: int, trials: int, tmp: Path) -> dict:
     from mpsearch.run.evolution import EvolutionConfig, evolve
     from tests.procs.toy_worker import toy_space
 
-    evolve(toy_space(12), None, url, EvolutionConfig(trials=trials, population=8, study_name="toy"), progress=False, work=False)
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.procs.toy_worker", url, str(tmp / f"toy-{workers}.log"),
-                               "--sleep", "0", "--decisions", "12", "--heartbeat", "10"], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(workers)]
+    evolve(
+        toy_space(12),
+        None,
+        url,
+        EvolutionConfig(trials=trials, population=8, study_name="toy"),
+        progress=False,
+        work=False,
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.procs.toy_worker",
+                url,
+                str(tmp / f"toy-{workers}.log"),
+                "--sleep",
+                "0",
+                "--decisions",
+                "12",
+                "--heartbeat",
+                "10",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(workers)
+    ]
     for p in procs:
         out, _ = p.communicate()
         if p.returncode:
@@ -118,8 +193,23 @@ def main() -> int:
         tmp = Path(tmp_)
         base = Path(os.environ.get("MPSEARCH_CACHE", Path.home() / ".cache" / "mpsearch"))
         # warm the shared part once (model, data, primitives), so start-up is the same for every run
-        subprocess.run([sys.executable, "-m", "mpsearch.cli", "evolve", *SEARCH, "--trials", "1", "--no-work",
-                        "--out", str(tmp / "warm")], check=True, cwd=ROOT, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mpsearch.cli",
+                "evolve",
+                *SEARCH,
+                "--trials",
+                "1",
+                "--no-work",
+                "--out",
+                str(tmp / "warm"),
+            ],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+        )
         server = None
         try:
             for storage in a.storages.split(","):
@@ -137,8 +227,14 @@ def main() -> int:
                     real = measured_throughput(url, n, a.trials, base, run)
                     print(f"[workers] {storage}, {n} worker(s): overhead ...", flush=True)
                     over = overhead(toy_url, n, a.toy_trials, run)
-                    rows.append({"storage": storage, "workers": n, "plans_per_min": round(real["plans_per_min"], 2),
-                                 "overhead_s_per_trial": round(over["overhead_s_per_trial"], 4)})
+                    rows.append(
+                        {
+                            "storage": storage,
+                            "workers": n,
+                            "plans_per_min": round(real["plans_per_min"], 2),
+                            "overhead_s_per_trial": round(over["overhead_s_per_trial"], 4),
+                        }
+                    )
                     details.append({"storage": storage, "workers": n, **real, **over})
                     print(f"[workers] {rows[-1]}", flush=True)
         finally:
@@ -149,10 +245,21 @@ def main() -> int:
     pd.DataFrame(rows).to_csv(out / "workers.csv", index=False)
     import torch
 
-    (out / "workers.json").write_text(json.dumps({
-        "model": "smollm2 (SmolLM2-135M)", "settings": " ".join(SEARCH), "trials": a.trials, "toy_trials": a.toy_trials,
-        "threads_per_worker": {n: max(1, 2 // n) for n in counts}, "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores", "torch": torch.__version__, "runs": details}, indent=1))
+    (out / "workers.json").write_text(
+        json.dumps(
+            {
+                "model": "smollm2 (SmolLM2-135M)",
+                "settings": " ".join(SEARCH),
+                "trials": a.trials,
+                "toy_trials": a.toy_trials,
+                "threads_per_worker": {n: max(1, 2 // n) for n in counts},
+                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                "torch": torch.__version__,
+                "runs": details,
+            },
+            indent=1,
+        )
+    )
     print(pd.DataFrame(rows).to_string(index=False))
     return 0
 

@@ -6,6 +6,7 @@ read-only volume, whatever the permissions say), and a full disk is a small tmpf
 the folder (ENOSPC once it is full). Nothing outside the namespace sees either mount.
 Without root, a read-only folder is ``chmod -R a-w`` (EACCES), and a full disk cannot be made.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,9 +26,18 @@ def can_fill() -> bool:
     return _as_root()
 
 
-def run(argv: Sequence[str], *, read_only: Sequence[Path] = (), full: Path | None = None, full_kb: int = 64,
-        env: dict | None = None, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``argv`` with each of ``read_only`` read-only and ``full`` a fresh disk of ``full_kb`` KB (needs :func:`can_fill`)."""
+def run(
+    argv: Sequence[str],
+    *,
+    read_only: Sequence[Path] = (),
+    full: Path | None = None,
+    full_kb: int = 64,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """``argv`` with each of ``read_only`` read-only and ``full`` a fresh disk of ``full_kb`` KB (needs
+    :func:`can_fill`)."""
     if _as_root():
         q = shlex.quote
         mounts = [f"mount --bind {q(str(p))} {q(str(p))} && mount -o remount,bind,ro {q(str(p))}" for p in read_only]

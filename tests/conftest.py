@@ -1,4 +1,5 @@
 """Shared fixtures: tiny Llama models built from a config (no download)."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,14 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: i
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(cfg).eval()
     for p in model.parameters():
@@ -33,7 +40,9 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: i
 def layer_inputs(model, tokens, name: str) -> torch.Tensor:
     """Every input row the linear ``name`` sees over ``tokens`` (one forward per sequence), float64."""
     seen = []
-    h = dict(model.named_modules())[name].register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    h = dict(model.named_modules())[name].register_forward_hook(
+        lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1]))
+    )
     with torch.no_grad():
         for seq in tokens:
             model(input_ids=seq[None])
@@ -99,16 +108,33 @@ def tiny_run(tmp_path):
     (tmp_path / "eval.txt").write_text(tiny_text(2))
 
     def config(**overrides) -> SearchConfig:
-        base = dict(model=str(tmp_path / "tiny"), calibration=str(tmp_path / "calib.txt"), evaluation=str(tmp_path / "eval.txt"),
-                    proxies=("fisher",), budgets=("uniform:3",), calib_chunks=4, gram_chunks=8, calib_seq_len=32, eval_chunks=2, eval_seq_len=32,
-                    refine=4, refine_chunks=2, refine_seq_len=32,
-                    out_dir=str(tmp_path / "out"), progress=False, tasks=False, profile=False)
+        base = dict(
+            model=str(tmp_path / "tiny"),
+            calibration=str(tmp_path / "calib.txt"),
+            evaluation=str(tmp_path / "eval.txt"),
+            proxies=("fisher",),
+            budgets=("uniform:3",),
+            calib_chunks=4,
+            gram_chunks=8,
+            calib_seq_len=32,
+            eval_chunks=2,
+            eval_seq_len=32,
+            refine=4,
+            refine_chunks=2,
+            refine_seq_len=32,
+            out_dir=str(tmp_path / "out"),
+            progress=False,
+            tasks=False,
+            profile=False,
+        )
         return SearchConfig(**{**base, **overrides})
 
     return config
 
 
-def tiny_gguf(path, seed: int = 0, hidden: int = 256, intermediate: int = 512, layers: int = 2, source_type: str = "q8_0"):
+def tiny_gguf(
+    path, seed: int = 0, hidden: int = 256, intermediate: int = 512, layers: int = 2, source_type: str = "q8_0"
+):
     """A tiny Llama written as a GGUF file (byte-level BPE tokenizer, no download): the
     source model for the GGUF export tests. Block linears are stored in ``source_type``."""
     import gguf
@@ -169,3 +195,17 @@ def tiny_gguf(path, seed: int = 0, hidden: int = 256, intermediate: int = 512, l
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any attempt to load a model fails the test."""
+    import mpsearch.measure.evaluate  # noqa: F401
+    import mpsearch.models
+    import mpsearch.run.prepare
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(mpsearch.run.prepare, "load_model", refuse)
+    monkeypatch.setattr(mpsearch.models, "load_model", refuse)

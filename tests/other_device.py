@@ -16,6 +16,7 @@ weights (each module gets its own copy, with the same values).
         model.to(OTHER)
         ...  # mpsearch code under test; model_device(model) is OTHER
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,16 @@ class OnOther(torch.Tensor):
 
     @staticmethod
     def __new__(cls, real: torch.Tensor):
-        r = torch.Tensor._make_wrapper_subclass(cls, real.shape, strides=real.stride(), storage_offset=real.storage_offset(),
-                                                dtype=real.dtype, layout=real.layout, device=OTHER, requires_grad=False)
+        r = torch.Tensor._make_wrapper_subclass(
+            cls,
+            real.shape,
+            strides=real.stride(),
+            storage_offset=real.storage_offset(),
+            dtype=real.dtype,
+            layout=real.layout,
+            device=OTHER,
+            requires_grad=False,
+        )
         r._cpu = real
         return r
 
@@ -62,6 +71,7 @@ def _factory(make):
         if _is_other(device):
             return OnOther(make(data, *args, device="cpu", **kwargs))
         return make(data, *args, device=device, **kwargs)
+
     return f
 
 
@@ -82,10 +92,14 @@ class OtherDevice(TorchDispatchMode):
             raise AssertionError(f"stand-in device: a meta tensor without data reached {func}")
         if on and func not in self.MIXED:
             indices = tree_flatten(args[1])[0] if func in self.INDEX else []
-            bad = [t for t in tensors if not isinstance(t, OnOther) and t.dim() > 0 and not any(t is i for i in indices)]
+            bad = [
+                t for t in tensors if not isinstance(t, OnOther) and t.dim() > 0 and not any(t is i for i in indices)
+            ]
             if bad:
-                raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, meta and cpu! "
-                                   f"({func}: a cpu tensor of shape {tuple(bad[0].shape)})")
+                raise RuntimeError(
+                    "Expected all tensors to be on the same device, but found at least two devices, meta and cpu! "
+                    f"({func}: a cpu tensor of shape {tuple(bad[0].shape)})"
+                )
         to_other = _is_other(kwargs.get("device"))
         if to_other:
             kwargs = {**kwargs, "device": torch.device("cpu")}

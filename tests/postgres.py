@@ -16,6 +16,7 @@ skipped, or fail when ``MPSEARCH_REQUIRE_POSTGRES=1`` (``scripts/test.sh``, CI).
 
 Only the standard library and pytest are imported here: tests/conftest.py imports this module.
 """
+
 from __future__ import annotations
 
 import glob
@@ -87,8 +88,10 @@ class _Server:
             try:
                 pw = pwd.getpwnam(RUN_AS)
             except KeyError:
-                _unavailable(f"running as root and there is no user {RUN_AS!r} to run the server as "
-                             "(PostgreSQL refuses root; Debian's postgresql package creates that user)")
+                _unavailable(
+                    f"running as root and there is no user {RUN_AS!r} to run the server as "
+                    "(PostgreSQL refuses root; Debian's postgresql package creates that user)"
+                )
             self.uid, self.gid = pw.pw_uid, pw.pw_gid
         # a short folder under /tmp: the Unix socket path must stay under ~107 bytes, and under
         # root the user RUN_AS must reach it (/tmp is world-traversable; $TMPDIR may not be)
@@ -129,20 +132,39 @@ class _Server:
             argv.append("--nosync")
         r = self.run(argv)
         if r.returncode != 0:
-            pytest.fail(f"initdb failed (exit {r.returncode}): {shlex.join(argv)}\n"
-                        f"--- stdout ---\n{r.stdout}\n--- stderr ---\n{r.stderr}", pytrace=False)
+            pytest.fail(
+                f"initdb failed (exit {r.returncode}): {shlex.join(argv)}\n"
+                f"--- stdout ---\n{r.stdout}\n--- stderr ---\n{r.stderr}",
+                pytrace=False,
+            )
 
     def start(self, attempts: int = 3) -> None:
         """Start on a free port; a port taken between the probe and the start gets another try."""
         for attempt in range(attempts):
             self.port = _free_port()
-            options = (f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 "
-                       f"-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-            argv = [self.pg_ctl, "-D", str(self.data), "-l", str(self.log), "-w", "-t", str(START_TIMEOUT),
-                    "-o", options, "start"]
+            options = (
+                f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 "
+                f"-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            )
+            argv = [
+                self.pg_ctl,
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log),
+                "-w",
+                "-t",
+                str(START_TIMEOUT),
+                "-o",
+                options,
+                "start",
+            ]
             try:
                 r = self.run(argv, timeout=START_TIMEOUT + 30)
-                ok, out = r.returncode == 0, f"exit {r.returncode}\n--- stdout ---\n{r.stdout}\n--- stderr ---\n{r.stderr}"
+                ok, out = (
+                    r.returncode == 0,
+                    f"exit {r.returncode}\n--- stdout ---\n{r.stdout}\n--- stderr ---\n{r.stderr}",
+                )
             except subprocess.TimeoutExpired as e:
                 ok, out = False, f"timed out after {e.timeout} s"
             self.started = True  # a failed start may still have left a postmaster behind: stop() checks
@@ -153,8 +175,9 @@ class _Server:
                 if attempt + 1 < attempts:
                     self.stop()
                     continue
-            pytest.fail(f"pg_ctl start failed: {shlex.join(argv)}\n{out}\n--- server log {self.log} ---\n{log}",
-                        pytrace=False)
+            pytest.fail(
+                f"pg_ctl start failed: {shlex.join(argv)}\n{out}\n--- server log {self.log} ---\n{log}", pytrace=False
+            )
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Until a client connects over TCP (pg_ctl -w already waited; this checks the driver's path)."""
@@ -163,13 +186,18 @@ class _Server:
         deadline, last = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
             try:
-                psycopg2.connect(host="127.0.0.1", port=self.port, user=USER, dbname="postgres", connect_timeout=5).close()
+                psycopg2.connect(
+                    host="127.0.0.1", port=self.port, user=USER, dbname="postgres", connect_timeout=5
+                ).close()
                 return
             except psycopg2.OperationalError as e:
                 last = e
                 time.sleep(0.1)
-        pytest.fail(f"PostgreSQL on 127.0.0.1:{self.port} does not accept connections: {last}\n"
-                    f"--- server log {self.log} ---\n{self.log_text()}", pytrace=False)
+        pytest.fail(
+            f"PostgreSQL on 127.0.0.1:{self.port} does not accept connections: {last}\n"
+            f"--- server log {self.log} ---\n{self.log_text()}",
+            pytrace=False,
+        )
 
     def create_database(self) -> None:
         import psycopg2
@@ -213,8 +241,10 @@ def postgres_url():
     """SQLAlchemy URL of a fresh PostgreSQL database on a server started for this test session."""
     binaries = find_binaries()
     if binaries is None:
-        _unavailable("no initdb/pg_ctl on PATH or under /usr/lib/postgresql/*/bin "
-                     "(scripts/setup.sh installs Debian's postgresql)")
+        _unavailable(
+            "no initdb/pg_ctl on PATH or under /usr/lib/postgresql/*/bin "
+            "(scripts/setup.sh installs Debian's postgresql)"
+        )
     try:
         import psycopg2  # noqa: F401
     except ImportError as e:

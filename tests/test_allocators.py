@@ -1,5 +1,6 @@
 """Greedy and BAQ heuristics: always within budget, never better than the optimum, and
 BAQ's continuous water-filling matches a generic convex solver."""
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,9 @@ def test_greedy_is_optimal_on_convex_equal_step_instances(seed: int) -> None:
         loss.append(gains.sum() - np.concatenate([[0.0], np.cumsum(gains)]))
     cost = [5.0 + 3.0 * np.arange(k)] * n
     lo, hi = sum(c.min() for c in cost), sum(c.max() for c in cost)
-    problem = Problem.build([f"d{i}" for i in range(n)], [[f"o{j}" for j in range(k)]] * n, loss, cost,
-                            rng.uniform(lo, hi))
+    problem = Problem.build(
+        [f"d{i}" for i in range(n)], [[f"o{j}" for j in range(k)]] * n, loss, cost, rng.uniform(lo, hi)
+    )
     greedy, brute = Greedy().solve(problem), BruteForce().solve(problem)
     assert greedy.loss_ == pytest.approx(brute.loss_, rel=1e-9, abs=1e-12)
 
@@ -121,8 +123,9 @@ def test_baq_near_exact_on_many_decisions_with_unequal_sizes(seed: int) -> None:
 
 
 def test_baq_zero_loss_decision_takes_cheapest() -> None:
-    problem = Problem.build(["z", "a"], [["2", "4", "8"]] * 2, [[0, 0, 0], [1.0, 0.0625, 0.0002]],
-                            [[2, 4, 8], [2, 4, 8]], 12)
+    problem = Problem.build(
+        ["z", "a"], [["2", "4", "8"]] * 2, [[0, 0, 0], [1.0, 0.0625, 0.0002]], [[2, 4, 8], [2, 4, 8]], 12
+    )
     baq = BAQ().solve(problem)
     assert baq.log_coef_[0] == -math.inf and baq.bits_continuous_[0] == 2.0
     assert baq.choice_ == (0, 2)

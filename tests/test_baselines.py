@@ -1,12 +1,13 @@
 """Baselines in our plan format: uniform plans and the llama.cpp-style recipe."""
+
 from __future__ import annotations
 
 import pytest
 
-from mpsearch.solvers.baselines import natural_recipe, recipe_formats, recipe_split, uniform_formats, use_more_bits
-from mpsearch.cost import Budget, plan_bits
 from mpsearch.core.format import Format
 from mpsearch.core.space import SearchSpace
+from mpsearch.cost import Budget, plan_bits
+from mpsearch.solvers.baselines import natural_recipe, recipe_formats, recipe_split, uniform_formats, use_more_bits
 
 from .conftest import tiny_llama
 

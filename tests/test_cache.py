@@ -2,6 +2,7 @@
 
 Whole searches run on a saved tiny Llama with a character tokenizer (``tiny_run``).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
+from mpsearch.run.search import search
 from mpsearch.store import cache
 from mpsearch.store.cache import cache_dir, content_key, read_json, tokens_hash, write_json
-from mpsearch.run.search import search
 
 from .conftest import tiny_llama, tiny_tokenizer
 
@@ -103,9 +104,15 @@ def _meta_key(path) -> str:
         return f.metadata()["key"]
 
 
-@pytest.mark.parametrize("folder,pattern", [
-    ("primitives", "*.safetensors"), ("tables", "*.csv"), ("evals", "*.json"), ("sensitivity", "*.json"),
-])
+@pytest.mark.parametrize(
+    "folder,pattern",
+    [
+        ("primitives", "*.safetensors"),
+        ("tables", "*.csv"),
+        ("evals", "*.json"),
+        ("sensitivity", "*.json"),
+    ],
+)
 def test_every_corrupt_cache_entry_is_named_removed_and_recomputed(tiny_run, caplog, folder, pattern):
     cfg = tiny_run(proxies=("fisher", "measured_kl"))
     first = measured(search(cfg))
@@ -160,14 +167,22 @@ def converter(calls: list):
     def convert():
         calls.append(1)
         return tiny_llama(vocab=len(tiny_tokenizer())), tiny_tokenizer()
+
     return convert
 
 
-@pytest.mark.parametrize("target,corrupt", [
-    ("model.safetensors", truncate), ("model.safetensors", random_bytes), ("model.safetensors", empty),
-    ("config.json", random_bytes), ("config.json", empty), ("config.json", truncate),
-    ("tokenizer/tokenizer.json", random_bytes),
-])
+@pytest.mark.parametrize(
+    "target,corrupt",
+    [
+        ("model.safetensors", truncate),
+        ("model.safetensors", random_bytes),
+        ("model.safetensors", empty),
+        ("config.json", random_bytes),
+        ("config.json", empty),
+        ("config.json", truncate),
+        ("tokenizer/tokenizer.json", random_bytes),
+    ],
+)
 def test_a_corrupt_converted_model_is_converted_again(target, corrupt, caplog):
     """Issue 10 item 3: a truncated model.safetensors or a garbled config.json crashed the load."""
     from mpsearch.models.loader import cached_model
@@ -193,8 +208,9 @@ def test_an_incomplete_converted_model_is_converted_again(caplog):
     d = cache_dir() / "models" / "tiny-x"
     cached_model(d, "x", converter(calls), torch.float32)
     state, meta = cache.load_tensors_and_metadata(d / "model.safetensors", "x")
-    cache.save_tensors(d / "model.safetensors", {k: v for k, v in state.items() if "layers.1" not in k}, "x",
-                       {"files": meta["files"]})  # the other files' checksums kept: only the weights are short
+    cache.save_tensors(
+        d / "model.safetensors", {k: v for k, v in state.items() if "layers.1" not in k}, "x", {"files": meta["files"]}
+    )  # the other files' checksums kept: only the weights are short
     with caplog.at_level(logging.WARNING):
         cached_model(d, "x", converter(calls), torch.float32)
     assert len(calls) == 2 and "do not match the config" in caplog.text
@@ -248,10 +264,9 @@ def test_a_killed_primitive_pass_resumes_at_the_next_sequence(model, needs):
 def test_a_corrupt_cached_austen_copy_is_fetched_again(monkeypatch, tmp_path, caplog):
     """The text data heals like every other cache entry (a fake fetch stands in for apt-get)."""
     import shutil
+    from pathlib import Path
 
     from mpsearch.models import data
-
-    from pathlib import Path
 
     homes = [Path("/") / data._RDATA, Path.home() / ".cache" / "mpsearch" / "data" / data.DEB_PACKAGE / data._RDATA]
     real = next((h for h in homes if (h / "Rdata.rdx").exists()), None)
@@ -268,7 +283,11 @@ def test_a_corrupt_cached_austen_copy_is_fetched_again(monkeypatch, tmp_path, ca
         return dest
 
     monkeypatch.delenv("MPSEARCH_AUSTEN_DIR", raising=False)
-    monkeypatch.setattr(data, "austen_dir", lambda: ours / data._RDATA if (ours / data._RDATA / "Rdata.rdx").exists() else fake_fetch(ours) / data._RDATA)
+    monkeypatch.setattr(
+        data,
+        "austen_dir",
+        lambda: ours / data._RDATA if (ours / data._RDATA / "Rdata.rdx").exists() else fake_fetch(ours) / data._RDATA,
+    )
     data.austen_dir()
     (ours / data._RDATA / "Rdata.rdb").write_bytes(b"\x00" * 100)
     with caplog.at_level(logging.WARNING):
@@ -316,10 +335,12 @@ def test_the_evaluation_key_covers_the_importance_vector_where_a_format_reads_it
 
     from mpsearch.core.format import Format
     from mpsearch.core.plan import Plan
-    from mpsearch.run.session import plan_hash
+    from mpsearch.run.cached import plan_hash
 
     def plan(fmt, imp):
-        return Plan("m", "sha256:x", {"a": {"weight": Format.parse(fmt)}}, importance=None if imp is None else {"a": imp})
+        return Plan(
+            "m", "sha256:x", {"a": {"weight": Format.parse(fmt)}}, importance=None if imp is None else {"a": imp}
+        )
 
     one, two = torch.ones(64), torch.arange(64.0)
     assert plan_hash(plan("q4_0", one)) != plan_hash(plan("q4_0", two)) != plan_hash(plan("q4_0", None))

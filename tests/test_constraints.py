@@ -1,4 +1,5 @@
 """Several cost tables at once (bits + BOPs + latency): the MILP against brute force."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -93,15 +94,24 @@ def test_milp_matches_cbc_on_hawq_v3_resnet18() -> None:
     net = json.loads((Path(__file__).parents[1] / "benchmarks" / "data" / "hawq_v3_ilp.json").read_text())["resnet18"]
     trace = np.array(net["hutchinson_trace"])
     loss = np.stack([trace * np.array(net["delta_w_sq_4bit"]), trace * np.array(net["delta_w_sq_8bit"])], 1)
-    tables = {"size": np.outer(net["parameters"], [0.5, 1.0]), "bops": np.outer(net["bops"], [1 / 64, 1 / 16]),
-              "latency": np.stack([net["latency_int4"], net["latency_int8"]], 1)}
+    tables = {
+        "size": np.outer(net["parameters"], [0.5, 1.0]),
+        "bops": np.outer(net["bops"], [1 / 64, 1 / 16]),
+        "latency": np.stack([net["latency_int4"], net["latency_int8"]], 1),
+    }
     limits = {k: t[:, 0].sum() + 0.5 * (t[:, 1].sum() - t[:, 0].sum()) for k, t in tables.items()}
     n, ties = len(trace), net["ties"]
     tied = {b for _, b in ties}
     groups = [[i] + [b for a, b in ties if a == i] for i in range(n) if i not in tied]
     merged = {k: [t[g].sum(0) for g in groups] for k, t in {**tables, "loss": loss}.items()}
-    p = Problem.build([str(g) for g in groups], [["4", "8"]] * len(groups), merged["loss"], merged["size"], limits["size"],
-                      [Constraint(k, merged[k], limits[k]) for k in ("bops", "latency")])
+    p = Problem.build(
+        [str(g) for g in groups],
+        [["4", "8"]] * len(groups),
+        merged["loss"],
+        merged["size"],
+        limits["size"],
+        [Constraint(k, merged[k], limits[k]) for k in ("bops", "latency")],
+    )
     ours = MILP().solve(p)
 
     prob = pulp.LpProblem("hawq", pulp.LpMinimize)

@@ -1,5 +1,6 @@
 """Any model, not only Llama linears: conv layers as matrices, a classifier's data, and a
 whole search (CLI) on a tiny conv net."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,9 @@ from hypothesis import given, settings
 from torch import nn
 
 from mpsearch.core.layers import input_rows, kind_of, matrix, set_matrix, weight_modules
-from mpsearch.models.batches import LabelledBatches, as_batches
-from mpsearch.models.loader import LoadedModel, WITH_DATA
 from mpsearch.core.space import SearchSpace, SpaceError
+from mpsearch.models.batches import LabelledBatches, as_batches
+from mpsearch.models.loader import WITH_DATA, LoadedModel
 
 
 class TinyCNN(nn.Module):
@@ -39,13 +40,20 @@ class TinyData:
     def __init__(self, n: int = 4096, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, 1, 8, 8, generator=g)
-        q = torch.stack([self.x[:, 0, :4, :4].mean((1, 2)), self.x[:, 0, :4, 4:].mean((1, 2)),
-                         self.x[:, 0, 4:, :4].mean((1, 2)), self.x[:, 0, 4:, 4:].mean((1, 2))], 1)
+        q = torch.stack(
+            [
+                self.x[:, 0, :4, :4].mean((1, 2)),
+                self.x[:, 0, :4, 4:].mean((1, 2)),
+                self.x[:, 0, 4:, :4].mean((1, 2)),
+                self.x[:, 0, 4:, 4:].mean((1, 2)),
+            ],
+            1,
+        )
         self.y = q.argmax(1)
 
     def calibration(self, chunks: int, skip: int = 0) -> LabelledBatches:
         s = skip * 32
-        return LabelledBatches(self.x[s: s + chunks * 32], self.y[s: s + chunks * 32], 32)
+        return LabelledBatches(self.x[s : s + chunks * 32], self.y[s : s + chunks * 32], 32)
 
     def evaluation(self, chunks: int) -> LabelledBatches:
         return LabelledBatches(self.x[-512:], self.y[-512:], 512 // chunks)
@@ -68,8 +76,14 @@ def tiny_cnn_model() -> LoadedModel:
 
 
 @settings(max_examples=25, deadline=None)
-@given(cin=st.integers(1, 4), cout=st.integers(1, 5), k=st.integers(1, 3), stride=st.integers(1, 2), pad=st.integers(0, 1),
-       two_d=st.booleans())
+@given(
+    cin=st.integers(1, 4),
+    cout=st.integers(1, 5),
+    k=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    pad=st.integers(0, 1),
+    two_d=st.booleans(),
+)
 def test_conv_input_rows_times_matrix_is_the_convolution(cin, cout, k, stride, pad, two_d):
     """The rows a conv's input becomes, times its weight matrix, are exactly its output: the
     input statistics (X^T X, GPTQ's Gram) are those of the product the quantizer's error enters."""
@@ -124,9 +138,40 @@ def test_search_cli_on_a_tiny_conv_net(tmp_path, monkeypatch):
 
     monkeypatch.setitem(WITH_DATA, "tiny-cnn", tiny_cnn_model)
     out = tmp_path / "run"
-    rc = main(["search", "--model", "tiny-cnn", "--space", "cnn", "--proxy", "fisher", "--proxy", "hawq_v2", "--proxy", "measured_kl",
-               "--proxy", "synflow", "--proxy", "input_moment", "--budget", "4", "--calib-chunks", "4", "--gram-chunks", "4",
-               "--eval-chunks", "2", "--refine", "4", "--refine-chunks", "2", "--quiet", "--out", str(out)])
+    rc = main(
+        [
+            "search",
+            "--model",
+            "tiny-cnn",
+            "--space",
+            "cnn",
+            "--proxy",
+            "fisher",
+            "--proxy",
+            "hawq_v2",
+            "--proxy",
+            "measured_kl",
+            "--proxy",
+            "synflow",
+            "--proxy",
+            "input_moment",
+            "--budget",
+            "4",
+            "--calib-chunks",
+            "4",
+            "--gram-chunks",
+            "4",
+            "--eval-chunks",
+            "2",
+            "--refine",
+            "4",
+            "--refine-chunks",
+            "2",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = pd.read_csv(out / "results.csv")
     ref = res[res.kind == "reference"].iloc[0]

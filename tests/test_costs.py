@@ -1,7 +1,6 @@
 """Cost models, hardware profiles, real kernels, the measured table, and searches under constraints."""
-from __future__ import annotations
 
-import json
+from __future__ import annotations
 
 import numpy as np
 import pandas as pd
@@ -10,13 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .conftest import tiny_llama
-from mpsearch.cost import BudgetError
-from mpsearch.cost.hardware import BUILTIN, HardwareError, load_hardware, read_hardware
-from mpsearch.cost.model import ConstraintSpec, ModelShape, Workload, get_cost
 from mpsearch.core.format import Format
 from mpsearch.core.progress import SearchProgress
 from mpsearch.core.space import Member
+from mpsearch.cost import BudgetError
+from mpsearch.cost.hardware import BUILTIN, HardwareError, load_hardware, read_hardware
+from mpsearch.cost.model import ConstraintSpec, ModelShape, Workload, get_cost
+
+from .conftest import tiny_llama
 
 FORMATS = ["fp16", "u2g32a", "u3g64a", "u4g32a", "u4g64a", "u6g64a", "u8g32a", "u8gcha"]
 
@@ -36,7 +36,10 @@ def test_every_builtin_profile_loads_and_cites_its_numbers() -> None:
 
 def test_a_number_without_a_source_is_refused(tmp_path) -> None:
     p = tmp_path / "x.toml"
-    p.write_text('name = "x"\nfloat_type = "fp16"\n[peak]\nfp16 = 1e12\n[memory]\nbandwidth = 1e9\n[sources]\nbandwidth = "a datasheet"\n')
+    p.write_text(
+        'name = "x"\nfloat_type = "fp16"\n[peak]\nfp16 = 1e12\n[memory]\nbandwidth = 1e9\n[sources]\nbandwidth = "a '
+        'datasheet"\n'
+    )
     with pytest.raises(HardwareError, match="source"):
         read_hardware(p)
     with pytest.raises(HardwareError, match="known: local"):
@@ -44,8 +47,13 @@ def test_a_number_without_a_source_is_refused(tmp_path) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(out=st.sampled_from([64, 192, 576, 4096]), inp=st.sampled_from([64, 576, 4096]), key=st.sampled_from(FORMATS),
-       tokens=st.integers(1, 4096), hw=st.sampled_from(["t4", "h100-sxm", "jetson-agx-orin"]))
+@given(
+    out=st.sampled_from([64, 192, 576, 4096]),
+    inp=st.sampled_from([64, 576, 4096]),
+    key=st.sampled_from(FORMATS),
+    tokens=st.integers(1, 4096),
+    hw=st.sampled_from(["t4", "h100-sxm", "jetson-agx-orin"]),
+)
 def test_roofline_is_the_slower_of_compute_and_memory(out, inp, key, tokens, hw) -> None:
     h = load_hardware(hw)
     fmt = Format.parse(key)
@@ -72,8 +80,13 @@ def test_integer_inputs_run_on_the_integer_peak() -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(out=st.integers(1, 300), inp=st.sampled_from([64, 128, 576]), key=st.sampled_from(FORMATS[1:]), tokens=st.integers(1, 64),
-       act=st.sampled_from([4, 8, 16]))
+@given(
+    out=st.integers(1, 300),
+    inp=st.sampled_from([64, 128, 576]),
+    key=st.sampled_from(FORMATS[1:]),
+    tokens=st.integers(1, 64),
+    act=st.sampled_from([4, 8, 16]),
+)
 def test_energy_and_bops_follow_their_tables(out, inp, key, tokens, act) -> None:
     e = load_hardware("horowitz-45nm").energy_pj
     fmt, m, w = Format.parse(key), Member("layers.0.self_attn.o_proj", out, inp), Workload(tokens=tokens, act_bits=act)
@@ -87,10 +100,17 @@ def test_energy_and_bops_follow_their_tables(out, inp, key, tokens, act) -> None
         assert mac == pytest.approx(0.2 + 0.1)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("latency<=3ms", "unknown cost 'latency'"), ("latency_decode<=3mJ", "limited in s/ms/us"), ("energy<=0J", "positive"),
-    ("bops<=3ms", "count"), ("latency_decode=3ms", "cannot read"), ("bytes<=12", "limited in B/KB/MB/GB"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("latency<=3ms", "unknown cost 'latency'"),
+        ("latency_decode<=3mJ", "limited in s/ms/us"),
+        ("energy<=0J", "positive"),
+        ("bops<=3ms", "count"),
+        ("latency_decode=3ms", "cannot read"),
+        ("bytes<=12", "limited in B/KB/MB/GB"),
+    ],
+)
 def test_constraint_text_errors_name_the_problem(text, message) -> None:
     with pytest.raises(ValueError, match=message):
         ConstraintSpec.parse(text)
@@ -126,8 +146,8 @@ def test_every_kernel_computes_the_layer_it_packs(key, rows, out, seed) -> None:
 
 
 def test_a_deployed_plan_computes_what_the_fake_quantized_model_does() -> None:
-    from mpsearch.kernels.deploy import deploy
     from mpsearch.core.plan import Plan, fingerprint
+    from mpsearch.kernels.deploy import deploy
     from mpsearch.quant import applied
 
     model = tiny_llama()
@@ -145,9 +165,9 @@ def test_a_deployed_plan_computes_what_the_fake_quantized_model_does() -> None:
 
 
 def test_profile_device_times_every_shape_and_format_and_caches_it() -> None:
+    from mpsearch.core.space import SearchSpace
     from mpsearch.cost.profile import profile_device
     from mpsearch.kernels import kernels_for
-    from mpsearch.core.space import SearchSpace
 
     model = tiny_llama()
     decisions = SearchSpace.from_file("llama").build(model)
@@ -183,8 +203,28 @@ def sentences_text(n: int = 400, seed: int = 0) -> str:
     import random
 
     rng = random.Random(seed)
-    words = ["anne", "walked", "village", "weather", "cold", "sister", "church", "letters", "music", "captain", "evening",
-             "garden", "ship", "road", "window", "friend", "morning", "house", "rain", "book"]
+    words = [
+        "anne",
+        "walked",
+        "village",
+        "weather",
+        "cold",
+        "sister",
+        "church",
+        "letters",
+        "music",
+        "captain",
+        "evening",
+        "garden",
+        "ship",
+        "road",
+        "window",
+        "friend",
+        "morning",
+        "house",
+        "rain",
+        "book",
+    ]
     return " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))).capitalize() + "." for _ in range(n))
 
 
@@ -192,15 +232,26 @@ def test_a_search_under_energy_and_measured_latency_limits_carries_every_cost(ti
     from mpsearch.run.search import search
 
     (tmp_path / "story.txt").write_text(sentences_text())
-    base = dict(profile=True, tasks=True, task_items=12, task_context=24, evaluation=str(tmp_path / "story.txt"), refine=2)
+    base = dict(
+        profile=True, tasks=True, task_items=12, task_context=24, evaluation=str(tmp_path / "story.txt"), refine=2
+    )
     free = search(tiny_run(**base))
     row = free.table.set_index("plan").loc["fisher-milp@uniform:3"]
-    cols = ["cost_bytes", "cost_bops", "cost_energy_mj", "cost_latency_decode_ms", "cost_latency_prefill_ms",
-            "cost_measured_decode_ms", "cost_measured_prefill_ms"]
+    cols = [
+        "cost_bytes",
+        "cost_bops",
+        "cost_energy_mj",
+        "cost_latency_decode_ms",
+        "cost_latency_prefill_ms",
+        "cost_measured_decode_ms",
+        "cost_measured_prefill_ms",
+    ]
     assert all(np.isfinite(row[c]) and row[c] > 0 for c in cols)
     assert free.table[["cloze_acc", "mc_acc"]].notna().all().all()  # the reference row too
     limit = 0.97 * row["cost_energy_mj"]
-    res = search(tiny_run(**base, constraints=(f"energy<={limit}mJ", "measured_decode<=10s"), out_dir=str(tmp_path / "limited")))
+    res = search(
+        tiny_run(**base, constraints=(f"energy<={limit}mJ", "measured_decode<=10s"), out_dir=str(tmp_path / "limited"))
+    )
     t = res.table.set_index("plan")
     got = t.loc["fisher-milp@uniform:3"]
     assert got["cost_energy_mj"] <= limit * (1 + 1e-9) and bool(got["meets_constraints"])

@@ -7,6 +7,7 @@ tensor on the CPU, fails there as on a GPU; a correct one gives the CPU's number
 bit (eager attention), so those tests compare exactly. The last test runs on a real GPU
 where there is one, to the tolerances its docstring states.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,22 +18,46 @@ import pytest
 import torch
 
 import mpsearch.core.device as device_mod
-from mpsearch.store.cache import content_key, tokens_hash
 from mpsearch.cli import main, parser
 from mpsearch.core.device import device_parts, model_device, resolve_device
 from mpsearch.core.format import Format
 from mpsearch.run.search import SearchConfig
+from mpsearch.store.cache import content_key, tokens_hash
 from tests.conftest import tiny_llama
 from tests.other_device import OTHER, OtherDevice
 
 #: every command that runs (or loads) a model, with the arguments it needs besides --device
 MODEL_COMMANDS = {
-    "search": [], "evolve": [], "apply": ["plan.json", "--out", "x"], "eval": ["plan.json"],
-    "export": ["plan.json", "--to", "gguf", "--out", "x"], "profile-device": [], "leaderboard": ["gt.csv", "--out", "x"],
+    "search": [],
+    "evolve": [],
+    "apply": ["plan.json", "--out", "x"],
+    "eval": ["plan.json"],
+    "export": ["plan.json", "--to", "gguf", "--out", "x"],
+    "profile-device": [],
+    "leaderboard": ["gt.csv", "--out", "x"],
     "evolve-proxy": ["gt.csv"],
 }
-TINY_SEARCH = ["--calib-chunks", "4", "--gram-chunks", "8", "--calib-seq-len", "32", "--eval-chunks", "2", "--eval-seq-len", "32",
-               "--refine", "2", "--refine-chunks", "2", "--refine-seq-len", "32", "--no-tasks", "--no-profile", "--quiet"]
+TINY_SEARCH = [
+    "--calib-chunks",
+    "4",
+    "--gram-chunks",
+    "8",
+    "--calib-seq-len",
+    "32",
+    "--eval-chunks",
+    "2",
+    "--eval-seq-len",
+    "32",
+    "--refine",
+    "2",
+    "--refine-chunks",
+    "2",
+    "--refine-seq-len",
+    "32",
+    "--no-tasks",
+    "--no-profile",
+    "--quiet",
+]
 
 
 @pytest.fixture
@@ -61,8 +86,10 @@ def test_resolve_device_cpu_auto_and_bad_specs(no_cuda):
 def test_asking_for_a_missing_gpu_says_what_to_do(no_cuda, spec):
     with pytest.raises(ValueError) as e:
         resolve_device(spec)
-    assert str(e.value) == (f"--device {spec}: no CUDA device is available here (torch.cuda.is_available() is False); "
-                            "use --device cpu or --device auto")
+    assert str(e.value) == (
+        f"--device {spec}: no CUDA device is available here (torch.cuda.is_available() is False); "
+        "use --device cpu or --device auto"
+    )
 
 
 def test_auto_picks_the_gpu_when_there_is_one(monkeypatch):
@@ -93,12 +120,18 @@ def test_every_model_command_takes_device(cmd):
     assert parser().parse_args([cmd, *MODEL_COMMANDS[cmd]]).device == "auto"
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["search", "--device", "gpu"], "--device 'gpu' is not a device"),
-    (["search", "--device", "cuda"], "--device cuda: no CUDA device is available here"),
-    (["eval", "plan.json", "--device", "cuda"], "--device cuda: no CUDA device is available here"),
-    (["apply", "plan.json", "--out", "x", "--device", "cuda:0"], "--device cuda:0: no CUDA device is available here"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["search", "--device", "gpu"], "--device 'gpu' is not a device"),
+        (["search", "--device", "cuda"], "--device cuda: no CUDA device is available here"),
+        (["eval", "plan.json", "--device", "cuda"], "--device cuda: no CUDA device is available here"),
+        (
+            ["apply", "plan.json", "--out", "x", "--device", "cuda:0"],
+            "--device cuda:0: no CUDA device is available here",
+        ),
+    ],
+)
 def test_device_errors_are_one_line_before_any_work(no_cuda, argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -126,7 +159,9 @@ def test_device_cpu_gives_the_default_search_and_its_cache(tiny_run, tmp_path, m
     monkeypatch.setenv("MPSEARCH_CACHE", str(tmp_path / "cache-default"))
     assert main(["search", *data, "--out", str(tmp_path / "default")]) == 0  # the default, computed afresh
     cpu, default = (pd.read_csv(tmp_path / d / "results.csv") for d in ("cpu", "default"))
-    timed = [c for c in cpu if c.startswith("cost_")]  # the roofline reads this machine's peaks, measured afresh per cache
+    timed = [
+        c for c in cpu if c.startswith("cost_")
+    ]  # the roofline reads this machine's peaks, measured afresh per cache
     pd.testing.assert_frame_equal(cpu.drop(columns=timed), default.drop(columns=timed))
     assert (tmp_path / "default" / "stages.csv").read_text().count("move model") == 0
 
@@ -140,12 +175,18 @@ def test_cpu_cache_keys_are_the_keys_they_were(eager, tokens):
     prims = compute_primitives(eager, names, tokens, {"fisher"}, use_cache=False, progress=False)
     base = content_key(weights_hash(eager), tokens_hash(tokens), sorted(names), "prims-v2")
     fam = families()["gradients"]
-    assert prims.family_keys == {"gradients": content_key(base, fam.name, fam.version, {s: getattr(PrimitiveSettings(), s) for s in fam.settings})}
+    assert prims.family_keys == {
+        "gradients": content_key(
+            base, fam.name, fam.version, {s: getattr(PrimitiveSettings(), s) for s in fam.settings}
+        )
+    }
     assert prims.key_for({"fisher"}) == content_key(prims.weights, [prims.family_keys["gradients"]], "")
     f = Format.parse("u3g32a")
     from mpsearch.quant import format_identity
 
-    assert kl_key("w", tokens, [(names[0], f)]) == content_key("w", tokens_hash(tokens), [(names[0], format_identity(f))], SCHEMA)
+    assert kl_key("w", tokens, [(names[0], f)]) == content_key(
+        "w", tokens_hash(tokens), [(names[0], format_identity(f))], SCHEMA
+    )
 
 
 # --------------------------------------------------- every pass on another device
@@ -161,23 +202,27 @@ def test_primitives_on_another_device_equal_the_cpu_and_are_cached_apart(eager, 
         eager.to(OTHER)
         assert model_device(eager) == OTHER
         other = compute_primitives(eager, names, tokens, primitive_names(), progress=False, settings=settings)
-        again = compute_primitives(eager, names, tokens, primitive_names(), progress=False, settings=settings)  # from the cache
+        again = compute_primitives(
+            eager, names, tokens, primitive_names(), progress=False, settings=settings
+        )  # from the cache
     assert set(other.values) == set(cpu.values) == set(primitive_names())
     for prim, per in cpu.values.items():
         for t, v in per.items():
             for got in (other.values[prim][t], again.values[prim][t]):
                 assert type(got) is torch.Tensor and got.device.type == "cpu", (prim, t)
                 assert torch.equal(got, v), (prim, t)
-    assert other.device == "meta" and other.weights == cpu.weights  # the weights' identity does not depend on the device
+    assert (
+        other.device == "meta" and other.weights == cpu.weights
+    )  # the weights' identity does not depend on the device
     assert set(other.family_keys.values()).isdisjoint(cpu.family_keys.values())
     assert other.key_for({"w"}) != cpu.key_for({"w"})  # proxy tables too, even those that read no primitive
 
 
 def test_measured_kl_evaluation_and_tasks_on_another_device(eager, tokens):
-    from mpsearch.measure.evaluate import DecodeEvaluator, Evaluator
-    from mpsearch.primitives.sensitivity import measured_kl
     from mpsearch.core.space import SearchSpace
+    from mpsearch.measure.evaluate import DecodeEvaluator, Evaluator
     from mpsearch.measure.tasks import continuation_scores
+    from mpsearch.primitives.sensitivity import measured_kl
 
     decisions = SearchSpace.from_file("llama").build(eager)[:2]
     imp = {m.name: torch.rand(m.in_features) for d in decisions for m in d.members}
@@ -186,8 +231,13 @@ def test_measured_kl_evaluation_and_tasks_on_another_device(eager, tokens):
     def run(model):
         ev = Evaluator(tokens, progress=False).fit(model)
         dec = DecodeEvaluator(tokens, decode=8, progress=False).fit(model)
-        return (measured_kl(model, decisions, tokens[:1, :24], weights_key="w", progress=False, importance=imp),
-                ev.reference_.to_dict(), ev.score(model).to_dict(), dec.score(model).to_dict(), continuation_scores(model, seqs))
+        return (
+            measured_kl(model, decisions, tokens[:1, :24], weights_key="w", progress=False, importance=imp),
+            ev.reference_.to_dict(),
+            ev.score(model).to_dict(),
+            dec.score(model).to_dict(),
+            continuation_scores(model, seqs),
+        )
 
     cpu = run(eager)
     with OtherDevice():
@@ -228,19 +278,25 @@ def test_every_weight_quantizer_on_another_device():
 
 def test_runtime_calibration_and_hooks_on_another_device(eager, tokens):
     """Activation / KV formats: calibrated on the device (results on the CPU, cached apart), applied as hooks there."""
-    from mpsearch.measure.evaluate import DecodeEvaluator
     from mpsearch.core.plan import Plan, fingerprint
+    from mpsearch.measure.evaluate import DecodeEvaluator
     from mpsearch.quant import applied
-    from mpsearch.quant.calibrate import calibrate
+    from mpsearch.run.cached import cached_calibration
 
     kv, act = Format.parse("kvquant3"), Format.parse("tensor8")
     sites = {("model.layers.0.self_attn.k_proj", "k_cache"): [kv], ("model.layers.0.mlp.down_proj", "input"): [act]}
 
     def run(model):
-        calib = calibrate(model, sites, tokens, seed=0, weights_key="w")
-        plan = Plan("tiny", fingerprint(model), {"model.layers.0.self_attn.k_proj": {"k_cache": kv},
-                                                 "model.layers.0.mlp.down_proj": {"input": act, "weight": Format.parse("u4g32a")}},
-                    calibration=calib)
+        calib = cached_calibration(model, sites, tokens, "w", seed=0)
+        plan = Plan(
+            "tiny",
+            fingerprint(model),
+            {
+                "model.layers.0.self_attn.k_proj": {"k_cache": kv},
+                "model.layers.0.mlp.down_proj": {"input": act, "weight": Format.parse("u4g32a")},
+            },
+            calibration=calib,
+        )
         ev = DecodeEvaluator(tokens, decode=8, progress=False).fit(model)
         with applied(model, plan):
             return calib, ev.score(model).to_dict()
@@ -248,7 +304,9 @@ def test_runtime_calibration_and_hooks_on_another_device(eager, tokens):
     cpu_calib, cpu_q = run(eager)
     with OtherDevice():
         calib, q = run(eager.to(OTHER))
-    assert cpu_calib.keys() == calib.keys() and all(type(v) is torch.Tensor and torch.equal(v, cpu_calib[k]) for k, v in calib.items())
+    assert cpu_calib.keys() == calib.keys() and all(
+        type(v) is torch.Tensor and torch.equal(v, cpu_calib[k]) for k, v in calib.items()
+    )
     assert q == cpu_q
 
 
@@ -269,7 +327,9 @@ def test_a_whole_search_on_another_device(tiny_run, monkeypatch):
     for col in ("kl", "predicted_measured_kl"):  # differences of nearly equal log-probabilities: rounding has a floor
         pd.testing.assert_series_equal(a[col], b[col], rtol=1e-3, atol=1e-6)
     assert "move model to meta" in set(other.stages.stage)
-    assert all(p.importance is None or all(v.device.type == "cpu" for v in p.importance.values()) for p in other.plans.values())
+    assert all(
+        p.importance is None or all(v.device.type == "cpu" for v in p.importance.values()) for p in other.plans.values()
+    )
 
 
 def test_cli_apply_and_eval_on_another_device(tiny_run, tmp_path, monkeypatch, capsys):
@@ -284,7 +344,9 @@ def test_cli_apply_and_eval_on_another_device(tiny_run, tmp_path, monkeypatch, c
 
     cfg = tiny_run()
     model = AutoModelForCausalLM.from_pretrained(cfg.model)
-    check_plan(model, Plan("tiny", fingerprint(model), {"_default": {"weight": Format.parse("u3g32a")}}), check=False).save(tmp_path / "p.json")
+    check_plan(
+        model, Plan("tiny", fingerprint(model), {"_default": {"weight": Format.parse("u3g32a")}}), check=False
+    ).save(tmp_path / "p.json")
     base = [str(tmp_path / "p.json"), "--model", cfg.model, "--quiet"]
     ev = ["--evaluation", cfg.evaluation, "--eval-chunks", "2", "--eval-seq-len", "32"]
     out = {}
@@ -301,7 +363,8 @@ def test_cli_apply_and_eval_on_another_device(tiny_run, tmp_path, monkeypatch, c
         for k, v in out["cpu"][part].items():
             assert out["other"][part][k] == pytest.approx(v, rel=1e-4, abs=1e-9), (part, k)
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("cpu", "other"))
-    # (the stand-in's model.to() unties tied weights, so its folder may also hold lm_head.weight, equal to the embeddings)
+    # (the stand-in's model.to() unties tied weights, so its folder may also hold lm_head.weight, equal to the
+    # embeddings)
     assert a.keys() <= b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -395,12 +458,12 @@ def _agrees_with_the_cpu(device: torch.device, tokens) -> None:
       level, so at most 0.1% of the weights differ, by at most one step; GPTQ's error feedback
       carries such a flip onward, so its result is compared by its error, within 1e-2 relative.
     """
-    from mpsearch.measure.evaluate import Evaluator
     from mpsearch.core.plan import Plan, fingerprint
+    from mpsearch.core.space import SearchSpace
+    from mpsearch.measure.evaluate import Evaluator
     from mpsearch.primitives import PrimitiveSettings, compute_primitives, primitive_names
     from mpsearch.primitives.sensitivity import measured_kl
     from mpsearch.quant import applied, quantize
-    from mpsearch.core.space import SearchSpace
 
     cpu = tiny_llama()
     gpu = copy.deepcopy(cpu).to(device)

@@ -1,4 +1,5 @@
 """Optuna NSGA-II on measured quality: seeding, deduplication, pruning and resume."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,9 @@ pytest.importorskip("optuna")
 
 def toy_space(n: int = 6) -> Space:
     bits = np.array([2.0, 3.0, 4.0, 8.0])
-    return Space(tuple(f"d{i}" for i in range(n)), (("b2", "b3", "b4", "b8"),) * n,
-                 tuple(bits * 100 for _ in range(n)), 100 * n)
+    return Space(
+        tuple(f"d{i}" for i in range(n)), (("b2", "b3", "b4", "b8"),) * n, tuple(bits * 100 for _ in range(n)), 100 * n
+    )
 
 
 class CountingMeasure:
@@ -98,7 +100,9 @@ def test_a_study_for_other_decisions_is_refused(tmp_path) -> None:
     path = tmp_path / "s.log"
     evolve(toy_space(4), CountingMeasure(toy_space(4)), path, EvolutionConfig(trials=2, population=2), progress=False)
     with pytest.raises(ValueError, match="other decisions"):
-        evolve(toy_space(5), CountingMeasure(toy_space(5)), path, EvolutionConfig(trials=4, population=2), progress=False)
+        evolve(
+            toy_space(5), CountingMeasure(toy_space(5)), path, EvolutionConfig(trials=4, population=2), progress=False
+        )
 
 
 def test_pareto_mask() -> None:
@@ -107,7 +111,9 @@ def test_pareto_mask() -> None:
     assert pareto_mask(bits, q).tolist() == [True, False, True, False, False]
 
 
-@pytest.mark.parametrize("torn", [b'{"op_code": 5, "worker_id": "x", "trial_id"', b"\x00\xff garbage", b'{"op_code": 5}\n\x00\xff'])
+@pytest.mark.parametrize(
+    "torn", [b'{"op_code": 5, "worker_id": "x", "trial_id"', b"\x00\xff garbage", b'{"op_code": 5}\n\x00\xff']
+)
 def test_a_torn_last_journal_line_is_cut_off_and_the_study_resumes(tmp_path, caplog, torn) -> None:
     """Issue 10 item 4: a half-written last line made the study unreadable for good."""
     space, path = toy_space(), tmp_path / "study.log"

@@ -1,5 +1,6 @@
 """Exports: a GGUF file whose planned tensors transformers reads back as exactly the
 simulated values (logits equal), and llama-quantize's tensor-type file."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,13 +9,13 @@ import gguf
 import pytest
 import torch
 
-from mpsearch.export import ExportError, export
 from mpsearch.core.format import Format
-from mpsearch.models import load_model
 from mpsearch.core.plan import Plan, fingerprint
+from mpsearch.core.space import SearchSpace
+from mpsearch.export import ExportError, export
+from mpsearch.models import load_model
 from mpsearch.quant import applied
 from mpsearch.quant.ggml import TYPES
-from mpsearch.core.space import SearchSpace
 from tests.conftest import tiny_gguf
 
 
@@ -91,7 +92,9 @@ def test_a_model_that_is_not_a_gguf_file_is_refused(tiny_run, tmp_path):
 
 def test_the_tensor_type_file_has_one_anchored_line_per_tensor(source, tmp_path):
     path, lm = source
-    plan = gguf_plan(lm, lambda d: d.formats[-1] if d.name.endswith("down_proj") else Format.parse("iq4_nl"), importance=False)
+    plan = gguf_plan(
+        lm, lambda d: d.formats[-1] if d.name.endswith("down_proj") else Format.parse("iq4_nl"), importance=False
+    )
     out = export(plan, to="llama.cpp-tensor-types", out=tmp_path / "types.txt", model=str(path))
     lines = out.read_text().splitlines()
     assert len(lines) == 14 and "#" not in out.read_text()
@@ -113,10 +116,25 @@ def test_a_search_in_the_gguf_space_saves_plans_with_their_imatrix_and_they_expo
     path = tiny_gguf(tmp_path / "tiny.gguf")
     (tmp_path / "calib.txt").write_text(tiny_text(1))
     (tmp_path / "eval.txt").write_text(tiny_text(2))
-    cfg = SearchConfig(model=str(path), calibration=str(tmp_path / "calib.txt"), evaluation=str(tmp_path / "eval.txt"), space="gguf",
-                       proxies=("fisher",), budgets=("5.0", "uniform:q4_k"), calib_chunks=2, calib_seq_len=32, eval_chunks=2,
-                       eval_seq_len=32, refine=2, refine_chunks=1, refine_seq_len=32, out_dir=str(tmp_path / "out"), progress=False,
-                       tasks=False, profile=False)
+    cfg = SearchConfig(
+        model=str(path),
+        calibration=str(tmp_path / "calib.txt"),
+        evaluation=str(tmp_path / "eval.txt"),
+        space="gguf",
+        proxies=("fisher",),
+        budgets=("5.0", "uniform:q4_k"),
+        calib_chunks=2,
+        calib_seq_len=32,
+        eval_chunks=2,
+        eval_seq_len=32,
+        refine=2,
+        refine_chunks=1,
+        refine_seq_len=32,
+        out_dir=str(tmp_path / "out"),
+        progress=False,
+        tasks=False,
+        profile=False,
+    )
     res = search(cfg)
     plan_file = tmp_path / "out" / "plans" / "returned@5.0.json"
     assert plan_file.exists(), sorted(p.name for p in (tmp_path / "out" / "plans").iterdir())
@@ -126,7 +144,22 @@ def test_a_search_in_the_gguf_space_saves_plans_with_their_imatrix_and_they_expo
     assert "imatrix" in plan.provenance["importance"]
     assert res.table.loc[res.table.plan == "uniform-q4_k", "effective_bits"].item() == 4.5
 
-    assert main(["export", str(plan_file), "--to", "gguf", "--out", str(tmp_path / "plan.gguf"), "--model", str(path), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(plan_file),
+                "--to",
+                "gguf",
+                "--out",
+                str(tmp_path / "plan.gguf"),
+                "--model",
+                str(path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     lm = load_model(str(path))
     ids = torch.tensor([[1, 40, 50, 60, 3, 70, 80]])
     with applied(lm.model, plan):
@@ -153,22 +186,21 @@ def test_a_search_with_gptq_formats_collects_gram_matrices_and_its_plans_reapply
     """GPTQ in a search: the proxy table's error is the real GPTQ error (from each layer
     input's Gram matrix), the plan keeps the matrices of its GPTQ tensors, and a saved
     plan measures the same after loading."""
-    from mpsearch.measure.evaluate import Evaluator
     from mpsearch.core.plan import PlanError
-    from mpsearch.quant import quantize
-    from mpsearch.run.search import search
+    from mpsearch.measure.evaluate import Evaluator
     from mpsearch.models.data import leading_tokens
-    from mpsearch.quant import get_quantizer
+    from mpsearch.quant import get_quantizer, quantize
+    from mpsearch.run.search import search
     from mpsearch.run.session import Session
     from tests.conftest import layer_inputs
 
     space = tmp_path / "gptq.toml"
-    space.write_text('''name = "gptq-test"
+    space.write_text("""name = "gptq-test"
 targets = ['re:model\\.layers\\.\\d+\\.(self_attn|mlp)\\.\\w+_proj']
 [formats]
 list = ["u2g32a", "gptq2g32a", "u3g32a", "gptq3g32a", "u4g32a"]
 include_full = false
-''')
+""")
     cfg = tiny_run(space=str(space), proxies=("gram_loss", "fisher"), budgets=("3.0",), refine=2)
     res = search(cfg)
     assert res.table.kl.notna().all()
@@ -184,7 +216,7 @@ include_full = false
     ids = lm.tokenizer(Path(cfg.calibration).read_text(), add_special_tokens=False).input_ids
     lead = len(leading_tokens(lm.tokenizer))
     start = cfg.gram_chunks * (cfg.calib_seq_len - lead)
-    assert session.slice_tokens[0, lead:].tolist() == ids[start: start + cfg.refine_seq_len - lead]
+    assert session.slice_tokens[0, lead:].tolist() == ids[start : start + cfg.refine_seq_len - lead]
     x = layer_inputs(lm.model, session.gram_tokens, name)
     gram = (x.T @ x / len(x)).float()
     torch.testing.assert_close(session.importance[name], gram, rtol=1e-4, atol=1e-6)

@@ -1,4 +1,5 @@
 """Plans out to the integer quantizers' configs, read back by the real packages on a tiny model."""
+
 from __future__ import annotations
 
 import json
@@ -8,10 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from mpsearch.export import ExportError, export
 from mpsearch.core.format import Format
-from mpsearch.core.plan import Plan
-from mpsearch.core.plan import fingerprint
+from mpsearch.core.plan import Plan, fingerprint
+from mpsearch.export import ExportError, export
 
 from .conftest import tiny_llama, tiny_tokenizer
 
@@ -24,8 +24,13 @@ def tiny(tmp_path):
     model.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    fmts = [Format(bits=4, group_size=32), Format(bits=3, group_size=64), Format(bits=8, group_size=-1, symmetric=True), Format.full(),
-            Format(bits=2, group_size=32, symmetric=True)]
+    fmts = [
+        Format(bits=4, group_size=32),
+        Format(bits=3, group_size=64),
+        Format(bits=8, group_size=-1, symmetric=True),
+        Format.full(),
+        Format(bits=2, group_size=32, symmetric=True),
+    ]
     tensors = {n: {"weight": fmts[i % len(fmts)]} for i, n in enumerate(names)}
     plan = Plan(str(tmp_path / "tiny"), fingerprint(model), tensors, {}, {}, {})
     return str(tmp_path / "tiny"), plan, tensors
@@ -48,7 +53,11 @@ def test_compressed_tensors_round_trip(tiny, tmp_path):
             assert scheme is None and name in cfg.ignore
             continue
         w = scheme.weights
-        assert (w.num_bits, w.group_size, w.symmetric) == (f.bits, None if f.group_size == -1 else f.group_size, f.symmetric), name
+        assert (w.num_bits, w.group_size, w.symmetric) == (
+            f.bits,
+            None if f.group_size == -1 else f.group_size,
+            f.symmetric,
+        ), name
         assert str(getattr(w.strategy, "value", w.strategy)) == ("channel" if f.group_size == -1 else "group")
     untouched = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in tensors]
     assert untouched and all(getattr(mods[n], "quantization_scheme", None) is None for n in untouched)  # lm_head stays
@@ -67,9 +76,14 @@ def test_torchao_round_trip_reproduces_the_simulated_logits(tiny, tmp_path):
     from mpsearch.quant import applied
 
     folder, plan, tensors = tiny
-    with pytest.raises(ExportError, match="not this target's grid.*--nearest"):  # uniform formats round elsewhere in torchao
+    with pytest.raises(
+        ExportError, match="not this target's grid.*--nearest"
+    ):  # uniform formats round elsewhere in torchao
         export(plan, "torchao", tmp_path / "ao.json", model=folder)
-    affine = {n: {"weight": e["weight"] if e["weight"].is_full else replace(e["weight"], quantizer="affine")} for n, e in tensors.items()}
+    affine = {
+        n: {"weight": e["weight"] if e["weight"].is_full else replace(e["weight"], quantizer="affine")}
+        for n, e in tensors.items()
+    }
     plan = Plan(plan.model_id, plan.model_fingerprint, affine, {}, {}, {})
     cfg = config_from_dict(json.loads(export(plan, "torchao", tmp_path / "ao.json", model=folder).read_text()))
     for name, entry in affine.items():
@@ -91,8 +105,13 @@ def test_torchao_round_trip_reproduces_the_simulated_logits(tiny, tmp_path):
 
 
 @settings(max_examples=30, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 5, 8]), group=st.sampled_from([16, 32, -1]), sym=st.booleans(), seed=st.integers(0, 10_000),
-       scale=st.floats(1e-3, 10))
+@given(
+    bits=st.sampled_from([2, 3, 4, 5, 8]),
+    group=st.sampled_from([16, 32, -1]),
+    sym=st.booleans(),
+    seed=st.integers(0, 10_000),
+    scale=st.floats(1e-3, 10),
+)
 def test_affine_is_torchaos_grid_bit_for_bit(bits, group, sym, seed, scale):
     pytest.importorskip("torchao")
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
@@ -107,8 +126,14 @@ def test_affine_is_torchaos_grid_bit_for_bit(bits, group, sym, seed, scale):
         lin.weight.mul_(scale)
         lin.weight[0, :16] = torch.rand(16) * scale  # an all-positive group: the range must still reach 0
     ours = quantize(lin.weight.detach().clone(), Format(bits=bits, group_size=group, symmetric=sym, quantizer="affine"))
-    quantize_(lin, IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=PerAxis(0) if group == -1 else PerGroup(group),
-                                        mapping_type=MappingType.SYMMETRIC if sym else MappingType.ASYMMETRIC))
+    quantize_(
+        lin,
+        IntxWeightOnlyConfig(
+            weight_dtype=getattr(torch, f"int{bits}"),
+            granularity=PerAxis(0) if group == -1 else PerGroup(group),
+            mapping_type=MappingType.SYMMETRIC if sym else MappingType.ASYMMETRIC,
+        ),
+    )
     assert torch.equal(ours, lin.weight.dequantize())
 
 
@@ -120,9 +145,13 @@ def test_a_format_the_target_cannot_express_is_refused_or_mapped_and_reported(ti
         export(plan, "compressed-tensors", tmp_path / "x.json", model=folder)
     assert not (tmp_path / "x.json").exists()
     out = export(plan, "compressed-tensors", tmp_path / "x.json", model=folder, nearest=True)
-    assert f"--nearest: {name} nf4g64s -> w4g64s" in caplog.text  # NormalFloat's codebook -> the integer grid of its bits and groups
+    assert (
+        f"--nearest: {name} nf4g64s -> w4g64s" in caplog.text
+    )  # NormalFloat's codebook -> the integer grid of its bits and groups
     groups = json.loads(out.read_text())["config_groups"].values()
-    assert any(name in g["targets"] and g["weights"]["num_bits"] == 4 and g["weights"]["group_size"] == 64 for g in groups)
+    assert any(
+        name in g["targets"] and g["weights"]["num_bits"] == 4 and g["weights"]["group_size"] == 64 for g in groups
+    )
 
 
 def test_gptqmodel_dynamic_keys_are_anchored_and_each_matches_only_its_module(tiny, tmp_path):
@@ -153,7 +182,9 @@ def test_autoround_layer_config_names_every_module(tiny, tmp_path):
     assert set(lc) == set(tensors)
     for name, entry in tensors.items():
         f = entry["weight"]
-        assert lc[name] == ({"bits": 16} if f.is_full else {"bits": f.bits, "group_size": f.group_size, "sym": f.symmetric})
+        assert lc[name] == (
+            {"bits": 16} if f.is_full else {"bits": f.bits, "group_size": f.group_size, "sym": f.symmetric}
+        )
 
 
 def test_gptqmodel_refuses_bits_its_kernels_lack(tiny, tmp_path):
@@ -181,7 +212,9 @@ def test_autoround_resolves_every_module_to_the_plan(tiny, tmp_path):
     folder, plan, tensors = tiny
     lc = json.loads(export(plan, "autoround", tmp_path / "a.json", model=folder).read_text())
     model = AutoModelForCausalLM.from_pretrained(folder)
-    res = resolve_layer_config(model=model, scheme=ResolvedScheme.from_scheme(preset_name_to_scheme("W4A16"), "W4A16"), layer_config=lc)
+    res = resolve_layer_config(
+        model=model, scheme=ResolvedScheme.from_scheme(preset_name_to_scheme("W4A16"), "W4A16"), layer_config=lc
+    )
     for n, entry in plan.tensors.items():
         f, r = entry["weight"], res[n]
         if f.is_full:

@@ -1,4 +1,5 @@
 """Tests for the proxy expression language and proxy files."""
+
 from __future__ import annotations
 
 import math
@@ -45,6 +46,7 @@ def close(a: float, b: float, rel: float = 1e-5) -> bool:
 
 
 # ---------------------------------------------------------------- built-in proxies
+
 
 def test_builtins_listed() -> None:
     assert {"mse", "fisher", "input_moment"} <= set(list_proxies())
@@ -125,8 +127,10 @@ FUNCTION_CASES = [
     ("sum(softmax(w) * w)", lambda e: ((e["w"].exp() / e["w"].exp().sum()) * e["w"]).sum()),
     ("max(w)", lambda e: e["w"].max()),
     ("min(w)", lambda e: e["w"].min()),
-    ("sum(normalize(fisher) * dw**2)",
-     lambda e: (e["fisher"] / (e["fisher"].abs().mean() + 1e-12) * e["dw"] ** 2).sum()),
+    (
+        "sum(normalize(fisher) * dw**2)",
+        lambda e: (e["fisher"] / (e["fisher"].abs().mean() + 1e-12) * e["dw"] ** 2).sum(),
+    ),
     ("sum(minimum(w, dw))", lambda e: torch.minimum(e["w"], e["dw"]).sum()),
     ("sum(maximum(w, 0))", lambda e: e["w"].clamp(min=0).sum()),
     ("sqrt(bits)", lambda e: math.sqrt(e["bits"])),
@@ -143,11 +147,42 @@ def test_operators_and_functions_match_torch(text: str, direct) -> None:
 
 def test_every_function_is_covered() -> None:
     used = {t.split("(")[0] for t, _ in FUNCTION_CASES}
-    used |= {"abs", "normalize", "minimum", "maximum", "sqrt", "log", "exp", "square", "sign",
-             "sigmoid", "tanh", "reciprocal", "minmax", "softmax"}
+    used |= {
+        "abs",
+        "normalize",
+        "minimum",
+        "maximum",
+        "sqrt",
+        "log",
+        "exp",
+        "square",
+        "sign",
+        "sigmoid",
+        "tanh",
+        "reciprocal",
+        "minmax",
+        "softmax",
+    }
     assert set(FUNCTIONS) == {
-        "abs", "sqrt", "log", "exp", "square", "sign", "sum", "mean", "norm", "max", "min",
-        "normalize", "minimum", "maximum", "sigmoid", "tanh", "reciprocal", "minmax", "softmax",
+        "abs",
+        "sqrt",
+        "log",
+        "exp",
+        "square",
+        "sign",
+        "sum",
+        "mean",
+        "norm",
+        "max",
+        "min",
+        "normalize",
+        "minimum",
+        "maximum",
+        "sigmoid",
+        "tanh",
+        "reciprocal",
+        "minmax",
+        "softmax",
     }
     assert set(FUNCTIONS) <= used
 
@@ -274,9 +309,11 @@ def test_runtime_shape_error_is_expression_error() -> None:
 # ---------------------------------------------------------------- hypothesis
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
-tensors = st.tuples(st.integers(1, 6), st.integers(1, 6)).flatmap(
-    lambda shape: arrays(np.float32, shape, elements=finite)
-).map(torch.from_numpy)
+tensors = (
+    st.tuples(st.integers(1, 6), st.integers(1, 6))
+    .flatmap(lambda shape: arrays(np.float32, shape, elements=finite))
+    .map(torch.from_numpy)
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -303,9 +340,7 @@ def _exprs() -> st.SearchStrategy[str]:
             ),
             st.tuples(st.sampled_from(["-", "+"]), inner).map(lambda t: f"{t[0]}{t[1]}"),
             st.tuples(st.sampled_from(unary), inner).map(lambda t: f"{t[0]}({t[1]})"),
-            st.tuples(st.sampled_from(binary), inner, inner).map(
-                lambda t: f"{t[0]}({t[1]}, {t[2]})"
-            ),
+            st.tuples(st.sampled_from(binary), inner, inner).map(lambda t: f"{t[0]}({t[1]}, {t[2]})"),
         )
 
     return st.recursive(leaves, extend, max_leaves=12)
@@ -321,6 +356,7 @@ def test_hypothesis_round_trip(text: str) -> None:
 
 
 # ---------------------------------------------------------------- proxy files
+
 
 @pytest.mark.parametrize(
     "content, fragment",

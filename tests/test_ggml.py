@@ -1,5 +1,6 @@
 """GGUF block types: bit-exact against the gguf package's dequantizers, exact bits per
 weight, the fit rule, and importance weighting."""
+
 from __future__ import annotations
 
 import gguf
@@ -15,8 +16,21 @@ from mpsearch.quant.ggml import TYPES, pack
 
 NAMES = sorted(TYPES)
 #: bits per weight of each GGML block layout (ggml's type sizes)
-EXPECTED_BPW = {"q8_0": 8.5, "q6_k": 6.5625, "q5_k": 5.5, "q5_1": 6.0, "q5_0": 5.5, "q4_k": 4.5, "q4_1": 5.0,
-                "q4_0": 4.5, "iq4_xs": 4.25, "iq4_nl": 4.5, "q3_k": 3.4375, "iq3_s": 3.4375, "q2_k": 2.625}
+EXPECTED_BPW = {
+    "q8_0": 8.5,
+    "q6_k": 6.5625,
+    "q5_k": 5.5,
+    "q5_1": 6.0,
+    "q5_0": 5.5,
+    "q4_k": 4.5,
+    "q4_1": 5.0,
+    "q4_0": 4.5,
+    "iq4_xs": 4.25,
+    "iq4_nl": 4.5,
+    "q3_k": 3.4375,
+    "iq3_s": 3.4375,
+    "q2_k": 2.625,
+}
 
 
 @st.composite
@@ -90,6 +104,7 @@ def test_an_importance_vector_lowers_the_error_it_weights(name):
 
     def weighted(q):
         return float((((q - w) ** 2) * imp).sum())
+
     assert weighted(quantize(w, fmt, imp)) < weighted(quantize(w, fmt))
 
 
@@ -101,6 +116,7 @@ def test_iq3_s_beats_q3_k_at_the_same_size_under_an_imatrix():
 
     def weighted(key):
         return float((((quantize(w, Format.parse(key), imp) - w) ** 2) * imp).sum())
+
     assert Format.parse("iq3_s").effective_bits(1024) == Format.parse("q3_k").effective_bits(1024)
     assert weighted("iq3_s") < 0.9 * weighted("q3_k")
 

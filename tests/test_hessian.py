@@ -1,4 +1,5 @@
 """Hutchinson trace/diagonal: unbiased against the exact Hessian, batched = one at a time."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,7 +26,9 @@ def exact_hessian(model, toks, name):
     w = dict(model.named_modules())[name].weight.detach().clone()
 
     def loss(v):
-        return functional_call(model, {name + ".weight": v}, kwargs=dict(input_ids=toks, labels=toks, use_cache=False)).loss
+        return functional_call(
+            model, {name + ".weight": v}, kwargs=dict(input_ids=toks, labels=toks, use_cache=False)
+        ).loss
 
     h = torch.autograd.functional.hessian(loss, w).reshape(w.numel(), w.numel())
     model.set_attn_implementation("sdpa")
@@ -48,7 +51,10 @@ def test_batched_probes_equal_one_at_a_time(small, monkeypatch):
     a = hutchinson(model, [NAME], toks, probes=12, batch=4, progress=False)
 
     def one_at_a_time(grads, params, zs):
-        outs = [torch.autograd.grad(grads, params, grad_outputs=[z[k] for z in zs], retain_graph=True) for k in range(zs[0].shape[0])]
+        outs = [
+            torch.autograd.grad(grads, params, grad_outputs=[z[k] for z in zs], retain_graph=True)
+            for k in range(zs[0].shape[0])
+        ]
         return [torch.stack([o[i] for o in outs]) for i in range(len(params))]
 
     monkeypatch.setattr("mpsearch.primitives.hessian._hvp", one_at_a_time)
@@ -99,6 +105,7 @@ def test_hutchpp_is_exact_when_the_sketch_spans_the_tensor():
 
     def loss(v):
         from torch.func import functional_call
+
         return data.loss(lambda x: functional_call(model, {"2.weight": v}, (x,)), range(2))
 
     exact = float(torch.autograd.functional.hessian(loss, w).reshape(8, 8).diagonal().sum())

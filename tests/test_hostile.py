@@ -1,6 +1,7 @@
 """Hostile but realistic input (issue 32): every case is one clear line, exit 2, before heavy work;
 nothing is written where it should not be; nothing is dropped silently; the same inputs give the
 same files. Each test names the item of the issue it covers; each failed before its fix."""
+
 from __future__ import annotations
 
 import json
@@ -17,14 +18,13 @@ import pytest
 import torch
 
 from mpsearch.cli import main
-from mpsearch.export import ExportError, export
 from mpsearch.core.format import Format, FormatError
 from mpsearch.core.plan import Plan, PlanError, fingerprint
-from mpsearch.quant import apply_
 from mpsearch.core.space import SearchSpace, SpaceError
+from mpsearch.export import ExportError, export
+from mpsearch.quant import apply_
 from tests import confined
 from tests.conftest import tiny_gguf, tiny_llama, tiny_text, tiny_tokenizer
-from tests.test_validation import no_model_load  # noqa: F401  (fixture)
 
 Q = "model.layers.0.self_attn.q_proj"
 CLI = [sys.executable, "-m", "mpsearch.cli"]
@@ -63,10 +63,39 @@ def tiny_dir(tmp_path) -> Path:
 
 def tiny_search_args(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
     d = tiny_dir.parent
-    return ["search", "--quiet", "--model", str(tiny_dir), "--calibration", str(d / "calib.txt"), "--evaluation", str(d / "eval.txt"),
-            "--calib-chunks", "4", "--gram-chunks", "8", "--calib-seq-len", "32", "--eval-chunks", "2", "--eval-seq-len", "32",
-            "--refine", "4", "--refine-chunks", "2", "--refine-seq-len", "32", "--no-tasks", "--no-profile", "--hardware", "t4",
-            "--out", str(out), *extra]
+    return [
+        "search",
+        "--quiet",
+        "--model",
+        str(tiny_dir),
+        "--calibration",
+        str(d / "calib.txt"),
+        "--evaluation",
+        str(d / "eval.txt"),
+        "--calib-chunks",
+        "4",
+        "--gram-chunks",
+        "8",
+        "--calib-seq-len",
+        "32",
+        "--eval-chunks",
+        "2",
+        "--eval-seq-len",
+        "32",
+        "--refine",
+        "4",
+        "--refine-chunks",
+        "2",
+        "--refine-seq-len",
+        "32",
+        "--no-tasks",
+        "--no-profile",
+        "--hardware",
+        "t4",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------------ 1. output paths, checked before any work
@@ -82,7 +111,12 @@ def test_out_at_a_file_or_a_stranger_folder_is_refused_before_the_model_loads(cm
     one_line_error(main([cmd, "--quiet", "--out", str(tmp_path / "file")]), capsys.readouterr().err, "is a file", cmd)
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "notes.txt").write_text("mine")
-    one_line_error(main([cmd, "--quiet", "--out", str(tmp_path / "theirs")]), capsys.readouterr().err, "not one mpsearch wrote", cmd)
+    one_line_error(
+        main([cmd, "--quiet", "--out", str(tmp_path / "theirs")]),
+        capsys.readouterr().err,
+        "not one mpsearch wrote",
+        cmd,
+    )
     assert sorted(os.listdir(tmp_path / "theirs")) == ["notes.txt"]
 
 
@@ -104,14 +138,17 @@ def test_out_in_a_read_only_folder_is_refused_at_once(tmp_path):
     assert time.time() - t0 < 30 and not (tmp_path / "cache" / "models").exists()  # before the model loads
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["apply", "{plan}", "--out", "{file}"], "is a file"),
-    (["apply", "{plan}", "--out", "{theirs}"], "not one mpsearch wrote"),
-    (["export", "{plan}", "--to", "gguf", "--out", "{dir}"], "is a folder"),
-    (["heatmap", "{plan}", "--out", "{dir}"], "is a folder"),
-    (["evolve-proxy", "gt.csv", "--out", "{dir}"], "is a folder"),
-    (["profile-device", "--out", "{file}"], "is a file"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["apply", "{plan}", "--out", "{file}"], "is a file"),
+        (["apply", "{plan}", "--out", "{theirs}"], "not one mpsearch wrote"),
+        (["export", "{plan}", "--to", "gguf", "--out", "{dir}"], "is a folder"),
+        (["heatmap", "{plan}", "--out", "{dir}"], "is a folder"),
+        (["evolve-proxy", "gt.csv", "--out", "{dir}"], "is a folder"),
+        (["profile-device", "--out", "{file}"], "is a file"),
+    ],
+)
 def test_other_commands_check_their_output_before_any_work(argv, needle, tmp_path, plan_file, no_model_load, capsys):
     (tmp_path / "file").write_text("x")
     (tmp_path / "dir").mkdir()
@@ -128,8 +165,12 @@ def test_other_commands_check_their_output_before_any_work(argv, needle, tmp_pat
 def test_outliers_are_refused_by_the_integer_exporters_or_mapped_with_a_record(target, tiny_dir, tmp_path, caplog):
     model = tiny_llama(vocab=len(tiny_tokenizer()))
     odd = Format(4, 64, params=(("outliers", 0.01),))
-    plan = Plan("tiny", fingerprint(model), {Q: {"weight": odd}, "model.layers.0.mlp.up_proj": {"weight": Format(4, 64)}})
-    with pytest.raises(ExportError, match=r"q_proj'\]\.weight: format u4g64a\+o1 keeps 0.01 of its weights as fp16 outliers"):
+    plan = Plan(
+        "tiny", fingerprint(model), {Q: {"weight": odd}, "model.layers.0.mlp.up_proj": {"weight": Format(4, 64)}}
+    )
+    with pytest.raises(
+        ExportError, match=r"q_proj'\]\.weight: format u4g64a\+o1 keeps 0.01 of its weights as fp16 outliers"
+    ):
         export(plan, target, tmp_path / "x.json", model=str(tiny_dir))
     assert not (tmp_path / "x.json").exists()
     with caplog.at_level(logging.WARNING):
@@ -156,16 +197,32 @@ def test_an_edited_cached_model_folder_is_converted_again(edit, tmp_path, monkey
         (folder / "tokenizer" / "special_tokens_map.extra").write_text("{}")
     with caplog.at_level(logging.WARNING):
         lm = load_model(str(path))
-    assert "is unusable" in caplog.text and {"config": "config.json is altered", "tokenizer": "tokenizer.json is altered",
-                                              "extra": "is not written by mpsearch"}[edit] in caplog.text
+    assert (
+        "is unusable" in caplog.text
+        and {
+            "config": "config.json is altered",
+            "tokenizer": "tokenizer.json is altered",
+            "extra": "is not written by mpsearch",
+        }[edit]
+        in caplog.text
+    )
     assert lm.model.config.rms_norm_eps == eps
 
 
-# ------------------------------------------------------------------ 4. quantizer parameters, unquantized formats, NaN results
-@pytest.mark.parametrize("params,needle", [
-    ({"damp": 1e308}, "damp"), ({"damp": float("nan")}, "damp"), ({"damp": 0}, "damp"), ({"damp": "0.1"}, "damp"),
-    ({"block": 0}, "block"), ({"block": 2.5}, "block"), ({"act_order": 1}, "act_order"),
-])
+# ------------------------------------------------------------------ 4. quantizer parameters, unquantized formats, NaN
+# results
+@pytest.mark.parametrize(
+    "params,needle",
+    [
+        ({"damp": 1e308}, "damp"),
+        ({"damp": float("nan")}, "damp"),
+        ({"damp": 0}, "damp"),
+        ({"damp": "0.1"}, "damp"),
+        ({"block": 0}, "block"),
+        ({"block": 2.5}, "block"),
+        ({"act_order": 1}, "act_order"),
+    ],
+)
 def test_gptq_params_are_checked_when_the_format_is_built(params, needle):
     with pytest.raises(FormatError, match=needle):
         Format.from_dict({"bits": 4, "group_size": 32, "quantizer": "gptq", "params": params})
@@ -183,8 +240,15 @@ def test_gptq_at_the_largest_damp_is_still_finite():
 
 def test_an_unquantized_format_is_sixteen_bits(tmp_path):
     path = tmp_path / "p.json"
-    path.write_text(json.dumps({"format": "mpsearch.core.plan/v1", "model": {"id": "x", "fingerprint": "f"},
-                                "tensors": {Q: {"weight": {"quantizer": "none", "bits": 3}}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": "mpsearch.core.plan/v1",
+                "model": {"id": "x", "fingerprint": "f"},
+                "tensors": {Q: {"weight": {"quantizer": "none", "bits": 3}}},
+            }
+        )
+    )
     with pytest.raises(PlanError, match="quantizer 'none' has a fixed layout .bits=16.; got bits=3"):
         Plan.load(path)
 
@@ -192,7 +256,12 @@ def test_an_unquantized_format_is_sixteen_bits(tmp_path):
 def test_a_quantizer_that_fails_names_its_tensor(model):
     """GPTQ on a Gram matrix of NaNs (say, from a corrupt importance file): the tensor and format, not a LinAlgError."""
     n = model.model.layers[0].self_attn.q_proj.in_features
-    plan = Plan("tiny", fingerprint(model), {Q: {"weight": Format(4, 32, quantizer="gptq")}}, importance={Q: torch.full((n, n), math.nan)})
+    plan = Plan(
+        "tiny",
+        fingerprint(model),
+        {Q: {"weight": Format(4, 32, quantizer="gptq")}},
+        importance={Q: torch.full((n, n), math.nan)},
+    )
     with pytest.raises(PlanError, match=r"q_proj'\]\.weight: gptq4g32a"):
         apply_(model, plan)
 
@@ -207,10 +276,27 @@ def test_a_nan_measurement_never_exits_0(tiny_dir, tmp_path, capsys):
     m.save_pretrained(tiny_dir)
     plan = Plan("tiny", fingerprint(m), {Q: {"weight": Format(4, 32)}})
     plan.save(tmp_path / "p.json")
-    rc = main(["eval", str(tmp_path / "p.json"), "--quiet", "--model", str(tiny_dir), "--evaluation", str(tmp_path / "eval.txt"),
-               "--eval-chunks", "1", "--eval-seq-len", "16"])
-    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mpsearch")]  # (transformers' load bars aside)
-    assert rc == 1 and len(said) == 1 and said[0].startswith("mpsearch eval: error: measured NaN or infinite quality for"), said
+    rc = main(
+        [
+            "eval",
+            str(tmp_path / "p.json"),
+            "--quiet",
+            "--model",
+            str(tiny_dir),
+            "--evaluation",
+            str(tmp_path / "eval.txt"),
+            "--eval-chunks",
+            "1",
+            "--eval-seq-len",
+            "16",
+        ]
+    )
+    said = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("mpsearch")
+    ]  # (transformers' load bars aside)
+    assert (
+        rc == 1 and len(said) == 1 and said[0].startswith("mpsearch eval: error: measured NaN or infinite quality for")
+    ), said
 
 
 def test_nonfinite_plans_are_named():
@@ -225,26 +311,44 @@ def deep(n: int) -> str:
     return "[" * n + "]" * n
 
 
-@pytest.mark.parametrize("text,needle", [
-    (deep(200_000), "nests objects or arrays more than 32 levels deep"),
-    ('{"format": "mpsearch.core.plan/v1", "model": {"id": "x", "fingerprint": "y"}, "tensors": {}, "provenance": ' + deep(40) + "}",
-     "more than 32 levels"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        (deep(200_000), "nests objects or arrays more than 32 levels deep"),
+        (
+            '{"format": "mpsearch.core.plan/v1", "model": {"id": "x", "fingerprint": "y"}, "tensors": {}, '
+            '"provenance": ' + deep(40) + "}",
+            "more than 32 levels",
+        ),
+    ],
+)
 def test_deeply_nested_plans_are_one_line(text, needle, tmp_path, capsys):
     (tmp_path / "p.json").write_text(text)
-    one_line_error(main(["heatmap", str(tmp_path / "p.json"), "--out", str(tmp_path / "h.png")]), capsys.readouterr().err, needle,
-                   "heatmap")
+    one_line_error(
+        main(["heatmap", str(tmp_path / "p.json"), "--out", str(tmp_path / "h.png")]),
+        capsys.readouterr().err,
+        needle,
+        "heatmap",
+    )
 
 
 def test_a_deeply_nested_space_is_one_line(tmp_path, no_model_load, capsys):
     (tmp_path / "s.toml").write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
-    one_line_error(main(["search", "--quiet", "--space", str(tmp_path / "s.toml")]), capsys.readouterr().err,
-                   "nests objects or arrays more than 32 levels deep")
+    one_line_error(
+        main(["search", "--quiet", "--space", str(tmp_path / "s.toml")]),
+        capsys.readouterr().err,
+        "nests objects or arrays more than 32 levels deep",
+    )
 
 
 def special_files(tmp_path: Path) -> dict[str, Path]:
     """A link to /dev/zero (endless), to /dev/urandom (endless, binary), a FIFO (blocks on read) and a folder."""
-    out = {"zero": tmp_path / "zero.json", "urandom": tmp_path / "urandom.json", "fifo": tmp_path / "fifo.json", "dir": tmp_path / "d.json"}
+    out = {
+        "zero": tmp_path / "zero.json",
+        "urandom": tmp_path / "urandom.json",
+        "fifo": tmp_path / "fifo.json",
+        "dir": tmp_path / "d.json",
+    }
     out["zero"].symlink_to("/dev/zero")
     out["urandom"].symlink_to("/dev/urandom")
     os.mkfifo(out["fifo"])
@@ -257,7 +361,9 @@ def test_plans_spaces_and_proxies_read_only_regular_files(kind, tmp_path, no_mod
     path = special_files(tmp_path)[kind]
     word = {"zero": "a character device", "urandom": "a character device", "fifo": "a FIFO", "dir": "is a folder"}[kind]
     t0 = time.time()
-    one_line_error(main(["heatmap", str(path), "--out", str(tmp_path / "h.png")]), capsys.readouterr().err, word, "heatmap")
+    one_line_error(
+        main(["heatmap", str(path), "--out", str(tmp_path / "h.png")]), capsys.readouterr().err, word, "heatmap"
+    )
     one_line_error(main(["search", "--quiet", "--space", str(path)]), capsys.readouterr().err, word)
     one_line_error(main(["search", "--quiet", "--proxy", str(path)]), capsys.readouterr().err, word)
     assert time.time() - t0 < 10
@@ -296,10 +402,13 @@ def test_a_backtracking_pattern_in_a_space_is_stopped(field, model):
 
 
 # ------------------------------------------------------------------ 6. spaces that allow nothing
-@pytest.mark.parametrize("formats,needle", [
-    ("bits = []", "formats.bits is empty"),
-    ("group_sizes = []", "formats.group_sizes is empty"),
-])
+@pytest.mark.parametrize(
+    "formats,needle",
+    [
+        ("bits = []", "formats.bits is empty"),
+        ("group_sizes = []", "formats.group_sizes is empty"),
+    ],
+)
 def test_an_empty_grid_is_refused_before_the_model_loads(formats, needle, tmp_path, no_model_load, capsys):
     (tmp_path / "s.toml").write_text(f"[formats]\n{formats}\n")
     one_line_error(main(["search", "--quiet", "--space", str(tmp_path / "s.toml")]), capsys.readouterr().err, needle)
@@ -307,16 +416,21 @@ def test_an_empty_grid_is_refused_before_the_model_loads(formats, needle, tmp_pa
 
 def test_a_grid_that_fits_no_tensor_is_refused(model):
     space = SearchSpace.from_dict({"formats": {"bits": [3, 4], "group_sizes": [7]}})
-    with pytest.raises(SpaceError, match=r"allows nothing: no format of \['u3g7a', 'u4g7a'\] fits 15 of its 15 tensors"):
+    with pytest.raises(
+        SpaceError, match=r"allows nothing: no format of \['u3g7a', 'u4g7a'\] fits 15 of its 15 tensors"
+    ):
         space.build(model)
 
 
 # ------------------------------------------------------------------ 7. proxy files checked when read
-@pytest.mark.parametrize("body,needle", [
-    ('name = "big"\nexpression = "1' + "0" * 1990 + ' * fisher"', "1991-digit number is beyond float64"),
-    ('name = "' + "p" * 300 + '"\nexpression = "fisher"', "is not a proxy name"),
-    ('name = "../../etc/x"\nexpression = "fisher"', "is not a proxy name"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ('name = "big"\nexpression = "1' + "0" * 1990 + ' * fisher"', "1991-digit number is beyond float64"),
+        ('name = "' + "p" * 300 + '"\nexpression = "fisher"', "is not a proxy name"),
+        ('name = "../../etc/x"\nexpression = "fisher"', "is not a proxy name"),
+    ],
+)
 def test_proxy_files_are_checked_before_the_model_loads(body, needle, tmp_path, no_model_load, capsys):
     (tmp_path / "p.toml").write_text(body + "\n")
     one_line_error(main(["search", "--quiet", "--proxy", str(tmp_path / "p.toml")]), capsys.readouterr().err, needle)
@@ -324,7 +438,9 @@ def test_proxy_files_are_checked_before_the_model_loads(body, needle, tmp_path, 
 
 # ------------------------------------------------------------------ 8. read-only and full caches
 def cache_state(cache: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(cache)): (p.stat().st_size, p.stat().st_mtime_ns) for p in cache.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(cache)): (p.stat().st_size, p.stat().st_mtime_ns) for p in cache.rglob("*") if p.is_file()
+    }
 
 
 def test_a_warm_read_only_cache_is_read_and_never_written(tmp_path, tiny_dir):
@@ -335,7 +451,11 @@ def test_a_warm_read_only_cache_is_read_and_never_written(tmp_path, tiny_dir):
     r = run_cli(tiny_search_args(tiny_dir, tmp_path / "b"), cache, read_only=[cache])
     assert r.returncode == 0, r.stderr
     said = [line for line in r.stderr.splitlines() if "not writable" in line]
-    assert len(said) == 1 and said[0].startswith(f"cache {cache} is not writable (") and "goes on without caching" in said[0], r.stderr
+    assert (
+        len(said) == 1
+        and said[0].startswith(f"cache {cache} is not writable (")
+        and "goes on without caching" in said[0]
+    ), r.stderr
     assert cache_state(cache) == before
     a, b = (pd.read_csv(tmp_path / d / "results.csv") for d in "ab")
     pd.testing.assert_frame_equal(a, b)
@@ -351,18 +471,24 @@ def test_a_cold_read_only_cache_runs_without_caching(tmp_path, tiny_dir):
 
 @pytest.mark.skipif(not confined.can_fill(), reason="a full disk needs a tmpfs in a mount namespace (root)")
 def test_a_full_cache_leaves_no_partial_folder_and_the_run_goes_on(tmp_path):
-    """A converted model that does not fit: one line naming the cache, its partial folder removed, the model used anyway."""
+    """A converted model that does not fit: one line naming the cache, its partial folder removed, the model used
+    anyway."""
     cache = tmp_path / "cache"
     cache.mkdir()
     gguf_path = tiny_gguf(tmp_path / "tiny.gguf")
-    code = (f"from mpsearch.models import load_model; import logging; logging.basicConfig(level=logging.WARNING, format='%(message)s'); "
-            f"lm = load_model({str(gguf_path)!r}); print('loaded', lm.model.config.hidden_size)")
+    code = (
+        "from mpsearch.models import load_model; import logging; logging.basicConfig(level=logging.WARNING, "
+        "format='%(message)s'); "
+        f"lm = load_model({str(gguf_path)!r}); print('loaded', lm.model.config.hidden_size)"
+    )
     script = f"{sys.executable} -c {json.dumps(code)}; rc=$?; echo listing; ls -A {cache}/models; exit $rc"
     r = confined.run(["sh", "-c", script], full=cache, full_kb=96, env={**os.environ, "MPSEARCH_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr
     assert "loaded 256" in r.stdout and ".partial" not in r.stdout.split("listing")[1], r.stdout
     lines = [line for line in r.stderr.splitlines() if str(cache) in line]
-    assert lines == [f"cache {cache} is full (No space left on device): this run reads what it holds and goes on without caching"], r.stderr
+    assert lines == [
+        f"cache {cache} is full (No space left on device): this run reads what it holds and goes on without caching"
+    ], r.stderr
 
 
 # ------------------------------------------------------------------ 9. same inputs and seed, same figures and files
@@ -381,7 +507,10 @@ def test_measuring_the_machine_leaves_the_random_state_alone():
 def test_fresh_and_warm_runs_write_the_same_plan_files(tmp_path, tiny_dir):
     """Two runs on fresh caches and a rerun on a warm one: the same figures, byte-identical plans.
     The local roofline (this machine's measured peaks) is in results.csv only."""
-    args = lambda out: [a if a != "t4" else "local" for a in tiny_search_args(tiny_dir, out, "--seed", "1")]  # noqa: E731
+
+    def args(out):
+        return [a if a != "t4" else "local" for a in tiny_search_args(tiny_dir, out, "--seed", "1")]
+
     for out, cache in (("a", "c1"), ("b", "c2"), ("c", "c1")):
         r = run_cli(args(tmp_path / out), tmp_path / cache)
         assert r.returncode == 0, r.stderr
@@ -389,7 +518,9 @@ def test_fresh_and_warm_runs_write_the_same_plan_files(tmp_path, tiny_dir):
     assert plans
     for name in plans:
         a = (tmp_path / "a" / "plans" / name).read_bytes()
-        assert a == (tmp_path / "b" / "plans" / name).read_bytes() == (tmp_path / "c" / "plans" / name).read_bytes(), name
+        assert a == (tmp_path / "b" / "plans" / name).read_bytes() == (tmp_path / "c" / "plans" / name).read_bytes(), (
+            name
+        )
         assert b"cost_latency" not in a
     tables = [pd.read_csv(tmp_path / d / "results.csv") for d in "abc"]
     timed = [c for c in tables[0] if c.startswith("cost_latency")]

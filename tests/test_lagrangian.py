@@ -1,4 +1,5 @@
 """The Lagrangian Pareto sweep against brute force."""
+
 from __future__ import annotations
 
 import itertools
@@ -38,7 +39,9 @@ def test_front_points_are_optimal_plans_and_lie_under_every_plan(problem: Proble
     assert front.costs[0] == problem.min_budget
     for k in range(len(front)):
         loss, cost = problem.evaluate(front.choice(k))
-        assert np.isclose(cost, front.costs[k], rtol=1e-9, atol=1e-9) and np.isclose(loss, front.losses[k], rtol=1e-9, atol=1e-9)
+        assert np.isclose(cost, front.costs[k], rtol=1e-9, atol=1e-9) and np.isclose(
+            loss, front.losses[k], rtol=1e-9, atol=1e-9
+        )
         if k + 1 < len(front) and front.costs[k + 1] == front.costs[k]:
             continue  # the next step's cost vanished in float rounding: only that point is optimal here
         brute = BruteForce().solve(replace(problem, budget=cost))

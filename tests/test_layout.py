@@ -1,5 +1,6 @@
 """The house keeps its shape: every import of mpsearch, lazy ones inside functions included,
 goes down the floors of the pipeline, so there is no import circle and no arrow up."""
+
 from __future__ import annotations
 
 import ast
@@ -7,9 +8,24 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mpsearch"
 #: the floors, lowest first: a module imports its own floor and the ones below, never above
-FLOORS = ["mpsearch._version", "mpsearch.core", "mpsearch.store", "mpsearch.models", "mpsearch.measure", "mpsearch.quant",
-          "mpsearch.kernels", "mpsearch.primitives", "mpsearch.proxies", "mpsearch.solvers", "mpsearch.cost", "mpsearch.export",
-          "mpsearch.report", "mpsearch.run", "mpsearch.cli", "mpsearch"]
+FLOORS = [
+    "mpsearch._version",
+    "mpsearch.core",
+    "mpsearch.store",
+    "mpsearch.models",
+    "mpsearch.measure",
+    "mpsearch.quant",
+    "mpsearch.kernels",
+    "mpsearch.primitives",
+    "mpsearch.proxies",
+    "mpsearch.solvers",
+    "mpsearch.cost",
+    "mpsearch.export",
+    "mpsearch.report",
+    "mpsearch.run",
+    "mpsearch.cli",
+    "mpsearch",
+]
 
 
 def modules() -> dict[str, Path]:
@@ -58,7 +74,7 @@ def test_no_import_circles():
         path.append(m)
         for t in sorted(graph[m]):
             if state.get(t) == 1:
-                raise AssertionError("import circle: " + " -> ".join(path[path.index(t):] + [t]))
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(t) :] + [t]))
             if t not in state:
                 visit(t)
         path.pop()
@@ -75,5 +91,7 @@ def test_every_import_goes_down_the_floors():
 
 
 def test_no_private_name_is_imported_from_another_module():
-    private = sorted((m, f"{t}.{n}") for m, ts in imports().items() for t, n in ts if n and n.startswith("_") and n != "__version__")
+    private = sorted(
+        (m, f"{t}.{n}") for m, ts in imports().items() for t, n in ts if n and n.startswith("_") and n != "__version__"
+    )
     assert not private, private

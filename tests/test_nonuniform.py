@@ -1,5 +1,6 @@
 """Clipped RTN and the non-uniform quantizers: their searches never lose to the
 candidates they search over, their values lie on their level sets, their costs."""
+
 from __future__ import annotations
 
 import pytest
@@ -93,7 +94,11 @@ def test_levels_and_costs():
 
 def correlated_gram(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2048, n, generator=g) @ (torch.randn(n, n, generator=g) * 0.3 + torch.eye(n)) * (1 + 3 * torch.rand(n, generator=g))
+    x = (
+        torch.randn(2048, n, generator=g)
+        @ (torch.randn(n, n, generator=g) * 0.3 + torch.eye(n))
+        * (1 + 3 * torch.rand(n, generator=g))
+    )
     return x.T @ x / len(x)
 
 
@@ -106,7 +111,9 @@ def test_gptq_with_an_identity_gram_and_no_act_order_is_plain_rtn(wi, bits, sym)
     torch.testing.assert_close(gptq, quantize(w, Format(bits, 32, sym, "uniform")), rtol=0, atol=1e-7)
     # the default (ranges by the clipping search) is then the clip quantizer with equal importance
     gptq = quantize(w, Format(bits, 32, sym, "gptq", (("act_order", False),)), eye)
-    torch.testing.assert_close(gptq, quantize(w, Format(bits, 32, sym, "clip"), torch.ones(w.shape[1])), rtol=0, atol=1e-7)
+    torch.testing.assert_close(
+        gptq, quantize(w, Format(bits, 32, sym, "clip"), torch.ones(w.shape[1])), rtol=0, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -121,6 +128,7 @@ def test_gptq_with_clipped_ranges_has_less_output_error_than_with_min_max_ranges
     def out_err(clip):
         d = (quantize(w, Format(2, 32, False, "gptq", (("clip", clip),)), h) - w).double()
         return float(torch.einsum("oi,ij,oj->", d, h.double(), d))
+
     assert out_err(True) < 0.9 * out_err(False)
 
 
@@ -133,6 +141,7 @@ def test_gptq_lowers_the_output_error_and_stays_on_the_group_grid(bits, act_orde
     def out_err(q):
         d = (q - w).double()
         return float(torch.einsum("oi,ij,oj->", d, h.double(), d))
+
     q = quantize(w, Format(bits, 32, False, "gptq", (("act_order", act_order),)), h)
     assert out_err(q) < out_err(quantize(w, Format(bits, 32, False, "uniform")))
     groups = q.reshape(64, -1, 32)
@@ -140,8 +149,8 @@ def test_gptq_lowers_the_output_error_and_stays_on_the_group_grid(bits, act_orde
 
 
 def test_gptq_refuses_without_a_gram_matrix_and_so_does_a_search_without_calibration_importance():
-    from mpsearch.run.search import SearchConfig
     from mpsearch.core.space import Rule
+    from mpsearch.run.search import SearchConfig
 
     with pytest.raises(ValueError, match="Gram matrix"):
         quantize(torch.randn(4, 32), Format(4, 32, False, "gptq"), torch.ones(32))
@@ -168,9 +177,11 @@ def test_outliers_are_kept_at_fp16_and_the_rest_is_the_base_quantizer_on_the_den
     assert fmt.key == f"{key}+o{frac * 100:g}" and dict(fmt.params)["outliers"] == pytest.approx(frac)
     q = quantize(w, fmt, imp)
     k = max(1, int(torch.ceil(torch.tensor(frac * w.numel()))))
-    exact = (q == w.to(torch.float16).float())
+    exact = q == w.to(torch.float16).float()
     assert int(exact.sum()) >= k
-    assert fmt.effective_bits(w.shape[1]) == pytest.approx(base.effective_bits(w.shape[1]) + frac * 48 + 32 / w.shape[1])
+    assert fmt.effective_bits(w.shape[1]) == pytest.approx(
+        base.effective_bits(w.shape[1]) + frac * 48 + 32 / w.shape[1]
+    )
     assert torch.isfinite(q).all()
 
 

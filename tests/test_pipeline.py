@@ -1,20 +1,21 @@
 """Primitives, proxy tables, allocation and evaluation on a tiny Llama."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from mpsearch.store.cache import cache_dir
+from mpsearch.core.plan import Plan, fingerprint
+from mpsearch.core.space import SearchSpace
 from mpsearch.cost import decision_costs
 from mpsearch.measure.evaluate import Evaluator
 from mpsearch.primitives import PrimitiveError, compute_primitives
 from mpsearch.proxies import load_proxy
 from mpsearch.proxies.table import decision_losses, proxy_table
-from mpsearch.core.plan import Plan, fingerprint
 from mpsearch.quant import applied
 from mpsearch.solvers import Problem, get_solver
-from mpsearch.core.space import SearchSpace
+from mpsearch.store.cache import cache_dir
 
 from .conftest import layer_inputs
 
@@ -78,7 +79,11 @@ def test_proxy_table_milp_plan_apply_evaluate(model, tokens, proxy):
     assert np.all(np.diff(one.predicted.to_numpy()) < 0)
     losses, costs = decision_losses(table, decisions), decision_costs(decisions)
     numel = sum(d.numel for d in decisions)
-    solver = get_solver("milp").solve(Problem.build([d.name for d in decisions], [[f.key for f in d.formats] for d in decisions], losses, costs, 3.5 * numel))
+    solver = get_solver("milp").solve(
+        Problem.build(
+            [d.name for d in decisions], [[f.key for f in d.formats] for d in decisions], losses, costs, 3.5 * numel
+        )
+    )
     assert solver.status_ == "optimal" and solver.cost_ <= 3.5 * numel * (1 + 1e-9)
     formats = {m.name: d.formats[j] for d, j in zip(decisions, solver.choice_) for m in d.members}
     tied = [formats[f"model.layers.0.self_attn.{x}_proj"] for x in "qkv"]
@@ -93,6 +98,7 @@ def test_proxy_table_milp_plan_apply_evaluate(model, tokens, proxy):
 
 def test_caches_are_keyed_by_weight_values_not_just_shapes(tokens):
     from mpsearch.core.plan import fingerprint as fp
+
     from .conftest import tiny_llama
 
     a, b = tiny_llama(seed=0), tiny_llama(seed=5)
@@ -103,10 +109,12 @@ def test_caches_are_keyed_by_weight_values_not_just_shapes(tokens):
 
 
 def test_proxy_table_cache_round_trips(model, tokens):
-    from mpsearch.proxies.table import cached_proxy_table
+    from mpsearch.run.cached import cached_proxy_table
 
     decisions = SearchSpace.from_file("llama").build(model)
-    prims = compute_primitives(model, [m.name for d in decisions for m in d.members], tokens, {"fisher"}, progress=False)
+    prims = compute_primitives(
+        model, [m.name for d in decisions for m in d.members], tokens, {"fisher"}, progress=False
+    )
     first = cached_proxy_table(load_proxy("fisher"), model, decisions, prims, progress=False)
     again = cached_proxy_table(load_proxy("fisher"), model, decisions, prims, progress=False)
     assert len(list((cache_dir() / "tables").glob("*.csv"))) == 1

@@ -1,4 +1,5 @@
 """Plan v1: round trip, validation errors naming the key, fingerprints, precedence."""
+
 from __future__ import annotations
 
 import json
@@ -81,12 +82,16 @@ def test_unknown_tensor_name(model):
 
 
 def test_precedence_exact_then_first_pattern_then_default(model):
-    plan = Plan("tiny", fingerprint(model), {
-        "_default": {"weight": Format(8)},
-        r"re:.*\.mlp\..*": {"weight": Format(4)},
-        r"re:.*down_proj": {"weight": Format(2)},  # later pattern: loses to the mlp one
-        "model.layers.1.mlp.down_proj": {"weight": Format(3)},  # exact wins
-    })
+    plan = Plan(
+        "tiny",
+        fingerprint(model),
+        {
+            "_default": {"weight": Format(8)},
+            r"re:.*\.mlp\..*": {"weight": Format(4)},
+            r"re:.*down_proj": {"weight": Format(2)},  # later pattern: loses to the mlp one
+            "model.layers.1.mlp.down_proj": {"weight": Format(3)},  # exact wins
+        },
+    )
     r = plan.resolve(quantizable_names(model)).weight_formats()
     assert r["model.layers.0.mlp.down_proj"].bits == 4
     assert r["model.layers.1.mlp.down_proj"].bits == 3
@@ -118,7 +123,8 @@ def test_applied_restores_weights(model, tokens):
 
 
 def test_a_weight_format_on_a_run_time_target_is_refused_clearly(model):
-    """Inputs and the KV cache take their own quantizers (tests/test_runtime_targets.py); a weight format there names the target."""
+    """Inputs and the KV cache take their own quantizers (tests/test_runtime_targets.py); a weight format there names
+    the target."""
     plan = Plan("tiny", fingerprint(model), {Q: {"weight": Format(4), "input": Format(8)}})
     with pytest.raises(PlanError, match=r"input: quantizer 'uniform' quantizes \['weight'\], not input"):
         apply_(model, plan)
@@ -127,7 +133,15 @@ def test_a_weight_format_on_a_run_time_target_is_refused_clearly(model):
 def test_cli_reports_a_malformed_plan_in_one_line(tmp_path, capsys):
     from mpsearch.cli import main
 
-    (tmp_path / "bad.json").write_text(json.dumps({"format": "mpsearch.core.plan/v1", "model": {"id": "x", "fingerprint": "y"}, "tensors": {Q: {"weight": {"bits": 4, "grop_size": 64}}}}))
+    (tmp_path / "bad.json").write_text(
+        json.dumps(
+            {
+                "format": "mpsearch.core.plan/v1",
+                "model": {"id": "x", "fingerprint": "y"},
+                "tensors": {Q: {"weight": {"bits": 4, "grop_size": 64}}},
+            }
+        )
+    )
     assert main(["eval", str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err
     assert "grop_size" in err and Q in err and err.count("\n") == 1
@@ -139,7 +153,12 @@ def test_a_plan_with_an_importance_vector_saves_it_beside_and_checks_it_on_load(
     from mpsearch.core.plan import Plan, PlanError
 
     imp = {"a": torch.rand(64), "b": torch.rand(32)}
-    plan = Plan("m", "sha256:x", {"a": {"weight": Format.parse("q4_0")}, "b": {"weight": Format.parse("iq4_nl")}}, importance=imp)
+    plan = Plan(
+        "m",
+        "sha256:x",
+        {"a": {"weight": Format.parse("q4_0")}, "b": {"weight": Format.parse("iq4_nl")}},
+        importance=imp,
+    )
     path = plan.save(tmp_path / "p.json")
     side = tmp_path / "p.importance.safetensors"
     assert side.exists()
@@ -153,3 +172,45 @@ def test_a_plan_with_an_importance_vector_saves_it_beside_and_checks_it_on_load(
     side.unlink()
     with pytest.raises(PlanError, match="importance file p.importance.safetensors is missing"):
         Plan.load(path)
+
+
+def counting_checks(monkeypatch) -> list:
+    """Every call of check_plan, wherever it is reached from."""
+    import importlib
+
+    apply_module = importlib.import_module("mpsearch.quant.apply")  # the package's `apply` is the function
+    calls, real = [], apply_module.check_plan
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(apply_module, "check_plan", counted)
+    return calls
+
+
+def test_a_plan_is_checked_once_per_evaluation(tiny_run, monkeypatch):
+    """evaluate_plan checks the plan before the reference pass and passes the checked plan on
+    (it was checked three times: evaluate_plan, applied and apply_, each hashing every weight)."""
+    from mpsearch.models import load_model
+    from mpsearch.run.evaluation import evaluate_plan
+
+    cfg = tiny_run()
+    model = load_model(cfg.model).model
+    plan = Plan("tiny", fingerprint(model), {"_default": {"weight": Format(3, 32)}})
+    calls = counting_checks(monkeypatch)
+    got = evaluate_plan(plan, cfg.model, cfg.evaluation, seq_len=32, chunks=2, progress=False, device="cpu")
+    assert len(calls) == 1 and got["plan"]["kl"] > 0
+    calls.clear()
+    with applied(model, plan):  # applied alone: once too
+        pass
+    assert len(calls) == 1
+
+
+def test_a_plan_checked_against_one_model_is_refused_by_another(model):
+    from mpsearch.quant.apply import CheckedPlan
+
+    checked = CheckedPlan.of(model, explicit_plan(model, Format(2, 32)))
+    assert CheckedPlan.of(model, checked) is checked
+    with pytest.raises(PlanError, match="another model"):
+        apply_(tiny_llama(), checked)

@@ -1,4 +1,5 @@
 """The throwaway PostgreSQL server (tests/postgres.py) and Optuna's RDB storage on it."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,12 @@ def test_optuna_rdb_storage_round_trip(postgres_url):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(postgres_url, heartbeat_interval=1, grace_period=3)
-    study = optuna.create_study(study_name="rdb-round-trip", storage=storage, direction="minimize",
-                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(
+        study_name="rdb-round-trip",
+        storage=storage,
+        direction="minimize",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
     study.optimize(lambda t: (t.suggest_float("x", -1.0, 1.0) - 0.25) ** 2, n_trials=3)
     written = [(t.number, t.params["x"], t.value) for t in study.trials]
 

@@ -1,11 +1,12 @@
 """APQ-style predictor search: it learns a miscalibrated proxy's group weights from measurements."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mpsearch.solvers.predictor import PredictorConfig, QualityPredictor, decision_groups, predictor_search
 from mpsearch.solvers import MILP, Problem
+from mpsearch.solvers.predictor import PredictorConfig, QualityPredictor, decision_groups, predictor_search
 
 pytest.importorskip("sklearn")
 BITS = np.array([2.0, 3.0, 4.0, 8.0])

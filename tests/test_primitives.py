@@ -1,4 +1,5 @@
 """Every primitive family against a direct computation on a tiny Llama; caching per family."""
+
 from __future__ import annotations
 
 import math
@@ -7,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from mpsearch.store.cache import cache_dir
+from mpsearch.core.space import SearchSpace
 from mpsearch.primitives import PrimitiveSettings, compute_primitives, families, family_of, primitive_names
 from mpsearch.primitives.activations import GPTQ_DAMP, KERNEL_BITS
 from mpsearch.primitives.hessian import hutchinson
 from mpsearch.proxies import PRIMITIVE_NAMES, list_proxies, load_proxy
 from mpsearch.proxies.table import proxy_table
-from mpsearch.core.space import SearchSpace
+from mpsearch.store.cache import cache_dir
 
 from .conftest import layer_inputs, tiny_llama
 
@@ -43,19 +44,25 @@ def test_mean_gradient(model, tokens):
 
 
 def test_activation_statistics_match_a_direct_computation(model, tokens):
-    prims = compute_primitives(model, [UP, GATE, DOWN], tokens, {"hinv", "act_entropy"}, use_cache=False, progress=False)
+    prims = compute_primitives(
+        model, [UP, GATE, DOWN], tokens, {"hinv", "act_entropy"}, use_cache=False, progress=False
+    )
     for name in (UP, DOWN):
         x = layer_inputs(model, tokens, name)
         h = x.T @ x / len(x)
         h += GPTQ_DAMP * h.diagonal().mean() * torch.eye(len(h), dtype=h.dtype)
-        torch.testing.assert_close(prims.get("hinv", name).double(), torch.linalg.inv(h).diagonal(), rtol=1e-3, atol=1e-8)
+        torch.testing.assert_close(
+            prims.get("hinv", name).double(), torch.linalg.inv(h).diagonal(), rtol=1e-3, atol=1e-8
+        )
         a = x.abs()
         p = a / a.sum(1, keepdim=True)
         entropy = float(-(p * torch.where(p > 0, p.log(), 0)).sum(1).mean())
         assert float(prims.get("act_entropy", name)) == pytest.approx(entropy, rel=1e-5)
         assert float(prims.get("act_absmax", name)) == pytest.approx(float(a.max()), rel=1e-6)
         c = x - x.mean()
-        assert float(prims.get("act_kurtosis", name)) == pytest.approx(float((c**4).mean() / (c**2).mean() ** 2), rel=1e-6)
+        assert float(prims.get("act_kurtosis", name)) == pytest.approx(
+            float((c**4).mean() / (c**2).mean() ** 2), rel=1e-6
+        )
         rms = x.pow(2).mean(1, keepdim=True).sqrt()
         assert float(prims.get("act_outlier", name)) == pytest.approx(float((a > 6 * rms).double().mean()), abs=1e-12)
         # the kernel is what symmetric per-token round-to-nearest actually sends to zero
@@ -70,13 +77,14 @@ def test_activation_statistics_match_a_direct_computation(model, tokens):
         assert torch.equal(prims.get(k, UP), prims.get(k, GATE))
 
 
-
 def test_the_gram_family_is_x_t_x_over_n_and_its_diagonal_is_xtx_bit_for_bit(model, tokens):
     prims = compute_primitives(model, [UP, GATE, DOWN], tokens, {"gram", "xtx"}, use_cache=False, progress=False)
     for name in (UP, DOWN):
         x = layer_inputs(model, tokens, name)
         torch.testing.assert_close(prims.get("gram", name).double(), x.T @ x / len(x), rtol=1e-4, atol=1e-7)
-        assert torch.equal(prims.get("gram", name).diagonal(), prims.get("xtx", name))  # GGUF formats quantize the same from either
+        assert torch.equal(
+            prims.get("gram", name).diagonal(), prims.get("xtx", name)
+        )  # GGUF formats quantize the same from either
     assert torch.equal(prims.get("gram", UP), prims.get("gram", GATE))
 
 
@@ -92,6 +100,7 @@ def test_the_gram_loss_proxy_reads_the_whole_output_error(all_tables):
     oerr = float(torch.einsum("oi,ij,oj->", dw, prims.get("gram", DOWN).double(), dw))
     scale = 0.5 * float(prims.get("fisher", DOWN).sum()) / (r.numel * float(prims.get("xtx", DOWN).mean()))
     assert r.predicted == pytest.approx(scale * oerr, rel=1e-5)
+
 
 def test_synflow_matches_a_direct_computation_and_leaves_the_model_alone(model, tokens):
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -111,7 +120,9 @@ def test_synflow_matches_a_direct_computation_and_leaves_the_model_alone(model, 
 
 def test_hessian_family_is_hutchinson_per_sequence(model, tokens):
     settings = PrimitiveSettings(hessian_probes=3, hessian_sequences=2, seed=4)
-    prims = compute_primitives(model, [UP, DOWN], tokens, {"htrace"}, settings=settings, use_cache=False, progress=False)
+    prims = compute_primitives(
+        model, [UP, DOWN], tokens, {"htrace"}, settings=settings, use_cache=False, progress=False
+    )
     direct = hutchinson(model, [UP, DOWN], tokens[:2], probes=3, chunk=1, seed=4, progress=False)
     for n in (UP, DOWN):
         assert float(prims.get("htrace", n)) == pytest.approx(direct.trace[n], rel=1e-5)
@@ -129,11 +140,20 @@ def test_each_family_is_cached_on_its_own(model, tokens):
     assert len(list((cache_dir() / "primitives").glob("activations-*.safetensors"))) == 1
     assert set(both.values) == {"fisher", "grad", *families()["activations"].provides}
     # the Hessian's settings are part of its key; other families ignore them
-    a = compute_primitives(model, names, tokens, {"htrace"}, settings=PrimitiveSettings(hessian_probes=1), progress=False)
-    b = compute_primitives(model, names, tokens, {"htrace"}, settings=PrimitiveSettings(hessian_probes=2), progress=False)
+    a = compute_primitives(
+        model, names, tokens, {"htrace"}, settings=PrimitiveSettings(hessian_probes=1), progress=False
+    )
+    b = compute_primitives(
+        model, names, tokens, {"htrace"}, settings=PrimitiveSettings(hessian_probes=2), progress=False
+    )
     assert a.key != b.key and len(list((cache_dir() / "primitives").glob("hessian-*"))) == 2
-    c = compute_primitives(model, names, tokens, {"fisher"}, settings=PrimitiveSettings(hessian_probes=2), progress=False)
-    assert grads.stat().st_mtime_ns == stamp and c.key == compute_primitives(model, names, tokens, {"fisher"}, progress=False).key
+    c = compute_primitives(
+        model, names, tokens, {"fisher"}, settings=PrimitiveSettings(hessian_probes=2), progress=False
+    )
+    assert (
+        grads.stat().st_mtime_ns == stamp
+        and c.key == compute_primitives(model, names, tokens, {"fisher"}, progress=False).key
+    )
 
 
 def test_nan_in_a_cached_family_is_recomputed(model, tokens, caplog):
@@ -163,8 +183,15 @@ def all_tables():
     decisions = SearchSpace.from_file("llama").build(model)
     proxies = [load_proxy(n) for n in list_proxies()]
     needs = set().union(*(p.needs for p in proxies))
-    prims = compute_primitives(model, [m.name for d in decisions for m in d.members], toks, needs, use_cache=False,
-                               progress=False, settings=PrimitiveSettings(hessian_probes=2))
+    prims = compute_primitives(
+        model,
+        [m.name for d in decisions for m in d.members],
+        toks,
+        needs,
+        use_cache=False,
+        progress=False,
+        settings=PrimitiveSettings(hessian_probes=2),
+    )
     kl = measured_kl(model, decisions, toks[:1], use_cache=False, progress=False)
     prims.kl = {(t, f): v for t, f, v in kl.itertuples(index=False)}
     return {p.name: proxy_table(p, model, decisions, prims, progress=False) for p in proxies}, prims
@@ -179,7 +206,21 @@ def test_every_builtin_proxy_gives_a_finite_table(all_tables):
         assert quantized.predicted.nunique() > 1, name
 
 
-@pytest.mark.parametrize("name", ["mse", "fisher", "fit", "hawq_v2", "input_moment", "input_moment_loss", "baq", "qvlm_entropy", "size", "measured_kl"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mse",
+        "fisher",
+        "fit",
+        "hawq_v2",
+        "input_moment",
+        "input_moment_loss",
+        "baq",
+        "qvlm_entropy",
+        "size",
+        "measured_kl",
+    ],
+)
 def test_error_proxies_are_zero_unquantized_and_fall_with_bits(all_tables, name):
     table = all_tables[0][name]
     unquantized = table.loc[table.format == "fp16", "predicted"].abs()
@@ -201,7 +242,7 @@ def test_proxy_formulas(all_tables):
     r = row(tables["grad_norm"], "u8g64a")
     assert r.predicted == pytest.approx(-float(g.norm()) * r.bits, rel=1e-5)
     r = row(tables["size"], "u3g128a")
-    assert r.predicted == pytest.approx(r.numel * 4.0 ** -r.bits, rel=1e-9)
+    assert r.predicted == pytest.approx(r.numel * 4.0**-r.bits, rel=1e-9)
 
 
 def test_kernel_lookup_uses_the_formats_bits(all_tables):

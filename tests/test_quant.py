@@ -1,4 +1,5 @@
 """Quantizer properties and effective-bit accounting."""
+
 from __future__ import annotations
 
 import hypothesis.strategies as st
@@ -16,7 +17,12 @@ def weights(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.integers(2, 8), group=st.sampled_from([8, 16, 32, PER_CHANNEL]), symmetric=st.booleans(), seed=st.integers(0, 10_000))
+@given(
+    bits=st.integers(2, 8),
+    group=st.sampled_from([8, 16, 32, PER_CHANNEL]),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
 def test_error_within_half_step(bits, group, symmetric, seed):
     w = weights(4, 64, seed)
     fmt = Format(bits, group, symmetric)
@@ -85,7 +91,9 @@ def test_effective_bits(fmt, in_features, expected):
     assert fmt.effective_bits(in_features) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("kwargs", [dict(bits=0), dict(bits=17), dict(bits=4, group_size=0), dict(bits=4, symmetric="no"), dict(bits=2.5)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(bits=0), dict(bits=17), dict(bits=4, group_size=0), dict(bits=4, symmetric="no"), dict(bits=2.5)]
+)
 def test_bad_formats_are_rejected(kwargs):
     with pytest.raises(FormatError):
         Format(**kwargs)

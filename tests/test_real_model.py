@@ -2,6 +2,7 @@
 
 Small slices of text keep this within CI's time; the benchmark runs the full sizes.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import pandas as pd
 import pytest
 
 from mpsearch.cli import main
-from mpsearch.models.data import NOVELS, load_text
 from mpsearch.core.plan import Plan, PlanError
+from mpsearch.models.data import NOVELS, load_text
 from mpsearch.quant import apply_
 from mpsearch.run.search import SearchConfig, search
 
@@ -77,7 +78,9 @@ def test_cli_infeasible_budget_names_the_smallest_feasible(tmp_path, capsys):
     rc = main(["search", "--budget", "2.0", "--no-measure", "--quiet", "--out", str(tmp_path)])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "infeasible" in err and "smallest feasible budget is 2.4375" in err  # 2-bit: g64 (2.5) where in=576, g128 (2.25) on down_proj
+    assert (
+        "infeasible" in err and "smallest feasible budget is 2.4375" in err
+    )  # 2-bit: g64 (2.5) where in=576, g128 (2.25) on down_proj
 
 
 def test_austen_novels_are_distinct_texts():
@@ -100,10 +103,17 @@ def test_local_model_directory_and_text_file(tmp_path):
     tiny.save_pretrained(tmp_path / "tiny")
     lm.tokenizer.save_pretrained(tmp_path / "tiny")
     (tmp_path / "calib.txt").write_text(load_text("austen:emma").text[:20000])
-    res = search(SearchConfig(
-        model=str(tmp_path / "tiny"), calibration=str(tmp_path / "calib.txt"), evaluation="austen:northangerabbey",
-        proxies=("mse",), budgets=("4.0",), out_dir=str(tmp_path / "out"), **{**SMALL, "eval_chunks": 1},
-    ))
+    res = search(
+        SearchConfig(
+            model=str(tmp_path / "tiny"),
+            calibration=str(tmp_path / "calib.txt"),
+            evaluation="austen:northangerabbey",
+            proxies=("mse",),
+            budgets=("4.0",),
+            out_dir=str(tmp_path / "out"),
+            **{**SMALL, "eval_chunks": 1},
+        )
+    )
     plan = res.plans["mse-milp@4.0"]
     assert plan.model_id == str(tmp_path / "tiny") and plan.metrics["effective_bits"] <= 4.0 + 1e-9
     assert math.isfinite(plan.metrics["ppl"])
@@ -112,8 +122,24 @@ def test_local_model_directory_and_text_file(tmp_path):
 def test_cli_evolve_resumes_where_it_stopped(tmp_path, capsys):
     """NSGA-II on the default model: a second run of the same command continues the study."""
     out = tmp_path / "evo"
-    args = ["evolve", "--budget", "uniform:3", "--population", "4", "--calib-chunks", "2", "--calib-seq-len", "128",
-            "--eval-chunks", "1", "--eval-seq-len", "64", "--out", str(out), "--quiet"]
+    args = [
+        "evolve",
+        "--budget",
+        "uniform:3",
+        "--population",
+        "4",
+        "--calib-chunks",
+        "2",
+        "--calib-seq-len",
+        "128",
+        "--eval-chunks",
+        "1",
+        "--eval-seq-len",
+        "64",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(args + ["--trials", "6"]) == 0
     first = pd.read_csv(out / "trials.csv")
     assert len(first) == 6 and (first.source == "seed").sum() >= 2
@@ -131,8 +157,18 @@ def test_every_primitive_family_and_proxy_on_the_default_model(tmp_path):
     from mpsearch.proxies import list_proxies
 
     proxies = tuple(p for p in list_proxies() if p != "measured_kl")
-    res = search(SearchConfig(proxies=proxies, budgets=("uniform:4",), out_dir=str(tmp_path), measure=False, baselines=False,
-                              hessian_probes=1, hessian_sequences=1, **{**SMALL, "calib_chunks": 1}))
+    res = search(
+        SearchConfig(
+            proxies=proxies,
+            budgets=("uniform:4",),
+            out_dir=str(tmp_path),
+            measure=False,
+            baselines=False,
+            hessian_probes=1,
+            hessian_sequences=1,
+            **{**SMALL, "calib_chunks": 1},
+        )
+    )
     for p in proxies:
         table = res.proxy_tables[p]
         assert np.isfinite(table.predicted).all(), p

@@ -1,5 +1,6 @@
 """Measured refinement: the returned plan is the best measured one, baselines included; a proxy
 that misleads is reported (issue 11, item 4)."""
+
 from __future__ import annotations
 
 import json
@@ -67,7 +68,10 @@ def test_trust_region_path_runs_from_the_proxy_plan_to_the_anchor():
     loss = [np.sort(rng.random(3))[::-1] * (i + 1) for i in range(6)]
     problem = Problem.build([f"d{i}" for i in range(6)], [["a", "b", "c"]] * 6, loss, cost, 12.0)
     anchor = (1,) * 6
-    start = tuple(int(j) for j in __import__("mpsearch.solvers", fromlist=["get_solver"]).get_solver("milp").solve(problem).choice_)
+    start = tuple(
+        int(j)
+        for j in __import__("mpsearch.solvers", fromlist=["get_solver"]).get_solver("milp").solve(problem).choice_
+    )
     path = trust_region_path(problem, start, anchor)
     assert path and path[-1] == anchor  # a large enough mu keeps the baseline
     assert all(sum(cost[i][j] for i, j in enumerate(c)) <= 12.0 + 1e-9 for c in path)

@@ -1,4 +1,5 @@
 """Report figures are written, and a plan without layer names is a clear error."""
+
 from __future__ import annotations
 
 import pandas as pd

@@ -1,4 +1,5 @@
 """Activations and the KV cache: quantizers, hooks, bit accounting, calibration, the decode path, the joint search."""
+
 from __future__ import annotations
 
 import math
@@ -11,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpsearch.measure.evaluate import DecodeEvaluator
 from mpsearch.core.format import Format, FormatError
 from mpsearch.core.plan import Plan, PlanError, fingerprint
+from mpsearch.measure.evaluate import DecodeEvaluator
 from mpsearch.quant import applied, apply_, get_quantizer
 from mpsearch.quant.activation import quantize_cross, quantize_token
 from mpsearch.quant.calibrate import calibrate
@@ -75,7 +76,7 @@ def test_attention_sinks_stay_unquantized_in_prefill_and_decode():
     with torch.no_grad(), RuntimeHooks(model, {(V0, "v_cache"): sink}, calib):
         model(input_ids=ids[:, :2], cache=cache, use_cache=True)  # a prefill of 2, then decode one token at a time
         for t in range(2, 12):
-            model(input_ids=ids[:, t: t + 1], cache=cache, use_cache=True)
+            model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
     got, want = cache.layers[0].values, ref.layers[0].values
     torch.testing.assert_close(got[:, :, :3], want[:, :, :3])
     assert not torch.allclose(got[:, :, 3:], want[:, :, 3:])
@@ -83,8 +84,16 @@ def test_attention_sinks_stay_unquantized_in_prefill_and_decode():
 
 
 @settings(max_examples=40, deadline=None)
-@given(bits=st.integers(2, 8), tokens=st.integers(1, 300), heads=st.integers(1, 4), head_dim=st.sampled_from([8, 16, 64]),
-       outliers=st.sampled_from([None, 0.01, 0.05]), sinks=st.integers(0, 4), nuq=st.booleans(), target=st.sampled_from(["k_cache", "v_cache"]))
+@given(
+    bits=st.integers(2, 8),
+    tokens=st.integers(1, 300),
+    heads=st.integers(1, 4),
+    head_dim=st.sampled_from([8, 16, 64]),
+    outliers=st.sampled_from([None, 0.01, 0.05]),
+    sinks=st.integers(0, 4),
+    nuq=st.booleans(),
+    target=st.sampled_from(["k_cache", "v_cache"]),
+)
 def test_kv_bits_count_every_stored_piece(bits, tokens, heads, head_dim, outliers, sinks, nuq, target):
     """The accounting equals the pieces the quantizer actually keeps: codes, per-channel or per-group
     scale and zero, the codebook, every outlier (value + index) it leaves exact, and the fp16 sinks."""
@@ -97,7 +106,13 @@ def test_kv_bits_count_every_stored_piece(bits, tokens, heads, head_dim, outlier
     n = max(tokens - sinks, 0)
     kept = int(mask.sum())  # outliers the quantizer really stored exactly
     scales = width if target == "k_cache" else n * (width // head_dim)  # (centre, half-range) pairs
-    count = min(sinks, tokens) * width * 16 + n * width * bits + kept * (16 + 16) + scales * 2 * 16 + (2 ** bits * 16 if nuq else 0)
+    count = (
+        min(sinks, tokens) * width * 16
+        + n * width * bits
+        + kept * (16 + 16)
+        + scales * 2 * 16
+        + (2**bits * 16 if nuq else 0)
+    )
     assert storage_bits(fmt, target, tokens, width, head_dim) == count
     naive = Format(bits, -1, False, "kvtok")
     assert storage_bits(naive, target, tokens, width, head_dim) == tokens * width * bits + tokens * heads * 2 * 16
@@ -165,7 +180,9 @@ def test_plans_with_runtime_targets_check_save_and_apply(model, tokens, tmp_path
     plan = Plan("tiny", fp, {K0: {"k_cache": kq, "input": Format.parse("cross6")}, V0: {"v_cache": kq}})
     sites = {(n, t): [f] for n, e in plan.tensors.items() for t, f in e.items()}
     plan.calibration = calibrate(model, sites, tokens)
-    assert any(k.endswith("/codebook") for k in plan.calibration) and any(k.endswith("/channel_absmax") for k in plan.calibration)
+    assert any(k.endswith("/codebook") for k in plan.calibration) and any(
+        k.endswith("/channel_absmax") for k in plan.calibration
+    )
     plan.save(tmp_path / "p.json")
     back = Plan.load(tmp_path / "p.json")
     assert back.tensors == plan.tensors and set(back.calibration) == set(plan.calibration)
@@ -175,7 +192,9 @@ def test_plans_with_runtime_targets_check_save_and_apply(model, tokens, tmp_path
             q = m(input_ids=tokens[:1]).logits
         after = model(input_ids=tokens[:1]).logits
     assert not torch.allclose(q, ref) and torch.equal(after, ref)  # the hooks are gone after the block
-    (tmp_path / "p.calibration.safetensors").write_bytes((tmp_path / "p.calibration.safetensors").read_bytes()[:-8] + b"\0" * 8)
+    (tmp_path / "p.calibration.safetensors").write_bytes(
+        (tmp_path / "p.calibration.safetensors").read_bytes()[:-8] + b"\0" * 8
+    )
     with pytest.raises(PlanError, match="calibration file"):
         Plan.load(tmp_path / "p.json")
 
@@ -194,29 +213,88 @@ def test_decode_path_scores_what_the_full_forward_scores():
 
 
 def test_joint_search_cli_on_a_tiny_model(tiny_run, tmp_path):
-    """W+A+KV in one MILP from the CLI: every target in the plans, the memory budget kept, joint no worse predicted than separate."""
+    """W+A+KV in one MILP from the CLI: every target in the plans, the memory budget kept, joint no worse predicted than
+    separate."""
     from mpsearch.cli import main
     from mpsearch.run.search import SearchConfig
 
     cfg: SearchConfig = tiny_run()
     out = tmp_path / "joint"
-    rc = main(["search", "--model", cfg.model, "--calibration", cfg.calibration, "--evaluation", cfg.evaluation,
-               "--space", "llama_wakv", "--proxy", "measured_kl", "--budget", "60KB", "--context", "48", "--decode", "8",
-               "--act-bits", "7", "--calib-chunks", "2", "--calib-seq-len", "32", "--eval-chunks", "2", "--quiet", "--out", str(out)])
+    rc = main(
+        [
+            "search",
+            "--model",
+            cfg.model,
+            "--calibration",
+            cfg.calibration,
+            "--evaluation",
+            cfg.evaluation,
+            "--space",
+            "llama_wakv",
+            "--proxy",
+            "measured_kl",
+            "--budget",
+            "60KB",
+            "--context",
+            "48",
+            "--decode",
+            "8",
+            "--act-bits",
+            "7",
+            "--calib-chunks",
+            "2",
+            "--calib-seq-len",
+            "32",
+            "--eval-chunks",
+            "2",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     table = pd.read_csv(out / "results.csv").set_index("plan")
     for alloc in ("joint", "separate"):
         row = table.loc[f"measured_kl+kl-{alloc}@60KB"]
-        assert row.total_bytes <= 60_000 * (1 + 1e-9) and row.weight_bytes + row.kv_bytes == pytest.approx(row.total_bytes)
+        assert row.total_bytes <= 60_000 * (1 + 1e-9) and row.weight_bytes + row.kv_bytes == pytest.approx(
+            row.total_bytes
+        )
         assert row.act_bits <= 7 + 1e-9 and math.isfinite(row.kl) and 0 <= row.kernel_proportion < 1
         plan = Plan.load(out / "plans" / f"measured_kl_kl-{alloc}@60KB.json")
         targets = {t for e in plan.tensors.values() for t in e}
         assert {"weight", "input", "k_cache", "v_cache"} <= targets
     # the joint problem may take any split the separate one takes: its predicted loss is no higher
-    assert table.loc["measured_kl+kl-joint@60KB", "predicted"] <= table.loc["measured_kl+kl-separate@60KB", "predicted"] + 1e-12
-    assert set(pd.read_csv(out / "runtime_table.csv").columns) >= {"decision", "target", "format", "kl", "fisher", "mse", "kernel"}
+    assert (
+        table.loc["measured_kl+kl-joint@60KB", "predicted"]
+        <= table.loc["measured_kl+kl-separate@60KB", "predicted"] + 1e-12
+    )
+    assert set(pd.read_csv(out / "runtime_table.csv").columns) >= {
+        "decision",
+        "target",
+        "format",
+        "kl",
+        "fisher",
+        "mse",
+        "kernel",
+    }
     assert 'id="fig-pareto"' in (out / "report.html").read_text()  # every search writes its report
-    assert main(["search", "--space", "llama_wkv", "--budget", "3.5", "--context", "64", "--quiet", "--out", str(tmp_path / "x")]) != 0
+    assert (
+        main(
+            [
+                "search",
+                "--space",
+                "llama_wkv",
+                "--budget",
+                "3.5",
+                "--context",
+                "64",
+                "--quiet",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        != 0
+    )
 
 
 def test_a_kv_space_without_context_or_with_a_bits_budget_fails_before_loading():
@@ -241,24 +319,39 @@ def test_exports_carry_inputs_where_the_target_can_and_refuse_the_rest(tmp_path,
     model = tiny_llama()
     monkeypatch.setattr(loader, "load_model", lambda spec: type("LM", (), {"model": model, "model_id": "tiny"})())
     import mpsearch.export.int_schemes as ints
+
     monkeypatch.setattr(ints, "load_model", lambda spec: type("LM", (), {"model": model, "model_id": "tiny"})())
     w = Format.parse("u4g32a")
     q0 = "model.layers.0.self_attn.q_proj"
-    plan = Plan("tiny", fingerprint(model), {q0: {"weight": w, "input": Format.parse("tok8")}, K0: {"weight": w, "k_cache": Format.parse("kvtok4")}})
+    plan = Plan(
+        "tiny",
+        fingerprint(model),
+        {q0: {"weight": w, "input": Format.parse("tok8")}, K0: {"weight": w, "k_cache": Format.parse("kvtok4")}},
+    )
     with pytest.raises(ExportError, match=r"k_proj'\]\.k_cache.*--weights-only"):
         export(plan, "compressed-tensors", tmp_path / "ct.json", model="tiny")
     out = export(plan, "compressed-tensors", tmp_path / "ct.json", model="tiny", weights_only=True)
     cfg = json.loads(out.read_text())
     groups = {tuple(g["targets"]): g for g in cfg["config_groups"].values()}
-    assert groups[(q0,)]["input_activations"]["strategy"] == "token" and groups[(q0,)]["input_activations"]["num_bits"] == 8
+    assert (
+        groups[(q0,)]["input_activations"]["strategy"] == "token"
+        and groups[(q0,)]["input_activations"]["num_bits"] == 8
+    )
     assert groups[(K0,)]["input_activations"] is None
     with pytest.raises(ExportError, match="gptqmodel cannot carry .*2 such entries"):
         export(plan, "gptqmodel", tmp_path / "g.json", model="tiny")
 
 
 @settings(max_examples=40, deadline=None)
-@given(tokens=st.integers(1, 40), heads=st.integers(1, 3), bits=st.integers(2, 8), nuq=st.booleans(),
-       outliers=st.sampled_from([None, 0.05]), target=st.sampled_from(["k_cache", "v_cache"]), seed=st.integers(0, 10**6))
+@given(
+    tokens=st.integers(1, 40),
+    heads=st.integers(1, 3),
+    bits=st.integers(2, 8),
+    nuq=st.booleans(),
+    outliers=st.sampled_from([None, 0.05]),
+    target=st.sampled_from(["k_cache", "v_cache"]),
+    seed=st.integers(0, 10**6),
+)
 def test_kvquant_keeps_outliers_exact_and_the_rest_on_its_levels(tokens, heads, bits, nuq, outliers, target, seed):
     from mpsearch.quant.kvcache import calibrate_kvquant, quantize_kvquant
 
@@ -270,11 +363,13 @@ def test_kvquant_keeps_outliers_exact_and_the_rest_on_its_levels(tokens, heads, 
     cal = calibrate_kvquant(x, torch.rand(x.shape, generator=g), fmt, head_dim, target)
     q = quantize_kvquant(x, fmt, cal, head_dim, target)
     z, mid, half, mask, r = _normalise(x, fmt, cal, head_dim, target)
-    levels = cal["codebook"] if nuq else torch.linspace(-1, 1, 2 ** bits)
-    assert levels.numel() == 2 ** bits and torch.all(levels[1:] >= levels[:-1])
+    levels = cal["codebook"] if nuq else torch.linspace(-1, 1, 2**bits)
+    assert levels.numel() == 2**bits and torch.all(levels[1:] >= levels[:-1])
     qr = q.reshape(r.shape)
     assert torch.equal(qr[mask], r[mask].half().float())  # outliers stored exactly (fp16)
-    grid = (mid + half * levels.reshape(-1, *[1] * r.dim())).expand(-1, *r.shape)  # every level mapped back, per element
+    grid = (mid + half * levels.reshape(-1, *[1] * r.dim())).expand(
+        -1, *r.shape
+    )  # every level mapped back, per element
     dist = (qr[None] - grid).abs().min(0).values[~mask]
     scale = (mid.abs() + half).expand(r.shape)[~mask]
     assert torch.all(dist <= 1e-5 * (1 + scale))  # everything else is a level of the codebook, mapped back
@@ -300,16 +395,28 @@ def test_constant_and_zero_vectors_quantize_to_finite_values(key):
 
 
 def test_kv_hooks_and_decode_path_on_a_gemma_style_model():
-    """Gemma-3 names match Llama's (self_attn.k_proj / v_proj, a head_dim): the cache hooks and the decode path run there too."""
+    """Gemma-3 names match Llama's (self_attn.k_proj / v_proj, a head_dim): the cache hooks and the decode path run
+    there too."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=16)
+    cfg = Gemma3TextConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        sliding_window=16,
+    )
     model = Gemma3ForCausalLM(cfg).eval()
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(6))
     ev = DecodeEvaluator(ids, decode=8, chunk=16, progress=False).fit(model)
-    sites = {(f"model.layers.{i}.self_attn.{p}_proj", f"{p}_cache"): Format.parse("kvtok2") for i in range(2) for p in "kv"}
+    sites = {
+        (f"model.layers.{i}.self_attn.{p}_proj", f"{p}_cache"): Format.parse("kvtok2") for i in range(2) for p in "kv"
+    }
     with RuntimeHooks(model, sites) as hooks:
         q = ev.score(model)
     assert q.kl > 0 and set(hooks.kernel) == set(sites)
@@ -333,6 +440,7 @@ def test_an_interrupted_runtime_kl_pass_resumes_where_it_stopped(model, tokens, 
         if len(calls) == 7 and getattr(counting, "stop", True):
             raise KeyboardInterrupt
         return enter(self)
+
     monkeypatch.setattr(tg.RuntimeHooks, "__enter__", counting)
     with pytest.raises(KeyboardInterrupt):
         tg.runtime_table(model, decisions, tokens[:2], tokens[:1], calibration, "w")
@@ -357,7 +465,9 @@ def test_values_without_a_codebook_need_no_calibration(model, tokens):
     with torch.no_grad(), applied(model, plan) as m:
         assert torch.isfinite(m(input_ids=tokens[:1]).logits).all()
     with pytest.raises(PlanError, match="calibration"):
-        apply_(model, Plan("tiny", fingerprint(model), {K0: {"k_cache": uniform_kq}}))  # keys still need their channel ranges
+        apply_(
+            model, Plan("tiny", fingerprint(model), {K0: {"k_cache": uniform_kq}})
+        )  # keys still need their channel ranges
 
 
 def test_a_bad_runtime_proxy_is_refused_before_loading(tmp_path):
@@ -374,24 +484,29 @@ def test_a_bad_runtime_proxy_is_refused_before_loading(tmp_path):
 
 def test_cached_calibration_is_served_only_intact(model, tokens):
     """The calibration cache entry is checked like every other: a damaged one is recomputed, never served."""
+    from mpsearch.run.cached import cached_calibration
     from mpsearch.store.cache import cache_dir
 
-    sites = {(K0, "k_cache"): [Format.parse("kvquant3")], ("model.layers.0.mlp.down_proj", "input"): [Format.parse("cross8")]}
-    first = calibrate(model, sites, tokens, weights_key="w")
+    sites = {
+        (K0, "k_cache"): [Format.parse("kvquant3")],
+        ("model.layers.0.mlp.down_proj", "input"): [Format.parse("cross8")],
+    }
+    first = cached_calibration(model, sites, tokens, "w")
     (path,) = (cache_dir() / "calibration").glob("*.bin")
-    again = calibrate(model, sites, tokens, weights_key="w")
+    again = cached_calibration(model, sites, tokens, "w")
     assert set(again) == set(first) and all(torch.equal(again[k], first[k]) for k in first)
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF
     path.write_bytes(bytes(raw))
-    healed = calibrate(model, sites, tokens, weights_key="w")
+    healed = cached_calibration(model, sites, tokens, "w")
     assert all(torch.equal(healed[k], first[k]) for k in first)
-    assert calibrate(model, sites, tokens[:2], weights_key="w").keys() == first.keys()  # other tokens: another entry
+    assert cached_calibration(model, sites, tokens[:2], "w").keys() == first.keys()  # other tokens: another entry
     assert len(list((cache_dir() / "calibration").glob("*.bin"))) == 2
 
 
 def test_weight_only_paths_refuse_a_space_with_run_time_targets():
-    """evolve, the leaderboard and the predictor open a weights-only Session: they must not drop a space's inputs / KV silently."""
+    """evolve, the leaderboard and the predictor open a weights-only Session: they must not drop a space's inputs / KV
+    silently."""
     from mpsearch.run.search import SearchConfig
     from mpsearch.run.session import Session
 
@@ -415,6 +530,9 @@ def test_a_fisher_runtime_proxy_skips_the_measured_kl_pass(model, tokens, monkey
         table = tg.runtime_table(model, decisions, tokens[:2], tokens[:1], calibration, "w", measure_kl=False)
         losses = tg.runtime_losses(table, decisions, fisher)
         assert calls == [] and table["kl"].isna().all() and table["fisher"].notna().all()
-        assert all(np.all(np.isfinite(l)) and l[[f.is_full for f in d.formats].index(True)] == 0 for l, d in zip(losses, decisions))
+        assert all(
+            np.all(np.isfinite(l)) and l[[f.is_full for f in d.formats].index(True)] == 0
+            for l, d in zip(losses, decisions)
+        )
         with pytest.raises(ValueError, match="kl is measured only"):
             tg.runtime_losses(table, decisions, tg.load_runtime_proxy("kl"))  # not measured: never a silent NaN plan

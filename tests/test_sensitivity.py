@@ -1,14 +1,15 @@
 """Measured per-tensor KL: the layer-tail shortcut equals a full evaluation, and it is cached."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from mpsearch.core.plan import Plan, fingerprint
+from mpsearch.core.space import SearchSpace
 from mpsearch.primitives import sensitivity
 from mpsearch.primitives.sensitivity import measured_kl
 from mpsearch.quant import applied
-from mpsearch.core.space import SearchSpace
 
 
 @pytest.fixture
@@ -21,6 +22,7 @@ def test_tail_shortcut_equals_full_evaluation(setup):
     model, tokens, decisions = setup
     table = measured_kl(model, decisions, tokens, progress=False)
     assert len(table) == sum(len(d.members) * len(d.formats) for d in decisions)
+
     def logp():
         with torch.no_grad():
             return torch.log_softmax(model(input_ids=tokens, use_cache=False).logits[:, :-1].float(), -1)

@@ -1,4 +1,5 @@
 """Solvers agree with brute force, handle infeasible budgets calmly, and scale."""
+
 from __future__ import annotations
 
 import itertools

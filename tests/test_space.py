@@ -1,12 +1,13 @@
 """Search space from a file: decisions, ties, group fitting, rules, budgets."""
+
 from __future__ import annotations
 
 import pytest
 
-from mpsearch.cost import Budget, BudgetError, decision_costs, plan_bits
 from mpsearch.core.format import Format
-from mpsearch.run.session import check_budgets
 from mpsearch.core.space import Rule, SearchSpace, SpaceError
+from mpsearch.cost import Budget, BudgetError, decision_costs, plan_bits
+from mpsearch.run.session import check_budgets
 
 
 @pytest.fixture
@@ -32,12 +33,14 @@ def test_group_sizes_must_divide_input(model):
 
 
 def test_rules_pin_bound_exclude(space, model):
-    s = space.with_rules([
-        Rule(r"re:.*down_proj", min_bits=5),
-        Rule("model.layers.0.self_attn.o_proj", pin=Format(8, 32)),
-        Rule(r"re:model\.layers\.1\.self_attn\.o_proj", exclude=True),
-        Rule(r"re:.*\.mlp\.(gate|up)_proj", max_bits=3),
-    ])
+    s = space.with_rules(
+        [
+            Rule(r"re:.*down_proj", min_bits=5),
+            Rule("model.layers.0.self_attn.o_proj", pin=Format(8, 32)),
+            Rule(r"re:model\.layers\.1\.self_attn\.o_proj", exclude=True),
+            Rule(r"re:.*\.mlp\.(gate|up)_proj", max_bits=3),
+        ]
+    )
     d = {x.name: x for x in s.build(model)}
     assert all(f.bits >= 5 for f in d["model.layers.0.mlp.down_proj"].formats)
     assert [f.key for f in d["model.layers.0.self_attn.o_proj"].formats] == ["u8g32a"]
@@ -47,7 +50,11 @@ def test_rules_pin_bound_exclude(space, model):
 
 def test_cli_rules(space, model):
     base = space.base_format
-    rules = [Rule.parse_cli("pin", r"re:.*down_proj=6:32", base), Rule.parse_cli("max_bits", r"re:.*o_proj=4", base), Rule.parse_cli("exclude", "model.layers.0.mlp.down_proj", base)]
+    rules = [
+        Rule.parse_cli("pin", r"re:.*down_proj=6:32", base),
+        Rule.parse_cli("max_bits", r"re:.*o_proj=4", base),
+        Rule.parse_cli("exclude", "model.layers.0.mlp.down_proj", base),
+    ]
     d = {x.name: x for x in space.with_rules(rules).build(model)}
     assert [f.key for f in d["model.layers.1.mlp.down_proj"].formats] == ["u6g32a"]
     assert "model.layers.0.mlp.down_proj" not in d
@@ -65,13 +72,16 @@ def test_tie_with_conflicting_pin_is_an_error(space, model):
         space.with_rules([Rule("model.layers.0.self_attn.q_proj", pin=Format(7, 32))]).build(model)
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("name = 'x'\nbogus = 1", "bogus"),
-    ("[formats]\nbits = [2, 99]", "bits"),
-    ("tie = ['re:no_group']", "capture group"),
-    ("[[rules]]\nmin_bits = 3", "match"),
-    ("name = ", "TOML"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("name = 'x'\nbogus = 1", "bogus"),
+        ("[formats]\nbits = [2, 99]", "bits"),
+        ("tie = ['re:no_group']", "capture group"),
+        ("[[rules]]\nmin_bits = 3", "match"),
+        ("name = ", "TOML"),
+    ],
+)
 def test_bad_space_files(tmp_path, text, needle):
     p = tmp_path / "s.toml"
     p.write_text(text)
@@ -112,7 +122,9 @@ def test_a_listed_space_offers_each_type_only_where_its_block_tiles_the_row():
     down = [d for d in decisions if d.name.endswith("down_proj")]
     other = [d for d in decisions if not d.name.endswith("down_proj")]
     assert down and all("q4_k" in {f.key for f in d.formats} for d in down)
-    assert other and all({f.key for f in d.formats} == {"q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "q8_0", "fp16"} for d in other)
+    assert other and all(
+        {f.key for f in d.formats} == {"q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "q8_0", "fp16"} for d in other
+    )
     assert len(decisions) == 14  # no ties: q, k and v each take their own type
 
 

@@ -1,4 +1,5 @@
 """Offline task accuracy (cloze and multiple choice) on items built from held-out text."""
+
 from __future__ import annotations
 
 import random
@@ -10,13 +11,36 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mpsearch.measure.tasks import (
+    TaskEvaluator,
+    TaskSettings,
+    build_cloze,
+    build_mc,
+    continuation_scores,
+    sentences,
+    wilson_ci,
+)
 from mpsearch.models.data import leading_tokens
-from mpsearch.measure.tasks import TaskEvaluator, TaskSettings, build_cloze, build_mc, continuation_scores, sentences, wilson_ci
 
 from .conftest import tiny_llama, tiny_tokenizer
 from .test_models import bos_tokenizer
 
-WORDS = ["anne", "walter", "letter", "house", "friend", "captain", "morning", "sister", "to", "a", "the", "and", "was", "Mrs. Smith"]
+WORDS = [
+    "anne",
+    "walter",
+    "letter",
+    "house",
+    "friend",
+    "captain",
+    "morning",
+    "sister",
+    "to",
+    "a",
+    "the",
+    "and",
+    "was",
+    "Mrs. Smith",
+]
 SMALL = TaskSettings(cloze_items=12, mc_items=6, context_tokens=48, choices=4)
 
 
@@ -45,7 +69,10 @@ def test_cloze_items_are_the_texts_next_words(seed, text_seed):
         assert at >= 0 and text[at + len(c.context) + 1 + len(c.word)] in ".!?"  # the sentence's last word
         assert len(c.word) >= 3 and c.word.isalpha() and c.word != "Mrs"
         assert 20 <= len(c.context_ids) <= 40 and not c.context[0].isspace()
-        assert list(c.context_ids) + list(c.target_ids) == tok(c.context + " " + c.word, add_special_tokens=False).input_ids
+        assert (
+            list(c.context_ids) + list(c.target_ids)
+            == tok(c.context + " " + c.word, add_special_tokens=False).input_ids
+        )
         assert "".join(tok.convert_ids_to_tokens(list(c.target_ids))) == " " + c.word
 
 
@@ -66,7 +93,12 @@ def test_mc_items_have_exactly_one_true_ending(seed, text_seed, choices):
 
 def test_sentences_do_not_end_after_mrs():
     text = 'She saw Mrs. Smith today. "Did you?" asked Anne!\n\nYes indeed'
-    assert [text[s:e] for s, e in sentences(text)] == ["She saw Mrs. Smith today.", '"Did you?"', "asked Anne!", "Yes indeed"]
+    assert [text[s:e] for s, e in sentences(text)] == [
+        "She saw Mrs. Smith today.",
+        '"Did you?"',
+        "asked Anne!",
+        "Yes indeed",
+    ]
 
 
 def oracle(tok, text: str, knows: bool):
@@ -124,7 +156,9 @@ def test_too_short_text_is_refused():
         TaskEvaluator(text, tok, TaskSettings(cloze_items=50), progress=False)
 
 
-@pytest.mark.parametrize("field, value", [("cloze_items", 0), ("mc_items", -1), ("context_tokens", 1), ("choices", 1), ("seed", 1.5)])
+@pytest.mark.parametrize(
+    "field, value", [("cloze_items", 0), ("mc_items", -1), ("context_tokens", 1), ("choices", 1), ("seed", 1.5)]
+)
 def test_bad_settings_name_their_field(field, value):
     with pytest.raises(ValueError, match=f"TaskSettings.{field}"):
         TaskSettings(**{field: value})

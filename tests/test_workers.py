@@ -4,6 +4,7 @@ Every process here is real: workers and searches run as their own programs
 (``tests/procs``) and are killed with ``kill -9``. Storages: a journal file, and a real
 PostgreSQL server started by the test setup (``tests/postgres.py``).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,13 +43,25 @@ def storage_url(request, tmp_path) -> str:
 
 
 def toy_study(url: str, trials: int, decisions: int = 6, seeds=()) -> None:
-    evolve(toy_space(decisions), None, url, EvolutionConfig(trials=trials, population=4, study_name="toy"), seeds,
-           progress=False, work=False)
+    evolve(
+        toy_space(decisions),
+        None,
+        url,
+        EvolutionConfig(trials=trials, population=4, study_name="toy"),
+        seeds,
+        progress=False,
+        work=False,
+    )
 
 
 def start_worker(url: str, log: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tests.procs.toy_worker", url, str(log), *extra], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.procs.toy_worker", url, str(log), *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(p: subprocess.Popen, timeout: float = 180) -> str:
@@ -68,7 +81,9 @@ def wait_for(cond, timeout: float = 120, what: str = "") -> None:
 def log_lines(log: Path) -> list[tuple[int, str, str]]:
     if not log.exists():
         return []
-    return [(int(p), what, key) for p, what, key in (line.split() for line in log.read_text().splitlines() if line.strip())]
+    return [
+        (int(p), what, key) for p, what, key in (line.split() for line in log.read_text().splitlines() if line.strip())
+    ]
 
 
 def study_table(url: str) -> pd.DataFrame:
@@ -83,8 +98,10 @@ def test_kill_9_a_worker_mid_trial_its_trial_is_failed_by_the_heartbeat_and_retr
     log = tmp_path / "measured.log"
     toy_study(storage_url, trials=12, seeds=[(0,) * 6, (3,) * 6])
     a = start_worker(storage_url, log, "--stall-at", "4", "--sleep", "0.05")
-    wait_for(lambda: sum(1 for p, w, _ in log_lines(log) if p == a.pid and w == "start") == 4 or a.poll() is not None,
-             what="the 4th measurement")
+    wait_for(
+        lambda: sum(1 for p, w, _ in log_lines(log) if p == a.pid and w == "start") == 4 or a.poll() is not None,
+        what="the 4th measurement",
+    )
     assert a.poll() is None, a.stdout.read()
     stalled = [k for p, w, k in log_lines(log) if p == a.pid and w == "start"][-1]
     os.kill(a.pid, signal.SIGKILL)
@@ -102,21 +119,27 @@ def test_kill_9_a_worker_mid_trial_its_trial_is_failed_by_the_heartbeat_and_retr
     done = [k for _, w, k in log_lines(log) if w == "done"]
     assert len(done) == len(set(done))  # no plan measured twice
     kept = set(complete[complete.measured & ~complete.duplicate.astype(bool)].plan_hash)
-    assert {k for p, w, k in log_lines(log) if p == a.pid and w == "done"} <= kept  # the killed worker's finished trials are kept
+    assert {
+        k for p, w, k in log_lines(log) if p == a.pid and w == "done"
+    } <= kept  # the killed worker's finished trials are kept
     assert kept == set(done)
 
 
 def test_two_workers_drawing_the_same_plans_at_once_measure_each_plan_once(storage_url, tmp_path):
     log = tmp_path / "measured.log"
     toy_study(storage_url, trials=20, decisions=2)  # 16 plans in all: repeats are certain
-    workers = [start_worker(storage_url, log, "--decisions", "2", "--seed", "7", "--sleep", "0.2") for _ in range(2)]  # same draws
+    workers = [
+        start_worker(storage_url, log, "--decisions", "2", "--seed", "7", "--sleep", "0.2") for _ in range(2)
+    ]  # same draws
     for w in workers:
         finish(w)
     df = study_table(storage_url)
     done = [k for _, w, k in log_lines(log) if w == "done"]
     assert len(done) == len(set(done))  # which worker measures is a race; that no plan is measured twice is not
     measured = df[(df.state == "COMPLETE") & df.measured]
-    assert set(measured.plan_hash) == set(done) and measured.duplicate.astype(bool).sum() == len(measured) - len(done) > 0
+    assert (
+        set(measured.plan_hash) == set(done) and measured.duplicate.astype(bool).sum() == len(measured) - len(done) > 0
+    )
     space = toy_space(2)
     for _, row in measured.iterrows():  # a duplicate carries its owner's measurement
         assert row.kl == pytest.approx(toy_quality([row.params[d] for d in space.decisions])["kl"])
@@ -143,18 +166,65 @@ def test_a_worker_on_a_study_evolve_did_not_make_is_refused(tmp_path):
 @pytest.mark.real
 def test_mpsearch_workers_share_one_postgresql_study(postgres_url, tmp_path):
     """evolve creates the study in PostgreSQL and measures nothing; two `mpsearch worker` processes share the trials."""
-    small = ["--budget", "uniform:3", "--population", "4", "--calib-chunks", "2", "--calib-seq-len", "128",
-             "--eval-chunks", "1", "--eval-seq-len", "64", "--quiet", "--threads", "1", "--heartbeat", "2"]
+    small = [
+        "--budget",
+        "uniform:3",
+        "--population",
+        "4",
+        "--calib-chunks",
+        "2",
+        "--calib-seq-len",
+        "128",
+        "--eval-chunks",
+        "1",
+        "--eval-seq-len",
+        "64",
+        "--quiet",
+        "--threads",
+        "1",
+        "--heartbeat",
+        "2",
+    ]
     out = tmp_path / "evo"
     cmd = [sys.executable, "-m", "mpsearch.cli"]
-    subprocess.run(cmd + ["evolve", *small, "--trials", "8", "--storage", postgres_url, "--study-name", "shared",
-                          "--no-work", "--out", str(out)], check=True, cwd=ROOT, capture_output=True)
-    workers = [subprocess.Popen(cmd + ["worker", "--study", "shared", "--storage", postgres_url, "--threads", "1", "--quiet"],
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    subprocess.run(
+        cmd
+        + [
+            "evolve",
+            *small,
+            "--trials",
+            "8",
+            "--storage",
+            postgres_url,
+            "--study-name",
+            "shared",
+            "--no-work",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    workers = [
+        subprocess.Popen(
+            cmd + ["worker", "--study", "shared", "--storage", postgres_url, "--threads", "1", "--quiet"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for w in workers:
         finish(w, timeout=600)
-    res = subprocess.run(cmd + ["evolve", *small, "--trials", "8", "--storage", postgres_url, "--study-name", "shared",
-                                "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(
+        cmd
+        + ["evolve", *small, "--trials", "8", "--storage", postgres_url, "--study-name", "shared", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     trials = pd.read_csv(out / "trials.csv")
     assert (trials.state == "COMPLETE").sum() >= 8 and (trials.source == "seed").sum() >= 2
@@ -179,15 +249,45 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def search_args(tiny: Path, out: Path, proxy: str = "fisher", measure: bool = False) -> list[str]:
-    return ["search", "--model", str(tiny / "model"), "--calibration", str(tiny / "calib.txt"), "--evaluation", "austen:northangerabbey",
-            "--proxy", proxy, "--budget", "4.0", "--no-baselines", "--refine", "0", "--no-profile", "--no-tasks",
-            "--calib-chunks", "4", "--calib-seq-len", "64", "--eval-chunks", "1", "--eval-seq-len", "64",
-            "--checkpoint-every", "0", "--threads", "1", "--out", str(out)] + ([] if measure else ["--no-measure"])
+    return [
+        "search",
+        "--model",
+        str(tiny / "model"),
+        "--calibration",
+        str(tiny / "calib.txt"),
+        "--evaluation",
+        "austen:northangerabbey",
+        "--proxy",
+        proxy,
+        "--budget",
+        "4.0",
+        "--no-baselines",
+        "--refine",
+        "0",
+        "--no-profile",
+        "--no-tasks",
+        "--calib-chunks",
+        "4",
+        "--calib-seq-len",
+        "64",
+        "--eval-chunks",
+        "1",
+        "--eval-seq-len",
+        "64",
+        "--checkpoint-every",
+        "0",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ] + ([] if measure else ["--no-measure"])
 
 
 def run_search(args: list[str], cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "MPSEARCH_CACHE": str(cache)}
-    res = subprocess.run([sys.executable, "-m", "mpsearch.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "mpsearch.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
@@ -196,8 +296,14 @@ def kill_at(what: str, n: int, args: list[str], cache: Path, tmp_path: Path) -> 
     """Start the search, let it stop dead after the n-th save of ``what``, and SIGKILL it there."""
     marker = tmp_path / f"stalled-{what}"
     env = {**os.environ, "MPSEARCH_CACHE": str(cache)}
-    p = subprocess.Popen([sys.executable, "-m", "tests.procs.stalling_search", what, str(n), str(marker), "--", *args],
-                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "tests.procs.stalling_search", what, str(n), str(marker), "--", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: marker.exists() or p.poll() is not None, timeout=300, what=f"save {n} of {what}")
     assert p.poll() is None, p.stderr.read()[-3000:]
     os.kill(p.pid, signal.SIGKILL)
@@ -227,8 +333,10 @@ def test_kill_9_search_mid_primitive_pass_the_rerun_resumes_at_the_next_sequence
     assert not list((cache / "primitives").glob("*.partial.safetensors"))
     got, want = primitives_of(cache), primitives_of(whole)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert json.loads((tmp_path / "b" / "plans" / "fisher-milp@4.0.json").read_text())["tensors"] == \
-        json.loads((tmp_path / "whole" / "plans" / "fisher-milp@4.0.json").read_text())["tensors"]
+    assert (
+        json.loads((tmp_path / "b" / "plans" / "fisher-milp@4.0.json").read_text())["tensors"]
+        == json.loads((tmp_path / "whole" / "plans" / "fisher-milp@4.0.json").read_text())["tensors"]
+    )
 
 
 def test_kill_9_search_mid_measured_kl_pass_the_rerun_measures_only_the_rest(tiny_model_dir, tmp_path):
@@ -243,7 +351,10 @@ def test_kill_9_search_mid_measured_kl_pass_the_rerun_measures_only_the_rest(tin
     first = len(json.loads(entry_body(saved)))
     assert 0 < first < pairs
     rerun = run_search(search_args(tiny_model_dir, tmp_path / "b", "measured_kl"), cache)
-    assert f"{first} of {pairs} (tensor, format) pairs cached by an earlier run; measuring the other {pairs - first}" in rerun.stderr
+    assert (
+        f"{first} of {pairs} (tensor, format) pairs cached by an earlier run; measuring the other {pairs - first}"
+        in rerun.stderr
+    )
     assert json.loads(entry_body(saved)) == json.loads(entry_body(want))  # the same values as one uninterrupted pass
 
 
@@ -251,8 +362,17 @@ def test_two_searches_on_one_cache_at_once(tiny_model_dir, tmp_path):
     """Two searches write the same entries at the same moment: neither crashes nor reads a torn entry."""
     cache = tmp_path / "cache"
     env = {**os.environ, "MPSEARCH_CACHE": str(cache)}
-    runs = [subprocess.Popen([sys.executable, "-m", "mpsearch.cli", *search_args(tiny_model_dir, tmp_path / f"run{i}", measure=True)],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mpsearch.cli", *search_args(tiny_model_dir, tmp_path / f"run{i}", measure=True)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for p in runs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -262,4 +382,6 @@ def test_two_searches_on_one_cache_at_once(tiny_model_dir, tmp_path):
     assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]  # no temporary file left behind
     third = run_search(search_args(tiny_model_dir, tmp_path / "run2", measure=True), cache)  # every entry reads back
     assert "unusable" not in third.stderr
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "run2" / "results.csv")[["plan", "ppl", "kl"]], tables[0][["plan", "ppl", "kl"]])
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "run2" / "results.csv")[["plan", "ppl", "kl"]], tables[0][["plan", "ppl", "kl"]]
+    )

@@ -14,6 +14,7 @@ the same as before this module existed. Elsewhere values may differ by float rou
 so the keys of computed values carry the device type (:func:`device_parts`) and a cache
 never serves a GPU value to a CPU run, or the other way round.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,8 +30,10 @@ def check_device_spec(spec: str) -> str:
     """``spec`` if it is one of :data:`DEVICE_CHOICES` (spelling only: a config may be
     written on one machine and opened on another, so no device is looked for here)."""
     if not isinstance(spec, str) or not _SPEC.fullmatch(spec):
-        raise ValueError(f"--device {spec!r} is not a device; choose one of {', '.join(DEVICE_CHOICES)} "
-                         "(auto: cuda when available, else cpu)")
+        raise ValueError(
+            f"--device {spec!r} is not a device; choose one of {', '.join(DEVICE_CHOICES)} "
+            "(auto: cuda when available, else cpu)"
+        )
     return spec
 
 
@@ -44,12 +47,16 @@ def resolve_device(spec: str) -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError(f"--device {spec}: no CUDA device is available here (torch.cuda.is_available() is False); "
-                         "use --device cpu or --device auto")
+        raise ValueError(
+            f"--device {spec}: no CUDA device is available here (torch.cuda.is_available() is False); "
+            "use --device cpu or --device auto"
+        )
     device = torch.device(spec)
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 .. "
-                         f"cuda:{torch.cuda.device_count() - 1}); use one of them, or --device cuda")
+        raise ValueError(
+            f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 .. "
+            f"cuda:{torch.cuda.device_count() - 1}); use one of them, or --device cuda"
+        )
     return device
 
 

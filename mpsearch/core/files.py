@@ -13,15 +13,17 @@ should be, write only where asked.
 Every error is a :class:`ValueError` subclass (the caller's own, e.g. ``PlanError``)
 whose message names the path and the problem in one line.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import stat
 import tempfile
-import tomllib
 from pathlib import Path
 from typing import Any, Callable
+
+import tomllib
 
 #: the repository's folders of built-in files (search spaces, proxies, hardware profiles)
 SHIPPED = Path(__file__).resolve().parents[2]
@@ -49,8 +51,13 @@ class OutputPathError(ValueError):
 
 
 def _kind(mode: int) -> str:
-    for test, word in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+    for test, word in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return word
     return "not a regular file"
@@ -194,8 +201,10 @@ def check_out_dir(path: str | Path, flag: str = "--out", marker: str = MARKER) -
     p = Path(path)
     if p.exists() or p.is_symlink():
         if not p.is_dir():
-            raise OutputPathError(f"{flag} {p} is {'a broken link' if not p.exists() else 'a file'}, not a folder; "
-                                  "give a new or empty folder")
+            raise OutputPathError(
+                f"{flag} {p} is {'a broken link' if not p.exists() else 'a file'}, not a folder; "
+                "give a new or empty folder"
+            )
         real = p.resolve()
         if real == Path(real.anchor):
             raise OutputPathError(f"{flag} {p} is the filesystem root; give a new or empty folder")
@@ -203,8 +212,10 @@ def check_out_dir(path: str | Path, flag: str = "--out", marker: str = MARKER) -
             empty = next(it, None) is None
         ours = (real / marker).exists() if marker != MARKER else written_by_mpsearch(real)
         if not empty and not ours:
-            raise OutputPathError(f"{flag} {p} is a folder with other files in it, not one mpsearch wrote "
-                                  f"(it leaves {marker} in its output folders); give a new or empty folder")
+            raise OutputPathError(
+                f"{flag} {p} is a folder with other files in it, not one mpsearch wrote "
+                f"(it leaves {marker} in its output folders); give a new or empty folder"
+            )
         _writable(real, flag, p)
     else:
         _writable(_existing_ancestor(p, flag), flag, p)

@@ -5,6 +5,7 @@ for round-to-nearest uniform they count the per-group fp16 scale and, when
 asymmetric, the fp16 zero point (4-bit asymmetric with groups of 64 is 4 + 32/64 =
 4.5); a GGUF type counts its block layout exactly (Q4_K is 4.5, Q3_K 3.4375).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -42,7 +43,9 @@ class Format:
         if not _is_int(self.bits) or not 1 <= self.bits <= FULL_BITS:
             raise FormatError(f"bits must be an integer in 1..{FULL_BITS}, got {self.bits!r}")
         if not _is_int(self.group_size) or (self.group_size < 1 and self.group_size != PER_CHANNEL):
-            raise FormatError(f"group_size must be a positive integer or {PER_CHANNEL} (per channel), got {self.group_size!r}")
+            raise FormatError(
+                f"group_size must be a positive integer or {PER_CHANNEL} (per channel), got {self.group_size!r}"
+            )
         if not isinstance(self.symmetric, bool):
             raise FormatError(f"symmetric must be true or false, got {self.symmetric!r}")
         if not isinstance(self.quantizer, str):
@@ -98,7 +101,11 @@ class Format:
             if {"bits", "group_size"} <= set(q.default_fields()):
                 return Format(quantizer=key, **q.default_fields())
         t = re.fullmatch(r"([a-z][a-z_]*?)(\d+)(?:g(\d+))?", key)  # a run-time quantizer: tok8, kvquant3, kvtok4g32
-        if t and t.group(1) in registry.names("quantizer") and hasattr(registry.get("quantizer", t.group(1)), "calibrate"):
+        if (
+            t
+            and t.group(1) in registry.names("quantizer")
+            and hasattr(registry.get("quantizer", t.group(1)), "calibrate")
+        ):
             fields = registry.get("quantizer", t.group(1)).default_fields()
             if t.group(3):
                 fields["group_size"] = int(t.group(3))

@@ -12,6 +12,7 @@ weight is that matrix and how the module's input becomes the rows that multiply 
 A search space selects modules by these names (``types = ["Linear", "Conv2d"]``). A new
 kind is one :class:`LayerKind` registered under ``("layer kind", name)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,7 +44,9 @@ def _conv_rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if mod.groups != 1:
         raise ValueError(f"input statistics of a grouped convolution (groups={mod.groups}) are not supported")
     if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-        raise ValueError(f"input statistics need numeric zero padding, got padding={mod.padding!r}, mode={mod.padding_mode!r}")
+        raise ValueError(
+            f"input statistics need numeric zero padding, got padding={mod.padding!r}, mode={mod.padding_mode!r}"
+        )
     if isinstance(mod, nn.Conv1d):
         x = x.unsqueeze(-2)  # [B, C, 1, L]: unfold as 2-D with a kernel of height 1
         k, s, p, d = (1, *mod.kernel_size), (1, *mod.stride), (0, *mod.padding), (1, *mod.dilation)
@@ -57,15 +60,34 @@ def _register(kind: LayerKind) -> LayerKind:
     return registry.register("layer kind", kind.name)(kind)
 
 
-LINEAR = _register(LayerKind(
-    "Linear", lambda m: isinstance(m, nn.Linear), lambda m, t: t, lambda m, t: t, lambda m, x: x.reshape(-1, x.shape[-1])))
+LINEAR = _register(
+    LayerKind(
+        "Linear",
+        lambda m: isinstance(m, nn.Linear),
+        lambda m, t: t,
+        lambda m, t: t,
+        lambda m, x: x.reshape(-1, x.shape[-1]),
+    )
+)
 for _cls in (nn.Conv1d, nn.Conv2d):
-    _register(LayerKind(
-        _cls.__name__, lambda m, c=_cls: isinstance(m, c), lambda m, t: t.reshape(t.shape[0], -1),
-        lambda m, t: t.reshape(m.weight.shape), _conv_rows))
-_register(LayerKind(
-    "Conv1D", lambda m: type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2,
-    lambda m, t: t.T, lambda m, t: t.T, lambda m, x: x.reshape(-1, x.shape[-1])))
+    _register(
+        LayerKind(
+            _cls.__name__,
+            lambda m, c=_cls: isinstance(m, c),
+            lambda m, t: t.reshape(t.shape[0], -1),
+            lambda m, t: t.reshape(m.weight.shape),
+            _conv_rows,
+        )
+    )
+_register(
+    LayerKind(
+        "Conv1D",
+        lambda m: type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2,
+        lambda m, t: t.T,
+        lambda m, t: t.T,
+        lambda m, x: x.reshape(-1, x.shape[-1]),
+    )
+)
 
 
 def kinds() -> dict[str, LayerKind]:

@@ -6,6 +6,7 @@ runs for hours. Patterns are compiled with the ``regex`` package (a superset of 
 syntax), and every match runs under :data:`TIMEOUT_S`; a pattern that exceeds it is an
 error naming the pattern and the name, never a hang.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -32,7 +33,9 @@ def compile_pattern(pattern: str, where: str) -> regex.Pattern | None:
     if not isinstance(pattern, str) or not pattern:
         raise PatternError(f"{where}: expected a tensor name or 're:<regex>', got {pattern!r}")
     if len(pattern) > MAX_LENGTH:
-        raise PatternError(f"{where}: pattern of {len(pattern):,} characters (at most {MAX_LENGTH}): {pattern[:40]!r}...")
+        raise PatternError(
+            f"{where}: pattern of {len(pattern):,} characters (at most {MAX_LENGTH}): {pattern[:40]!r}..."
+        )
     if not pattern.startswith("re:"):
         return None
     try:
@@ -49,5 +52,7 @@ def fullmatch(pattern: str, name: str, where: str = "pattern") -> regex.Match | 
     try:
         return rx.fullmatch(name, timeout=TIMEOUT_S)
     except TimeoutError:
-        raise PatternError(f"{where}: regex {pattern!r} took over {TIMEOUT_S} s on the name {name[:80]!r}: it backtracks "
-                           "without bound (nested quantifiers such as (.|.)*); write it without them") from None
+        raise PatternError(
+            f"{where}: regex {pattern!r} took over {TIMEOUT_S} s on the name {name[:80]!r}: it backtracks "
+            "without bound (nested quantifiers such as (.|.)*); write it without them"
+        ) from None

@@ -18,6 +18,7 @@ Run-time targets (``input``, ``k_cache``, ``v_cache``) whose formats are calibra
 offline (a static activation scale, KVQuant's key ranges and codebooks) carry those
 tensors the same way: ``calibration``, written as ``NAME.calibration.safetensors``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -94,7 +95,9 @@ class Plan:
         exact = {k: v for k, v in self.tensors.items() if not k.startswith("re:") and k != "_default"}
         unknown = sorted(set(exact) - known)
         if unknown:
-            raise PlanError(f"plan names tensor(s) the model does not have: {unknown[:5]}" + (" ..." if len(unknown) > 5 else ""))
+            raise PlanError(
+                f"plan names tensor(s) the model does not have: {unknown[:5]}" + (" ..." if len(unknown) > 5 else "")
+            )
         patterns = [(k, v) for k, v in self.tensors.items() if k.startswith("re:")]
         default = self.tensors.get("_default")
         out: dict[str, dict[str, Format | None]] = {}
@@ -119,8 +122,16 @@ class Plan:
                 entry = None
             if entry is not None:
                 out[n] = dict(entry)
-        return Plan(self.model_id, self.model_fingerprint, out, dict(self.budget), dict(self.metrics), dict(self.provenance),
-                    self.importance, self.calibration)
+        return Plan(
+            self.model_id,
+            self.model_fingerprint,
+            out,
+            dict(self.budget),
+            dict(self.metrics),
+            dict(self.provenance),
+            self.importance,
+            self.calibration,
+        )
 
     def importance_for(self, name: str) -> torch.Tensor | None:
         return None if self.importance is None else self.importance.get(name)
@@ -131,7 +142,12 @@ class Plan:
 
     def runtime_formats(self) -> dict[tuple[str, str], Format]:
         """``(tensor, target) -> format`` for the quantized run-time targets (inputs, KV cache)."""
-        return {(n, t): f for n, e in self.tensors.items() for t, f in e.items() if t != "weight" and f is not None and not f.is_full}
+        return {
+            (n, t): f
+            for n, e in self.tensors.items()
+            for t, f in e.items()
+            if t != "weight" and f is not None and not f.is_full
+        }
 
     # -------------------------------------------------------------- checking
     def check_model(self, model: nn.Module) -> None:
@@ -148,7 +164,9 @@ class Plan:
         return {
             "format": FORMAT_ID,
             "model": {"id": self.model_id, "fingerprint": self.model_fingerprint},
-            "tensors": {n: {t: (f.to_dict() if f is not None else None) for t, f in e.items()} for n, e in self.tensors.items()},
+            "tensors": {
+                n: {t: (f.to_dict() if f is not None else None) for t, f in e.items()} for n, e in self.tensors.items()
+            },
             "budget": self.budget,
             "metrics": dict(sorted(self.metrics.items())),  # one byte order, whichever stage measured what first
             "provenance": self.provenance,
@@ -185,13 +203,22 @@ class Plan:
             if bad:
                 raise PlanError(f"{where}: unknown target(s) {sorted(bad)}; allowed: {list(TARGETS)}")
             try:
-                tensors[name] = {t: (Format.from_dict(f, f"{where}.{t}") if f is not None else None) for t, f in entry.items()}
+                tensors[name] = {
+                    t: (Format.from_dict(f, f"{where}.{t}") if f is not None else None) for t, f in entry.items()
+                }
             except FormatError as e:
                 raise PlanError(str(e)) from None
         for k in ("budget", "metrics", "provenance"):
             if not isinstance(d.get(k, {}), Mapping):
                 raise PlanError(f"{k}: expected an object")
-        return Plan(m["id"], m["fingerprint"], tensors, dict(d.get("budget", {})), dict(d.get("metrics", {})), dict(d.get("provenance", {})))
+        return Plan(
+            m["id"],
+            m["fingerprint"],
+            tensors,
+            dict(d.get("budget", {})),
+            dict(d.get("metrics", {})),
+            dict(d.get("provenance", {})),
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write JSON atomically (patterns must be resolved first: saved plans are explicit);
@@ -220,8 +247,10 @@ class Plan:
         return plan
 
 
-_HOLDS = {"importance": "the imatrix its GGUF formats were quantized with",
-          "calibration": "the calibrated scales and codebooks of its activation / KV formats"}
+_HOLDS = {
+    "importance": "the imatrix its GGUF formats were quantized with",
+    "calibration": "the calibrated scales and codebooks of its activation / KV formats",
+}
 
 
 def _save_sidecar(path: Path, what: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -229,8 +258,12 @@ def _save_sidecar(path: Path, what: str, tensors: Mapping[str, torch.Tensor]) ->
     from safetensors.torch import save_file
 
     side = path.with_name(f"{path.stem}.{what}.safetensors")
-    write_atomic(side, lambda tmp: save_file({k: v.detach().to(torch.float32).contiguous().cpu().clone() for k, v in tensors.items()},
-                                             str(tmp)))  # clone: entries may share storage
+    write_atomic(
+        side,
+        lambda tmp: save_file(
+            {k: v.detach().to(torch.float32).contiguous().cpu().clone() for k, v in tensors.items()}, str(tmp)
+        ),
+    )  # clone: entries may share storage
     return {"file": side.name, "sha256": importance_digest(tensors)}
 
 
@@ -239,8 +272,12 @@ def _load_sidecar(path: Path, what: str, ref: Any) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not isinstance(ref, Mapping) or not isinstance(ref.get("file"), str) or not isinstance(ref.get("sha256"), str) \
-            or not Path(ref["file"]).name:
+    if (
+        not isinstance(ref, Mapping)
+        or not isinstance(ref.get("file"), str)
+        or not isinstance(ref.get("sha256"), str)
+        or not Path(ref["file"]).name
+    ):
         raise PlanError(f"{path}: {what}: expected an object with string keys 'file' (a file name) and 'sha256'")
     side = path.with_name(Path(ref["file"]).name)
     try:

@@ -1,4 +1,5 @@
 """Wall time and memory of each stage, recorded next to the results."""
+
 from __future__ import annotations
 
 import contextlib

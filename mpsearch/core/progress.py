@@ -3,6 +3,7 @@
 Each stage's own bar (tqdm) says how far that stage is; this says where the search is.
 One line per stage start and per measured plan, through logging (``--quiet`` hides it).
 """
+
 from __future__ import annotations
 
 import logging

@@ -6,6 +6,7 @@ of its kind (:data:`PACKAGES`). The first lookup of a kind imports every module 
 so no package face imports its plugins (and no plugin imports a face back). A lookup miss lists
 the names that are known, so a typo is never a silent fallback.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -18,8 +19,14 @@ T = TypeVar("T")
 
 _REGISTRY: dict[str, dict[str, Any]] = {}
 #: the package whose modules define each kind's built-in components
-PACKAGES = {"quantizer": "mpsearch.quant", "solver": "mpsearch.solvers", "primitive family": "mpsearch.primitives",
-            "cost": "mpsearch.cost", "exporter": "mpsearch.export", "kernel": "mpsearch.kernels"}
+PACKAGES = {
+    "quantizer": "mpsearch.quant",
+    "solver": "mpsearch.solvers",
+    "primitive family": "mpsearch.primitives",
+    "cost": "mpsearch.cost",
+    "exporter": "mpsearch.export",
+    "kernel": "mpsearch.kernels",
+}
 _LOADED: set[str] = set()
 
 

@@ -5,6 +5,7 @@ A space file (TOML, in ``search_spaces/``) names target modules by exact name or
 bounds, exclude). :meth:`SearchSpace.build` turns it into concrete decisions for one
 model; allocators only ever see those indexed decisions, never modules.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-
 from torch import nn
 
 from . import registry
@@ -87,7 +87,8 @@ class Rule:
 
     @staticmethod
     def parse_cli(kind: str, text: str, base: Format | None) -> "Rule":
-        """``--pin NAME=BITS[:GROUP]`` or ``NAME=KEY`` (``q8_0``), ``--min-bits NAME=B``, ``--max-bits NAME=B``, ``--exclude NAME``."""
+        """``--pin NAME=BITS[:GROUP]`` or ``NAME=KEY`` (``q8_0``), ``--min-bits NAME=B``, ``--max-bits NAME=B``,
+        ``--exclude NAME``."""
         if kind == "exclude":
             return Rule(match=text, exclude=True)
         name, sep, value = text.rpartition("=")
@@ -150,7 +151,9 @@ def decision_costs(decisions: list[Decision]) -> list[np.ndarray]:
 
 def plan_bits(formats: dict[str, Format], members: list[Member]) -> float:
     """Effective bits per weight of ``formats`` over ``members`` (missing = unquantized, 16)."""
-    total = sum(m.numel * (formats[m.name].effective_bits(m.in_features) if m.name in formats else 16.0) for m in members)
+    total = sum(
+        m.numel * (formats[m.name].effective_bits(m.in_features) if m.name in formats else 16.0) for m in members
+    )
     return total / sum(m.numel for m in members)
 
 
@@ -183,7 +186,9 @@ class RuntimeTarget:
             raise SpaceError(f"{where} takes formats, include_full and min_bits; got {data!r}")
         keys = _list(data, "formats", [], f"{table}.")
         if not keys or not all(isinstance(k, str) for k in keys):
-            raise SpaceError(f"{table}.formats must be a non-empty list of format keys like 'tok8' or 'kvquant3', got {keys!r}")
+            raise SpaceError(
+                f"{table}.formats must be a non-empty list of format keys like 'tok8' or 'kvquant3', got {keys!r}"
+            )
         fmts = tuple(Format.parse(k) for k in keys)
         for f in fmts:
             if not set(RUNTIME_TABLES[table]) <= set(registry.get("quantizer", f.quantizer).targets):
@@ -294,7 +299,9 @@ class SearchSpace:
             listed = tuple(Format.parse(k) for k in keys)
             if any(f.is_full for f in listed):
                 raise SpaceError("formats.list: leave fp16 out and use include_full")
-        base = Format(bits=4, group_size=64, symmetric=fm.get("symmetric", False), quantizer=fm.get("quantizer", "uniform"))
+        base = Format(
+            bits=4, group_size=64, symmetric=fm.get("symmetric", False), quantizer=fm.get("quantizer", "uniform")
+        )
         rules = []
         for i, r in enumerate(_list(data, "rules", [])):
             rk = {"match", "pin", "min_bits", "max_bits", "exclude"}
@@ -306,9 +313,19 @@ class SearchSpace:
             elif pin is not None:
                 if not isinstance(pin, dict):
                     raise SpaceError(f"rules[{i}].pin must be a table like {{bits = 8, group_size = 64}}, got {pin!r}")
-                whole = pin.get("bits") == FULL_BITS or ("quantizer" in pin and "bits" not in pin)  # fp16, or a fixed layout
+                whole = pin.get("bits") == FULL_BITS or (
+                    "quantizer" in pin and "bits" not in pin
+                )  # fp16, or a fixed layout
                 pin = Format.from_dict(pin if whole else {**base.to_dict(), **pin}, f"rules[{i}].pin")
-            rules.append(Rule(match=r["match"], pin=pin, min_bits=r.get("min_bits"), max_bits=r.get("max_bits"), exclude=r.get("exclude", False)))
+            rules.append(
+                Rule(
+                    match=r["match"],
+                    pin=pin,
+                    min_bits=r.get("min_bits"),
+                    max_bits=r.get("max_bits"),
+                    exclude=r.get("exclude", False),
+                )
+            )
         return SearchSpace(
             name=str(data.get("name", Path(source).stem or "custom")),
             types=tuple(_list(data, "types", ["Linear"])),
@@ -367,11 +384,17 @@ class SearchSpace:
         out = []
         for name, mod in model.named_modules():
             kind = kind_of(mod)
-            if kind is not None and kind.name in self.types and any(matches(t, name) for t in self.targets) \
-                    and not any(matches(t, name) for t in self.ignore):
+            if (
+                kind is not None
+                and kind.name in self.types
+                and any(matches(t, name) for t in self.targets)
+                and not any(matches(t, name) for t in self.ignore)
+            ):
                 out.append(Member(name, *matrix_shape(mod)))
         if not out:
-            raise SpaceError(f"search space {self.name!r}: no layer of types {list(self.types)} matches targets {list(self.targets)}")
+            raise SpaceError(
+                f"search space {self.name!r}: no layer of types {list(self.types)} matches targets {list(self.targets)}"
+            )
         return out
 
     def build(self, model: nn.Module) -> list[Decision]:
@@ -387,9 +410,13 @@ class SearchSpace:
         unfit = [m for m in members if not any(f.fits(m.in_features) for f in grid if not f.is_full)]
         if unfit:  # nothing to quantize them with: they could only stay at 16 bits
             offered = sorted({f.key for f in grid if not f.is_full})
-            what = (f"no format of {offered[:6]}{' ...' if len(offered) > 6 else ''} fits {len(unfit)} of its {len(members)} "
-                    f"tensors (e.g. {unfit[0].name!r}, rows of {sorted({m.in_features for m in unfit})[:4]}): no group size divides "
-                    "those row widths")
+            what = (
+                f"no format of {offered[:6]}{' ...' if len(offered) > 6 else ''} fits {len(unfit)} of its "
+                f"{len(members)} "
+                f"tensors (e.g. {unfit[0].name!r}, rows of {sorted({m.in_features for m in unfit})[:4]}): no group "
+                "size divides "
+                "those row widths"
+            )
             if len(unfit) == len(members):
                 raise SpaceError(f"search space {self.name!r} allows nothing: {what}; offer a group size that does")
             log.warning("search space %r: %s; they stay unquantized", self.name, what)

@@ -5,6 +5,7 @@ plans is real. Every plan is measured on the same windows, so a difference betwe
 is resampled *paired* (the same windows for both), which removes the text's own variance
 from the comparison: what is left is how much the plans disagree window to window.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,7 +59,11 @@ def rank_correlation(predicted: list[float], measured: list[float]) -> dict:
     if len(pts) < 3:
         return {"plans": len(pts), "spearman": float("nan"), "kendall": float("nan")}
     p, m = zip(*pts)
-    return {"plans": len(pts), "spearman": float(spearmanr(p, m).statistic), "kendall": float(kendalltau(p, m).statistic)}
+    return {
+        "plans": len(pts),
+        "spearman": float(spearmanr(p, m).statistic),
+        "kendall": float(kendalltau(p, m).statistic),
+    }
 
 
 def pareto_mask(bits, quality) -> np.ndarray:

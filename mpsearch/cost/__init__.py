@@ -3,6 +3,7 @@
 Budgets are over the decision tensors (the quantizable linears); tensors outside the
 search space stay in their original precision and are reported separately.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,7 +15,6 @@ import numpy as np
 
 from ..core.format import Format
 from ..core.space import Decision, decision_costs, plan_bits, plan_bytes  # noqa: F401  (costs of plans, read here too)
-
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,10 @@ class Budget:
                 raise BudgetError(f"budget {t}: {e}") from None
             return Budget("bits", plan_bits(fmts, members), t, fmts, f"uniform-{args[0].key}")
         if base is None and kind in ("recipe", "uniform"):
-            raise BudgetError(f"budget {t}: this search space lists its formats instead of a bits x group grid; "
-                              "name one (uniform:q4_k) or give bits per weight (4.5) or a size (48MB)")
+            raise BudgetError(
+                f"budget {t}: this search space lists its formats instead of a bits x group grid; "
+                "name one (uniform:q4_k) or give bits per weight (4.5) or a size (48MB)"
+            )
         if kind == "recipe":
             fmts = natural_recipe(decisions, base, args[0])
             return Budget("bits", plan_bits(fmts, members), t, fmts, f"recipe-{args[0]}bit")
@@ -84,9 +86,17 @@ class Budget:
                 raise BudgetError(f"budget {t}: {e}") from None
             other = [n for n, f in fmts.items() if f != fmt]
             if other:  # the rules or the space's grid leave them another format: the budget is not quite "uniform"
-                log.warning("budget %s: %d of %d tensors may not take %s in this space (e.g. %s gets %s); the budget is the size "
-                            "of the plan with the nearest formats they may take", t, len(other), len(fmts), fmt.key, other[0],
-                            fmts[other[0]].key)
+                log.warning(
+                    "budget %s: %d of %d tensors may not take %s in this space (e.g. %s gets %s); the budget is the "
+                    "size "
+                    "of the plan with the nearest formats they may take",
+                    t,
+                    len(other),
+                    len(fmts),
+                    fmt.key,
+                    other[0],
+                    fmts[other[0]].key,
+                )
             return Budget("bits", plan_bits(fmts, members), t, fmts, f"uniform-{fmt.key}")
         if kind == "bytes":
             return Budget("bytes", args[0], t)
@@ -102,7 +112,10 @@ def parse_budget_text(text: str) -> tuple[str, str, tuple]:
     Called when the configuration is built, so a typo fails before the model loads.
     """
     t = str(text).strip()
-    how = "use bits per weight (3.5), a size (48MB), uniform:BITS[:GROUP], uniform:FORMAT (e.g. uniform:q4_k) or recipe:BITS"
+    how = (
+        "use bits per weight (3.5), a size (48MB), uniform:BITS[:GROUP], uniform:FORMAT (e.g. uniform:q4_k) or "
+        "recipe:BITS"
+    )
     m = re.fullmatch(r"recipe:(\d+)", t)
     if m:
         if not 1 <= int(m[1]) <= 8:
@@ -132,7 +145,9 @@ def parse_budget_text(text: str) -> tuple[str, str, tuple]:
     except ValueError:
         raise BudgetError(f"cannot read budget {text!r}: {how}") from None
     if not math.isfinite(value) or value <= 0:
-        raise BudgetError(f"budget {text!r} must be a positive number ({'a size' if unit else 'bits per weight'}), got {value}")
+        raise BudgetError(
+            f"budget {text!r} must be a positive number ({'a size' if unit else 'bits per weight'}), got {value}"
+        )
     if unit:
         return "bytes", t, (value * _UNITS[unit],)
     return "bits", t, (value,)

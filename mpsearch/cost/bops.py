@@ -1,5 +1,6 @@
 """BOPs: MACs x weight bits x input bits per forward of ``workload.tokens`` tokens (HAWQ-V3,
 Baskin et al.). Nominal bits: an unquantized tensor or a float input counts 16."""
+
 from __future__ import annotations
 
 from ..core.format import Format
@@ -11,6 +12,7 @@ from .model import CostModel, weight_bits
 @register("cost", "bops")
 class Bops(CostModel):
     name = "bops"
+
     def member(self, m: Member, fmt: Format) -> float:
         return float(m.numel) * self.workload.tokens * weight_bits(fmt) * self.workload.act_bits
 

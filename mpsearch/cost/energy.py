@@ -5,6 +5,7 @@ Per decision tensor: every MAC (a multiply and a 32-bit accumulate; in fp16 for 
 input) plus reading its stored bytes once from DRAM. The fixed part is the unquantized LM
 head and reading the KV cache at ``workload.context`` tokens in fp16.
 """
+
 from __future__ import annotations
 
 from ..core.format import Format
@@ -31,12 +32,19 @@ class Energy(CostModel):
 
     def member(self, m: Member, fmt: Format) -> float:
         macs = float(m.numel) * self.workload.tokens
-        return (macs * self.mac_pj(weight_bits(fmt), self.workload.act_bits) + weight_bytes(m, fmt) * self.dram_pj_per_byte()) * PJ
+        return (
+            macs * self.mac_pj(weight_bits(fmt), self.workload.act_bits)
+            + weight_bytes(m, fmt) * self.dram_pj_per_byte()
+        ) * PJ
 
     def fixed(self) -> float:
         s = self.shape
         head = float(s.vocab * s.hidden)
         kv_bytes = 2.0 * s.kv_elements * self.workload.context * self.workload.tokens
         attn_macs = 2.0 * s.layers * s.heads * s.head_dim * self.workload.context * self.workload.tokens
-        return (head * self.workload.tokens * self.mac_pj(16, 16) + 2.0 * head * self.dram_pj_per_byte()
-                + attn_macs * self.mac_pj(16, 16) + kv_bytes * self.dram_pj_per_byte()) * PJ
+        return (
+            head * self.workload.tokens * self.mac_pj(16, 16)
+            + 2.0 * head * self.dram_pj_per_byte()
+            + attn_macs * self.mac_pj(16, 16)
+            + kv_bytes * self.dram_pj_per_byte()
+        ) * PJ

@@ -3,13 +3,15 @@
 A profile is a TOML file in ``hardware/`` (or any path). ``local`` is this machine,
 measured by ``mpsearch profile-device`` (:mod:`mpsearch.cost.profile`) and cached.
 """
+
 from __future__ import annotations
 
 import json
-import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
+
 from ..core.files import shipped, write_text_atomic
 
 BUILTIN = shipped("hardware")
@@ -39,13 +41,19 @@ class Hardware:
     def __post_init__(self) -> None:
         bad = sorted(set(self.peak) - set(COMPUTE_TYPES))
         if bad:
-            raise HardwareError(f"hardware {self.name!r}: unknown compute types {bad}; known: {', '.join(COMPUTE_TYPES)}")
+            raise HardwareError(
+                f"hardware {self.name!r}: unknown compute types {bad}; known: {', '.join(COMPUTE_TYPES)}"
+            )
         for k, v in {**self.peak, "bandwidth": self.bandwidth, **self.energy_pj}.items():
             if not isinstance(v, (int, float)) or v < 0:
                 raise HardwareError(f"hardware {self.name!r}: {k} must be a number >= 0, got {v!r}")
         if self.peak and self.float_type not in self.peak:
             raise HardwareError(f"hardware {self.name!r}: float_type {self.float_type!r} has no peak")
-        for what in (("peak",) if self.peak else ()) + (("bandwidth",) if self.bandwidth else ()) + (("energy_pj",) if self.energy_pj else ()):
+        for what in (
+            (("peak",) if self.peak else ())
+            + (("bandwidth",) if self.bandwidth else ())
+            + (("energy_pj",) if self.energy_pj else ())
+        ):
             if not self.sources.get(what):
                 raise HardwareError(f"hardware {self.name!r}: every number needs a source; [sources] has no {what!r}")
 
@@ -61,7 +69,9 @@ class Hardware:
 
     def require(self, what: str) -> None:
         if what == "roofline" and (not self.peak or not self.bandwidth):
-            raise HardwareError(f"hardware {self.name!r} ({self.path}) gives no peak throughput / bandwidth; a latency cost needs both")
+            raise HardwareError(
+                f"hardware {self.name!r} ({self.path}) gives no peak throughput / bandwidth; a latency cost needs both"
+            )
         if what == "energy" and not self.energy_pj:
             raise HardwareError(f"hardware {self.name!r} ({self.path}) gives no energy per operation ([energy_pj])")
 
@@ -70,7 +80,9 @@ def load_hardware(name: str | Path) -> Hardware:
     """A profile by name (``hardware/<name>.toml``) or by path; ``local``, this machine measured, is
     :func:`mpsearch.cost.profile.hardware`'s."""
     if str(name) == "local":
-        raise HardwareError("the 'local' profile is measured on this machine: mpsearch.cost.profile.hardware('local') gives it")
+        raise HardwareError(
+            "the 'local' profile is measured on this machine: mpsearch.cost.profile.hardware('local') gives it"
+        )
     path = Path(name)
     if not path.suffix:
         path = BUILTIN / f"{name}.toml"
@@ -88,11 +100,17 @@ def read_hardware(path: Path) -> Hardware:
     known = {"name", "kind", "description", "float_type", "peak", "memory", "energy_pj", "sources"}
     if set(d) - known:
         raise HardwareError(f"{path}: unknown keys {sorted(set(d) - known)}; known: {sorted(known)}")
-    return Hardware(name=d.get("name", path.stem), kind=d.get("kind", "gpu"), description=d.get("description", ""),
-                    float_type=d.get("float_type", "fp16"), peak={k: float(v) for k, v in d.get("peak", {}).items()},
-                    bandwidth=float(d.get("memory", {}).get("bandwidth", 0.0)),
-                    energy_pj={k: float(v) for k, v in d.get("energy_pj", {}).items()},
-                    sources={k: str(v) for k, v in d.get("sources", {}).items()}, path=str(path))
+    return Hardware(
+        name=d.get("name", path.stem),
+        kind=d.get("kind", "gpu"),
+        description=d.get("description", ""),
+        float_type=d.get("float_type", "fp16"),
+        peak={k: float(v) for k, v in d.get("peak", {}).items()},
+        bandwidth=float(d.get("memory", {}).get("bandwidth", 0.0)),
+        energy_pj={k: float(v) for k, v in d.get("energy_pj", {}).items()},
+        sources={k: str(v) for k, v in d.get("sources", {}).items()},
+        path=str(path),
+    )
 
 
 def write_hardware(hw: Hardware, path: Path) -> Path:
@@ -102,8 +120,13 @@ def write_hardware(hw: Hardware, path: Path) -> Path:
 
 def hardware_toml(hw: Hardware) -> str:
     """The TOML text of a profile."""
+
     def table(name: str, d: dict) -> list[str]:
-        return [f"[{name}]"] + [f"{k} = {json.dumps(v) if isinstance(v, str) else format(float(v), '.6g')}" for k, v in d.items()] + [""]
+        return (
+            [f"[{name}]"]
+            + [f"{k} = {json.dumps(v) if isinstance(v, str) else format(float(v), '.6g')}" for k, v in d.items()]
+            + [""]
+        )
 
     lines = [f"{k} = {json.dumps(getattr(hw, k))}" for k in ("name", "kind", "description", "float_type")] + [""]
     lines += table("peak", hw.peak) + table("memory", {"bandwidth": hw.bandwidth})

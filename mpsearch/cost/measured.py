@@ -5,6 +5,7 @@ part is what the deployed model's step takes beyond its linears. HAQ's argument:
 format costs is what the hardware does with it, which bits alone do not say (on this CPU a
 3-bit tensor runs slower than a 4-bit one: only 4 bits has a fused kernel).
 """
+
 from __future__ import annotations
 
 from ..core.format import Format

@@ -9,6 +9,7 @@ as a constraint row (:func:`constraint_for`). New cost models are one file with
 Units inside are SI (bytes, operations, joules, seconds); ``display`` turns them into the
 unit of the results column (``cost_energy_mj`` is millijoules).
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,14 @@ class ModelShape:
         if c is None or not hasattr(c, "hidden_size"):
             return ModelShape()
         heads = c.num_attention_heads
-        return ModelShape(c.hidden_size, c.num_hidden_layers, heads, getattr(c, "num_key_value_heads", None) or heads,
-                          getattr(c, "head_dim", None) or c.hidden_size // heads, c.vocab_size)
+        return ModelShape(
+            c.hidden_size,
+            c.num_hidden_layers,
+            heads,
+            getattr(c, "num_key_value_heads", None) or heads,
+            getattr(c, "head_dim", None) or c.hidden_size // heads,
+            c.vocab_size,
+        )
 
     @property
     def kv_elements(self) -> int:
@@ -151,8 +158,19 @@ def get_cost(name: str) -> type[CostModel]:
 
 # -- constraints from the command line ----------------------------------------------------
 _SCALE = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
-_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "J": 1.0, "mJ": 1e-3, "uJ": 1e-6, "nJ": 1e-9,
-          "B": 1.0, "KB": 1e3, "MB": 1e6, "GB": 1e9}
+_UNITS = {
+    "s": 1.0,
+    "ms": 1e-3,
+    "us": 1e-6,
+    "J": 1.0,
+    "mJ": 1e-3,
+    "uJ": 1e-6,
+    "nJ": 1e-9,
+    "B": 1.0,
+    "KB": 1e3,
+    "MB": 1e6,
+    "GB": 1e9,
+}
 #: the unit family each cost model's limit is given in
 _FAMILY = {"s": ("s", "ms", "us"), "J": ("J", "mJ", "uJ", "nJ"), "B": ("B", "KB", "MB", "GB")}
 
@@ -169,7 +187,10 @@ class ConstraintSpec:
     def parse(text: str) -> "ConstraintSpec":
         m = re.fullmatch(r"\s*([a-z_]+)\s*<=\s*([-+0-9.eE]+)\s*([a-zA-Z]*)\s*", str(text))
         known = cost_names()
-        how = f"write NAME<=VALUE[UNIT], e.g. latency_decode<=12ms, energy<=25mJ, bops<=2T, bytes<=60MB; NAME is one of {', '.join(known)}"
+        how = (
+            "write NAME<=VALUE[UNIT], e.g. latency_decode<=12ms, energy<=25mJ, bops<=2T, bytes<=60MB; NAME is one "
+            f"of {', '.join(known)}"
+        )
         if not m:
             raise ValueError(f"cannot read constraint {text!r}: {how}")
         name, number, unit = m.groups()
@@ -179,11 +200,15 @@ class ConstraintSpec:
         base = get_cost(name).unit_family
         if base:
             if unit not in _FAMILY[base]:
-                raise ValueError(f"constraint {text!r}: {name} is limited in {'/'.join(_FAMILY[base])}, got {unit or 'no unit'!r}")
+                raise ValueError(
+                    f"constraint {text!r}: {name} is limited in {'/'.join(_FAMILY[base])}, got {unit or 'no unit'!r}"
+                )
             value *= _UNITS[unit]
         else:
             if unit not in _SCALE:
-                raise ValueError(f"constraint {text!r}: {name} is a count; use a plain number or a K/M/G/T suffix, got {unit!r}")
+                raise ValueError(
+                    f"constraint {text!r}: {name} is a count; use a plain number or a K/M/G/T suffix, got {unit!r}"
+                )
             value *= _SCALE[unit]
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"constraint {text!r}: the limit must be a positive number")

@@ -16,6 +16,7 @@ Two things are measured, both cached by what they depend on:
   timed on every shape too. (Timing each kernel alone, caches flushed before each call,
   missed the deployed models' decode time by 14-44% from run to run on this machine.)
 """
+
 from __future__ import annotations
 
 import datetime
@@ -29,8 +30,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..store.cache import cache_dir, cache_write, content_key, read_json, scratch_dir, write_json
 from ..core.format import Format
+from ..store.cache import cache_dir, cache_write, content_key, read_json, scratch_dir, write_json
 from .hardware import Hardware, HardwareError, hardware_toml, load_hardware, read_hardware
 
 log = logging.getLogger(__name__)
@@ -68,21 +69,29 @@ def measure_peaks() -> Hardware:
     n = 2048
     g = torch.Generator().manual_seed(0)  # its own: the global generator's state is the search's, measured here or not
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    peak = {"fp32": 2 * n ** 3 / _median_s(lambda: a @ b, 5)}
+    peak = {"fp32": 2 * n**3 / _median_s(lambda: a @ b, 5)}
     ab, bb = a.bfloat16(), b.bfloat16()
-    peak["bf16"] = 2 * n ** 3 / _median_s(lambda: ab @ bb, 5)
+    peak["bf16"] = 2 * n**3 / _median_s(lambda: ab @ bb, 5)
     ai, bi = (torch.randint(-127, 127, (n, n), dtype=torch.int8, generator=g) for _ in range(2))
-    peak["int8"] = 2 * n ** 3 / _median_s(lambda: torch._int_mm(ai, bi), 5)
+    peak["int8"] = 2 * n**3 / _median_s(lambda: torch._int_mm(ai, bi), 5)
     src = torch.ones(64 << 20)
     dst = torch.empty_like(src)
     bandwidth = 2 * src.numel() * 4 / _median_s(lambda: dst.copy_(src), 7)
     m = machine()
     when = datetime.date.today().isoformat()
     how = f"measured by `mpsearch profile-device` on {when}: {m['cpu']}, {m['cores']} threads, torch {m['torch']}"
-    return Hardware(name="local", kind="cpu", description=f"this machine: {m['cpu']}, {m['cores']} threads",
-                    float_type="bf16" if peak["bf16"] > peak["fp32"] else "fp32", peak=peak, bandwidth=bandwidth,
-                    sources={"peak": f"{how}; median of 5 dense {n}^3 GEMMs (torch.matmul in fp32/bf16, torch._int_mm in int8)",
-                             "bandwidth": f"{how}; median of 7 copies of 256 MB (bytes read + written per second)"})
+    return Hardware(
+        name="local",
+        kind="cpu",
+        description=f"this machine: {m['cpu']}, {m['cores']} threads",
+        float_type="bf16" if peak["bf16"] > peak["fp32"] else "fp32",
+        peak=peak,
+        bandwidth=bandwidth,
+        sources={
+            "peak": f"{how}; median of 5 dense {n}^3 GEMMs (torch.matmul in fp32/bf16, torch._int_mm in int8)",
+            "bandwidth": f"{how}; median of 7 copies of 256 MB (bytes read + written per second)",
+        },
+    )
 
 
 def local_hardware(refresh: bool = False) -> Hardware:
@@ -96,7 +105,9 @@ def local_hardware(refresh: bool = False) -> Hardware:
     log.info("measuring this machine's peak throughput and bandwidth (once; cached in %s)", path)
     hw = measure_peaks()
     text = hardware_toml(hw)
-    if cache_write(path, lambda tmp: tmp.write_text(text)) is None:  # a read-only cache: read back from scratch all the same
+    if (
+        cache_write(path, lambda tmp: tmp.write_text(text)) is None
+    ):  # a read-only cache: read back from scratch all the same
         path = scratch_dir() / path.name
         path.write_text(text)
     return read_hardware(path)  # what a later run reads from the cache, to the digit
@@ -129,8 +140,11 @@ class KernelTable:
         """The fastest measured kernel's time; an error names what is missing."""
         t = self.timings(in_features, out_features, fmt, tokens)
         if not t:
-            raise KeyError(f"the kernel table has no timing for {fmt.key} on a {in_features} -> {out_features} layer at {tokens} tokens; "
-                           "run `mpsearch profile-device` with this model and space")
+            raise KeyError(
+                f"the kernel table has no timing for {fmt.key} on a {in_features} -> {out_features} layer at {tokens} "
+                "tokens; "
+                "run `mpsearch profile-device` with this model and space"
+            )
         return min(t.values())
 
 
@@ -156,7 +170,9 @@ def _timed(model, names: list[str], context: int, tokens: tuple[int, ...], steps
     for n in names:
         mod = model.get_submodule(n)
         hooks.append(mod.register_forward_pre_hook(lambda m, a, n=n: start.__setitem__(n, time.perf_counter())))
-        hooks.append(mod.register_forward_hook(lambda m, a, o, n=n: times[n].append((time.perf_counter() - start[n]) * 1e3)))
+        hooks.append(
+            mod.register_forward_hook(lambda m, a, o, n=n: times[n].append((time.perf_counter() - start[n]) * 1e3))
+        )
     g = torch.Generator().manual_seed(0)
     per: dict[str, dict[int, list[float]]] = {n: {} for n in names}
     totals: dict[int, list[float]] = {}
@@ -175,7 +191,7 @@ def _timed(model, names: list[str], context: int, tokens: tuple[int, ...], steps
             cache = DynamicCache()
             ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g)
             for s in range(0, context, 512):
-                out = model(input_ids=ids[:, s:s + 512], past_key_values=cache, use_cache=True)
+                out = model(input_ids=ids[:, s : s + 512], past_key_values=cache, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
             steps_ms = []
             for i in range(steps + 2):
@@ -195,8 +211,17 @@ def _timed(model, names: list[str], context: int, tokens: tuple[int, ...], steps
     return per, totals
 
 
-def profile_device(model, decisions, tokens: tuple[int, ...] = (1, 512), context: int = 512, device: str = "cpu",
-                   use_cache: bool = True, progress: bool = True, fingerprint: str = "", refresh: bool = False) -> KernelTable:
+def profile_device(
+    model,
+    decisions,
+    tokens: tuple[int, ...] = (1, 512),
+    context: int = 512,
+    device: str = "cpu",
+    use_cache: bool = True,
+    progress: bool = True,
+    fingerprint: str = "",
+    refresh: bool = False,
+) -> KernelTable:
     """Time every kernel on every (layer shape, format) of ``decisions`` at each token count (the
     first is a decode step), and the fixed part of ``model``'s decode step at ``context`` and of a
     prompt of ``tokens[-1]`` tokens. Cached by machine, kernels, shapes, formats and model; ``refresh``
@@ -234,10 +259,15 @@ def profile_device(model, decisions, tokens: tuple[int, ...] = (1, 512), context
             for t, what in ((tokens[0], "decode_ms"), (tokens[-1], "prefill_ms")):
                 fixed[what] = [tot - sum(per_module[m.name][t][i] for m in on) for i, tot in enumerate(totals[t])]
         del deployed
-    rows = [{"kernel": k, "in_features": i, "out_features": o, "format": f, "tokens": t, "ms": statistics.median(v)}
-            for (k, i, o, f, t), v in sorted(samples.items())]
-    table = KernelTable(pd.DataFrame(rows, columns=COLUMNS), {k: statistics.median(v) for k, v in fixed.items()} | {"context": context},
-                        machine())
+    rows = [
+        {"kernel": k, "in_features": i, "out_features": o, "format": f, "tokens": t, "ms": statistics.median(v)}
+        for (k, i, o, f, t), v in sorted(samples.items())
+    ]
+    table = KernelTable(
+        pd.DataFrame(rows, columns=COLUMNS),
+        {k: statistics.median(v) for k, v in fixed.items()} | {"context": context},
+        machine(),
+    )
     if use_cache:
         write_json(path, {"rows": rows, "fixed": table.fixed, "machine": table.machine}, key, SCHEMA)
     return table

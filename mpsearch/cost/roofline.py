@@ -6,6 +6,7 @@ tokens (reads every weight once, and the KV cache). ``latency_prefill``: a promp
 decisions (the LM head, attention) is the fixed part. No launch overheads, no overlap:
 a lower bound that the measured table (:mod:`mpsearch.cost.measured`) checks.
 """
+
 from __future__ import annotations
 
 from ..core.format import Format
@@ -24,8 +25,11 @@ class _Roofline(CostModel):
     def member(self, m: Member, fmt: Format) -> float:
         a = self.workload.act_bits
         act_bytes = self.tokens * (m.in_features + m.out_features) * a / 8.0
-        return self.kernel_s(2.0 * m.numel * self.tokens, weight_bytes(m, fmt) + act_bytes,
-                             self.hardware.compute_type(weight_bits(fmt), a))
+        return self.kernel_s(
+            2.0 * m.numel * self.tokens,
+            weight_bytes(m, fmt) + act_bytes,
+            self.hardware.compute_type(weight_bits(fmt), a),
+        )
 
     def fixed(self) -> float:
         s, w, t = self.shape, self.workload, self.tokens

@@ -1,4 +1,5 @@
 """Bytes: storage of the decision tensors, scales and zeros included (what ``--budget 48MB`` bounds)."""
+
 from __future__ import annotations
 
 from ..core.format import Format

@@ -5,6 +5,7 @@ configured hardware (roofline), energy table and workload, and, with ``profile``
 machine's measured kernel table. :meth:`constraints` turns ``--constraint`` specs into MILP
 rows; :meth:`row` and :meth:`breakdown` give a plan's costs for results.csv and costs.csv.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.format import Format
-from ..solvers import Constraint
 from ..core.space import Decision, Member
+from ..solvers import Constraint
 from . import BudgetError
-from .profile import hardware
 from .model import ConstraintSpec, CostModel, ModelShape, Workload, cost_names, get_cost
+from .profile import hardware
 
 log = logging.getLogger(__name__)
 #: how a results column's unit suffix is written in a message
@@ -47,15 +48,24 @@ class CostSuite:
         timed = wanted & {"measured_decode", "measured_prefill"}
         if (cfg.profile or timed) and not shape.layers:  # the kernels run a decoder's linears; a CNN has no decode step
             if timed:
-                raise BudgetError(f"constraints {sorted(timed)}: measured latencies are for decoder LMs (linear layers, a decode "
-                                  "step); this model is not one")
+                raise BudgetError(
+                    f"constraints {sorted(timed)}: measured latencies are for decoder LMs (linear layers, a decode "
+                    "step); this model is not one"
+                )
             log.info("no measured latencies: the kernel table is for decoder LMs")
         elif cfg.profile or timed:
             from .profile import profile_device
 
             with stage("profile device (measured kernel table)"):
-                profile = profile_device(model, decisions, tokens=(workload.batch, workload.batch * workload.prefill),
-                                         context=workload.context, use_cache=cfg.use_cache, progress=cfg.progress, fingerprint=fingerprint)
+                profile = profile_device(
+                    model,
+                    decisions,
+                    tokens=(workload.batch, workload.batch * workload.prefill),
+                    context=workload.context,
+                    use_cache=cfg.use_cache,
+                    progress=cfg.progress,
+                    fingerprint=fingerprint,
+                )
         models = {}
         for name in cost_names():
             cls = get_cost(name)
@@ -71,15 +81,19 @@ class CostSuite:
         for text in specs:
             spec = ConstraintSpec.parse(text)
             if spec.cost not in self.models:
-                raise BudgetError(f"constraint {text!r}: cost {spec.cost!r} is not available in this search "
-                                  f"(available: {', '.join(self.models)})")
+                raise BudgetError(
+                    f"constraint {text!r}: cost {spec.cost!r} is not available in this search "
+                    f"(available: {', '.join(self.models)})"
+                )
             cm = self.models[spec.cost]
             table = cm.table(decisions)
             floor = cm.fixed() + sum(float(t.min()) for t in table)
             if floor > spec.limit * (1 + 1e-9):
                 unit = f" {UNIT_NAMES.get(cm.unit, cm.unit)}" if cm.unit else ""
-                raise BudgetError(f"constraint {text!r} cannot be met: the cheapest plan costs {floor * cm.display:.4g}{unit} "
-                                  f"({cm.fixed() * cm.display:.4g}{unit} of it outside the decisions)")
+                raise BudgetError(
+                    f"constraint {text!r} cannot be met: the cheapest plan costs {floor * cm.display:.4g}{unit} "
+                    f"({cm.fixed() * cm.display:.4g}{unit} of it outside the decisions)"
+                )
             scale = _scale(table, spec.limit)  # keep the MILP's rows near 1 whatever the unit
             out.append(Constraint(spec.cost, [t * scale for t in table], (spec.limit - cm.fixed()) * scale))
         names = [c.name for c in out]
@@ -92,17 +106,29 @@ class CostSuite:
         return {cm.column: cm.total(formats, members) * cm.display for cm in self.models.values()}
 
     def timed(self) -> set[str]:
-        """Columns read off this machine's clocks: measured kernels, and the roofline when its peaks were measured here."""
-        return {cm.column for cm in self.models.values() if cm.needs == "measured" or (cm.needs == "roofline" and self.hardware == "local")}
+        """Columns read off this machine's clocks.
+
+        Measured kernels, and the roofline when its peaks were measured here."""
+        return {
+            cm.column
+            for cm in self.models.values()
+            if cm.needs == "measured" or (cm.needs == "roofline" and self.hardware == "local")
+        }
 
     def meets(self, formats: dict[str, Format], members: list[Member], specs: tuple[str, ...]) -> bool:
         """Whether a plan (any plan, a baseline too) is within every constraint."""
-        return all(self.models[s.cost].total(formats, members) <= s.limit * (1 + 1e-9) for s in map(ConstraintSpec.parse, specs))
+        return all(
+            self.models[s.cost].total(formats, members) <= s.limit * (1 + 1e-9)
+            for s in map(ConstraintSpec.parse, specs)
+        )
 
     def breakdown(self, plan: str, formats: dict[str, Format], members: list[Member]) -> list[dict]:
         """Rows ``plan, cost, part, value`` (costs.csv): each cost split by tensor kind and the fixed part."""
-        return [{"plan": plan, "cost": cm.column[len("cost_"):], "part": part, "value": v}
-                for cm in self.models.values() for part, v in cm.breakdown(formats, members).items()]
+        return [
+            {"plan": plan, "cost": cm.column[len("cost_") :], "part": part, "value": v}
+            for cm in self.models.values()
+            for part, v in cm.breakdown(formats, members).items()
+        ]
 
 
 def _scale(table: list[np.ndarray], limit: float) -> float:

@@ -7,6 +7,7 @@ Each exporter is registered under ``("exporter", NAME)`` with :func:`exporter` a
 documents the format it writes. It refuses a plan its target cannot express with an
 :class:`ExportError` naming the tensor and the format, before it writes anything.
 """
-from .base import ExportError, Exporter, export, exporter, get_exporter
+
+from .base import Exporter, ExportError, export, exporter, get_exporter
 
 __all__ = ["ExportError", "Exporter", "export", "exporter", "get_exporter"]

@@ -10,6 +10,7 @@ module resolves to its own entry. The file is that dict as JSON::
 
 AutoRound's integer weight kernels take 2, 3, 4 and 8 bits.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,7 @@ BITS = frozenset({2, 3, 4, 8})
 
 
 def layer_config(schemes: dict) -> dict:
-    return {name: ({"bits": 16} if s is None else s.gptq_fields())
-            for name, s in sorted(schemes.items())}
+    return {name: ({"bits": 16} if s is None else s.gptq_fields()) for name, s in sorted(schemes.items())}
 
 
 @exporter("autoround", ".json", "AutoRound layer_config: {module: {bits, group_size, sym}} by exact name")

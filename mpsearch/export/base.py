@@ -1,4 +1,5 @@
 """What an exporter is, the decorator that registers one, and ``export``, which finds one by name."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,9 +28,11 @@ class Exporter:
 
 def exporter(name: str, suffix: str, about: str, runtime_ok: Callable | None = None):
     """Decorator: register ``write`` as the exporter ``name``."""
+
     def deco(write):
         registry.register("exporter", name)(Exporter(name, write, suffix, about, runtime_ok))
         return write
+
     return deco
 
 
@@ -45,14 +48,24 @@ def runtime_formats_for(plan: Plan, ex: Exporter, weights_only: bool = False) ->
         return plan
     if not weights_only:
         n, t, f = bad[0]
-        raise ExportError(f"tensors[{n!r}].{t}: {ex.name} cannot carry the run-time format {f.key} ({len(bad)} such entries); "
-                          "pass --weights-only to export the weights alone (the activation / KV formats are dropped)")
+        raise ExportError(
+            f"tensors[{n!r}].{t}: {ex.name} cannot carry the run-time format {f.key} ({len(bad)} such entries); "
+            "pass --weights-only to export the weights alone (the activation / KV formats are dropped)"
+        )
     tensors = {n: dict(e) for n, e in plan.tensors.items()}
     for n, t, f in bad:
         log.warning("--weights-only: %s.%s %s dropped (%s writes weights only)", n, t, f.key, ex.name)
         tensors[n].pop(t)
-    return Plan(plan.model_id, plan.model_fingerprint, tensors, dict(plan.budget), dict(plan.metrics), dict(plan.provenance),
-                plan.importance, plan.calibration)
+    return Plan(
+        plan.model_id,
+        plan.model_fingerprint,
+        tensors,
+        dict(plan.budget),
+        dict(plan.metrics),
+        dict(plan.provenance),
+        plan.importance,
+        plan.calibration,
+    )
 
 
 def get_exporter(name: str) -> Exporter:

@@ -13,6 +13,7 @@ entries are stored as F16 (``full_type="f32"`` keeps them exact).
 The source must be a GGUF file (a packaged model or ``--model file.gguf``): for a
 Hugging Face folder, convert it once with llama.cpp's ``convert_hf_to_gguf.py``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,15 +41,19 @@ def write_gguf(plan, out: Path, model: str = "smollm2", check: bool = True, full
         raise ExportError(f"full_type must be f16 or f32, got {full_type!r}")
     src = source_gguf(model)
     if src is None:
-        raise ExportError(f"GGUF export re-encodes the model's own GGUF file, and {model!r} is not one: give --model FILE.gguf "
-                          "(convert a Hugging Face folder once with llama.cpp's convert_hf_to_gguf.py)")
+        raise ExportError(
+            f"GGUF export re-encodes the model's own GGUF file, and {model!r} is not one: give --model FILE.gguf "
+            "(convert a Hugging Face folder once with llama.cpp's convert_hf_to_gguf.py)"
+        )
     lm = load_model(model)
     resolved = check_plan(lm.model, plan, check)
     formats = resolved.weight_formats()
     for name, fmt in formats.items():  # every format must have a GGML type, before anything is written
         if not fmt.is_full and fmt.quantizer not in TYPES:
-            raise ExportError(f"tensors[{name!r}].weight: format {fmt.key} has no GGML type "
-                              f"(GGUF types: {', '.join(sorted(TYPES))}); search with --space gguf")
+            raise ExportError(
+                f"tensors[{name!r}].weight: format {fmt.key} has no GGML type "
+                f"(GGUF types: {', '.join(sorted(TYPES))}); search with --space gguf"
+            )
     names = gguf_names(*arch_of(model, lm.model), sorted(formats))
     planned = {g: m for m, g in names.items()}
     modules = dict(lm.model.named_modules())
@@ -99,4 +104,6 @@ def _same_rows(w: np.ndarray, weight: torch.Tensor, module: str, src: str) -> No
     a = np.sort(w.astype(np.float64).sum(1))
     b = np.sort(weight.detach().double().sum(1).numpy())
     if not np.allclose(a, b, rtol=1e-4, atol=1e-5):
-        raise ExportError(f"{module}: {src} holds other values than the model's weight (not the file the model was loaded from?)")
+        raise ExportError(
+            f"{module}: {src} holds other values than the model's weight (not the file the model was loaded from?)"
+        )

@@ -8,6 +8,7 @@ Written here: the most common planned scheme is the base, and every module whose
 differs, or that stays unquantized, gets an anchored, escaped regex ``^name$`` (no key
 can match another module). GPTQModel's kernels take 2, 3, 4 and 8 bits.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,11 +32,17 @@ def gptqmodel_dict(schemes: dict) -> dict:
             dynamic[f"-:{key}"] = {}
         elif s != base:
             dynamic[f"+:{key}"] = s.gptq_fields()
-    head = base.gptq_fields() if base else {"bits": 4, "group_size": 128, "sym": True}  # nothing quantized: any base will do
+    head = (
+        base.gptq_fields() if base else {"bits": 4, "group_size": 128, "sym": True}
+    )  # nothing quantized: any base will do
     return {**head, "desc_act": False, "quant_method": "gptq", "checkpoint_format": "gptq", "dynamic": dynamic}
 
 
-@exporter("gptqmodel", ".json", "GPTQModel quantize_config.json: base scheme plus dynamic per-module overrides (anchored, escaped regexes)")
+@exporter(
+    "gptqmodel",
+    ".json",
+    "GPTQModel quantize_config.json: base scheme plus dynamic per-module overrides (anchored, escaped regexes)",
+)
 def write_gptqmodel(plan, out: Path, model: str = "smollm2", nearest: bool = False, check: bool = True) -> Path:
     schemes, _, _ = plan_schemes(plan, model, BITS, nearest, check)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 """Where a plan's tensors live in GGUF: the source file and llama.cpp's tensor names."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -11,6 +11,7 @@ user requantizes with llama.cpp itself::
 Source: llama.cpp ``tools/quantize/quantize.cpp`` (``parse_tensor_type``,
 ``--tensor-type-file``). A format without a GGML type is an error naming the tensor.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,8 +28,10 @@ def ggml_type_name(tensor: str, fmt) -> str:
     if fmt.is_full:
         return "F16"
     if fmt.quantizer not in TYPES:
-        raise ExportError(f"tensors[{tensor!r}].weight: format {fmt.key} has no GGML type "
-                          f"(GGUF types: {', '.join(sorted(TYPES))}); search with --space gguf")
+        raise ExportError(
+            f"tensors[{tensor!r}].weight: format {fmt.key} has no GGML type "
+            f"(GGUF types: {', '.join(sorted(TYPES))}); search with --space gguf"
+        )
     return TYPES[fmt.quantizer].qtype.name
 
 

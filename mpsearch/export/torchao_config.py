@@ -19,6 +19,7 @@ in other integer formats (``uniform``, ``clip``, ``gptq``) would come out of tor
 weights than the ones measured, so it is refused unless ``--nearest`` (then each tensor keeps
 its bits, groups and symmetry on torchao's grid, and the change is logged).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,12 @@ def torchao_config(schemes: dict):
     def one(s):
         if s is None:
             return None
-        return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{s.bits}"),
-                                    granularity=PerAxis(0) if s.group_size is None else PerGroup(s.group_size),
-                                    mapping_type=MappingType.SYMMETRIC if s.symmetric else MappingType.ASYMMETRIC)
+        return IntxWeightOnlyConfig(
+            weight_dtype=getattr(torch, f"int{s.bits}"),
+            granularity=PerAxis(0) if s.group_size is None else PerGroup(s.group_size),
+            mapping_type=MappingType.SYMMETRIC if s.symmetric else MappingType.ASYMMETRIC,
+        )
+
     return FqnToConfig(fqn_to_config={n: one(s) for n, s in sorted(schemes.items())})
 
 
@@ -51,7 +55,9 @@ def write_torchao(plan, out: Path, model: str = "smollm2", nearest: bool = False
     try:
         from torchao.core.config import config_to_dict
     except ImportError:
-        raise ExportError("--to torchao writes torchao's own serialisation: install it with `pip install --no-deps torchao`") from None
+        raise ExportError(
+            "--to torchao writes torchao's own serialisation: install it with `pip install --no-deps torchao`"
+        ) from None
     schemes, _, _ = plan_schemes(plan, model, BITS, nearest, check, quantizers=frozenset({"affine"}))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(config_to_dict(torchao_config(schemes)), indent=1) + "\n")

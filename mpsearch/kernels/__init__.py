@@ -7,6 +7,7 @@ this machine (:mod:`mpsearch.cost.profile`); :func:`mpsearch.kernels.deploy.depl
 model whose decision linears run through them, and its decode time is what the cost
 models are checked against.
 """
+
 from .base import Kernel, get_kernel, kernel_names, kernels_for
 
 __all__ = ["Kernel", "get_kernel", "kernel_names", "kernels_for"]

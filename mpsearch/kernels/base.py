@@ -1,4 +1,5 @@
 """What a kernel is, and how one is found: by name, or by the formats and rows it runs."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

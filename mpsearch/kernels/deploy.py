@@ -1,4 +1,5 @@
 """A plan run by real kernels, and its decode time: what the latency cost models are checked against."""
+
 from __future__ import annotations
 
 import copy
@@ -45,10 +46,12 @@ def choose_kernel(fmt: Format, in_features: int, device: str = "cpu") -> str:
     return min(able, key=lambda k: PREFERENCE.index(k) if k in PREFERENCE else len(PREFERENCE))
 
 
-def deploy(model: nn.Module, formats: Mapping[str, Format], kernels: Mapping[str, str] | None = None,
-           head_dense: bool = True) -> nn.Module:
+def deploy(
+    model: nn.Module, formats: Mapping[str, Format], kernels: Mapping[str, str] | None = None, head_dense: bool = True
+) -> nn.Module:
     """A copy of ``model`` whose linears in ``formats`` run through kernels (``kernels[name]``, or
-    by :func:`choose_kernel`), and its LM head in bf16 (``head_dense``). The weights packed are the model's as they are: pass a model with
+    by :func:`choose_kernel`), and its LM head in bf16 (``head_dense``). The weights packed are the model's as they are:
+    pass a model with
     the plan applied (:func:`mpsearch.quant.applied`) for a plan's numbers, any model for its speed."""
     out = copy.deepcopy(model)
     for name, fmt in formats.items():
@@ -59,13 +62,22 @@ def deploy(model: nn.Module, formats: Mapping[str, Format], kernels: Mapping[str
         k = (kernels or {}).get(name) or choose_kernel(fmt, lin.in_features)
         setattr(out.get_submodule(parent) if parent else out, attr, KernelLinear(k, fmt, lin.weight, lin.bias))
     head = getattr(out, "lm_head", None)
-    if head_dense and isinstance(head, nn.Linear):  # the LM head stays unquantized, stored in 16 bits as the cost models count it
+    if head_dense and isinstance(
+        head, nn.Linear
+    ):  # the LM head stays unquantized, stored in 16 bits as the cost models count it
         out.lm_head = KernelLinear("dense", Format.full(), head.weight, head.bias)
     return out.eval()
 
 
-def decode_ms(model: nn.Module, context: int = 512, steps: int = 32, batch: int = 1, warmup: int = 3, seed: int = 0,
-              vocab: int | None = None) -> dict:
+def decode_ms(
+    model: nn.Module,
+    context: int = 512,
+    steps: int = 32,
+    batch: int = 1,
+    warmup: int = 3,
+    seed: int = 0,
+    vocab: int | None = None,
+) -> dict:
     """Milliseconds per decode step after a prompt of ``context`` tokens (random ids): the median
     of ``steps`` timed steps, with the quartiles. The prompt is prefilled in chunks of 512."""
     from transformers import DynamicCache
@@ -77,7 +89,7 @@ def decode_ms(model: nn.Module, context: int = 512, steps: int = 32, batch: int 
     with torch.no_grad():
         cache = DynamicCache()
         for s in range(0, context, 512):
-            out = model(input_ids=ids[:, s:s + 512], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, s : s + 512], past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         for i in range(warmup + steps):
             t = time.perf_counter()
@@ -86,7 +98,14 @@ def decode_ms(model: nn.Module, context: int = 512, steps: int = 32, batch: int 
             if i >= warmup:
                 times.append((time.perf_counter() - t) * 1e3)
     q = statistics.quantiles(times, n=4)
-    return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "steps": steps, "context": context, "batch": batch}
+    return {
+        "median_ms": statistics.median(times),
+        "p25_ms": q[0],
+        "p75_ms": q[2],
+        "steps": steps,
+        "context": context,
+        "batch": batch,
+    }
 
 
 def prefill_ms(model: nn.Module, tokens: int = 512, repeats: int = 3, batch: int = 1, seed: int = 0) -> float:

@@ -15,6 +15,7 @@ Weights are re-encoded by min/max rounding at the format's bits and group, so a 
 (already rounded) RTN weights come back up to bf16 rounding; other quantizers' formats run
 as the uniform grid of their bits and group, which is what their storage costs to read.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,7 @@ def rtn_codes(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, tor
     out, inp = w.shape
     g = w.float().reshape(out, inp // group, group)
     lo, hi = g.amin(-1), g.amax(-1)
-    qmax = 2 ** bits - 1
+    qmax = 2**bits - 1
     scale = ((hi - lo) / qmax).clamp_min(1e-8)
     q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, qmax)
     return q.reshape(out, inp).to(torch.uint8), scale, lo
@@ -75,7 +76,11 @@ class Dequant(Kernel):
         per = _per_byte(fmt.bits)
         width = 8 // per
         mask = (1 << width) - 1
-        q = torch.stack([(codes >> (i * width)) & mask for i in range(per)], -1).reshape(codes.shape[0], -1) if per > 1 else codes
+        q = (
+            torch.stack([(codes >> (i * width)) & mask for i in range(per)], -1).reshape(codes.shape[0], -1)
+            if per > 1
+            else codes
+        )
         out, inp = q.shape
         groups = scale.shape[1]
         w = (q.reshape(out, groups, inp // groups).to(COMPUTE) * scale[..., None] + lo[..., None]).reshape(out, inp)
@@ -86,8 +91,14 @@ class Dequant(Kernel):
 class Int4Pack(Kernel):
     def applies(self, fmt: Format, in_features: int, device: str) -> bool:
         group = fmt.group_len(in_features)
-        return (device == "cpu" and not fmt.is_full and fmt.bits == 4 and group in (32, 64, 128, 256)
-                and in_features % group == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+        return (
+            device == "cpu"
+            and not fmt.is_full
+            and fmt.bits == 4
+            and group in (32, 64, 128, 256)
+            and in_features % group == 0
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        )
 
     def pack(self, weight: torch.Tensor, fmt: Format) -> dict[str, torch.Tensor]:
         group = fmt.group_len(weight.shape[1])
@@ -98,7 +109,9 @@ class Int4Pack(Kernel):
         return {"w": w, "sz": sz, "group": torch.tensor(group)}
 
     def run(self, x: torch.Tensor, packed: dict[str, torch.Tensor], fmt: Format) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(COMPUTE), packed["w"], int(packed["group"]), packed["sz"]).to(x.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(COMPUTE), packed["w"], int(packed["group"]), packed["sz"]
+        ).to(x.dtype)
 
 
 def _per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

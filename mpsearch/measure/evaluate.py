@@ -6,6 +6,7 @@ time; the LM head runs on a slice of positions at a time too
 (:mod:`mpsearch.models.decoder`). So memory holds one slice of logits, and does not grow
 with vocabulary x evaluation tokens (Gemma's 262k vocabulary over 16 x 512 tokens would be 4 GB).
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,12 @@ class _Spill:
             self.file.write(a.tobytes())
         except OSError as e:
             where = self.dir or tempfile.gettempdir()
-            raise OSError(e.errno, f"{e.strerror} while spilling the reference log-probs ({a.nbytes * len(self.index) / 1e6:.0f} MB "
-                          f"so far) to {where}; free space there, or set MPSEARCH_CACHE or TMPDIR to a larger disk", str(where)) from None
+            raise OSError(
+                e.errno,
+                f"{e.strerror} while spilling the reference log-probs ({a.nbytes * len(self.index) / 1e6:.0f} MB "
+                f"so far) to {where}; free space there, or set MPSEARCH_CACHE or TMPDIR to a larger disk",
+                str(where),
+            ) from None
 
     def read(self, i: int) -> torch.Tensor:
         offset, shape = self.index[i]
@@ -110,11 +115,18 @@ class Evaluator:
             n_w[w] += targets.numel()
         n = sum(n_w)
         nll = sum(nll_w) / n
-        return Quality(ppl=math.exp(nll), kl=sum(kl_w) / n, nll=nll, tokens=n,
-                       nll_windows=[a / b for a, b in zip(nll_w, n_w)], kl_windows=[a / b for a, b in zip(kl_w, n_w)])
+        return Quality(
+            ppl=math.exp(nll),
+            kl=sum(kl_w) / n,
+            nll=nll,
+            tokens=n,
+            nll_windows=[a / b for a, b in zip(nll_w, n_w)],
+            kl_windows=[a / b for a, b in zip(kl_w, n_w)],
+        )
 
     def _logprobs(self, model: nn.Module, desc: str):
-        """Yield ``(window, log_probs[B, P, V], targets[B, P])`` per batch (window) and slice of at most ``positions`` positions."""
+        """Yield ``(window, log_probs[B, P, V], targets[B, P])`` per batch (window) and slice of at most ``positions``
+        positions."""
         from ..models.decoder import logit_slices
 
         model.eval()
@@ -145,8 +157,13 @@ class ClassifierEvaluator:
         if not hasattr(self, "reference_"):
             raise RuntimeError("call fit(reference) before score(model)")
         model.eval()
-        return self._score(model, [F.log_softmax(self.tokens.logits(model, i), dim=-1)
-                                   for i in tqdm(range(len(self.tokens)), desc=desc, disable=not self.progress, leave=False)])
+        return self._score(
+            model,
+            [
+                F.log_softmax(self.tokens.logits(model, i), dim=-1)
+                for i in tqdm(range(len(self.tokens)), desc=desc, disable=not self.progress, leave=False)
+            ],
+        )
 
     def _score(self, model: nn.Module, logps: list[torch.Tensor]) -> Quality:
         nll_w, kl_w, correct, n = [], [], 0, 0
@@ -160,7 +177,9 @@ class ClassifierEvaluator:
         sizes = [len(self.tokens.batch(i)[1]) for i in range(len(logps))]
         nll = sum(a * b for a, b in zip(nll_w, sizes)) / n
         kl = sum(a * b for a, b in zip(kl_w, sizes)) / n
-        return Quality(ppl=math.exp(nll), kl=kl, nll=nll, tokens=n, nll_windows=nll_w, kl_windows=kl_w, accuracy=correct / n)
+        return Quality(
+            ppl=math.exp(nll), kl=kl, nll=nll, tokens=n, nll_windows=nll_w, kl_windows=kl_w, accuracy=correct / n
+        )
 
 
 def _nll_sum(logp: torch.Tensor, targets: torch.Tensor) -> float:
@@ -178,12 +197,19 @@ class DecodeEvaluator:
     Per-window values (for bootstrap CIs) are per ``block`` decoded tokens of each window.
     """
 
-    def __init__(self, tokens: torch.Tensor, decode: int = 128, chunk: int = 1024, progress: bool = True, block: int = 32) -> None:
+    def __init__(
+        self, tokens: torch.Tensor, decode: int = 128, chunk: int = 1024, progress: bool = True, block: int = 32
+    ) -> None:
         if tokens.dim() != 2 or not 1 <= decode < tokens.shape[1]:
-            raise ValueError(f"DecodeEvaluator needs windows [n, context] longer than decode={decode}; got shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"DecodeEvaluator needs windows [n, context] longer than decode={decode}; got shape "
+                f"{tuple(tokens.shape)}"
+            )
         block = min(block, decode)
         if block < 1 or decode % block:
-            raise ValueError(f"decode ({decode}) must be a multiple of {block} (the block of decoded tokens per bootstrap window)")
+            raise ValueError(
+                f"decode ({decode}) must be a multiple of {block} (the block of decoded tokens per bootstrap window)"
+            )
         self.tokens, self.decode, self.chunk, self.progress, self.block = tokens, decode, chunk, progress, block
 
     @property
@@ -209,21 +235,28 @@ class DecodeEvaluator:
         nll_w, kl_w = [], []
         for i, (logp, targets) in enumerate(self._logprobs(model, desc)):
             ref = self._spill.read(i).float().to(logp.device)
-            for s in range(0, self.decode, self.block):  # a window per block of decoded tokens: what bootstrap CIs resample
-                lp, r, t = logp[s: s + self.block], ref[s: s + self.block], targets[s: s + self.block]
+            for s in range(
+                0, self.decode, self.block
+            ):  # a window per block of decoded tokens: what bootstrap CIs resample
+                lp, r, t = logp[s : s + self.block], ref[s : s + self.block], targets[s : s + self.block]
                 nll_w.append(_nll_sum(lp, t) / t.numel())
                 kl_w.append(float((r.exp() * (r - lp)).sum()) / t.numel())
         nll = sum(nll_w) / len(nll_w)
-        return Quality(ppl=math.exp(nll), kl=sum(kl_w) / len(kl_w), nll=nll, tokens=len(self.tokens) * self.decode,
-                       nll_windows=nll_w, kl_windows=kl_w)
+        return Quality(
+            ppl=math.exp(nll),
+            kl=sum(kl_w) / len(kl_w),
+            nll=nll,
+            tokens=len(self.tokens) * self.decode,
+            nll_windows=nll_w,
+            kl_windows=kl_w,
+        )
 
     def _logprobs(self, model: nn.Module, desc: str):
         """Per window: ``(log_probs[D, V], targets[D])`` of its last ``decode`` tokens, read through the cache."""
         from transformers import DynamicCache
 
-        from ..models.decoder import decoder_parts, head
-
         from ..core.device import to_model
+        from ..models.decoder import decoder_parts, head
 
         parts = decoder_parts(model)
         if parts is None:
@@ -235,10 +268,12 @@ class DecodeEvaluator:
             prefill = ids.shape[1] - self.decode
             cache = DynamicCache(config=model.config)
             for s in range(0, prefill, self.chunk):
-                hidden = body(input_ids=ids[:, s: min(s + self.chunk, prefill)], cache=cache, use_cache=True).last_hidden_state
+                hidden = body(
+                    input_ids=ids[:, s : min(s + self.chunk, prefill)], cache=cache, use_cache=True
+                ).last_hidden_state
             steps = [hidden[:, -1:]]
             for t in range(prefill, ids.shape[1] - 1):
-                steps.append(body(input_ids=ids[:, t: t + 1], cache=cache, use_cache=True).last_hidden_state)
+                steps.append(body(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).last_hidden_state)
             logits = head(parts, torch.cat(steps, dim=1))[0]
             yield F.log_softmax(logits, dim=-1), ids[0, prefill:]
 

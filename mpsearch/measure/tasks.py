@@ -14,6 +14,7 @@ Pairs are tokenized as lm-eval's ``_encode_pair`` does: the continuation's token
 of ``context + " " + continuation`` after the context's own tokens. Items depend only on
 (text, tokenizer, settings); :func:`task_key` hashes them for caches.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -38,7 +39,8 @@ _QUOTES = "\"'\u2018\u2019\u201c\u201d"
 
 
 def _shape(sentence: str) -> tuple[bool, bool]:
-    """Whether a sentence opens and closes a quotation: distractors match the true ending's, so quotes give nothing away."""
+    """Whether a sentence opens and closes a quotation: distractors match the true ending's, so quotes give nothing
+    away."""
     return sentence[:1] in _QUOTES, (sentence.rstrip(")]") or " ")[-1] in _QUOTES
 
 
@@ -86,13 +88,17 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[tuple[int, 
     """lm-eval's ``_encode_pair`` with ``target_delimiter=" "``: the context's tokens, and the
     tokens of ``context + " " + continuation`` after as many tokens as the context has."""
     ctx = _ids(tokenizer, context)
-    return tuple(ctx), tuple(_ids(tokenizer, context + " " + continuation)[len(ctx):])
+    return tuple(ctx), tuple(_ids(tokenizer, context + " " + continuation)[len(ctx) :])
 
 
 def sentences(text: str) -> list[tuple[int, int]]:
     """``(start, end)`` of every sentence: text up to ``.``, ``!`` or ``?`` (closing quotes
     included; not after Mr, Mrs, ...) or a paragraph end (a blank line)."""
-    cuts = {m.end() for m in _STOP.finditer(text) if re.search(r"(\w*)$", text[max(0, m.start() - 8): m.start()])[1] not in _ABBREV}
+    cuts = {
+        m.end()
+        for m in _STOP.finditer(text)
+        if re.search(r"(\w*)$", text[max(0, m.start() - 8) : m.start()])[1] not in _ABBREV
+    }
     cuts |= {m.start() for m in re.finditer(r"\n\s*\n", text)} | {len(text)}
     out, prev = [], 0
     for c in sorted(cuts):
@@ -113,17 +119,19 @@ def _context(text: str, cut: int, tokenizer, max_tokens: int) -> str:
         a, b = 0, len(starts)  # the first start in [a, b) whose context fits
         while a < b:
             mid = (a + b) // 2
-            if len(_ids(tokenizer, text[starts[mid]:cut])) <= max_tokens:
+            if len(_ids(tokenizer, text[starts[mid] : cut])) <= max_tokens:
                 b = mid
             else:
                 a = mid + 1
         if a > 0 or lo == 0:
-            return text[starts[a]:cut].strip() if a < len(starts) else ""
+            return text[starts[a] : cut].strip() if a < len(starts) else ""
         span *= 2
 
 
 def _pick(candidates: list, n: int, seed: str, make, what: str, text: str) -> list:
-    """``n`` items made from candidates drawn in a seeded order (``make`` returns ``None`` to skip one), in text order."""
+    """``n`` items made from candidates drawn in a seeded order, returned in text order.
+
+    ``make`` returns ``None`` to skip a candidate."""
     order = list(range(len(candidates)))
     random.Random(seed).shuffle(order)
     chosen = []
@@ -133,8 +141,10 @@ def _pick(candidates: list, n: int, seed: str, make, what: str, text: str) -> li
             chosen.append((i, item))
             if len(chosen) == n:
                 return [item for _, item in sorted(chosen, key=lambda t: t[0])]
-    raise ValueError(f"text too short for {n} {what} items: {len(text)} characters give only {len(chosen)} "
-                     f"(of {len(candidates)} candidates); use a longer held-out text or fewer items")
+    raise ValueError(
+        f"text too short for {n} {what} items: {len(text)} characters give only {len(chosen)} "
+        f"(of {len(candidates)} candidates); use a longer held-out text or fewer items"
+    )
 
 
 def build_cloze(text: str, tokenizer, n: int, context_tokens: int, seed: int) -> list[ClozeItem]:
@@ -158,10 +168,18 @@ def build_cloze(text: str, tokenizer, n: int, context_tokens: int, seed: int) ->
 def build_mc(text: str, tokenizer, n: int, context_tokens: int, choices: int, seed: int) -> list[MCItem]:
     """``n`` continuation items: a context, its true next sentence and ``choices - 1`` distractors."""
     spans = sentences(text)
-    lengths = [len(t) for t in tokenizer([" " + text[s:e] for s, e in spans], add_special_tokens=False).input_ids] if spans else []
+    lengths = (
+        [len(t) for t in tokenizer([" " + text[s:e] for s, e in spans], add_special_tokens=False).input_ids]
+        if spans
+        else []
+    )
     first, pool = {}, []
     for i, (s, e) in enumerate(spans):  # distinct sentences of a usable length that start a sentence: the distractors
-        if _ENDING_TOKENS[0] <= lengths[i] <= _ENDING_TOKENS[1] and _SENTENCE.match(text, s) and first.setdefault(text[s:e], i) == i:
+        if (
+            _ENDING_TOKENS[0] <= lengths[i] <= _ENDING_TOKENS[1]
+            and _SENTENCE.match(text, s)
+            and first.setdefault(text[s:e], i) == i
+        ):
             pool.append(i)
     shape = [_shape(text[s:e]) for s, e in spans]
     ends = [i for i in pool if spans[i][0] > 0 and text[spans[i][0] - 1] == " "]
@@ -172,12 +190,16 @@ def build_mc(text: str, tokenizer, n: int, context_tokens: int, choices: int, se
     def make(i):
         s, e = spans[i]
         ctx = _context(text, s - 1, tokenizer, context_tokens)
-        lo = bisect.bisect_right(stops, s - 1 - len(ctx))  # the item's own sentences (and the next 5) are no distractors
-        near = sorted((j for j in pool if not lo <= j <= i + 5 and shape[j] == shape[i]),
-                      key=lambda j: (abs(lengths[j] - lengths[i]), j))
+        lo = bisect.bisect_right(
+            stops, s - 1 - len(ctx)
+        )  # the item's own sentences (and the next 5) are no distractors
+        near = sorted(
+            (j for j in pool if not lo <= j <= i + 5 and shape[j] == shape[i]),
+            key=lambda j: (abs(lengths[j] - lengths[i]), j),
+        )
         if len(near) < choices - 1:
             return None
-        picked = [text[spans[j][0]:spans[j][1]] for j in rng.sample(near[: 8 * (choices - 1)], choices - 1)]
+        picked = [text[spans[j][0] : spans[j][1]] for j in rng.sample(near[: 8 * (choices - 1)], choices - 1)]
         endings = [text[s:e], *picked]
         rng.shuffle(endings)
         pairs = [encode_pair(tokenizer, ctx, x) for x in endings]
@@ -190,8 +212,15 @@ def build_mc(text: str, tokenizer, n: int, context_tokens: int, choices: int, se
 
 def task_key(cloze: list[ClozeItem], mc: list[MCItem], settings: TaskSettings, bos: list[int]) -> str:
     """Hash of the items' token ids, the leading tokens and the settings: what decides a task score."""
-    blob = json.dumps([TASKS_SCHEMA, asdict(settings), list(bos), [[c.context_ids, c.target_ids] for c in cloze],
-                       [[m.context_ids, m.ending_ids, m.label] for m in mc]]).encode()
+    blob = json.dumps(
+        [
+            TASKS_SCHEMA,
+            asdict(settings),
+            list(bos),
+            [[c.context_ids, c.target_ids] for c in cloze],
+            [[m.context_ids, m.ending_ids, m.label] for m in mc],
+        ]
+    ).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
@@ -205,8 +234,14 @@ def wilson_ci(acc: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def continuation_scores(model, seqs: list[tuple[list[int], int]], batch_size: int = 16, positions: int = 64,
-                        progress: bool = False, desc: str = "tasks") -> tuple[list[float], list[bool]]:
+def continuation_scores(
+    model,
+    seqs: list[tuple[list[int], int]],
+    batch_size: int = 16,
+    positions: int = 64,
+    progress: bool = False,
+    desc: str = "tasks",
+) -> tuple[list[float], list[bool]]:
     """Per ``(ids, n)``: the summed log-likelihood of the last ``n`` tokens given those before,
     and whether greedy decoding reproduces all of them. Sequences run ``batch_size`` at a
     time (longest first), padded on the right with an attention mask; the LM head and
@@ -219,7 +254,7 @@ def continuation_scores(model, seqs: list[tuple[list[int], int]], batch_size: in
     order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i][0]), i))
     ll, hit = [0.0] * len(seqs), [False] * len(seqs)
     for b in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch", leave=False):
-        rows = order[b: b + batch_size]
+        rows = order[b : b + batch_size]
         width = max(len(seqs[i][0]) for i in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -232,7 +267,12 @@ def continuation_scores(model, seqs: list[tuple[list[int], int]], batch_size: in
             mask[r, : len(s)] = 1
             r_idx += [r] * n
             c_idx += range(len(s) - n - 1, len(s) - 1)
-        ids, mask, r_idx, c_idx = ids.to(dev), mask.to(dev), torch.tensor(r_idx, device=dev), torch.tensor(c_idx, device=dev)
+        ids, mask, r_idx, c_idx = (
+            ids.to(dev),
+            mask.to(dev),
+            torch.tensor(r_idx, device=dev),
+            torch.tensor(c_idx, device=dev),
+        )
         if parts is None:
             picked = model(input_ids=ids, attention_mask=mask).logits[r_idx, c_idx]
         else:
@@ -240,10 +280,10 @@ def continuation_scores(model, seqs: list[tuple[list[int], int]], batch_size: in
         target = ids[r_idx, c_idx + 1]
         lp, ok = torch.empty(len(target), device=dev), torch.empty(len(target), dtype=torch.bool, device=dev)
         for s in range(0, len(target), positions):
-            logits = head(parts, picked[s: s + positions]) if parts else picked[s: s + positions].float()
-            t = target[s: s + positions]
-            lp[s: s + positions] = F.log_softmax(logits, dim=-1).gather(1, t[:, None])[:, 0]
-            ok[s: s + positions] = logits.argmax(-1) == t
+            logits = head(parts, picked[s : s + positions]) if parts else picked[s : s + positions].float()
+            t = target[s : s + positions]
+            lp[s : s + positions] = F.log_softmax(logits, dim=-1).gather(1, t[:, None])[:, 0]
+            ok[s : s + positions] = logits.argmax(-1) == t
         sums = torch.zeros(len(rows), dtype=torch.float64, device=dev).index_add_(0, r_idx, lp.double()).cpu()
         misses = torch.zeros(len(rows), dtype=torch.long, device=dev).index_add_(0, r_idx, (~ok).long()).cpu()
         for r, i in enumerate(rows):
@@ -259,8 +299,16 @@ class TaskEvaluator:
     (:func:`mpsearch.models.data.leading_tokens`, as the evaluation windows get them).
     """
 
-    def __init__(self, text, tokenizer, settings: TaskSettings = TaskSettings(), bos: list[int] | None = None,
-                 progress: bool = True, batch_size: int = 16, positions: int = 64) -> None:
+    def __init__(
+        self,
+        text,
+        tokenizer,
+        settings: TaskSettings = TaskSettings(),
+        bos: list[int] | None = None,
+        progress: bool = True,
+        batch_size: int = 16,
+        positions: int = 64,
+    ) -> None:
         from ..models.data import leading_tokens
 
         self.text = getattr(text, "text", text)
@@ -288,13 +336,18 @@ class TaskEvaluator:
         cloze = [int(g) for g in greedy[: len(self.cloze)]]
         mc, mc_norm, at = [], [], len(self.cloze)
         for m in self.mc:
-            lls = ll[at: at + len(m.endings)]
+            lls = ll[at : at + len(m.endings)]
             at += len(m.endings)
             norm = [v / len(e.encode("utf-8")) for v, e in zip(lls, m.endings)]
             mc.append(int(max(range(len(lls)), key=lls.__getitem__) == m.label))
             mc_norm.append(int(max(range(len(norm)), key=norm.__getitem__) == m.label))
-        out = {"cloze_acc": sum(cloze) / len(cloze), "mc_acc": sum(mc) / len(mc), "mc_acc_norm": sum(mc_norm) / len(mc_norm),
-               "cloze_items": len(cloze), "mc_items": len(mc)}
+        out = {
+            "cloze_acc": sum(cloze) / len(cloze),
+            "mc_acc": sum(mc) / len(mc),
+            "mc_acc_norm": sum(mc_norm) / len(mc_norm),
+            "cloze_items": len(cloze),
+            "mc_items": len(mc),
+        }
         if per_item:
             out.update(cloze_correct=cloze, mc_correct=mc, mc_norm_correct=mc_norm)
         return out

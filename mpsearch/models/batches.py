@@ -13,6 +13,7 @@ hashes exactly as before, so existing cache entries stay valid. The data stays o
 each batch moves to the model's device where a pass runs it (:mod:`mpsearch.core.device`). A model that is neither
 an LM nor a classifier needs its own :class:`Batches` subclass: a loss and data.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..core.device import model_device, to_model
 from ..store.cache import tokens_hash
-from .decoder import loss_backward
+from .decoder import causal_logits, causal_loss, hf_style, loss_backward
 
 
 class Batches:
@@ -57,10 +58,6 @@ class Batches:
         """The first ``batches`` batches (``length``: of the first ``length`` positions, where that means something)."""
         raise NotImplementedError
 
-    def evaluator(self, progress: bool = True):
-        """An object with ``fit(reference)`` and ``score(model)`` returning :class:`mpsearch.measure.evaluate.Quality`."""
-        raise NotImplementedError
-
 
 def as_batches(data) -> Batches:
     """Token windows ``[n, T]`` become :class:`TokenBatches`; batches are returned as they are."""
@@ -68,9 +65,11 @@ def as_batches(data) -> Batches:
         return data
     if isinstance(data, torch.Tensor) and data.dim() == 2 and not data.is_floating_point():
         return TokenBatches(data)
-    raise TypeError(f"expected token windows [n, T] or Batches, got {type(data).__name__}"
-                    f"{tuple(data.shape) if isinstance(data, torch.Tensor) else ''}: give a loss function and data "
-                    "(a Batches subclass, see mpsearch.models.batches)")
+    raise TypeError(
+        f"expected token windows [n, T] or Batches, got {type(data).__name__}"
+        f"{tuple(data.shape) if isinstance(data, torch.Tensor) else ''}: give a loss function and data "
+        "(a Batches subclass, see mpsearch.models.batches)"
+    )
 
 
 class TokenBatches(Batches):
@@ -83,16 +82,21 @@ class TokenBatches(Batches):
         return len(self.tokens)
 
     def forward(self, model: nn.Module, i: int) -> None:
-        model(input_ids=to_model(self.tokens[i].unsqueeze(0), model), use_cache=False)
+        causal_logits(model, to_model(self.tokens[i].unsqueeze(0), model))
+
+    def logits(self, model: nn.Module, i: int) -> torch.Tensor:
+        """Next-token logits ``[T - 1, V]`` of window ``i``, on the model's device."""
+        return causal_logits(model, to_model(self.tokens[i].unsqueeze(0), model))[0, :-1].float()
 
     def loss(self, model: nn.Module, items: Sequence[int]) -> torch.Tensor:
-        ids = to_model(self.tokens[list(items)], model)
-        return model(input_ids=ids, labels=ids, use_cache=False).loss
+        return causal_loss(model, to_model(self.tokens[list(items)], model))
 
     def loss_backward(self, model: nn.Module, i: int) -> None:
         loss_backward(model, self.tokens[i].unsqueeze(0))
 
     def synflow_output(self, model: nn.Module) -> torch.Tensor:
+        if not hf_style(model) or not hasattr(model, "get_input_embeddings"):
+            raise ValueError("synflow runs an LM on all-ones embeddings: it needs a transformers model")
         hidden = model.get_input_embeddings().weight.shape[1]
         ones = torch.ones(1, self.tokens.shape[-1], hidden, dtype=torch.float64, device=model_device(model))
         return model(inputs_embeds=ones, use_cache=False).logits.sum()

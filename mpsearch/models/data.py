@@ -5,6 +5,7 @@ The default is Jane Austen's novels from Debian's ``r-cran-janeaustenr`` (no R n
 A spec is ``austen:<novel>[+<novel>...]``, a path to a text file, or
 ``hf:<dataset>[:<config>]:<split>`` (needs the ``datasets`` package and the hub).
 """
+
 from __future__ import annotations
 
 import errno
@@ -42,14 +43,17 @@ class TextData:
 def load_text(spec: str) -> TextData:
     """Resolve a data spec (see module docstring) to text."""
     if spec.startswith("austen:"):
-        novels = spec[len("austen:"):].split("+")
+        novels = spec[len("austen:") :].split("+")
         return TextData(spec, "\n\n".join(austen_novel(n) for n in novels))
     if spec.startswith("hf:"):
         return _load_hf(spec)
     path = Path(spec)
     if path.is_file():
         return TextData(spec, path.read_text(encoding="utf-8", errors="replace"))
-    raise DataError(f"data {spec!r} is neither 'austen:<novel>' ({', '.join(NOVELS)}), an existing text file, nor 'hf:<dataset>:<split>'")
+    raise DataError(
+        f"data {spec!r} is neither 'austen:<novel>' ({', '.join(NOVELS)}), an existing text file, nor "
+        "'hf:<dataset>:<split>'"
+    )
 
 
 def austen_novel(name: str) -> str:
@@ -70,7 +74,8 @@ def austen_novel(name: str) -> str:
 
 
 def austen_dir() -> Path:
-    """The janeaustenr data folder: ``$MPSEARCH_AUSTEN_DIR``, the system package, or our cache (fetched from Debian once)."""
+    """The janeaustenr data folder: ``$MPSEARCH_AUSTEN_DIR``, the system package, or our cache (fetched from Debian
+    once)."""
     return debian_data_dir("MPSEARCH_AUSTEN_DIR", DEB_PACKAGE, _RDATA, "Rdata.rdx")
 
 
@@ -95,7 +100,9 @@ def fetch_deb(dest: Path, package: str = DEB_PACKAGE) -> Path:
         r = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
         debs = list(Path(tmp).glob("*.deb"))
         if r.returncode != 0 or not debs:
-            raise DataError(f"`apt-get download {package}` failed ({r.stderr.strip()[-300:]}); run `apt-get update` first")
+            raise DataError(
+                f"`apt-get download {package}` failed ({r.stderr.strip()[-300:]}); run `apt-get update` first"
+            )
         try:
             _unpack(debs[0], dest)
         except (OSError, DataError) as e:  # a full or read-only cache: unpack into this process's scratch space
@@ -152,12 +159,14 @@ def _read_rdata(d: Path) -> dict[str, list[str]]:
         blob = (d / "Rdata.rdb").read_bytes()
         out = {}
         for name, (offset, length) in index["variables"].items():
-            record = blob[int(offset): int(offset) + int(length)]
+            record = blob[int(offset) : int(offset) + int(length)]
             (size,) = struct.unpack(">I", record[:4])
             raw = zlib.decompress(record[4:])
             if len(raw) != size:
                 raise DataError(f"{d}/Rdata.rdb: record {name} is {len(raw)} bytes, index says {size}")
-            out[str(name)] = [str(x) for x in rdata.conversion.convert(rdata.parser.parse_data(raw, expand_altrep=True))]
+            out[str(name)] = [
+                str(x) for x in rdata.conversion.convert(rdata.parser.parse_data(raw, expand_altrep=True))
+            ]
         return out
     except (OSError, zlib.error, ValueError, KeyError, TypeError, EOFError, struct.error) as e:
         raise DataError(f"could not read the Jane Austen data in {d}: {e}") from None
@@ -185,7 +194,7 @@ def leading_tokens(tokenizer) -> list[int]:
     probe = "The text."
     plain = tokenizer(probe, add_special_tokens=False).input_ids
     full = tokenizer(probe, add_special_tokens=True).input_ids
-    if len(full) > len(plain) and full[len(full) - len(plain):] == plain:
+    if len(full) > len(plain) and full[len(full) - len(plain) :] == plain:
         return list(full[: len(full) - len(plain)])
     if full[: len(plain)] == plain:  # only tokens after the text (EOS): none in front
         return []
@@ -204,11 +213,17 @@ BOS_CHOICES = ("auto", "none", "calibration", "evaluation")
 def conventions(tokenizer, bos: str = "auto") -> dict:
     """How windows are built for this tokenizer; recorded in every plan's provenance."""
     lead = leading_tokens(tokenizer)
-    return {"leading_tokens": lead, "bos": bool(lead) and lead[-1] == getattr(tokenizer, "bos_token_id", None),
-            "calibration_leading": bos in ("auto", "calibration"), "evaluation_leading": bos in ("auto", "evaluation")}
+    return {
+        "leading_tokens": lead,
+        "bos": bool(lead) and lead[-1] == getattr(tokenizer, "bos_token_id", None),
+        "calibration_leading": bos in ("auto", "calibration"),
+        "evaluation_leading": bos in ("auto", "evaluation"),
+    }
 
 
-def token_chunks(tokenizer, data: TextData, seq_len: int, n_chunks: int, skip: int = 0, lead: bool = True) -> torch.Tensor:
+def token_chunks(
+    tokenizer, data: TextData, seq_len: int, n_chunks: int, skip: int = 0, lead: bool = True
+) -> torch.Tensor:
     """``[n_chunks, seq_len]`` windows the way the model saw text in training: the tokens
     the tokenizer puts in front (BOS, where it adds one; ``lead=False`` leaves them out),
     then consecutive, non-overlapping stretches of the text, from its start or after the
@@ -223,7 +238,9 @@ def token_chunks(tokenizer, data: TextData, seq_len: int, n_chunks: int, skip: i
     need = body * n_chunks + skip
     if ids.numel() < need:
         after = f" after the first {skip}" if skip else ""
-        raise DataError(f"{data.name}: {ids.numel()} tokens, but {n_chunks} x {body} = {body * n_chunks}{after} were asked for")
+        raise DataError(
+            f"{data.name}: {ids.numel()} tokens, but {n_chunks} x {body} = {body * n_chunks}{after} were asked for"
+        )
     text = ids[skip:need].reshape(n_chunks, body)
     if not lead:
         return text.clone()

@@ -10,6 +10,7 @@ ground truth was measured on (its weights hash is recorded next to every figure)
 batches (training images, which PTQ may see), the evaluation batches (the 10,000 test
 images), and the refinement slice (training images after the calibration ones).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -49,7 +50,7 @@ def _idx(path: Path) -> np.ndarray:
     except (OSError, EOFError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if raw[2] != 0x08 or data.size != math.prod(dims):
         raise DataError(f"{path} is not an IDX file of unsigned bytes with dims {dims}")
@@ -137,7 +138,7 @@ def train(cfg: TrainConfig = TrainConfig(), progress: bool = True) -> ResNet:
         for _ in range(cfg.epochs):
             order = torch.randperm(len(x), generator=gen)
             for s in range(0, len(x), cfg.batch_size):
-                idx = order[s: s + cfg.batch_size]
+                idx = order[s : s + cfg.batch_size]
                 loss = F.cross_entropy(model(x[idx]), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -185,8 +186,11 @@ class FashionData:
     def calibration(self, chunks: int, skip: int = 0) -> LabelledBatches:
         s, n = skip * self.batch_size, chunks * self.batch_size
         if s + n > len(self.train_x):
-            raise DataError(f"asked for {chunks} calibration batches after {skip}: only {len(self.train_x) // self.batch_size} exist")
-        return LabelledBatches(self.train_x[s: s + n], self.train_y[s: s + n], self.batch_size)
+            raise DataError(
+                f"asked for {chunks} calibration batches after {skip}: only {len(self.train_x) // self.batch_size} "
+                "exist"
+            )
+        return LabelledBatches(self.train_x[s : s + n], self.train_y[s : s + n], self.batch_size)
 
     def evaluation(self, chunks: int) -> LabelledBatches:
         return LabelledBatches(self.test_x, self.test_y, math.ceil(len(self.test_x) / chunks))

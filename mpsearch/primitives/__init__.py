@@ -8,6 +8,7 @@ written atomically and checked on load (a corrupt or incomplete file is named an
 recomputed, never silently used; NaN is an error that names the tensor). The measured
 KL per (tensor, format) lives in :mod:`.sensitivity` because it depends on the formats.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,14 +22,25 @@ import torch
 from torch import nn
 
 from ..core import registry
-from ..store.cache import cache_dir, content_key, load_tensors, remove, save_tensors, tokens_hash
 from ..core.device import device_parts, model_device
+from ..store.cache import cache_dir, content_key, load_tensors, remove, save_tensors, tokens_hash
 from .base import Checkpoint, Family, PrimitiveError, PrimitiveSettings, Values
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Checkpoint", "Family", "PrimitiveError", "PrimitiveSettings", "Primitives", "compute_primitives", "families",
-           "family_of", "primitive_names", "tokens_hash", "weights_hash"]
+__all__ = [
+    "Checkpoint",
+    "Family",
+    "PrimitiveError",
+    "PrimitiveSettings",
+    "Primitives",
+    "compute_primitives",
+    "families",
+    "family_of",
+    "primitive_names",
+    "tokens_hash",
+    "weights_hash",
+]
 
 
 def families() -> dict[str, Family]:
@@ -45,7 +57,9 @@ def family_of(primitive: str) -> Family:
     for f in families().values():
         if primitive in f.provides:
             return f
-    raise KeyError(f"no primitive family provides {primitive!r}; known primitives: {', '.join(sorted(primitive_names()))}")
+    raise KeyError(
+        f"no primitive family provides {primitive!r}; known primitives: {', '.join(sorted(primitive_names()))}"
+    )
 
 
 @dataclass
@@ -67,7 +81,9 @@ class Primitives:
 
     def get(self, primitive: str, tensor: str) -> torch.Tensor:
         if primitive not in self.values:
-            raise KeyError(f"primitive {primitive!r} was not computed (computed: {', '.join(sorted(self.values)) or 'none'})")
+            raise KeyError(
+                f"primitive {primitive!r} was not computed (computed: {', '.join(sorted(self.values)) or 'none'})"
+            )
         if tensor not in self.values[primitive]:
             raise KeyError(f"primitive {primitive!r} was not computed for {tensor}")
         return self.values[primitive][tensor]
@@ -80,7 +96,12 @@ class Primitives:
             raise KeyError(f"primitive families {missing} were not computed")
         if "kl" in needs and not self.kl_key:
             raise KeyError("measured KL was not computed")
-        return content_key(self.weights, [self.family_keys[f] for f in fams], self.kl_key if "kl" in needs else "", *device_parts(self.device))
+        return content_key(
+            self.weights,
+            [self.family_keys[f] for f in fams],
+            self.kl_key if "kl" in needs else "",
+            *device_parts(self.device),
+        )
 
     @property
     def fisher(self) -> dict[str, torch.Tensor]:
@@ -145,7 +166,9 @@ def compute_primitives(
     base = content_key(weights, tokens_hash(tokens), sorted(tensors), "prims-v2", *device_parts(device))
     wanted = [f for f in families().values() if set(f.provides) & set(needs)]
     keys = {f.name: content_key(base, f.name, f.version, {s: getattr(settings, s) for s in f.settings}) for f in wanted}
-    prims = Primitives(key=content_key(base, sorted(keys.items())), weights=weights, family_keys=keys, device=device.type)
+    prims = Primitives(
+        key=content_key(base, sorted(keys.items())), weights=weights, family_keys=keys, device=device.type
+    )
     for fam in wanted:
         path = cache_dir() / "primitives" / f"{fam.name}-{keys[fam.name]}.safetensors"
         values = _load(path, keys[fam.name], fam, tensors) if use_cache and not refresh else None
@@ -158,7 +181,9 @@ def compute_primitives(
                 extra["checkpoint"] = Checkpoint(partial, keys[fam.name], every=checkpoint_every)
             with stages(f"primitives: {fam.name}") if stages is not None else contextlib.nullcontext():
                 values = fam.compute(model, tensors, tokens, settings, progress, **extra)
-            values = {name: {t: v.cpu() for t, v in per.items()} for name, per in values.items()}  # cached values live on the CPU
+            values = {
+                name: {t: v.cpu() for t, v in per.items()} for name, per in values.items()
+            }  # cached values live on the CPU
             _check_finite(fam, values)
             if use_cache:
                 _save(path, values, keys[fam.name])
@@ -171,7 +196,9 @@ def _check_finite(fam: Family, values: Values) -> None:
     for name in fam.provides:
         for tensor, t in values[name].items():
             if not torch.isfinite(t).all():
-                raise PrimitiveError(f"{name} statistics of {tensor} contain NaN or inf (check the model and calibration data)")
+                raise PrimitiveError(
+                    f"{name} statistics of {tensor} contain NaN or inf (check the model and calibration data)"
+                )
 
 
 def _save(path: Path, values: Values, key: str) -> None:

@@ -16,6 +16,7 @@ Per decision tensor (all over the calibration tokens):
   per-token round-to-nearest at ``b`` bits sends to zero (``|x| < absmax / (2^(b-1)-1) / 2``),
   for ``b = 2..16`` (index ``b - 2``); a proxy reads the entry of its format's bits.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -25,8 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.device import model_device
-from ..core.registry import register
 from ..core.layers import input_rows, matrix_shape, weight_modules
+from ..core.registry import register
 from ..models.batches import as_batches
 from .base import Checkpoint, Family, PrimitiveSettings, Values
 
@@ -83,7 +84,10 @@ class _Stats:
 
     def state(self) -> dict[str, torch.Tensor]:
         """Every running sum as a tensor (for a checkpoint)."""
-        return {**{k: getattr(self, k) for k in self.TENSORS}, **{k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in self.SCALARS}}
+        return {
+            **{k: getattr(self, k) for k in self.TENSORS},
+            **{k: torch.tensor(getattr(self, k), dtype=torch.float64) for k in self.SCALARS},
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], device=None) -> "_Stats":
@@ -125,14 +129,24 @@ def _damped_inverse_diag(h: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_inverse(chol).diagonal().float()
 
 
-def input_pass(model: nn.Module, tensors: list[str], tokens: torch.Tensor, new: Callable[[int], Any],
-               contribution: Callable[[torch.Tensor], dict], from_state: Callable[[dict], Any], desc: str,
-               progress: bool = True, checkpoint: Checkpoint | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Running statistics of every listed layer's input (as the rows its weight matrix multiplies) over ``tokens``, one forward pass.
+def input_pass(
+    model: nn.Module,
+    tensors: list[str],
+    tokens: torch.Tensor,
+    new: Callable[[int], Any],
+    contribution: Callable[[torch.Tensor], dict],
+    from_state: Callable[[dict], Any],
+    desc: str,
+    progress: bool = True,
+    checkpoint: Checkpoint | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Running statistics of every listed layer's input (as the rows its weight matrix multiplies) over ``tokens``, one
+    forward pass.
 
     ``new(dim, device)`` makes a layer's statistics (with ``add(contribution)`` and ``state()``),
     ``contribution(x)`` is what one call's input adds, ``from_state(state, device)`` restores a
-    checkpoint; the statistics live on the model's device, as the inputs do. Layers that share an input (q/k/v, gate/up) are computed once; every
+    checkpoint; the statistics live on the model's device, as the inputs do. Layers that share an input (q/k/v, gate/up)
+    are computed once; every
     tensor gets its own copy of the result (safetensors refuses shared memory).
     """
     modules = weight_modules(model, tensors)
@@ -158,7 +172,10 @@ def input_pass(model: nn.Module, tensors: list[str], tokens: torch.Tensor, new: 
             if t in alias:
                 raise RuntimeError(f"{t} stopped sharing its input with {alias[t]}")
             last[0], last[1] = x, t
-            stats.setdefault(t, new(matrix_shape(modules[t])[1], device)).add(contribution(input_rows(modules[t], x.detach()).float()))
+            stats.setdefault(t, new(matrix_shape(modules[t])[1], device)).add(
+                contribution(input_rows(modules[t], x.detach()).float())
+            )
+
         return hook
 
     handles = [modules[t].register_forward_hook(hook_for(t)) for t in tensors]
@@ -170,8 +187,11 @@ def input_pass(model: nn.Module, tensors: list[str], tokens: torch.Tensor, new: 
                 last[0] = last[1] = None
                 bar.update()
                 if checkpoint and i + 1 < len(data):
-                    checkpoint.save(i + 1, lambda: {f"{t}::{k}": v for t, s in stats.items() for k, v in s.state().items()},
-                                    {"alias": alias})
+                    checkpoint.save(
+                        i + 1,
+                        lambda: {f"{t}::{k}": v for t, s in stats.items() for k, v in s.state().items()},
+                        {"alias": alias},
+                    )
             bar.close()
     finally:
         for h in handles:
@@ -179,10 +199,25 @@ def input_pass(model: nn.Module, tensors: list[str], tokens: torch.Tensor, new: 
     return {t: stats[alias.get(t, t)] for t in tensors}, alias
 
 
-def activations(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings | None = None,
-                progress: bool = True, checkpoint: Checkpoint | None = None) -> Values:
-    stats, alias = input_pass(model, tensors, tokens, _Stats, _contribution, _Stats.from_state,
-                              "activations (x^T x, entropy, kurtosis, kernel)", progress, checkpoint)
+def activations(
+    model: nn.Module,
+    tensors: list[str],
+    tokens: torch.Tensor,
+    settings: PrimitiveSettings | None = None,
+    progress: bool = True,
+    checkpoint: Checkpoint | None = None,
+) -> Values:
+    stats, alias = input_pass(
+        model,
+        tensors,
+        tokens,
+        _Stats,
+        _contribution,
+        _Stats.from_state,
+        "activations (x^T x, entropy, kurtosis, kernel)",
+        progress,
+        checkpoint,
+    )
     finished = {t: stats[t].finish() for t in tensors if t not in alias}
     out: Values = {}
     for t in tensors:
@@ -191,7 +226,13 @@ def activations(model: nn.Module, tensors: list[str], tokens: torch.Tensor, sett
     return out
 
 
-FAMILY = register("primitive family", "activations")(Family(
-    "activations", ("xtx", "hinv", "act_entropy", "act_absmax", "act_kurtosis", "act_outlier", "kernel"), activations, resumable=True,
-    about="layer-input statistics: diag and damped inverse of X^T X, entropy, abs-max, kurtosis, outliers, quantization kernel",
-))
+FAMILY = register("primitive family", "activations")(
+    Family(
+        "activations",
+        ("xtx", "hinv", "act_entropy", "act_absmax", "act_kurtosis", "act_outlier", "kernel"),
+        activations,
+        resumable=True,
+        about="layer-input statistics: diag and damped inverse of X^T X, entropy, abs-max, kurtosis, outliers, "
+        "quantization kernel",
+    )
+)

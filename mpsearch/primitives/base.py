@@ -5,6 +5,7 @@ once because they share the pass; each family is cached on its own, so asking fo
 new primitive never recomputes the others. A new family is one file that registers a
 :class:`Family` under ``("primitive family", name)``.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,7 +72,9 @@ class Checkpoint:
         log.info("resuming %s after %d finished sequences", self.path.name, done)
         return done, state, json.loads(meta.get("extra", "{}"))
 
-    def save(self, done: int, state: Callable[[], dict[str, torch.Tensor]], extra: dict | None = None, force: bool = False) -> None:
+    def save(
+        self, done: int, state: Callable[[], dict[str, torch.Tensor]], extra: dict | None = None, force: bool = False
+    ) -> None:
         """Save the state after ``done`` sequences, if ``every`` seconds have passed since the last save."""
         from ..store.cache import save_tensors
 

@@ -10,6 +10,7 @@ The diagonal is accumulated in float64 exactly as the activations family's ``xtx
 ``gram.diagonal()`` equals ``xtx`` bit for bit and a format that reads only the
 columns' importance quantizes the same from either.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,15 +49,35 @@ class _GramStats:
         return g
 
 
-def gram(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings | None = None,
-         progress: bool = True, checkpoint: Checkpoint | None = None) -> Values:
-    stats, alias = input_pass(model, tensors, tokens, _GramStats, lambda x: x, _GramStats.from_state,
-                              "Gram matrices (X^T X)", progress, checkpoint)
+def gram(
+    model: nn.Module,
+    tensors: list[str],
+    tokens: torch.Tensor,
+    settings: PrimitiveSettings | None = None,
+    progress: bool = True,
+    checkpoint: Checkpoint | None = None,
+) -> Values:
+    stats, alias = input_pass(
+        model,
+        tensors,
+        tokens,
+        _GramStats,
+        lambda x: x,
+        _GramStats.from_state,
+        "Gram matrices (X^T X)",
+        progress,
+        checkpoint,
+    )
     finished = {t: stats[t].finish() for t in tensors if t not in alias}
     return {"gram": {t: finished[alias[t]].clone() if t in alias else finished[t] for t in tensors}}
 
 
-FAMILY = register("primitive family", "gram")(Family(
-    "gram", ("gram",), gram, resumable=True,
-    about="each layer input's Gram matrix X^T X / n, for GPTQ and the output-error proxy value oerr",
-))
+FAMILY = register("primitive family", "gram")(
+    Family(
+        "gram",
+        ("gram",),
+        gram,
+        resumable=True,
+        about="each layer input's Gram matrix X^T X / n, for GPTQ and the output-error proxy value oerr",
+    )
+)

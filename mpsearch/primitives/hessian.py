@@ -15,6 +15,7 @@ backward. What makes it fast here:
 The estimate reports each tensor's standard error; with ``tol`` it stops once every
 tensor's relative standard error is below ``tol`` (after ``min_probes``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.registry import register
 from ..core.layers import matrix, weight_modules
+from ..core.registry import register
 from ..models.batches import as_batches
 from .base import Checkpoint, Family, PrimitiveSettings, Values
 
@@ -61,7 +62,8 @@ def hutchinson(
     share_probes: bool = False,
     checkpoint: Checkpoint | None = None,
 ) -> HessianEstimate:
-    """Hutchinson estimates of the Hessian of the mean loss over ``tokens`` (token windows or :class:`~mpsearch.models.batches.Batches`).
+    """Hutchinson estimates of the Hessian of the mean loss over ``tokens`` (token windows or
+    :class:`~mpsearch.models.batches.Batches`).
 
     ``tokens`` is ``[n_seq, seq_len]``; ``chunk`` sequences share one gradient graph
     (default: all of them; lower it if memory runs out). Each chunk gets the same number
@@ -103,7 +105,13 @@ def hutchinson(
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        bar = tqdm(total=len(chunks) * probes, initial=start * probes, desc="hutchinson (Hz probes)", disable=not progress, unit="probe")
+        bar = tqdm(
+            total=len(chunks) * probes,
+            initial=start * probes,
+            desc="hutchinson (Hz probes)",
+            disable=not progress,
+            unit="probe",
+        )
         for c, ids in enumerate(chunks):
             if c < start:
                 continue
@@ -119,10 +127,19 @@ def hutchinson(
             while done < probes:
                 b = min(batch, probes - done)
                 # drawn on the CPU (the same probes on every device), then moved beside their weights
-                zs = [torch.empty((b, *p.shape), dtype=p.dtype).bernoulli_(0.5, generator=gen).mul_(2).sub_(1).to(p.device) for p in params]
+                zs = [
+                    torch.empty((b, *p.shape), dtype=p.dtype)
+                    .bernoulli_(0.5, generator=gen)
+                    .mul_(2)
+                    .sub_(1)
+                    .to(p.device)
+                    for p in params
+                ]
                 hzs = _hvp(grads, params, zs)
                 for i, (z, hz) in enumerate(zip(zs, hzs)):
-                    vals = (z * hz).reshape(b, -1).sum(1).double().cpu() * len(chunks)  # chunk c's share, scaled to the whole
+                    vals = (z * hz).reshape(b, -1).sum(1).double().cpu() * len(
+                        chunks
+                    )  # chunk c's share, scaled to the whole
                     sums[c, i] += vals.sum()
                     sq[c, i] += (vals * vals).sum()
                     if diag:
@@ -136,8 +153,16 @@ def hutchinson(
                         break
             del grads, loss
             if checkpoint and c + 1 < len(chunks):
-                checkpoint.save(c + 1, lambda: {"sums": sums, "sq": sq, "generator": gen.get_state(),
-                                                **{f"diag::{t}": d for t, d in zip(tensors, diag_acc)}}, {"done": done})
+                checkpoint.save(
+                    c + 1,
+                    lambda: {
+                        "sums": sums,
+                        "sq": sq,
+                        "generator": gen.get_state(),
+                        **{f"diag::{t}": d for t, d in zip(tensors, diag_acc)},
+                    },
+                    {"done": done},
+                )
         bar.close()
     finally:
         for p, f in zip(model.parameters(), flags):
@@ -160,7 +185,9 @@ def hutchinson(
         probes=done,
     )
     if diag:
-        out.diag = {t: matrix(modules[t], d / done).contiguous() for t, d in zip(tensors, diag_acc)}  # each chunk adds its share of H
+        out.diag = {
+            t: matrix(modules[t], d / done).contiguous() for t, d in zip(tensors, diag_acc)
+        }  # each chunk adds its share of H
     return out
 
 
@@ -168,7 +195,10 @@ def _probe(params: list[torch.Tensor], seed: int, k: int) -> list[torch.Tensor]:
     """Rademacher probe number ``k``, reproducible from ``(seed, k)`` so it need not be stored
     (drawn on the CPU, so every device gets the same probe, and moved beside its weight)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
-    return [torch.empty((1, *p.shape), dtype=p.dtype).bernoulli_(0.5, generator=gen).mul_(2).sub_(1).to(p.device) for p in params]
+    return [
+        torch.empty((1, *p.shape), dtype=p.dtype).bernoulli_(0.5, generator=gen).mul_(2).sub_(1).to(p.device)
+        for p in params
+    ]
 
 
 def double_backward_attention(model: nn.Module) -> str | None:
@@ -193,22 +223,42 @@ def _stats(sums: torch.Tensor, sq: torch.Tensor, n: int) -> tuple[torch.Tensor, 
 def _hvp(grads, params, zs):
     """``H z`` for a batch of probes; vmapped when autograd can, else one probe at a time."""
     if zs[0].shape[0] == 1:  # a plain double backward; vmap would only add overhead
-        return [h.unsqueeze(0) for h in torch.autograd.grad(grads, params, grad_outputs=[z[0] for z in zs], retain_graph=True)]
+        return [
+            h.unsqueeze(0)
+            for h in torch.autograd.grad(grads, params, grad_outputs=[z[0] for z in zs], retain_graph=True)
+        ]
     try:
         return torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=True, is_grads_batched=True)
     except RuntimeError as e:  # some ops have no batching rule
         log.debug("batched HVP unavailable (%s); probing one at a time", e)
-        outs = [torch.autograd.grad(grads, params, grad_outputs=[z[k] for z in zs], retain_graph=True) for k in range(zs[0].shape[0])]
+        outs = [
+            torch.autograd.grad(grads, params, grad_outputs=[z[k] for z in zs], retain_graph=True)
+            for k in range(zs[0].shape[0])
+        ]
         return [torch.stack([o[i] for o in outs]) for i in range(len(params))]
 
 
-def _hessian_family(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings,
-                    progress: bool = True, checkpoint: Checkpoint | None = None) -> Values:
+def _hessian_family(
+    model: nn.Module,
+    tensors: list[str],
+    tokens: torch.Tensor,
+    settings: PrimitiveSettings,
+    progress: bool = True,
+    checkpoint: Checkpoint | None = None,
+) -> Values:
     """The primitive family: each calibration sequence is one graph with ``hessian_probes`` probes."""
     data = as_batches(tokens)
     seqs = data.head(settings.hessian_sequences) if settings.hessian_sequences else data
-    est = hutchinson(model, tensors, seqs, probes=settings.hessian_probes, chunk=1, seed=settings.seed, progress=progress,
-                     checkpoint=checkpoint)
+    est = hutchinson(
+        model,
+        tensors,
+        seqs,
+        probes=settings.hessian_probes,
+        chunk=1,
+        seed=settings.seed,
+        progress=progress,
+        checkpoint=checkpoint,
+    )
     return {
         "htrace": {t: torch.tensor(v, dtype=torch.float64) for t, v in est.trace.items()},
         "htrace_se": {t: torch.tensor(v, dtype=torch.float64) for t, v in est.trace_se.items()},
@@ -216,7 +266,13 @@ def _hessian_family(model: nn.Module, tensors: list[str], tokens: torch.Tensor, 
     }
 
 
-FAMILY = register("primitive family", "hessian")(Family(
-    "hessian", ("htrace", "htrace_se", "hdiag"), _hessian_family, settings=("hessian_probes", "hessian_sequences", "seed"), resumable=True,
-    about="Hutchinson Hessian trace per tensor (with its standard error) and diagonal estimate z*Hz",
-))
+FAMILY = register("primitive family", "hessian")(
+    Family(
+        "hessian",
+        ("htrace", "htrace_se", "hdiag"),
+        _hessian_family,
+        settings=("hessian_probes", "hessian_sequences", "seed"),
+        resumable=True,
+        about="Hutchinson Hessian trace per tensor (with its standard error) and diagonal estimate z*Hz",
+    )
+)

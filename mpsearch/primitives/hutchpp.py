@@ -17,6 +17,7 @@ diagonal control variate (the Fisher diagonal) would not help: for Rademacher pr
 The returned standard error covers the residual probes only; ``benchmarks/hutchpp.py``
 measures the whole estimator's variance over seeds.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,9 @@ from ..models.batches import as_batches
 from .hessian import HessianEstimate, double_backward_attention
 
 
-def hutchpp(model: nn.Module, tensors: list[str], tokens, sketch: int = 4, probes: int = 8, seed: int = 0) -> HessianEstimate:
+def hutchpp(
+    model: nn.Module, tensors: list[str], tokens, sketch: int = 4, probes: int = 8, seed: int = 0
+) -> HessianEstimate:
     """Per-tensor Hessian traces of the mean loss over ``tokens`` (one graph) with ``2 sketch + probes`` HVPs."""
     if sketch < 1 or probes < 2:
         raise ValueError(f"need sketch >= 1 and probes >= 2, got {sketch}, {probes}")
@@ -83,5 +86,8 @@ def hutchpp(model: nn.Module, tensors: list[str], tokens, sketch: int = 4, probe
             model.set_attn_implementation(attn)
     trace = exact + samples.mean(0)
     se = samples.std(0, unbiased=True) / math.sqrt(probes)
-    return HessianEstimate(trace={t: float(trace[i]) for i, t in enumerate(tensors)},
-                           trace_se={t: float(se[i]) for i, t in enumerate(tensors)}, probes=2 * sketch + probes)
+    return HessianEstimate(
+        trace={t: float(trace[i]) for i, t in enumerate(tensors)},
+        trace_se={t: float(se[i]) for i, t in enumerate(tensors)},
+        probes=2 * sketch + probes,
+    )

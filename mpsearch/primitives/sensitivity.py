@@ -7,6 +7,7 @@ quantizing a tensor of layer ``l`` only reruns layers ``l..L-1``, the final norm
 the head. Results are cached per model weights + tokens, saved after every layer, so
 an interrupted run resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,19 +20,27 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..store.cache import cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
 from ..core.device import device_parts, model_device
 from ..core.layers import matrix, set_matrix
-from ..models.batches import TokenBatches, as_batches
 from ..core.plan import importance_digest
+from ..models.batches import TokenBatches, as_batches
+from ..models.decoder import decoder_parts
 from ..quant import format_identity, get_quantizer, quantize
+from ..store.cache import cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
 
 log = logging.getLogger(__name__)
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def measured_kl(model: nn.Module, decisions, tokens: torch.Tensor, weights_key: str = "", use_cache: bool = True,
-                progress: bool = True, importance: dict[str, torch.Tensor] | None = None) -> pd.DataFrame:
+def measured_kl(
+    model: nn.Module,
+    decisions,
+    tokens: torch.Tensor,
+    weights_key: str = "",
+    use_cache: bool = True,
+    progress: bool = True,
+    importance: dict[str, torch.Tensor] | None = None,
+) -> pd.DataFrame:
     """One row per (member tensor, candidate format): ``kl`` = mean per-token KL(ref || quantized).
 
     ``decisions`` are the search space's decisions (each member is measured alone, in
@@ -49,20 +58,29 @@ def measured_kl(model: nn.Module, decisions, tokens: torch.Tensor, weights_key: 
         done = _load(path, key, {(t, f.key) for t, f in pairs})
     todo = [(t, f) for t, f in pairs if (t, f.key) not in done]
     if done and todo:
-        log.info("measured KL: %d of %d (tensor, format) pairs cached by an earlier run; measuring the other %d",
-                 len(pairs) - len(todo), len(pairs), len(todo))
+        log.info(
+            "measured KL: %d of %d (tensor, format) pairs cached by an earlier run; measuring the other %d",
+            len(pairs) - len(todo),
+            len(pairs),
+            len(todo),
+        )
     if todo:
         data = as_batches(tokens)
-        if isinstance(data, TokenBatches):  # a decoder: rerun only the layers from the quantized one on
+        if isinstance(data, TokenBatches) and decoder_parts(model) is not None:
+            # a transformers decoder: rerun only the layers from the quantized one on
             tail, ref_logp = tail_runner(model, data.tokens)
             layer_index = layer_of
         else:  # anything else: the whole forward pass each time
+
             def tail(_layer: int) -> torch.Tensor:
                 return torch.cat([F.log_softmax(data.logits(model, i), dim=-1) for i in range(len(data))])
+
             with torch.no_grad():
                 ref_logp = tail(0)
+
             def layer_index(_name: str) -> int:
                 return 0
+
         ref = Reference(ref_logp)
         modules = dict(model.named_modules())
         by_layer: dict[int, list] = {}
@@ -81,7 +99,9 @@ def measured_kl(model: nn.Module, decisions, tokens: torch.Tensor, weights_key: 
                         set_matrix(mod, original)
                     bar.update()
                 if path is not None:
-                    write_json(path, [[t, f, v] for (t, f), v in sorted(done.items())], key, SCHEMA)  # per layer: an interruption loses at most one layer
+                    write_json(
+                        path, [[t, f, v] for (t, f), v in sorted(done.items())], key, SCHEMA
+                    )  # per layer: an interruption loses at most one layer
         bar.close()
     return pd.DataFrame([(t, f.key, done[(t, f.key)]) for t, f in pairs], columns=["tensor", "format", "kl"])
 
@@ -94,22 +114,28 @@ def layer_of(name: str) -> int:
 
 
 def tail_runner(model: nn.Module, tokens: torch.Tensor) -> tuple[Callable[[int], torch.Tensor], torch.Tensor]:
-    """Record every decoder layer's call once; return ``tail(l)`` (log-probs from layer l on) and the reference log-probs."""
+    """Record every decoder layer's call once; return ``tail(l)`` (log-probs from layer l on) and the reference log-
+    probs."""
     body = getattr(model, "model", None)
     layers = getattr(body, "layers", None)
     if layers is None or not hasattr(body, "norm") or not hasattr(model, "lm_head"):
-        raise ValueError("measured KL needs a decoder with model.model.layers, model.model.norm and model.lm_head (Llama-style)")
+        raise ValueError(
+            "measured KL needs a decoder with model.model.layers, model.model.norm and model.lm_head (Llama-style)"
+        )
     calls: dict[int, tuple[tuple, dict]] = {}
 
     def recorder(i: int):
         def hook(module, args, kwargs):
             calls[i] = (tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args), dict(kwargs))
+
         return hook
 
     handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
-            ref = F.log_softmax(model(input_ids=tokens.to(model_device(model)), use_cache=False).logits[:, :-1].float(), dim=-1)
+            ref = F.log_softmax(
+                model(input_ids=tokens.to(model_device(model)), use_cache=False).logits[:, :-1].float(), dim=-1
+            )
     finally:
         for h in handles:
             h.remove()
@@ -145,12 +171,18 @@ class Reference:
 SCHEMA = "measured-kl/v1"
 
 
-def kl_key(weights_key: str, tokens: torch.Tensor, pairs, importance: dict[str, torch.Tensor] | None = None, device="cpu") -> str:
+def kl_key(
+    weights_key: str, tokens: torch.Tensor, pairs, importance: dict[str, torch.Tensor] | None = None, device="cpu"
+) -> str:
     """Everything the measured KL depends on: weights, tokens (values, shape), each format's
     identity, the importance vectors of the quantizers that read one, and the device it was
     measured on where that is not the CPU (:func:`mpsearch.core.device.device_parts`)."""
     parts = [weights_key, tokens_hash(tokens), sorted({(t, format_identity(f)) for t, f in pairs}), SCHEMA]
-    used = {t: importance[t] for t, f in pairs if importance and t in importance and get_quantizer(f.quantizer).reads_importance(f)}
+    used = {
+        t: importance[t]
+        for t, f in pairs
+        if importance and t in importance and get_quantizer(f.quantizer).reads_importance(f)
+    }
     if used:
         parts.append(importance_digest(used))
     return content_key(*parts, *device_parts(device))
@@ -158,8 +190,12 @@ def kl_key(weights_key: str, tokens: torch.Tensor, pairs, importance: dict[str, 
 
 def _load(path, key: str, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], float]:
     """Finished (tensor, format) values of a (possibly partial) run; a bad entry is removed and measured again."""
+
     def check(rows) -> None:
-        require(isinstance(rows, list) and all(isinstance(r, list) and len(r) == 3 for r in rows), "not a list of [tensor, format, kl]")
+        require(
+            isinstance(rows, list) and all(isinstance(r, list) and len(r) == 3 for r in rows),
+            "not a list of [tensor, format, kl]",
+        )
         require_finite((r[2] for r in rows), "a measured KL")
         require(all((r[0], r[1]) in pairs for r in rows), "it holds pairs this search does not have")
 

@@ -5,6 +5,7 @@ product of many layers neither overflows nor underflows) on an all-ones input
 embedding, and ``R`` = the sum of the logits is differentiated: the saliency of a
 weight is ``|w * dR/dw|``. The model itself is left untouched (a float64 copy is used).
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,14 +13,19 @@ import copy
 import torch
 from torch import nn
 
-from ..core.registry import register
 from ..core.layers import matrix, weight_modules
+from ..core.registry import register
 from ..models.batches import as_batches
 from .base import Family, PrimitiveSettings, Values
 
 
-def synflow(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings: PrimitiveSettings | None = None,
-            progress: bool = True) -> Values:
+def synflow(
+    model: nn.Module,
+    tensors: list[str],
+    tokens: torch.Tensor,
+    settings: PrimitiveSettings | None = None,
+    progress: bool = True,
+) -> Values:
     weight_modules(model, tensors)  # fail early on a wrong name
     twin = copy.deepcopy(model).double()
     with torch.no_grad():
@@ -29,10 +35,19 @@ def synflow(model: nn.Module, tensors: list[str], tokens: torch.Tensor, settings
     params = [modules[t].weight.requires_grad_(True) for t in tensors]
     r = as_batches(tokens).synflow_output(twin)
     grads = torch.autograd.grad(r, params)
-    return {"synflow": {t: matrix(modules[t], (p.detach() * g).abs().float()).contiguous() for t, p, g in zip(tensors, params, grads)}}
+    return {
+        "synflow": {
+            t: matrix(modules[t], (p.detach() * g).abs().float()).contiguous()
+            for t, p, g in zip(tensors, params, grads)
+        }
+    }
 
 
-FAMILY = register("primitive family", "synflow")(Family(
-    "synflow", ("synflow",), synflow,
-    about="synflow saliency |w * dR/dw| of the all-positive float64 model on an all-ones input",
-))
+FAMILY = register("primitive family", "synflow")(
+    Family(
+        "synflow",
+        ("synflow",),
+        synflow,
+        about="synflow saliency |w * dR/dw| of the all-positive float64 model on an all-ones input",
+    )
+)

@@ -1,4 +1,5 @@
 """Proxies: expressions that predict the loss increase of quantizing one tensor."""
+
 from mpsearch.proxies.expr import Expression, ExpressionError, parse
 from mpsearch.proxies.proxy import PRIMITIVE_NAMES, Proxy, ProxyFileError, list_proxies, load_proxy
 

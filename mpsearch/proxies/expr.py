@@ -4,6 +4,7 @@ Text is parsed with :mod:`ast` (``mode="eval"``), checked against a whitelist of
 node types, names and functions, and compiled into a tree of closures that
 compute with torch. Nothing is ever handed to ``eval``/``exec``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -75,9 +76,16 @@ _UNARYOPS: dict[type, Callable[[Value], Value]] = {
 }
 
 _OP_SYMBOLS: dict[type, str] = {
-    ast.FloorDiv: "//", ast.Mod: "%", ast.MatMult: "@", ast.LShift: "<<",
-    ast.RShift: ">>", ast.BitOr: "|", ast.BitXor: "^", ast.BitAnd: "&",
-    ast.Not: "not", ast.Invert: "~",
+    ast.FloorDiv: "//",
+    ast.Mod: "%",
+    ast.MatMult: "@",
+    ast.LShift: "<<",
+    ast.RShift: ">>",
+    ast.BitOr: "|",
+    ast.BitXor: "^",
+    ast.BitAnd: "&",
+    ast.Not: "not",
+    ast.Invert: "~",
 }
 
 _NODE_WORDS: dict[type, str] = {
@@ -128,8 +136,7 @@ class Expression:
             if name not in env:
                 have = ", ".join(sorted(env)) or "none"
                 raise ExpressionError(
-                    f"name {name!r} is missing from the environment for {self.text!r} "
-                    f"(given: {have})"
+                    f"name {name!r} is missing from the environment for {self.text!r} (given: {have})"
                 )
             values[name] = _as_tensor(name, env[name], self.text)
         try:
@@ -158,9 +165,7 @@ def _as_tensor(name: str, value: object, text: str) -> Value:
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=torch.float64)
-    raise ExpressionError(
-        f"name {name!r} has type {type(value).__name__}, not a tensor or number, in {text!r}"
-    )
+    raise ExpressionError(f"name {name!r} has type {type(value).__name__}, not a tensor or number, in {text!r}")
 
 
 def parse(text: str, names: Iterable[str]) -> Expression:
@@ -175,17 +180,14 @@ def parse(text: str, names: Iterable[str]) -> Expression:
         raise ExpressionError("empty expression")
     if len(text) > MAX_LENGTH:
         raise ExpressionError(
-            f"expression is too long ({len(text)} characters, at most {MAX_LENGTH}): "
-            f"{text[:60]!r}..."
+            f"expression is too long ({len(text)} characters, at most {MAX_LENGTH}): {text[:60]!r}..."
         )
     depth = 0
     for ch in text:
         depth += ch in "([{"
         depth -= ch in ")]}"
         if depth > MAX_DEPTH:
-            raise ExpressionError(
-                f"nesting depth over {MAX_DEPTH} (too many nested parentheses) in {text[:60]!r}..."
-            )
+            raise ExpressionError(f"nesting depth over {MAX_DEPTH} (too many nested parentheses) in {text[:60]!r}...")
     try:
         tree = ast.parse(text, mode="eval")
     except SyntaxError as err:
@@ -273,10 +275,7 @@ class _Compiler:
             raise self.fail(f"starred arguments are not allowed in {fname}()")
         arity, impl = FUNCTIONS[fname]
         if len(node.args) != arity:
-            raise self.fail(
-                f"function {fname}() takes {arity} argument{'s' * (arity != 1)}, "
-                f"got {len(node.args)}"
-            )
+            raise self.fail(f"function {fname}() takes {arity} argument{'s' * (arity != 1)}, got {len(node.args)}")
         args = [self.compile(a, depth + 1) for a in node.args]
         if arity == 1:
             (arg,) = args

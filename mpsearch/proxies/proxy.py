@@ -1,4 +1,5 @@
 """Proxies: named expressions over per-(tensor, format) primitives, stored as TOML."""
+
 from __future__ import annotations
 
 import os
@@ -55,12 +56,13 @@ class Proxy:
     def from_file(cls, path: str | Path, names: frozenset[str] = PRIMITIVE_NAMES) -> Proxy:
         """Load a TOML file with keys ``name``, ``expression`` (over ``names``) and optional ``description``."""
         path = Path(path)
-        data = parse_toml(read_text(path, "proxy file", PROXY_BYTES, ProxyFileError), f"proxy file {str(path)!r}", ProxyFileError)
+        data = parse_toml(
+            read_text(path, "proxy file", PROXY_BYTES, ProxyFileError), f"proxy file {str(path)!r}", ProxyFileError
+        )
         for key in data:
             if key not in _REQUIRED + _OPTIONAL:
                 raise ProxyFileError(
-                    f"unknown key {key!r} in proxy file {str(path)!r} "
-                    f"(allowed: {', '.join(_REQUIRED + _OPTIONAL)})"
+                    f"unknown key {key!r} in proxy file {str(path)!r} (allowed: {', '.join(_REQUIRED + _OPTIONAL)})"
                 )
         for key in _REQUIRED:
             if key not in data:
@@ -68,12 +70,13 @@ class Proxy:
         for key, value in data.items():
             if not isinstance(value, str):
                 raise ProxyFileError(
-                    f"key {key!r} in proxy file {str(path)!r} must be a string, "
-                    f"got {type(value).__name__}"
+                    f"key {key!r} in proxy file {str(path)!r} must be a string, got {type(value).__name__}"
                 )
         if not NAME.fullmatch(data["name"]):
-            raise ProxyFileError(f"name {data['name'][:80]!r} in proxy file {str(path)!r} is not a proxy name: 1-64 letters, "
-                                 "digits, '_', '-' or '.', starting with a letter or '_' (it names result columns and files)")
+            raise ProxyFileError(
+                f"name {data['name'][:80]!r} in proxy file {str(path)!r} is not a proxy name: 1-64 letters, "
+                "digits, '_', '-' or '.', starting with a letter or '_' (it names result columns and files)"
+            )
         try:
             expression = parse(data["expression"], names)
         except ExpressionError as err:

@@ -1,4 +1,5 @@
 """Evaluate a proxy on every (tensor, format): the table ``D[tensor, format]``."""
+
 from __future__ import annotations
 
 import logging
@@ -9,24 +10,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..store.cache import cache_dir, content_key, read_frame, require, require_finite, write_frame
 from ..core.layers import matrix
+from ..core.space import Decision
 from ..primitives import Primitives, primitive_names
 from ..primitives.activations import KERNEL_BITS
-from ..core.plan import importance_digest
-from ..quant import format_identity, get_quantizer, quantize
-from ..core.space import Decision
+from ..quant import quantize
+from ..store.cache import require, require_finite
 from .proxy import Proxy
 
 log = logging.getLogger(__name__)
 
 
 COLUMNS = ["decision", "tensor", "format", "option", "bits", "numel", "qerr", "predicted", "predicted_se"]
-SCHEMA = "proxy-table/v3"  # v3: predicted_se
 
 
-def proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decision], prims: Primitives,
-                 progress: bool = True, importance: dict[str, torch.Tensor] | None = None) -> dict[str, pd.DataFrame]:
+def proxy_tables(
+    proxies: list[Proxy],
+    model: nn.Module,
+    decisions: list[Decision],
+    prims: Primitives,
+    progress: bool = True,
+    importance: dict[str, torch.Tensor] | None = None,
+) -> dict[str, pd.DataFrame]:
     """Every proxy's table in one sweep: each (tensor, format) is quantized once, whatever the number of proxies.
 
     A table has one row per (decision member, candidate format): the columns decision,
@@ -43,7 +48,12 @@ def proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decisio
     rows: dict[str, list] = {p.name: [] for p in proxies}
     total = sum(len(d.members) * len(d.formats) for d in decisions)
     names = ", ".join(p.name for p in proxies)
-    bar = tqdm(total=total, desc=f"proxy {names}" if len(names) < 40 else f"{len(proxies)} proxies", disable=not progress, unit="pair")
+    bar = tqdm(
+        total=total,
+        desc=f"proxy {names}" if len(names) < 40 else f"{len(proxies)} proxies",
+        disable=not progress,
+        unit="pair",
+    )
     for d in decisions:
         for m in d.members:
             w = matrix(modules[m.name]).detach().float()
@@ -67,7 +77,9 @@ def proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decisio
                     value = p.evaluate(env)
                     if not np.isfinite(value):
                         raise ValueError(f"proxy {p.name!r} gives {value} for {m.name} in format {fmt.key}")
-                    rows[p.name].append((d.name, m.name, fmt.key, j, env["bits"], m.numel, qerr, value, _standard_error(p, env, value)))
+                    rows[p.name].append(
+                        (d.name, m.name, fmt.key, j, env["bits"], m.numel, qerr, value, _standard_error(p, env, value))
+                    )
                 bar.update()
     bar.close()
     return {name: pd.DataFrame(r, columns=COLUMNS) for name, r in rows.items()}
@@ -81,22 +93,11 @@ def _standard_error(proxy: Proxy, env: dict, value: float) -> float:
     return abs(proxy.evaluate({**env, "htrace": env["htrace"] + env["htrace_se"]}) - value)
 
 
-def proxy_table(proxy: Proxy, model: nn.Module, decisions: list[Decision], prims: Primitives, progress: bool = True) -> pd.DataFrame:
+def proxy_table(
+    proxy: Proxy, model: nn.Module, decisions: list[Decision], prims: Primitives, progress: bool = True
+) -> pd.DataFrame:
     """One proxy's table (see :func:`proxy_tables`)."""
     return proxy_tables([proxy], model, decisions, prims, progress)[proxy.name]
-
-
-def table_key(proxy: Proxy, decisions: list[Decision], prims: Primitives, importance: dict[str, torch.Tensor] | None = None) -> str:
-    """A table depends on the weights, the primitives *its own* proxy reads, its expression,
-    every decision's members and formats (quantizer versions included), and the importance
-    vectors the formats' quantizers read; not on which other proxies ran beside it."""
-    layout = [(d.name, [m.name for m in d.members], [format_identity(f) for f in d.formats]) for d in decisions]
-    parts = [prims.key_for(proxy.needs), proxy.expression.text, layout, SCHEMA]
-    used = {m.name: importance[m.name] for d in decisions for m in d.members
-            if importance and m.name in importance and any(get_quantizer(f.quantizer).reads_importance(f) for f in d.formats)}
-    if used:
-        parts.append(importance_digest(used))
-    return content_key(*parts)
 
 
 def check_table(table: pd.DataFrame, decisions: list[Decision]) -> None:
@@ -110,36 +111,6 @@ def check_table(table: pd.DataFrame, decisions: list[Decision]) -> None:
         require_finite(table[col].tolist(), f"column {col}")
 
 
-def cached_proxy_tables(proxies: list[Proxy], model: nn.Module, decisions: list[Decision], prims: Primitives,
-                        use_cache: bool = True, progress: bool = True,
-                        importance: dict[str, torch.Tensor] | None = None) -> dict[str, pd.DataFrame]:
-    """:func:`proxy_tables`, each cached by its own :func:`table_key` and checked on read
-    (:func:`check_table`); the ones not cached are computed together."""
-    if len({p.name for p in proxies}) != len(proxies):
-        raise ValueError(f"two proxies share a name: {[p.name for p in proxies]}")
-    keys = {p.name: table_key(p, decisions, prims, importance) for p in proxies}
-    paths = {name: cache_dir() / "tables" / f"{key}.csv" for name, key in keys.items()}
-    out: dict[str, pd.DataFrame] = {}
-    if use_cache:
-        for p in proxies:
-            table = read_frame(paths[p.name], keys[p.name], SCHEMA, lambda t: check_table(t, decisions))
-            if table is not None:
-                out[p.name] = table
-    todo = [p for p in proxies if p.name not in out]
-    if todo:
-        for name, table in proxy_tables(todo, model, decisions, prims, progress, importance).items():
-            out[name] = table
-            if use_cache:
-                write_frame(paths[name], table, keys[name], SCHEMA)
-    return {p.name: out[p.name] for p in proxies}
-
-
-def cached_proxy_table(proxy: Proxy, model: nn.Module, decisions: list[Decision], prims: Primitives, use_cache: bool = True,
-                       progress: bool = True) -> pd.DataFrame:
-    """One proxy's cached table (see :func:`cached_proxy_tables`)."""
-    return cached_proxy_tables([proxy], model, decisions, prims, use_cache, progress)[proxy.name]
-
-
 def decision_losses(table: pd.DataFrame, decisions: list[Decision]) -> list[np.ndarray]:
     """Sum the members' predictions per decision option (tied tensors add up)."""
     sums = table.groupby(["decision", "option"])["predicted"].sum()
@@ -150,5 +121,7 @@ def _kernel_at(kernel: torch.Tensor, fmt) -> torch.Tensor:
     """The quantization-kernel entry for the format's bits (activations quantized like the weights)."""
     i = fmt.bits - KERNEL_BITS[0]
     if not 0 <= i < kernel.numel():
-        raise ValueError(f"the quantization kernel covers {KERNEL_BITS[0]}-{KERNEL_BITS[-1]} bits, not format {fmt.key}")
+        raise ValueError(
+            f"the quantization kernel covers {KERNEL_BITS[0]}-{KERNEL_BITS[-1]} bits, not format {fmt.key}"
+        )
     return kernel[i]

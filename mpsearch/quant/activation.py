@@ -20,6 +20,7 @@ The quantization kernel of CrossQuant's analysis is the set of nonzero elements 
 round to zero; :func:`kernel_counts` counts it, and the run-time hooks report its share
 per layer (:mod:`mpsearch.quant.hooks`).
 """
+
 from __future__ import annotations
 
 import math
@@ -77,8 +78,11 @@ def quantize_cross(x: torch.Tensor, fmt: Format, calib) -> torch.Tensor:
     r = _rows(x)
     a = _alpha(fmt)
     t = r.abs().amax(-1, keepdim=True).clamp_min(1e-12)
-    # the calibrated channel maxima, raised where this call's tokens exceed them: t_i^a c_j^(1-a) >= |x_ij| then, so nothing clips
-    c = torch.maximum(calib["channel_absmax"].to(r.device).reshape(1, -1), r.abs().amax(0, keepdim=True)).clamp_min(1e-12)
+    # the calibrated channel maxima, raised where this call's tokens exceed them: t_i^a c_j^(1-a) >= |x_ij| then, so
+    # nothing clips
+    c = torch.maximum(calib["channel_absmax"].to(r.device).reshape(1, -1), r.abs().amax(0, keepdim=True)).clamp_min(
+        1e-12
+    )
     q = _round_scaled(r, t.pow(a) * c.pow(1 - a) / _qmax(fmt), _qmax(fmt))
     return q.reshape(x.shape).to(x.dtype)
 
@@ -127,12 +131,31 @@ class _ActQuantizer(TargetQuantizer):
             _check_cross(fmt)
 
 
-TOKEN = register("quantizer", "tok")(_ActQuantizer(
-    "tok", quantize_token, about="activations: per-token dynamic absmax, symmetric"))
-TENSOR = register("quantizer", "tensor")(_ActQuantizer(
-    "tensor", quantize_tensor, calibrate=calibrate_tensor, about="activations: per-tensor static scale (calibrated), symmetric"))
-CROSS = register("quantizer", "cross")(_ActQuantizer(
-    "cross", quantize_cross, params=("alpha",), calibrate=calibrate_cross,
-    about="activations: CrossQuant, token absmax^alpha x calibrated channel absmax^(1-alpha)"))
-ADALOG = register("quantizer", "adalog")(_ActQuantizer(
-    "adalog", quantize_adalog, calibrate=calibrate_adalog, about="activations: log2-style levels with a calibrated base (AdaLog)"))
+TOKEN = register("quantizer", "tok")(
+    _ActQuantizer("tok", quantize_token, about="activations: per-token dynamic absmax, symmetric")
+)
+TENSOR = register("quantizer", "tensor")(
+    _ActQuantizer(
+        "tensor",
+        quantize_tensor,
+        calibrate=calibrate_tensor,
+        about="activations: per-tensor static scale (calibrated), symmetric",
+    )
+)
+CROSS = register("quantizer", "cross")(
+    _ActQuantizer(
+        "cross",
+        quantize_cross,
+        params=("alpha",),
+        calibrate=calibrate_cross,
+        about="activations: CrossQuant, token absmax^alpha x calibrated channel absmax^(1-alpha)",
+    )
+)
+ADALOG = register("quantizer", "adalog")(
+    _ActQuantizer(
+        "adalog",
+        quantize_adalog,
+        calibrate=calibrate_adalog,
+        about="activations: log2-style levels with a calibrated base (AdaLog)",
+    )
+)

@@ -15,6 +15,7 @@ mpsearch's ``uniform`` grid differs (a float offset, ranges not forced through 0
 ``affine`` formats, which reproduce torchao's weights. Stored: ``bits`` per weight, an fp32
 scale per group and, asymmetric, an int8 zero point.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,6 +46,13 @@ def _storage(fmt: Format, in_features: int) -> float:
     return fmt.bits + (32 + (0 if fmt.symmetric else 8)) / group
 
 
-AFFINE = register("quantizer", "affine")(Quantizer(
-    "affine", quantize_affine, version="v1", min_bits_symmetric=1, storage_bits=_storage,
-    about="torchao's / PyTorch's affine integer grid: signed levels, integer zero point, fp32 scale (int8 zero)"))
+AFFINE = register("quantizer", "affine")(
+    Quantizer(
+        "affine",
+        quantize_affine,
+        version="v1",
+        min_bits_symmetric=1,
+        storage_bits=_storage,
+        about="torchao's / PyTorch's affine integer grid: signed levels, integer zero point, fp32 scale (int8 zero)",
+    )
+)

@@ -3,10 +3,13 @@
 Weights are fake-quantized in place; run-time targets (layer inputs, the KV cache) are
 hooks installed on the model (:mod:`mpsearch.quant.hooks`), kept at ``model._mpsearch_runtime``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -23,8 +26,11 @@ from .quantizer import get_quantizer, quantize
 def quantizable_names(model: nn.Module) -> list[str]:
     """Names a plan may address by exact name: every layer of a known kind (Linear, Conv,
     Conv1D; :mod:`mpsearch.core.layers`) and every other module with a 2-D ``weight`` (embeddings)."""
-    return [n for n, m in model.named_modules()
-            if kind_of(m) is not None or (isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2)]
+    return [
+        n
+        for n, m in model.named_modules()
+        if kind_of(m) is not None or (isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2)
+    ]
 
 
 def _matrix(m: nn.Module) -> torch.Tensor:
@@ -45,7 +51,9 @@ def space_names(model: nn.Module, space: str = "llama") -> list[str]:
     return [m.name for m in SearchSpace.from_file(space).members(model)]
 
 
-def check_plan(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama", all_tensors: bool = False) -> Plan:
+def check_plan(
+    model: nn.Module, plan: Plan, check: bool = True, space: str = "llama", all_tensors: bool = False
+) -> Plan:
     """The plan resolved to exact names and checked against ``model``, before any work is done.
 
     - the fingerprint (``check=False`` skips it, for a sibling model with the same names);
@@ -71,7 +79,10 @@ def check_plan(model: nn.Module, plan: Plan, check: bool = True, space: str = "l
                 continue
             in_features = _matrix(modules[name]).shape[1]
             if not fmt.fits(in_features):
-                raise PlanError(f"tensors[{name!r}].weight: group size {fmt.group_size} does not divide its input dimension {in_features}")
+                raise PlanError(
+                    f"tensors[{name!r}].weight: group size {fmt.group_size} does not divide its input dimension "
+                    f"{in_features}"
+                )
             try:
                 get_quantizer(fmt.quantizer).check(fmt)
             except FormatError as e:
@@ -80,11 +91,43 @@ def check_plan(model: nn.Module, plan: Plan, check: bool = True, space: str = "l
             if get_quantizer(fmt.quantizer).importance_kind == "gram":
                 if imp is None or tuple(imp.shape) != (in_features, in_features):
                     got = "none" if imp is None else f"shape {tuple(imp.shape)}"
-                    raise PlanError(f"tensors[{name!r}].weight: {fmt.key} needs the layer input's Gram matrix "
-                                    f"({in_features}, {in_features}) as the plan's importance[{name!r}]; it has {got}")
+                    raise PlanError(
+                        f"tensors[{name!r}].weight: {fmt.key} needs the layer input's Gram matrix "
+                        f"({in_features}, {in_features}) as the plan's importance[{name!r}]; it has {got}"
+                    )
             elif imp is not None and tuple(imp.shape) not in ((in_features,), (in_features, in_features)):
-                raise PlanError(f"importance[{name!r}] has shape {tuple(imp.shape)}; the tensor's rows are {in_features} wide")
+                raise PlanError(
+                    f"importance[{name!r}] has shape {tuple(imp.shape)}; the tensor's rows are {in_features} wide"
+                )
     return resolved
+
+
+@dataclass(frozen=True)
+class CheckedPlan:
+    """A plan that :func:`check_plan` resolved and checked against one model.
+
+    :func:`apply_` and :func:`applied` take it as it is: checking a plan reads the model's
+    fingerprint (a hash of every weight), so a caller that checks before heavy work passes
+    the checked plan on instead of having it checked again."""
+
+    plan: Plan
+    model: weakref.ref
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        plan: "Plan | CheckedPlan",
+        check: bool = True,
+        space: str = "llama",
+        all_tensors: bool = False,
+    ) -> "CheckedPlan":
+        """``plan`` checked against ``model`` (a plan already checked against it is returned as it is)."""
+        if isinstance(plan, CheckedPlan):
+            if plan.model() is not model:
+                raise PlanError("this plan was checked against another model; check it against this one")
+            return plan
+        return cls(check_plan(model, plan, check, space, all_tensors), weakref.ref(model))
 
 
 def check_runtime(model: nn.Module, plan: Plan, name: str, target: str, fmt) -> None:
@@ -101,10 +144,14 @@ def check_runtime(model: nn.Module, plan: Plan, name: str, target: str, fmt) -> 
         raise PlanError(f"{where}: quantizer {fmt.quantizer!r} quantizes {list(q.targets)}, not {target}")
     mod = dict(model.named_modules())[name]
     if target == "input" and kind_of(mod) is None:
-        raise PlanError(f"{where}: only the input of a Linear / Conv layer can be quantized; {name} is a {type(mod).__name__}")
+        raise PlanError(
+            f"{where}: only the input of a Linear / Conv layer can be quantized; {name} is a {type(mod).__name__}"
+        )
     if target in CACHE_PROJ:
         if name.rpartition(".")[2] != CACHE_PROJ[target]:
-            raise PlanError(f"{where}: the {target} is addressed on the attention's {CACHE_PROJ[target]}, not on {name}")
+            raise PlanError(
+                f"{where}: the {target} is addressed on the attention's {CACHE_PROJ[target]}, not on {name}"
+            )
         try:
             _, attn = attention_of(model, name)
         except ValueError as e:
@@ -113,22 +160,32 @@ def check_runtime(model: nn.Module, plan: Plan, name: str, target: str, fmt) -> 
         if hasattr(q, "fits_width") and not q.fits_width(fmt, width, attn.head_dim):
             raise PlanError(f"{where}: group size {fmt.group_size} does not divide the cache width {width}")
     if needs_calibration(fmt, target) and calib_for(plan.calibration, name, target, fmt) is None:
-        raise PlanError(f"{where}: {fmt.key} is calibrated offline and the plan carries no calibration for it; "
-                        "fit it with mpsearch.quant.calibrate.calibrate(model, {(name, target): [fmt]}, tokens)")
+        raise PlanError(
+            f"{where}: {fmt.key} is calibrated offline and the plan carries no calibration for it; "
+            "fit it with mpsearch.quant.calibrate.calibrate(model, {(name, target): [fmt]}, tokens)"
+        )
 
 
 @torch.no_grad()
-def apply_(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama", all_tensors: bool = False,
-           memo: QuantMemo | None = None, device: str | torch.device | None = None) -> nn.Module:
+def apply_(
+    model: nn.Module,
+    plan: Plan | CheckedPlan,
+    check: bool = True,
+    space: str = "llama",
+    all_tensors: bool = False,
+    memo: QuantMemo | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
     """Fake-quantize ``model``'s weights in place as ``plan`` says; returns ``model``.
 
-    The plan is checked first (:func:`check_plan`); nothing is changed if any entry is
-    invalid. ``space``/``all_tensors`` say what patterns and ``_default`` may reach.
+    The plan is checked first (:func:`check_plan`, unless it is a :class:`CheckedPlan` of
+    this model); nothing is changed if any entry is invalid. ``space``/``all_tensors`` say what
+    patterns and ``_default`` may reach.
     ``memo`` (a :class:`QuantMemo` of this model) reuses slow quantizations across plans.
     ``device`` (cpu, cuda, cuda:N, auto, or a :class:`torch.device`): move the model there first,
     and quantize there (GPTQ and the GGUF searches are much faster on a GPU); None leaves it where it is.
     """
-    resolved = check_plan(model, plan, check, space, all_tensors)
+    resolved = CheckedPlan.of(model, plan, check, space, all_tensors).plan
     if device is not None:
         from ..core.device import exact_fp32, resolve_device
 
@@ -141,11 +198,15 @@ def apply_(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama
         w, imp = _matrix(modules[n]), resolved.importance_for(n)
         try:
             out = quantize(w, f, imp) if memo is None else memo.quantize(n, w, f, imp)
-        except (FormatError, torch.linalg.LinAlgError) as e:  # the quantizer's own complaint, with the tensor it was about
+        except (
+            FormatError,
+            torch.linalg.LinAlgError,
+        ) as e:  # the quantizer's own complaint, with the tensor it was about
             raise PlanError(f"tensors[{n!r}].weight: {f.key}: {e}") from None
         if not torch.isfinite(out).all():  # nothing NaN goes on to be measured as if it were a plan
             raise PlanError(f"tensors[{n!r}].weight: {f.key} {dict(f.params) or ''} gives NaN or infinite weights")
         return out
+
     new = {n: q(n, f) for n, f in resolved.weight_formats().items()}
     for n, w in new.items():
         _set(modules[n], w)
@@ -159,21 +220,33 @@ def apply_(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama
     return model
 
 
-def apply(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama", all_tensors: bool = False,
-          device: str | torch.device | None = None) -> nn.Module:
+def apply(
+    model: nn.Module,
+    plan: Plan,
+    check: bool = True,
+    space: str = "llama",
+    all_tensors: bool = False,
+    device: str | torch.device | None = None,
+) -> nn.Module:
     """A quantized deep copy (on ``device``, see :func:`apply_`); ``model`` is untouched."""
     return apply_(copy.deepcopy(model), plan, check, space, all_tensors, device=device)
 
 
 @contextlib.contextmanager
-def applied(model: nn.Module, plan: Plan, check: bool = True, space: str = "llama", all_tensors: bool = False,
-            memo: QuantMemo | None = None) -> Iterator[nn.Module]:
+def applied(
+    model: nn.Module,
+    plan: Plan | CheckedPlan,
+    check: bool = True,
+    space: str = "llama",
+    all_tensors: bool = False,
+    memo: QuantMemo | None = None,
+) -> Iterator[nn.Module]:
     """Quantize in place for the ``with`` block, then restore the original weights."""
     modules = dict(model.named_modules())
-    names = check_plan(model, plan, check, space, all_tensors).weight_formats()
-    saved = {n: _matrix(modules[n]).detach().clone() for n in names}
+    plan = CheckedPlan.of(model, plan, check, space, all_tensors)
+    saved = {n: _matrix(modules[n]).detach().clone() for n in plan.plan.weight_formats()}
     try:
-        yield apply_(model, plan, check, space, all_tensors, memo)
+        yield apply_(model, plan, memo=memo)
     finally:
         hooks = getattr(model, "_mpsearch_runtime", None)
         if hooks is not None:

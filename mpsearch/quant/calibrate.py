@@ -7,13 +7,14 @@ the loss gradient of those rows. The gradients come from a backward pass that st
 the input embeddings, so no weight gets a gradient. The result is a flat dict of tensors
 under :func:`mpsearch.quant.hooks.calib_key` names: a plan stores it beside its JSON.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.device import device_parts, to_model
+from ..core.device import to_model
 from ..core.format import Format
 from .hooks import attention_of, calib_key
 from .quantizer import get_quantizer
@@ -21,7 +22,6 @@ from .quantizer import get_quantizer
 #: token rows kept per calibration window and site (a seeded random subset): 256 x 8 windows x 120
 #: input sites of SmolLM2 hold 0.7 GB
 ROWS_PER_WINDOW = 256
-SCHEMA = "calibration/v1"
 
 
 def needs_calibration(fmt: Format, target: str | None = None) -> bool:
@@ -30,33 +30,27 @@ def needs_calibration(fmt: Format, target: str | None = None) -> bool:
     return hasattr(q, "needs_calibration") and q.needs_calibration(fmt, target)
 
 
-def calibrate(model: nn.Module, formats: dict[tuple[str, str], list[Format]], tokens: torch.Tensor, progress: bool = False,
-              seed: int = 0, weights_key: str = "") -> dict[str, torch.Tensor]:
+def calibration_sites(formats: dict[tuple[str, str], list[Format]]) -> dict[tuple[str, str], list[Format]]:
+    """The sites of ``formats`` with a format that reads tensors fitted offline, and those formats."""
+    todo = {site: [f for f in fmts if needs_calibration(f, site[1])] for site, fmts in formats.items()}
+    return {site: fmts for site, fmts in todo.items() if fmts}
+
+
+def calibrate(
+    model: nn.Module,
+    formats: dict[tuple[str, str], list[Format]],
+    tokens: torch.Tensor,
+    progress: bool = False,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """Calibrated tensors for every ``(module, target)`` and each of its formats that needs them.
 
-    ``tokens`` are calibration windows ``[n, T]`` (token ids of a causal LM). With
-    ``weights_key`` (the model weights' hash) the result is cached by weights, tokens, sites,
-    format identities and seed.
+    ``tokens`` are calibration windows ``[n, T]`` (token ids of a causal LM). A search caches
+    the result (:func:`mpsearch.run.cached.cached_calibration`); this function reads and writes nothing.
     """
-    todo = {site: [f for f in fmts if needs_calibration(f, site[1])] for site, fmts in formats.items()}
-    todo = {site: fmts for site, fmts in todo.items() if fmts}
+    todo = calibration_sites(formats)
     if not todo:
         return {}
-    if weights_key:  # a checked cache entry: key and SHA-256 in its header, a bad one recomputed, never served
-        from safetensors.torch import load, save
-
-        from ..store.cache import cache_dir, content_key, read_entry, tokens_hash, write_entry
-        from .quantizer import format_identity
-
-        key = content_key(weights_key, tokens_hash(tokens), seed, ROWS_PER_WINDOW, SCHEMA,
-                          sorted((n, t, [format_identity(f) for f in fmts]) for (n, t), fmts in todo.items()), *device_parts(model))
-        path = cache_dir() / "calibration" / f"{key}.bin"
-        body = read_entry(path, key, SCHEMA)
-        if body is not None:
-            return load(body)
-        out = calibrate(model, formats, tokens, progress, seed)
-        write_entry(path, save({k: v.contiguous().clone() for k, v in out.items()}), key, SCHEMA)
-        return out
     wants = {site for site, fmts in todo.items() if any(get_quantizer(f.quantizer).wants_grads for f in fmts)}
     grads = bool(wants)
     rows: dict[tuple[str, str], list[torch.Tensor]] = {s: [] for s in todo}
@@ -66,12 +60,16 @@ def calibrate(model: nn.Module, formats: dict[tuple[str, str], list[Format]], to
     pick: list[torch.Tensor] = []
     modules = dict(model.named_modules())
 
-    def record(site, x: torch.Tensor) -> None:  # the kept rows go to the CPU: the fits run there, and the result is saved
+    def record(
+        site, x: torch.Tensor
+    ) -> None:  # the kept rows go to the CPU: the fits run there, and the result is saved
         r = x.reshape(-1, x.shape[-1])
         rows[site].append(r[pick[0].to(r.device)].detach().float().clone().cpu())
         positions[site].append(pick[0] % x.shape[-2])
         if site in wants and x.requires_grad:  # only sites whose formats weight their fit by sensitivity
-            x.register_hook(lambda g: grad_rows[site].append(g.reshape(-1, g.shape[-1])[pick[0].to(g.device)].float().clone().cpu()))
+            x.register_hook(
+                lambda g: grad_rows[site].append(g.reshape(-1, g.shape[-1])[pick[0].to(g.device)].float().clone().cpu())
+            )
 
     def pre_hook(site):
         return lambda m, args: record(site, args[0])

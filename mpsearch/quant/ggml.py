@@ -19,6 +19,7 @@ the same decision llama.cpp makes.
 An ``importance`` vector (per input column, the imatrix) weights the error in every
 search, as llama.cpp's ``quant_weights`` do.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,7 +37,9 @@ from .quantizer import Quantizer
 
 Codes = dict[str, torch.Tensor]
 #: IQ4_NL's non-linear codebook (ggml's kvalues_iq4nl)
-IQ4_VALUES = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.float32)
+IQ4_VALUES = torch.tensor(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.float32
+)
 #: elements per encode call (the searches hold ~40 candidates of each)
 CHUNK = 1 << 17
 
@@ -139,6 +142,7 @@ def _sym32(nmax: int, lo: int, hi: int, kind: str = "square"):
         d = _f16(S.symmetric(x, _weights(x, imp, kind), nmax, lo, hi))
         q = _div(x, d.float()).round().clamp(lo, hi)
         return {"d": d, "q": q.to(torch.int16)}
+
     return encode
 
 
@@ -152,6 +156,7 @@ def _asym32(nmax: int, rmin: float, rdelta: float, nstep: int, kind: str = "rms_
         d, m = _f16(scale), _f16(m)
         q = _div(x - m.float(), d.float()).round().clamp(0, nmax)
         return {"d": d, "m": m, "q": q.to(torch.int16)}
+
     return encode
 
 
@@ -188,10 +193,13 @@ def _pack_q5_1(c):
 # ---------------------------------------------------------------- k-quants
 def _kasym(nmax: int, sub: int, smax: int, rmin: float, rdelta: float, nstep: int, kind: str):
     """Q2_K / Q4_K / Q5_K: sub-blocks with scale and min, both quantized to ``smax``-level integers."""
+
     def encode(x, imp):
         n = x.shape[0]
         xs = _sub(x, sub)
-        scale, m = S.asymmetric(xs, _weights(xs, None if imp is None else _sub(imp, sub), kind), nmax, rmin, rdelta, nstep)
+        scale, m = S.asymmetric(
+            xs, _weights(xs, None if imp is None else _sub(imp, sub), kind), nmax, rmin, rdelta, nstep
+        )
         scale, mins = scale.reshape(n, -1), (-m).reshape(n, -1)
         ms, mm = scale.amax(1, keepdim=True), mins.amax(1, keepdim=True)
         ls = _div(scale * smax, ms).round().clamp(0, smax)
@@ -201,6 +209,7 @@ def _kasym(nmax: int, sub: int, smax: int, rmin: float, rdelta: float, nstep: in
         ml = (dmin.float() * lm).repeat_interleave(sub, 1)
         q = _div(x + ml, dl).round().clamp(0, nmax)
         return {"d": d, "dmin": dmin, "ls": ls.to(torch.int16), "lm": lm.to(torch.int16), "q": q.to(torch.int16)}
+
     return encode
 
 
@@ -209,15 +218,19 @@ def _kdecode(sub: int):
         dl = (c["d"].float() * c["ls"].float()).repeat_interleave(sub, 1)
         ml = (c["dmin"].float() * c["lm"].float()).repeat_interleave(sub, 1)
         return dl * c["q"].float() - ml
+
     return decode
 
 
 def _ksym(nmax: int, lo: int, hi: int, sub: int, smax: int, kind: str = "square"):
     """Q3_K / Q6_K: sub-blocks with a signed scale, quantized to integers in ``[-smax, smax-1]``."""
+
     def encode(x, imp):
         n = x.shape[0]
         xs = _sub(x, sub)
-        scale = S.symmetric(xs, _weights(xs, None if imp is None else _sub(imp, sub), kind), nmax, lo, hi).reshape(n, -1)
+        scale = S.symmetric(xs, _weights(xs, None if imp is None else _sub(imp, sub), kind), nmax, lo, hi).reshape(
+            n, -1
+        )
         mx = S.signed_absmax(scale)
         iscale = _div(torch.full_like(mx, -float(smax)), mx)
         ls = (iscale * scale).round().clamp(-smax, smax - 1)
@@ -225,12 +238,14 @@ def _ksym(nmax: int, lo: int, hi: int, sub: int, smax: int, kind: str = "square"
         dl = (d.float() * ls).repeat_interleave(sub, 1)
         q = _div(x, dl).round().clamp(lo, hi)
         return {"d": d, "ls": ls.to(torch.int16), "q": q.to(torch.int16)}
+
     return encode
 
 
 def _ksym_decode(sub: int):
     def decode(c):
         return (c["d"].float() * c["ls"].float()).repeat_interleave(sub, 1) * c["q"].float()
+
     return decode
 
 
@@ -256,8 +271,16 @@ def _nibbles_k(q: torch.Tensor) -> np.ndarray:
 
 def _pack_q5_k(c):
     q = c["q"]
-    return np.concatenate([_bytes16(c["d"]), _bytes16(c["dmin"]), _scales_k4(c["ls"], c["lm"]), _bitplanes(q, 4, 32),
-                           _nibbles_k(q & 0xF)], 1)
+    return np.concatenate(
+        [
+            _bytes16(c["d"]),
+            _bytes16(c["dmin"]),
+            _scales_k4(c["ls"], c["lm"]),
+            _bitplanes(q, 4, 32),
+            _nibbles_k(q & 0xF),
+        ],
+        1,
+    )
 
 
 def _pack_q6_k(c):
@@ -317,25 +340,108 @@ def _pack_iq4_xs(c):
 T = GGMLQuantizationType
 for _t in (
     BlockType("q8_0", T.Q8_0, 8, True, _sym32(127, -127, 127), _decode_sym, _pack_q8_0, "8-bit, fp16 scale per 32"),
-    BlockType("q6_k", T.Q6_K, 6, True, _ksym(32, -32, 31, 16, 128), _ksym_decode(16), _pack_q6_k,
-              "6-bit, int8 scale per 16, fp16 per 256"),
-    BlockType("q5_k", T.Q5_K, 5, False, _kasym(31, 32, 63, -0.5, 0.1, 15, "rms_abs"), _kdecode(32), _pack_q5_k,
-              "5-bit, 6-bit scale and min per 32, fp16 per 256"),
-    BlockType("q5_1", T.Q5_1, 5, False, _asym32(31, -0.9, 0.05, 36), _decode_asym, _pack_q5_1, "5-bit, fp16 scale and min per 32"),
+    BlockType(
+        "q6_k",
+        T.Q6_K,
+        6,
+        True,
+        _ksym(32, -32, 31, 16, 128),
+        _ksym_decode(16),
+        _pack_q6_k,
+        "6-bit, int8 scale per 16, fp16 per 256",
+    ),
+    BlockType(
+        "q5_k",
+        T.Q5_K,
+        5,
+        False,
+        _kasym(31, 32, 63, -0.5, 0.1, 15, "rms_abs"),
+        _kdecode(32),
+        _pack_q5_k,
+        "5-bit, 6-bit scale and min per 32, fp16 per 256",
+    ),
+    BlockType(
+        "q5_1",
+        T.Q5_1,
+        5,
+        False,
+        _asym32(31, -0.9, 0.05, 36),
+        _decode_asym,
+        _pack_q5_1,
+        "5-bit, fp16 scale and min per 32",
+    ),
     BlockType("q5_0", T.Q5_0, 5, True, _sym32(16, -16, 15), _decode_sym, _pack_q5_0, "5-bit, fp16 scale per 32"),
-    BlockType("q4_k", T.Q4_K, 4, False, _kasym(15, 32, 63, -1.0, 0.1, 20, "rms_abs"), _kdecode(32), _pack_q4_k,
-              "4-bit, 6-bit scale and min per 32, fp16 per 256"),
-    BlockType("q4_1", T.Q4_1, 4, False, _asym32(15, -0.9, 0.05, 36), _decode_asym, _pack_q4_1, "4-bit, fp16 scale and min per 32"),
+    BlockType(
+        "q4_k",
+        T.Q4_K,
+        4,
+        False,
+        _kasym(15, 32, 63, -1.0, 0.1, 20, "rms_abs"),
+        _kdecode(32),
+        _pack_q4_k,
+        "4-bit, 6-bit scale and min per 32, fp16 per 256",
+    ),
+    BlockType(
+        "q4_1",
+        T.Q4_1,
+        4,
+        False,
+        _asym32(15, -0.9, 0.05, 36),
+        _decode_asym,
+        _pack_q4_1,
+        "4-bit, fp16 scale and min per 32",
+    ),
     BlockType("q4_0", T.Q4_0, 4, True, _sym32(8, -8, 7), _decode_sym, _pack_q4_0, "4-bit, fp16 scale per 32"),
-    BlockType("iq4_xs", T.IQ4_XS, 4, True, _iq4_xs, _iq4_xs_decode, _pack_iq4_xs,
-              "4-bit non-linear codebook, 6-bit scale per 32, fp16 per 256"),
-    BlockType("iq4_nl", T.IQ4_NL, 4, True, _iq4_nl, _iq4_nl_decode, _pack_iq4_nl, "4-bit non-linear codebook, fp16 scale per 32"),
-    BlockType("iq3_s", T.IQ3_S, 3, True, ggml_iq3.encode, ggml_iq3.decode, ggml_iq3.pack,
-              "3-bit lattice (512-point grid per 4 weights) with signs, 4-bit scale per 32, fp16 per 256"),
-    BlockType("q3_k", T.Q3_K, 3, True, _ksym(4, -4, 3, 16, 32), _ksym_decode(16), _pack_q3_k,
-              "3-bit, 6-bit scale per 16, fp16 per 256"),
-    BlockType("q2_k", T.Q2_K, 2, False, _kasym(3, 16, 15, -0.5, 0.1, 15, "abs"), _kdecode(16), _pack_q2_k,
-              "2-bit, 4-bit scale and min per 16, fp16 per 256"),
+    BlockType(
+        "iq4_xs",
+        T.IQ4_XS,
+        4,
+        True,
+        _iq4_xs,
+        _iq4_xs_decode,
+        _pack_iq4_xs,
+        "4-bit non-linear codebook, 6-bit scale per 32, fp16 per 256",
+    ),
+    BlockType(
+        "iq4_nl",
+        T.IQ4_NL,
+        4,
+        True,
+        _iq4_nl,
+        _iq4_nl_decode,
+        _pack_iq4_nl,
+        "4-bit non-linear codebook, fp16 scale per 32",
+    ),
+    BlockType(
+        "iq3_s",
+        T.IQ3_S,
+        3,
+        True,
+        ggml_iq3.encode,
+        ggml_iq3.decode,
+        ggml_iq3.pack,
+        "3-bit lattice (512-point grid per 4 weights) with signs, 4-bit scale per 32, fp16 per 256",
+    ),
+    BlockType(
+        "q3_k",
+        T.Q3_K,
+        3,
+        True,
+        _ksym(4, -4, 3, 16, 32),
+        _ksym_decode(16),
+        _pack_q3_k,
+        "3-bit, 6-bit scale per 16, fp16 per 256",
+    ),
+    BlockType(
+        "q2_k",
+        T.Q2_K,
+        2,
+        False,
+        _kasym(3, 16, 15, -0.5, 0.1, 15, "abs"),
+        _kdecode(16),
+        _pack_q2_k,
+        "2-bit, 4-bit scale and min per 16, fp16 per 256",
+    ),
 ):
     TYPES[_t.name] = _t
 
@@ -353,7 +459,14 @@ def _blocks(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None):
     if importance is not None:
         if importance.shape != (in_f,):
             raise FormatError(f"importance must have shape ({in_f},), got {tuple(importance.shape)}")
-        imp = importance.detach().to(device=x.device, dtype=torch.float32).clamp_min(0).reshape(1, -1).expand(out_f, in_f).reshape(-1, t.block)
+        imp = (
+            importance.detach()
+            .to(device=x.device, dtype=torch.float32)
+            .clamp_min(0)
+            .reshape(1, -1)
+            .expand(out_f, in_f)
+            .reshape(-1, t.block)
+        )
     return t, x, imp
 
 
@@ -361,7 +474,7 @@ def encode(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = None)
     """The codes of ``w`` in GGML type ``fmt.quantizer`` (in row chunks, to bound memory)."""
     t, x, imp = _blocks(w, fmt, importance)
     step = max(1, CHUNK // t.block)
-    parts = [t.encode(x[i:i + step], None if imp is None else imp[i:i + step]) for i in range(0, len(x), step)]
+    parts = [t.encode(x[i : i + step], None if imp is None else imp[i : i + step]) for i in range(0, len(x), step)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -379,7 +492,11 @@ def _quantize(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None = No
 
 def _make(t: BlockType) -> Quantizer:
     return Quantizer(
-        t.name, _quantize, version="v1", min_bits=1, min_bits_symmetric=1,
+        t.name,
+        _quantize,
+        version="v1",
+        min_bits=1,
+        min_bits_symmetric=1,
         fixed=(("bits", t.bits), ("group_size", t.block), ("symmetric", t.symmetric)),
         storage_bits=lambda fmt, in_features, t=t: t.bits_per_weight,
         uses_importance=True,

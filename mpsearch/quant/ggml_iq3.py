@@ -16,6 +16,7 @@ once more at that fit's scale. The error weights are llama.cpp's: with an imatri
 ``max(scale) / 31`` (llama.cpp takes that times 1.033) by the weighted error of the
 rounded 4-bit scales.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,11 @@ def _nearest(cross: torch.Tensor, wg2: torch.Tensor, scale: torch.Tensor) -> tor
     return torch.addcmul(cross, scale.unsqueeze(-1), wg2, value=-0.5).argmax(-1)
 
 
-def _fit(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, grid: torch.Tensor = GRID) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum w a q`` and ``sum w q^2`` per sub-block for the chosen points (``a, w: [M, 8, 4]``; ``grid`` on their device)."""
+def _fit(
+    a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, grid: torch.Tensor = GRID
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum w a q`` and ``sum w q^2`` per sub-block for the chosen points (``a, w: [M, 8, 4]``; ``grid`` on their
+    device)."""
     q = grid[idx]
     return (w * a * q).sum((1, 2)), (w * q * q).sum((1, 2))
 
@@ -76,7 +80,9 @@ def encode(x: torch.Tensor, imp: torch.Tensor | None) -> Codes:
         best = torch.where(better, score, best)
         idx = torch.where(better.unsqueeze(-1), trial, idx)
         scale = torch.where(better, sqx / sq2.clamp_min(1e-30), scale)
-    again = _nearest(cross, wg2, torch.where(scale > 0, scale, safe / 15).unsqueeze(-1))  # once more at the fitted scale
+    again = _nearest(
+        cross, wg2, torch.where(scale > 0, scale, safe / 15).unsqueeze(-1)
+    )  # once more at the fitted scale
     sqx, sq2 = _fit(a, w, again, grid)
     score = torch.where(sq2 > 0, sqx * sqx / sq2.clamp_min(1e-30), torch.zeros_like(sq2))
     better = score > best
@@ -95,7 +101,12 @@ def encode(x: torch.Tensor, imp: torch.Tensor | None) -> Codes:
     pick = err.argmin(1, keepdim=True)
     d16 = torch.gather(d, 1, pick).squeeze(1).to(torch.float16)
     lev = torch.gather(lev, 1, pick.unsqueeze(-1).expand(-1, 1, 8)).squeeze(1)
-    return {"d": d16, "l": lev.to(torch.int16), "idx": idx.reshape(n, 64).to(torch.int16), "neg": (x < 0).reshape(n, 256)}
+    return {
+        "d": d16,
+        "l": lev.to(torch.int16),
+        "idx": idx.reshape(n, 64).to(torch.int16),
+        "neg": (x < 0).reshape(n, 256),
+    }
 
 
 def decode(c: Codes) -> torch.Tensor:

@@ -7,6 +7,7 @@ for the codes each candidate rounds to, keep the candidate with the lowest weigh
 squared error. All arguments are ``[blocks, block_len]`` float32 tensors; ``w`` is the
 per-element weight of the error (``>= 0``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,9 @@ def signed_absmax(x: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, x.abs().argmax(-1, keepdim=True))
 
 
-def symmetric(x: torch.Tensor, w: torch.Tensor, nmax: int, lo: int, hi: int, steps: int = 9, step: float = 0.1) -> torch.Tensor:
+def symmetric(
+    x: torch.Tensor, w: torch.Tensor, nmax: int, lo: int, hi: int, steps: int = 9, step: float = 0.1
+) -> torch.Tensor:
     """Scale per block (``[N, 1]``, signed) for codes in ``[lo, hi]``; codes are then
     ``round(x / scale)``. Candidates ``-(nmax + step*k) / signed_absmax`` for ``|k| <= steps``."""
     mx = signed_absmax(x)
@@ -47,7 +50,9 @@ def _best_scale(sumqx: torch.Tensor, sumq2: torch.Tensor, mx: torch.Tensor) -> t
     return torch.where(mx[:, 0] == 0, torch.zeros_like(scale), scale).unsqueeze(-1)
 
 
-def asymmetric(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[torch.Tensor, torch.Tensor]:
+def asymmetric(
+    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (``>= 0``) and min (``<= 0``) per block, ``[N, 1]`` each, for codes in
     ``[0, nmax]``: ``x ~ scale * l + min``. Each candidate's codes get the weighted
     least-squares scale and min (min clamped to ``<= 0``, as llama.cpp does)."""
@@ -55,7 +60,9 @@ def asymmetric(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     mx = x.amax(-1, keepdim=True)
     rng = mx - mn
     safe = torch.where(rng > 0, rng, torch.ones_like(rng))
-    ks = torch.cat([torch.zeros(1, device=x.device), rmin + rdelta * torch.arange(nstep + 1, dtype=torch.float32, device=x.device)]).view(-1, 1, 1)
+    ks = torch.cat(
+        [torch.zeros(1, device=x.device), rmin + rdelta * torch.arange(nstep + 1, dtype=torch.float32, device=x.device)]
+    ).view(-1, 1, 1)
     iscale = (nmax + ks) / safe  # candidate 0 is the naive nmax / range
     l = ((x - mn) * iscale).round().clamp(0, nmax)  # [K, N, B]
     sw, sx = w.sum(-1), (w * x).sum(-1)

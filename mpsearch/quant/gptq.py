@@ -19,6 +19,7 @@ calibration windows of the unquantized model, so every tensor is quantized on it
 (no sequential pass through already-quantized layers: the proxy tables need each
 (tensor, format) independently); a plan keeps the matrices of its GPTQ tensors.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,7 +35,7 @@ def _group_params(x: torch.Tensor, fmt: Format, imp: torch.Tensor | None = None)
     ``imp`` (the columns' importance), the range shrink of :data:`CLIP_RATIOS` with the
     least importance-weighted rounding error, as the ``clip`` quantizer chooses it."""
     best, best_err = None, None
-    for r in (CLIP_RATIOS if imp is not None else (1.0,)):
+    for r in CLIP_RATIOS if imp is not None else (1.0,):
         if fmt.symmetric:
             qmax = 2 ** (fmt.bits - 1) - 1
             amax = x.abs().amax(-1, keepdim=True) * r
@@ -71,7 +72,9 @@ def quantize_gptq(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None 
         raise FormatError(f"group size {fmt.group_size} does not divide the input dimension {in_f}")
     if importance is None or importance.shape != (in_f, in_f):
         got = "none" if importance is None else tuple(importance.shape)
-        raise FormatError(f"gptq needs the layer input's Gram matrix X^T X / n of shape ({in_f}, {in_f}) as its importance, got {got}")
+        raise FormatError(
+            f"gptq needs the layer input's Gram matrix X^T X / n of shape ({in_f}, {in_f}) as its importance, got {got}"
+        )
     p = dict(fmt.params)
     act_order, damp, block = bool(p.get("act_order", True)), float(p.get("damp", 0.01)), int(p.get("block", 128))
     clip = bool(p.get("clip", True))
@@ -83,8 +86,8 @@ def quantize_gptq(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None 
     W[:, dead] = 0.0
     # group parameters: static (from the original weights) with act_order, else set as each group starts
     diag = torch.diag(H).float()
-    imp = (lambda j: diag[j:j + g]) if clip else (lambda j: None)
-    static = [_group_params(W[:, j:j + g].float(), fmt, imp(j)) for j in range(0, in_f, g)] if act_order else None
+    imp = (lambda j: diag[j : j + g]) if clip else (lambda j: None)
+    static = [_group_params(W[:, j : j + g].float(), fmt, imp(j)) for j in range(0, in_f, g)] if act_order else None
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype, device=H.device)
@@ -102,11 +105,11 @@ def quantize_gptq(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None 
             if act_order:
                 params = static[col // g]
             elif col % g == 0:  # as the reference implementation: the group's columns as they stand before this block
-                params = _group_params(W[:, i1 + i:i1 + i + g], fmt, imp(col))
-            q = _round(W1[:, i:i + 1], *params, fmt).squeeze(1)
+                params = _group_params(W[:, i1 + i : i1 + i + g], fmt, imp(col))
+            q = _round(W1[:, i : i + 1], *params, fmt).squeeze(1)
             Q[:, i1 + i] = q
             err = (W1[:, i] - q) / Hinv[i1 + i, i1 + i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv[i1 + i, i1 + i:i2].unsqueeze(0)
+            W1[:, i:] -= err.unsqueeze(1) * Hinv[i1 + i, i1 + i : i2].unsqueeze(0)
             Err[:, i] = err
         W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
         W[:, i1:i2] = W1
@@ -127,13 +130,23 @@ def check_gptq_params(p: dict) -> None:
             raise FormatError(f"gptq: {k} must be true or false, got {p[k]!r}")
     d = p.get("damp", 0.01)
     if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= MAX_DAMP:
-        raise FormatError(f"gptq: damp (a fraction of H's mean diagonal) must be a number in (0, {MAX_DAMP:g}], got {d!r}")
+        raise FormatError(
+            f"gptq: damp (a fraction of H's mean diagonal) must be a number in (0, {MAX_DAMP:g}], got {d!r}"
+        )
     b = p.get("block", 128)
     if isinstance(b, bool) or not isinstance(b, int) or b < 1:
         raise FormatError(f"gptq: block (columns per lazy update) must be a whole number >= 1, got {b!r}")
 
 
-GPTQ = register("quantizer", "gptq")(Quantizer(
-    "gptq", quantize_gptq, version="v2", params=("act_order", "damp", "block", "clip"), uses_importance=True, importance_kind="gram",
-    check_params=check_gptq_params,
-    about="GPTQ (column-wise error feedback through the inverse Gram matrix); layout and cost as uniform"))
+GPTQ = register("quantizer", "gptq")(
+    Quantizer(
+        "gptq",
+        quantize_gptq,
+        version="v2",
+        params=("act_order", "damp", "block", "clip"),
+        uses_importance=True,
+        importance_kind="gram",
+        check_params=check_gptq_params,
+        about="GPTQ (column-wise error feedback through the inverse Gram matrix); layout and cost as uniform",
+    )
+)

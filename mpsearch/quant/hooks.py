@@ -11,6 +11,7 @@
 Every site counts its quantization kernel (nonzero elements that round to zero), so
 :meth:`RuntimeHooks.kernel_proportions` reports CrossQuant's measure per layer.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,9 +31,11 @@ def calib_key(module: str, target: str, fmt: Format, name: str) -> str:
     return f"{module}/{target}/{fmt.key}/{name}"
 
 
-def calib_for(calibration: dict[str, torch.Tensor] | None, module: str, target: str, fmt: Format) -> dict[str, torch.Tensor] | None:
+def calib_for(
+    calibration: dict[str, torch.Tensor] | None, module: str, target: str, fmt: Format
+) -> dict[str, torch.Tensor] | None:
     prefix = f"{module}/{target}/{fmt.key}/"
-    out = {k[len(prefix):]: v for k, v in (calibration or {}).items() if k.startswith(prefix)}
+    out = {k[len(prefix) :]: v for k, v in (calibration or {}).items() if k.startswith(prefix)}
     return out or None
 
 
@@ -54,7 +57,9 @@ def attention_of(model: nn.Module, proj: str) -> tuple[str, nn.Module]:
     parent = proj.rpartition(".")[0]
     mod = dict(model.named_modules()).get(parent)
     if mod is None or not isinstance(getattr(mod, "head_dim", None), int):
-        raise ValueError(f"{proj}: its parent {parent!r} is not an attention module with a head_dim (Llama/Gemma-style)")
+        raise ValueError(
+            f"{proj}: its parent {parent!r} is not an attention module with a head_dim (Llama/Gemma-style)"
+        )
     return parent, mod
 
 
@@ -90,8 +95,14 @@ class RuntimeHooks:
                 parent, attn = attention_of(self.model, name)
                 if parent not in attentions:
                     attentions.add(parent)
-                    self._handles.append(attn.register_forward_pre_hook(self._position_hook(parent, attn), with_kwargs=True))
-                self._handles.append(modules[name].register_forward_hook(self._cache_hook(name, target, fmt, calib, parent, attn.head_dim)))
+                    self._handles.append(
+                        attn.register_forward_pre_hook(self._position_hook(parent, attn), with_kwargs=True)
+                    )
+                self._handles.append(
+                    modules[name].register_forward_hook(
+                        self._cache_hook(name, target, fmt, calib, parent, attn.head_dim)
+                    )
+                )
 
     def remove(self) -> None:
         for h in self._handles:
@@ -116,12 +127,16 @@ class RuntimeHooks:
             q = quantize_site(x, fmt, calib, "input")
             self._count((name, "input"), x, q)
             return (q, *args[1:])
+
         return hook
 
     def _position_hook(self, parent: str, attn: nn.Module):
         def hook(module, args, kwargs):
-            cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None), None)
+            cache = next(
+                (kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None), None
+            )
             self._start[parent] = int(cache.get_seq_length(attn.layer_idx)) if cache is not None else 0
+
         return hook
 
     def _cache_hook(self, name: str, target: str, fmt: Format, calib, parent: str, head_dim: int):
@@ -129,4 +144,5 @@ class RuntimeHooks:
             q = quantize_site(out, fmt, calib, target, head_dim, self._start.get(parent, 0))
             self._count((name, target), out, q)
             return q
+
         return hook

@@ -23,6 +23,7 @@ Storage counts everything: the codes, every scale and zero, the per-channel cali
 the codebook, each outlier's value and index, and the fp16 sink tokens
 (:func:`storage_bits`; bits per element = that / (tokens x width)).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,7 @@ def group_len(fmt: Format, head_dim: int) -> int:
 def _levels(fmt: Format, calib, device=None) -> torch.Tensor:
     if calib is not None and "codebook" in calib:
         return calib["codebook"].to(device=device, dtype=torch.float32)
-    return torch.linspace(-1.0, 1.0, 2 ** fmt.bits, device=device)
+    return torch.linspace(-1.0, 1.0, 2**fmt.bits, device=device)
 
 
 def _snap(z: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -62,7 +63,7 @@ def _snap(z: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 
 
 #: smallest stored half-range: fp16's smallest normal number (a constant channel or group needs any positive one)
-MIN_HALF = 2.0 ** -14
+MIN_HALF = 2.0**-14
 
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:
@@ -78,12 +79,14 @@ def _top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- naive per-token
-def quantize_kvtok(x: torch.Tensor, fmt: Format, calib=None, head_dim: int = 64, target: str = "v_cache") -> torch.Tensor:
+def quantize_kvtok(
+    x: torch.Tensor, fmt: Format, calib=None, head_dim: int = 64, target: str = "v_cache"
+) -> torch.Tensor:
     g = group_len(fmt, head_dim)
     r = x.reshape(-1, x.shape[-1] // g, g).to(torch.float32)
     lo, hi = _fp16(r.amin(-1, keepdim=True)), r.amax(-1, keepdim=True)
-    scale = _fp16((hi - lo) / (2 ** fmt.bits - 1)).clamp_min(MIN_HALF)
-    q = ((r - lo) / scale).round().clamp(0, 2 ** fmt.bits - 1) * scale + lo
+    scale = _fp16((hi - lo) / (2**fmt.bits - 1)).clamp_min(MIN_HALF)
+    q = ((r - lo) / scale).round().clamp(0, 2**fmt.bits - 1) * scale + lo
     return q.reshape(x.shape).to(x.dtype)
 
 
@@ -109,7 +112,9 @@ def _normalise(x: torch.Tensor, fmt: Format, calib, head_dim: int, target: str):
     return (r - mid) / half, mid, half, mask, r
 
 
-def quantize_kvquant(x: torch.Tensor, fmt: Format, calib=None, head_dim: int = 64, target: str = "v_cache") -> torch.Tensor:
+def quantize_kvquant(
+    x: torch.Tensor, fmt: Format, calib=None, head_dim: int = 64, target: str = "v_cache"
+) -> torch.Tensor:
     z, mid, half, mask, r = _normalise(x, fmt, calib, head_dim, target)
     q = torch.where(mask, _fp16(r), _snap(z, _levels(fmt, calib, z.device)) * half + mid)
     return q.reshape(x.shape).to(x.dtype)
@@ -130,7 +135,9 @@ def weighted_kmeans(z: torch.Tensor, w: torch.Tensor, k: int, iters: int = KMEAN
     return _fp16(c.sort().values)
 
 
-def calibrate_kvquant(x: torch.Tensor, g: torch.Tensor | None, fmt: Format, head_dim: int = 64, target: str = "v_cache") -> dict:
+def calibrate_kvquant(
+    x: torch.Tensor, g: torch.Tensor | None, fmt: Format, head_dim: int = 64, target: str = "v_cache"
+) -> dict:
     """Keys: each channel's centre and half-range between the ``outliers/2`` and ``1 - outliers/2``
     quantiles. With ``nuq``: the codebook, k-means of the normalised calibration values weighted by
     their squared gradients (uniform weights without gradients)."""
@@ -144,8 +151,12 @@ def calibrate_kvquant(x: torch.Tensor, g: torch.Tensor | None, fmt: Format, head
     if _p(fmt, "nuq", False):
         z, _, _, mask, _ = _normalise(x, fmt, out, head_dim, target)
         keep = ~mask.reshape(-1)
-        w = (g.reshape(-1).to(device=z.device, dtype=torch.float32) ** 2) if g is not None else torch.ones(z.numel(), device=z.device)
-        out["codebook"] = weighted_kmeans(z.reshape(-1)[keep].clamp(-1, 1), w[keep], 2 ** fmt.bits)
+        w = (
+            (g.reshape(-1).to(device=z.device, dtype=torch.float32) ** 2)
+            if g is not None
+            else torch.ones(z.numel(), device=z.device)
+        )
+        out["codebook"] = weighted_kmeans(z.reshape(-1)[keep].clamp(-1, 1), w[keep], 2**fmt.bits)
     return out
 
 
@@ -162,7 +173,7 @@ def storage_bits(fmt: Format, target: str, tokens: int, width: int, head_dim: in
     n = tokens - sinks
     total = sinks * width * 16 + n * width * fmt.bits
     if _p(fmt, "nuq", False):
-        total += 2 ** fmt.bits * VALUE_BITS
+        total += 2**fmt.bits * VALUE_BITS
     if target == "k_cache":
         total += width * 2 * SCALE_BITS + n * math.ceil(p * width) * (VALUE_BITS + INDEX_BITS)
     else:
@@ -193,7 +204,8 @@ class KVQuantizer(TargetQuantizer):
             raise FormatError(f"{self.name}: nuq must be true or false")
 
     def needs_calibration(self, fmt: Format, target: str | None = None) -> bool:
-        """KVQuant calibrates the keys' per-channel ranges, and a codebook where ``nuq``; values without one need nothing."""
+        """KVQuant calibrates the keys' per-channel ranges, and a codebook where ``nuq``; values without one need
+        nothing."""
         if fmt.is_full or self.name != "kvquant":
             return False
         return target != "v_cache" or bool(_p(fmt, "nuq", False))
@@ -202,7 +214,11 @@ class KVQuantizer(TargetQuantizer):
         return width % group_len(fmt, head_dim) == 0
 
     def default_fields(self) -> dict:
-        return {"group_size": PER_CHANNEL, "symmetric": False, "params": KVQUANT_DEFAULTS if self.name == "kvquant" else ()}
+        return {
+            "group_size": PER_CHANNEL,
+            "symmetric": False,
+            "params": KVQUANT_DEFAULTS if self.name == "kvquant" else (),
+        }
 
     def key(self, fmt: Format) -> str:
         defaults = dict(self.default_fields()["params"])
@@ -213,10 +229,26 @@ class KVQuantizer(TargetQuantizer):
         return f"{self.name}{fmt.bits}{g}" + (f"[{extra}]" if extra else "")
 
 
-KVTOK = register("quantizer", "kvtok")(KVQuantizer(
-    "kvtok", quantize_kvtok, min_bits=2, targets=("k_cache", "v_cache"),
-    about="KV cache: naive per-token uniform, fp16 min and scale per head"))
-KVQUANT = register("quantizer", "kvquant")(KVQuantizer(
-    "kvquant", quantize_kvquant, params=("nuq", "outliers", "sinks"), min_bits=2, targets=("k_cache", "v_cache"),
-    calibrate=calibrate_kvquant, wants_grads=True, storage=storage_bits,
-    about="KV cache: KVQuant, pre-RoPE per-channel keys, per-token values, Fisher-weighted nuq codebook, 1% outliers, fp16 sink"))
+KVTOK = register("quantizer", "kvtok")(
+    KVQuantizer(
+        "kvtok",
+        quantize_kvtok,
+        min_bits=2,
+        targets=("k_cache", "v_cache"),
+        about="KV cache: naive per-token uniform, fp16 min and scale per head",
+    )
+)
+KVQUANT = register("quantizer", "kvquant")(
+    KVQuantizer(
+        "kvquant",
+        quantize_kvquant,
+        params=("nuq", "outliers", "sinks"),
+        min_bits=2,
+        targets=("k_cache", "v_cache"),
+        calibrate=calibrate_kvquant,
+        wants_grads=True,
+        storage=storage_bits,
+        about="KV cache: KVQuant, pre-RoPE per-channel keys, per-token values, Fisher-weighted nuq codebook, 1% "
+        "outliers, fp16 sink",
+    )
+)

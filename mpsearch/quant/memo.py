@@ -11,6 +11,7 @@ One memo belongs to one model (a search session): the key is the tensor's name, 
 format's identity (key, params, quantizer version) and a digest of the importance the
 quantizer read, not the weights themselves.
 """
+
 from __future__ import annotations
 
 import hashlib

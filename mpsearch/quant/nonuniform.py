@@ -17,13 +17,14 @@ on these models).
 
 Searches (base, exponent, codebook) minimise the importance-weighted squared error.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-from ..core.format import Format, FormatError
+from ..core.format import Format
 from ..core.registry import register
 from .ggml_search import nearest
 from .quantizer import SCALE_BITS, Quantizer, groups_of
@@ -137,16 +138,43 @@ def _codebook(fmt: Format, in_features: int) -> float:
 
 
 def _symmetric(name: str, fn, about: str, searched: bool) -> Quantizer:
-    return register("quantizer", name)(Quantizer(
-        name, fn, version="v1", min_bits=2, min_bits_symmetric=2, fixed=(("symmetric", True),), params=("outliers",),
-        storage_bits=_scaled, uses_importance=searched, about=about))
+    return register("quantizer", name)(
+        Quantizer(
+            name,
+            fn,
+            version="v1",
+            min_bits=2,
+            min_bits_symmetric=2,
+            fixed=(("symmetric", True),),
+            params=("outliers",),
+            storage_bits=_scaled,
+            uses_importance=searched,
+            about=about,
+        )
+    )
 
 
 NF = _symmetric("nf", quantize_nf, "NormalFloat levels (QLoRA's NF4 at 4 bits), fp16 absmax scale per group", False)
-LOG = _symmetric("log", quantize_log, "zero and +-base^-k, base searched per tensor (AdaLog), fp16 absmax scale per group", True)
-POST = _symmetric("post", quantize_post, "zero and +-sqrt(2)^-k look-up table (POST), fp16 absmax scale per group", False)
-NUPES = _symmetric("nupes", quantize_nupes, "uniform grid raised to a searched power (NUPES), fp16 absmax scale per group", True)
-KMEANS = register("quantizer", "kmeans")(Quantizer(
-    "kmeans", quantize_kmeans, version="v1", min_bits=1, min_bits_symmetric=1, fixed=(("symmetric", True),), params=("outliers",),
-    storage_bits=_codebook, uses_importance=True,
-    about="importance-weighted Lloyd-Max codebook of 2^bits fp16 values per group (per row: SqueezeLLM-style)"))
+LOG = _symmetric(
+    "log", quantize_log, "zero and +-base^-k, base searched per tensor (AdaLog), fp16 absmax scale per group", True
+)
+POST = _symmetric(
+    "post", quantize_post, "zero and +-sqrt(2)^-k look-up table (POST), fp16 absmax scale per group", False
+)
+NUPES = _symmetric(
+    "nupes", quantize_nupes, "uniform grid raised to a searched power (NUPES), fp16 absmax scale per group", True
+)
+KMEANS = register("quantizer", "kmeans")(
+    Quantizer(
+        "kmeans",
+        quantize_kmeans,
+        version="v1",
+        min_bits=1,
+        min_bits_symmetric=1,
+        fixed=(("symmetric", True),),
+        params=("outliers",),
+        storage_bits=_codebook,
+        uses_importance=True,
+        about="importance-weighted Lloyd-Max codebook of 2^bits fp16 values per group (per row: SqueezeLLM-style)",
+    )
+)

@@ -9,6 +9,7 @@ group's range, goes to the base quantizer. Cost added per weight: ``fraction * (
 pointer per row). Any quantizer that lists ``outliers`` in its params takes it; the
 format key gets ``+o<percent>``: ``u3g64a+o0.5``.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,11 @@ def suffix(fmt: Format) -> str:
 def dense_and_sparse(fn: Callable, w: torch.Tensor, fmt: Format, importance: torch.Tensor | None) -> torch.Tensor:
     """``fn`` on the dense part; the outliers back at their fp16 values."""
     x = w.detach().to(torch.float32)
-    sal = x.abs() if importance is None else x.abs() * importance.detach().to(x.device).float().clamp_min(0).sqrt().reshape(1, -1)
+    sal = (
+        x.abs()
+        if importance is None
+        else x.abs() * importance.detach().to(x.device).float().clamp_min(0).sqrt().reshape(1, -1)
+    )
     k = min(x.numel(), math.ceil(fraction(fmt) * x.numel()))
     mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
     mask[sal.reshape(-1).topk(k).indices] = True

@@ -9,6 +9,7 @@ super-block scales, codebooks), so budgets and reports read the cost from the on
 place that knows it. ``version`` is part of every cache key that depends on
 quantized values: bump it when the rounding changes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,7 +70,10 @@ class Quantizer:
         for field_name, value in self.fixed:
             if getattr(fmt, field_name) != value:
                 want = ", ".join(f"{k}={v!r}" for k, v in self.fixed)
-                raise FormatError(f"quantizer {self.name!r} has a fixed layout ({want}); got {field_name}={getattr(fmt, field_name)!r}")
+                raise FormatError(
+                    f"quantizer {self.name!r} has a fixed layout ({want}); got "
+                    f"{field_name}={getattr(fmt, field_name)!r}"
+                )
         outliers.check(fmt)
         if self.check_params is not None:
             self.check_params(dict(fmt.params))
@@ -163,7 +167,9 @@ class TargetQuantizer(Quantizer):
         return {"group_size": PER_CHANNEL, "symmetric": True}
 
 
-def groups_of(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def groups_of(
+    w: torch.Tensor, fmt: Format, importance: torch.Tensor | None, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``w [out, in]`` as float32 groups ``[out, in/g, g]`` and the importance broadcast to
     them (ones without one); errors name the quantizer and what does not fit."""
     if w.dim() != 2:

@@ -1,9 +1,10 @@
 """Round-to-nearest uniform quantization with per-group scale and zero point."""
+
 from __future__ import annotations
 
 import torch
 
-from ..core.format import Format, FormatError
+from ..core.format import Format
 from ..core.registry import register
 from .quantizer import Quantizer, groups_of
 
@@ -30,11 +31,19 @@ def quantize_none(w: torch.Tensor, fmt: Format, importance: torch.Tensor | None 
     return w.detach().clone()
 
 
-UNIFORM = register("quantizer", "uniform")(Quantizer(
-    "uniform", quantize_uniform, version="v1", params=("outliers",),
-    about="round-to-nearest, per-group fp16 scale (and fp16 zero point when asymmetric)"))
+UNIFORM = register("quantizer", "uniform")(
+    Quantizer(
+        "uniform",
+        quantize_uniform,
+        version="v1",
+        params=("outliers",),
+        about="round-to-nearest, per-group fp16 scale (and fp16 zero point when asymmetric)",
+    )
+)
 #: the unquantized format is 16 bits: ``{"quantizer": "none", "bits": 3}`` would cost 3.5 bits and store 16
-NONE = register("quantizer", "none")(Quantizer("none", quantize_none, fixed=(("bits", 16),), about="unquantized (fp16 storage)"))
+NONE = register("quantizer", "none")(
+    Quantizer("none", quantize_none, fixed=(("bits", 16),), about="unquantized (fp16 storage)")
+)
 
 
 #: shrink factors of each group's range the clipping search tries
@@ -63,7 +72,13 @@ def _rtn_groups(x: torch.Tensor, fmt: Format, ratio: float) -> torch.Tensor:
     """RTN of groups ``x [.., g]`` with the range shrunk by ``ratio``."""
     if fmt.symmetric:
         qmax = 2 ** (fmt.bits - 1) - 1
-        scale = fp16_round(torch.where(x.abs().amax(-1, keepdim=True) > 0, x.abs().amax(-1, keepdim=True) * ratio / qmax, torch.ones(1, device=x.device)))
+        scale = fp16_round(
+            torch.where(
+                x.abs().amax(-1, keepdim=True) > 0,
+                x.abs().amax(-1, keepdim=True) * ratio / qmax,
+                torch.ones(1, device=x.device),
+            )
+        )
         return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
     qmax = 2**fmt.bits - 1
     lo, hi = x.amin(-1, keepdim=True) * ratio, x.amax(-1, keepdim=True) * ratio
@@ -72,6 +87,13 @@ def _rtn_groups(x: torch.Tensor, fmt: Format, ratio: float) -> torch.Tensor:
     return torch.clamp(torch.round((x - lo) / scale), 0, qmax) * scale + lo
 
 
-CLIP = register("quantizer", "clip")(Quantizer(
-    "clip", quantize_clip, version="v1", params=("outliers",), uses_importance=True,
-    about="round-to-nearest with an importance-weighted clipping search per group; layout and cost as uniform"))
+CLIP = register("quantizer", "clip")(
+    Quantizer(
+        "clip",
+        quantize_clip,
+        version="v1",
+        params=("outliers",),
+        uses_importance=True,
+        about="round-to-nearest with an importance-weighted clipping search per group; layout and cost as uniform",
+    )
+)

@@ -1,5 +1,6 @@
 """``SearchConfig``: everything a search needs, checked before the model loads, and its JSON form
 (what a study stores so that a worker elsewhere opens the same session)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -96,18 +97,48 @@ class SearchConfig:
             raise ValueError("give at least one proxy")
         if not self.budgets:
             raise ValueError("give at least one budget")
-        for name in ("calib_chunks", "gram_chunks", "eval_chunks", "calib_seq_len", "eval_seq_len", "threads", "hessian_probes", "hessian_sequences", "seed",
-                     "refine", "refine_chunks", "refine_seq_len", "memo_mb", "task_items", "task_context"):
+        for name in (
+            "calib_chunks",
+            "gram_chunks",
+            "eval_chunks",
+            "calib_seq_len",
+            "eval_seq_len",
+            "threads",
+            "hessian_probes",
+            "hessian_sequences",
+            "seed",
+            "refine",
+            "refine_chunks",
+            "refine_seq_len",
+            "memo_mb",
+            "task_items",
+            "task_context",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ValueError(f"{name} must be an integer, got {v!r}")
-        for name, least in (("calib_chunks", 1), ("gram_chunks", 1), ("eval_chunks", 1), ("calib_seq_len", 2), ("eval_seq_len", 2), ("refine", 0),
-                            ("refine_chunks", 1), ("refine_seq_len", 2), ("memo_mb", 0), ("task_items", 2), ("task_context", 8)):
+        for name, least in (
+            ("calib_chunks", 1),
+            ("gram_chunks", 1),
+            ("eval_chunks", 1),
+            ("calib_seq_len", 2),
+            ("eval_seq_len", 2),
+            ("refine", 0),
+            ("refine_chunks", 1),
+            ("refine_seq_len", 2),
+            ("memo_mb", 0),
+            ("task_items", 2),
+            ("task_context", 8),
+        ):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if not isinstance(self.checkpoint_every, (int, float)) or isinstance(self.checkpoint_every, bool) or not self.checkpoint_every >= 0:
+        if (
+            not isinstance(self.checkpoint_every, (int, float))
+            or isinstance(self.checkpoint_every, bool)
+            or not self.checkpoint_every >= 0
+        ):
             raise ValueError(f"checkpoint_every must be a number of seconds >= 0, got {self.checkpoint_every!r}")
         from ..core.device import check_device_spec
 
@@ -117,7 +148,10 @@ class SearchConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
         if self.decode > 32 and self.decode % 32:
-            raise ValueError(f"decode must be at most 32 or a multiple of 32 (blocks of 32 decoded tokens are the bootstrap windows), got {self.decode}")
+            raise ValueError(
+                "decode must be at most 32 or a multiple of 32 (blocks of 32 decoded tokens are the bootstrap "
+                f"windows), got {self.decode}"
+            )
         if self.context and self.decode >= self.context:
             raise ValueError(f"decode ({self.decode}) must be shorter than the context ({self.context})")
         if not isinstance(self.act_bits, (int, float)) or not 0 <= self.act_bits <= 16:
@@ -126,13 +160,18 @@ class SearchConfig:
         if not self.allocations or bad:
             raise ValueError(f"allocations must be some of 'joint', 'separate'; got {list(self.allocations)}")
         if self.hessian_probes < 1 or self.hessian_sequences < 0:
-            raise ValueError(f"hessian_probes must be >= 1 and hessian_sequences >= 0, got {self.hessian_probes}, {self.hessian_sequences}")
+            raise ValueError(
+                f"hessian_probes must be >= 1 and hessian_sequences >= 0, got {self.hessian_probes}, "
+                f"{self.hessian_sequences}"
+            )
         if not isinstance(self.imatrix, bool):
             raise ValueError(f"imatrix must be true or false, got {self.imatrix!r}")
         if self.bos not in BOS_CHOICES:
             raise ValueError(f"bos must be one of {', '.join(BOS_CHOICES)}, got {self.bos!r}")
         if self.calibration == self.evaluation:
-            raise ValueError(f"calibration and evaluation data are both {self.calibration!r}: never evaluate on calibration text")
+            raise ValueError(
+                f"calibration and evaluation data are both {self.calibration!r}: never evaluate on calibration text"
+            )
         from ..models.loader import WITH_DATA
 
         if self.model in WITH_DATA and (self.calibration, self.evaluation) != (DEFAULT_CALIBRATION, DEFAULT_EVALUATION):
@@ -141,9 +180,9 @@ class SearchConfig:
 
     def check(self) -> None:
         """Budgets, solver, proxies, search space and rules resolve (no model needed)."""
+        from ..core.space import SearchSpace
         from ..cost import parse_budget_text
         from ..proxies import load_proxy
-        from ..core.space import SearchSpace
 
         for b in self.budgets:
             parse_budget_text(b)
@@ -154,7 +193,9 @@ class SearchConfig:
         for c in self.constraints:
             ConstraintSpec.parse(c)
         if self.constraints and not getattr(solver, "supports_constraints", False):
-            raise ValueError(f"solver {self.solver!r} takes one budget; --constraint needs one that takes several (milp, brute)")
+            raise ValueError(
+                f"solver {self.solver!r} takes one budget; --constraint needs one that takes several (milp, brute)"
+            )
         if self.hardware != "local":
             load_hardware(self.hardware)
         load_hardware(self.energy_table)
@@ -165,24 +206,38 @@ class SearchConfig:
             from .joint import check_config
 
             if self.constraints:
-                raise ValueError(f"search space {space.name!r} decides layer inputs / the KV cache too; --constraint is not "
-                                 "implemented for the joint problem yet (use --budget, or a weights-only space)")
+                raise ValueError(
+                    f"search space {space.name!r} decides layer inputs / the KV cache too; --constraint is not "
+                    "implemented for the joint problem yet (use --budget, or a weights-only space)"
+                )
             check_config(self, space)
         elif self.context or self.act_bits or self.input_min_bits:
-            raise ValueError(f"search space {space.name!r} decides weights only: --context, --act-bits and --input-min-bits "
-                             "need a space with [input] or [kv_cache] (e.g. llama_wa, llama_wkv, llama_wakv)")
+            raise ValueError(
+                f"search space {space.name!r} decides weights only: --context, --act-bits and --input-min-bits "
+                "need a space with [input] or [kv_cache] (e.g. llama_wa, llama_wkv, llama_wakv)"
+            )
         if not self.imatrix:
             for f in space.candidate_formats() + [r.pin for r in space.rules if r.pin is not None]:
                 if get_quantizer(f.quantizer).importance_kind == "gram":
-                    raise ValueError(f"search space {space.source or space.name}: it offers {f.key}, which needs each layer input's "
-                                     "Gram matrix from the calibration data; imatrix=False (--no-imatrix) turns that off")
+                    raise ValueError(
+                        f"search space {space.source or space.name}: it offers {f.key}, which needs each layer input's "
+                        "Gram matrix from the calibration data; imatrix=False (--no-imatrix) turns that off"
+                    )
 
 
 def config_to_dict(cfg: SearchConfig) -> dict:
     """JSON-able settings (what a study stores so that a worker elsewhere opens the same session)."""
     out = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
-    out["rules"] = [{"match": r.match, "pin": r.pin.key if r.pin is not None else None, "min_bits": r.min_bits,
-                     "max_bits": r.max_bits, "exclude": r.exclude} for r in cfg.rules]
+    out["rules"] = [
+        {
+            "match": r.match,
+            "pin": r.pin.key if r.pin is not None else None,
+            "min_bits": r.min_bits,
+            "max_bits": r.max_bits,
+            "exclude": r.exclude,
+        }
+        for r in cfg.rules
+    ]
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
@@ -191,8 +246,12 @@ def config_from_dict(d: dict, **overrides) -> SearchConfig:
     names = {f.name for f in fields(SearchConfig)}
     unknown = set(d) - names
     if unknown:
-        raise ValueError(f"search settings name unknown fields {sorted(unknown)} (written by another mpsearch version?)")
+        raise ValueError(
+            f"search settings name unknown fields {sorted(unknown)} (written by another mpsearch version?)"
+        )
     d = {k: tuple(v) if isinstance(v, list) else v for k, v in {**d, **overrides}.items()}
-    d["rules"] = tuple(Rule(r["match"], Format.parse(r["pin"]) if r["pin"] else None, r["min_bits"], r["max_bits"], r["exclude"])
-                       for r in d.get("rules", ()))
+    d["rules"] = tuple(
+        Rule(r["match"], Format.parse(r["pin"]) if r["pin"] else None, r["min_bits"], r["max_bits"], r["exclude"])
+        for r in d.get("rules", ())
+    )
     return SearchConfig(**d)

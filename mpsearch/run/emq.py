@@ -15,6 +15,7 @@ expressions are replaced by fresh random genomes every generation, plus a share 
 random immigrants. The run is saved after every generation (DEAP's pickling recipe) and
 resumes from there. The winner is written as an ordinary proxy file.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,10 +66,19 @@ def _plog(a):
 
 
 #: name -> (numpy function, expression-language template)
-UNARY = {"sqrt": (_psqrt, "sqrt(abs({0}))"), "log": (_plog, "log(abs({0}) + 1e-12)"), "square": (np.square, "square({0})"),
-         "abs": (np.abs, "abs({0})"), "neg": (operator.neg, "(-{0})")}
-BINARY = {"add": (operator.add, "({0} + {1})"), "sub": (operator.sub, "({0} - {1})"), "mul": (operator.mul, "({0} * {1})"),
-          "div": (_pdiv, "({0} / (abs({1}) + 1e-12))")}
+UNARY = {
+    "sqrt": (_psqrt, "sqrt(abs({0}))"),
+    "log": (_plog, "log(abs({0}) + 1e-12)"),
+    "square": (np.square, "square({0})"),
+    "abs": (np.abs, "abs({0})"),
+    "neg": (operator.neg, "(-{0})"),
+}
+BINARY = {
+    "add": (operator.add, "({0} + {1})"),
+    "sub": (operator.sub, "({0} - {1})"),
+    "mul": (operator.mul, "({0} * {1})"),
+    "div": (_pdiv, "({0} / (abs({1}) + 1e-12))"),
+}
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,7 @@ def _creator():
 
 def to_expression(tree) -> str:
     """The genome as expression-language text (terms spelled out), for an ordinary proxy file."""
+
     def build(i: int) -> tuple[str, int]:
         node = tree[i]
         if node.arity == 0:
@@ -133,8 +144,16 @@ class Problem:
     """The data a genome is scored on: the terms per (tensor, format), grouped into decision
     options, and the ground truth's plans as option indices with their measured KL."""
 
-    def __init__(self, terms: dict[str, np.ndarray], option_of_row: np.ndarray, n_options: list[int], choice: np.ndarray,
-                 kl: np.ndarray, plans: np.ndarray, tensor_of_row: np.ndarray) -> None:
+    def __init__(
+        self,
+        terms: dict[str, np.ndarray],
+        option_of_row: np.ndarray,
+        n_options: list[int],
+        choice: np.ndarray,
+        kl: np.ndarray,
+        plans: np.ndarray,
+        tensor_of_row: np.ndarray,
+    ) -> None:
         self.terms, self.option_of_row, self.n_options = terms, option_of_row, n_options
         self.offsets = _offsets(n_options)
         self.choice, self.kl, self.tensor_of_row = choice, kl, tensor_of_row
@@ -153,7 +172,15 @@ class Problem:
         option_of_row = _offsets(n_options)[dec] + first["option"].to_numpy()
         tensor_of_row = first["tensor"].astype("category").cat.codes.to_numpy()
         terms = {k: t["predicted"].to_numpy(dtype=np.float64) for k, t in tables.items()}
-        return cls(terms, option_of_row, n_options, choices(session, gt), gt["kl"].to_numpy(), gt["plan"].to_numpy(), tensor_of_row)
+        return cls(
+            terms,
+            option_of_row,
+            n_options,
+            choices(session, gt),
+            gt["kl"].to_numpy(),
+            gt["plan"].to_numpy(),
+            tensor_of_row,
+        )
 
     def values(self, fn) -> np.ndarray:
         with np.errstate(all="ignore"):
@@ -162,7 +189,7 @@ class Problem:
 
     def predictions(self, values: np.ndarray) -> np.ndarray:
         per_option = np.bincount(self.option_of_row, weights=values, minlength=sum(self.n_options))
-        losses = [per_option[o: o + n] for o, n in zip(self.offsets, self.n_options)]
+        losses = [per_option[o : o + n] for o, n in zip(self.offsets, self.n_options)]
         return plan_predictions(losses, self.choice)
 
     def screen(self, values: np.ndarray) -> str | None:
@@ -197,8 +224,13 @@ def _group_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return (np.bincount(groups, weights=values) / np.bincount(groups))[groups]
 
 
-def evolve(problem: Problem, cfg: GPConfig, checkpoint: str | Path | None = None, progress: bool = True,
-           stop_after: int | None = None) -> dict:
+def evolve(
+    problem: Problem,
+    cfg: GPConfig,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
     """Run (or resume) the GP; returns the best genome's expression, its train fitness and a log per generation.
     ``stop_after`` stops after that many generations of this call (as an interruption would)."""
     from deap import base, gp, tools
@@ -238,7 +270,13 @@ def evolve(problem: Problem, cfg: GPConfig, checkpoint: str | Path | None = None
     pop = state["population"]
     for ind in pop:
         score(ind)
-    bar = tqdm(total=cfg.generations, initial=state["generation"], desc="EMQ genetic programming", disable=not progress, unit="gen")
+    bar = tqdm(
+        total=cfg.generations,
+        initial=state["generation"],
+        desc="EMQ genetic programming",
+        disable=not progress,
+        unit="gen",
+    )
     stop = cfg.generations if stop_after is None else min(cfg.generations, state["generation"] + stop_after)
     while state["generation"] < stop:
         elite = tools.selBest(pop, 2)
@@ -261,17 +299,29 @@ def evolve(problem: Problem, cfg: GPConfig, checkpoint: str | Path | None = None
             score(ind)
         best = tools.selBest(pop, 1)[0]
         state["generation"] += 1
-        state["log"].append({"generation": state["generation"], "best": best.fitness.values[0],
-                             "median": float(np.median([i.fitness.values[0] for i in pop])), "expression": str(best),
-                             "valid": sum(i.fitness.values[0] > -1 for i in pop)})
+        state["log"].append(
+            {
+                "generation": state["generation"],
+                "best": best.fitness.values[0],
+                "median": float(np.median([i.fitness.values[0] for i in pop])),
+                "expression": str(best),
+                "valid": sum(i.fitness.values[0] > -1 for i in pop),
+            }
+        )
         state["population"] = pop
         state["random"] = random.getstate()
         _save(checkpoint, state)
         bar.update()
     bar.close()
     best = tools.selBest(pop, 1)[0]
-    return {"tree": str(best), "expression": to_expression(best), "train_spearman": best.fitness.values[0],
-            "log": state["log"], "rejected": rejected, "fn": gp.compile(best, pset)}
+    return {
+        "tree": str(best),
+        "expression": to_expression(best),
+        "train_spearman": best.fitness.values[0],
+        "log": state["log"],
+        "rejected": rejected,
+        "fn": gp.compile(best, pset),
+    }
 
 
 def _load(path, cfg: GPConfig) -> dict | None:
@@ -285,7 +335,9 @@ def _load(path, cfg: GPConfig) -> dict | None:
         log.warning("GP checkpoint %s unreadable (%s); starting over", path, e)
         return None
     if state.get("config") != asdict(cfg):
-        raise ValueError(f"GP checkpoint {path} was made with other settings {state.get('config')}; remove it or change --checkpoint")
+        raise ValueError(
+            f"GP checkpoint {path} was made with other settings {state.get('config')}; remove it or change --checkpoint"
+        )
     return state
 
 
@@ -305,9 +357,12 @@ def write_proxy(result: dict, path: str | Path, name: str = "emq_evolved", note:
     from ..proxies.proxy import Proxy
 
     Proxy.from_string(name, result["expression"])
-    body = (f'name = "{name}"\nexpression = "{result["expression"]}"\n'
-            f'description = """\\\nEvolved by genetic programming (mpsearch.run.emq, DEAP) over the expression language: \\\n'
-            f'tree {result["tree"]}; train Spearman {result["train_spearman"]:.3f}. {note}"""\n')
+    body = (
+        f'name = "{name}"\nexpression = "{result["expression"]}"\n'
+        'description = """\\\nEvolved by genetic programming (mpsearch.run.emq, DEAP) over the expression language: '
+        "\\\n"
+        f'tree {result["tree"]}; train Spearman {result["train_spearman"]:.3f}. {note}"""\n'
+    )
     path = Path(path)
     path.write_text(body)
     return path

@@ -14,6 +14,7 @@ Pareto plans (``enqueue_trial``), so it can only add to the proxy's front.
 - Plans outside the effective-bits window are never measured: they complete with a
   window violation (Optuna constraint), so NSGA-II ranks them below every plan inside.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,9 +88,16 @@ class Space:
                 raise ValueError(f"decision {d!r}: options must be ordered from cheapest to most expensive")
 
 
-def evolve(space: Space, measure: Measure, storage, config: EvolutionConfig = EvolutionConfig(),
-           seeds: Sequence[Sequence[int]] = (), progress: bool = True, work: bool = True,
-           sampler_seed: int | None = None) -> pd.DataFrame:
+def evolve(
+    space: Space,
+    measure: Measure,
+    storage,
+    config: EvolutionConfig = EvolutionConfig(),
+    seeds: Sequence[Sequence[int]] = (),
+    progress: bool = True,
+    work: bool = True,
+    sampler_seed: int | None = None,
+) -> pd.DataFrame:
     """Create (or resume) the NSGA-II study in ``storage``, enqueue ``seeds`` once, and
     measure trials until the study holds ``config.trials`` complete ones; return every trial.
 
@@ -124,14 +132,24 @@ def open_study(space: Space, storage, config: EvolutionConfig, sampler_seed: int
     space.check()
     with warnings.catch_warnings():  # PolynomialMutation is marked experimental in Optuna 5
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.NSGAIISampler(population_size=config.population, mutation=PolynomialMutation(),
-                                                seed=config.seed if sampler_seed is None else sampler_seed)
-    study = optuna.create_study(study_name=config.study_name, storage=storage, sampler=sampler,
-                                directions=["minimize", "minimize"], load_if_exists=True)
+        sampler = optuna.samplers.NSGAIISampler(
+            population_size=config.population,
+            mutation=PolynomialMutation(),
+            seed=config.seed if sampler_seed is None else sampler_seed,
+        )
+    study = optuna.create_study(
+        study_name=config.study_name,
+        storage=storage,
+        sampler=sampler,
+        directions=["minimize", "minimize"],
+        load_if_exists=True,
+    )
     signature = [f"{d}:{','.join(o)}" for d, o in zip(space.decisions, space.options)]
     if study.user_attrs.get("space") not in (None, signature):
-        raise ValueError(f"study {config.study_name!r} in this storage searches other decisions or formats; "
-                         "use a new storage file or another study_name")
+        raise ValueError(
+            f"study {config.study_name!r} in this storage searches other decisions or formats; "
+            "use a new storage file or another study_name"
+        )
     if "space" not in study.user_attrs:
         study.set_user_attr("space", signature)
     if owner:
@@ -142,7 +160,9 @@ def open_study(space: Space, storage, config: EvolutionConfig, sampler_seed: int
 def study_config(study) -> EvolutionConfig:
     """The settings the study was created with (what a joining worker runs)."""
     if "evolution" not in study.user_attrs:
-        raise ValueError(f"study {study.study_name!r} was not created by mpsearch evolve (it has no evolution settings)")
+        raise ValueError(
+            f"study {study.study_name!r} was not created by mpsearch evolve (it has no evolution settings)"
+        )
     return EvolutionConfig(**study.user_attrs["evolution"], study_name=study.study_name)
 
 
@@ -165,7 +185,9 @@ def _violation(config: EvolutionConfig, bits: float) -> float:
     return float(max(lo - bits, bits - hi, -1.0))
 
 
-def run_trials(study, space: Space, measure: Measure, config: EvolutionConfig, progress: bool = True, poll: float = 0.5) -> None:
+def run_trials(
+    study, space: Space, measure: Measure, config: EvolutionConfig, progress: bool = True, poll: float = 0.5
+) -> None:
     """Measure trials of ``study`` until it holds ``config.trials`` complete ones (other workers' count too).
 
     A plan is measured once per study: the first trial to claim its hash measures it, any
@@ -234,17 +256,29 @@ def run_trials(study, space: Space, measure: Measure, config: EvolutionConfig, p
     def report(study, t) -> None:
         if progress:
             done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            what = ("outside the window" if not t.user_attrs.get("measured") else
-                    f"{config.objective} {t.user_attrs.get(config.objective, float('nan')):.4g}"
-                    + (" (measured by another trial)" if t.user_attrs.get("duplicate") else ""))
-            log.info("trial %d %s: %s at %.3f bits | %d of %d complete", t.number, t.state.name.lower(), what,
-                     t.user_attrs.get("effective_bits", float("nan")), done, config.trials)
+            what = (
+                "outside the window"
+                if not t.user_attrs.get("measured")
+                else f"{config.objective} {t.user_attrs.get(config.objective, float('nan')):.4g}"
+                + (" (measured by another trial)" if t.user_attrs.get("duplicate") else "")
+            )
+            log.info(
+                "trial %d %s: %s at %.3f bits | %d of %d complete",
+                t.number,
+                t.state.name.lower(),
+                what,
+                t.user_attrs.get("effective_bits", float("nan")),
+                done,
+                config.trials,
+            )
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # a study from before claims existed
         if t.user_attrs.get("measured") and not t.user_attrs.get("duplicate"):
             claims.claim(t.user_attrs["plan_hash"], t._trial_id)
     if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < config.trials:
-        study.optimize(objective, callbacks=[MaxTrialsCallback(config.trials, states=(TrialState.COMPLETE,)), report], catch=())
+        study.optimize(
+            objective, callbacks=[MaxTrialsCallback(config.trials, states=(TrialState.COMPLETE,)), report], catch=()
+        )
 
 
 def _fail_stale(study) -> None:
@@ -269,10 +303,21 @@ def trials_table(study) -> pd.DataFrame:
     rows = []
     for t in study.trials:
         u = t.user_attrs
-        rows.append({"trial": t.number, "state": t.state.name, "source": u.get("source"),
-                     "effective_bits": u.get("effective_bits"), "kl": u.get("kl"), "ppl": u.get("ppl"),
-                     "measured": u.get("measured", False), "duplicate": u.get("duplicate"),
-                     "retry_of": t.system_attrs.get("failed_trial"), "plan_hash": u.get("plan_hash"), "params": t.params})
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name,
+                "source": u.get("source"),
+                "effective_bits": u.get("effective_bits"),
+                "kl": u.get("kl"),
+                "ppl": u.get("ppl"),
+                "measured": u.get("measured", False),
+                "duplicate": u.get("duplicate"),
+                "retry_of": t.system_attrs.get("failed_trial"),
+                "plan_hash": u.get("plan_hash"),
+                "params": t.params,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -288,7 +333,9 @@ def _unique(space: Space, seeds: Sequence[Sequence[int]]) -> list[tuple[int, ...
     return out
 
 
-def front_seeds(problem, bits_per_choice: Callable[[Sequence[int]], float], lo: float, hi: float, k: int) -> list[tuple[int, ...]]:
+def front_seeds(
+    problem, bits_per_choice: Callable[[Sequence[int]], float], lo: float, hi: float, k: int
+) -> list[tuple[int, ...]]:
     """Up to ``k`` points of the proxy's Pareto front inside [lo, hi] bits, evenly spread by bits."""
     from ..solvers import pareto_front
 
@@ -313,14 +360,25 @@ def hull_space(problem, numel: int, seeds: Sequence[Sequence[int]]) -> tuple[Spa
     for i, (loss, cost) in enumerate(zip(problem.loss, problem.cost)):
         keep = set(decision_hull(loss, cost)) | {int(seed[i]) for seed in seeds}
         kept.append(sorted(keep, key=lambda j: (cost[j], loss[j], j)))
-    space = Space(problem.decisions, tuple(tuple(problem.options[i][j] for j in k) for i, k in enumerate(kept)),
-                  tuple(problem.cost[i][k] for i, k in enumerate(kept)), numel)
+    space = Space(
+        problem.decisions,
+        tuple(tuple(problem.options[i][j] for j in k) for i, k in enumerate(kept)),
+        tuple(problem.cost[i][k] for i, k in enumerate(kept)),
+        numel,
+    )
     return space, kept
 
 
-def run_evolution(session, proxy: str, config: EvolutionConfig, out_dir: str | Path,
-                  extra_seeds: Sequence[Sequence[int]] = (), storage=None, work: bool = True,
-                  heartbeat: int | None = None) -> pd.DataFrame:
+def run_evolution(
+    session,
+    proxy: str,
+    config: EvolutionConfig,
+    out_dir: str | Path,
+    extra_seeds: Sequence[Sequence[int]] = (),
+    storage=None,
+    work: bool = True,
+    heartbeat: int | None = None,
+) -> pd.DataFrame:
     """NSGA-II on a prepared :class:`~mpsearch.run.session.Session`, seeded from ``proxy``'s front.
 
     Searches each decision's proxy-hull formats (:func:`hull_space`). The study lives in
@@ -332,23 +390,34 @@ def run_evolution(session, proxy: str, config: EvolutionConfig, out_dir: str | P
     running the same call again resumes.
     """
     from ..core.files import prepare_out_dir
-    from .config import config_to_dict
     from ..store.storage import HEARTBEAT_S, open_storage
+    from .config import config_to_dict
 
-    out = prepare_out_dir(out_dir)  # checked by the caller before the session opened (mpsearch.core.files.check_out_dir)
+    out = prepare_out_dir(
+        out_dir
+    )  # checked by the caller before the session opened (mpsearch.core.files.check_out_dir)
     problem = session.problem(proxy)
     budget_bits = [b.total_bits(session.numel) / session.numel for b in session.budgets]
     lo = config.min_bits if config.min_bits is not None else min(budget_bits) - 0.25
     hi = config.max_bits if config.max_bits is not None else max(budget_bits) + 0.25
     config = replace(config, min_bits=lo, max_bits=hi)
     full = Space(problem.decisions, problem.options, problem.cost, session.numel)
-    seeds = [tuple(int(j) for j in c) for c in extra_seeds] + front_seeds(problem, full.effective_bits, lo, hi, config.population)
+    seeds = [tuple(int(j) for j in c) for c in extra_seeds] + front_seeds(
+        problem, full.effective_bits, lo, hi, config.population
+    )
     space, kept = hull_space(problem, session.numel, seeds)
     position = [{j: k for k, j in enumerate(row)} for row in kept]
     study = open_study(space, open_storage(storage or out / "study.log", heartbeat or HEARTBEAT_S), config)
     if "search" not in study.user_attrs:
-        study.set_user_attr("search", {"config": config_to_dict(session.config), "proxy": proxy, "kept": kept,
-                                       "fingerprint": session.fingerprint})
+        study.set_user_attr(
+            "search",
+            {
+                "config": config_to_dict(session.config),
+                "proxy": proxy,
+                "kept": kept,
+                "fingerprint": session.fingerprint,
+            },
+        )
     enqueue_seeds(study, space, config, [tuple(position[i][j] for i, j in enumerate(c)) for c in seeds])
     if work:
         run_trials(study, space, lambda c: session.measure_choice(original(kept, c)), config, session.config.progress)
@@ -361,7 +430,9 @@ def original(kept: Sequence[Sequence[int]], choice: Sequence[int]) -> tuple[int,
 
 
 def write_outputs(session, study, space: Space, kept, proxy: str, config: EvolutionConfig, out: Path) -> pd.DataFrame:
-    """trials.csv, front.csv, the front's plans and pareto.png; returns the trials with each one's full-problem choice."""
+    """trials.csv, front.csv, the front's plans and pareto.png.
+
+    Returns the trials with each one's full-problem choice."""
     from ..core.files import prepare_out_dir
     from ..report.plots import pareto_plot
 
@@ -369,7 +440,9 @@ def write_outputs(session, study, space: Space, kept, proxy: str, config: Evolut
     df = trials_table(study)
     df.drop(columns=["params"]).to_csv(out / "trials.csv", index=False)
     done = df[(df.state == "COMPLETE") & df.measured.astype(bool)].drop_duplicates("plan_hash")
-    front = done[pareto_mask(done.effective_bits.to_numpy(), done[config.objective].to_numpy())].sort_values("effective_bits")
+    front = done[pareto_mask(done.effective_bits.to_numpy(), done[config.objective].to_numpy())].sort_values(
+        "effective_bits"
+    )
     front.drop(columns=["params"]).to_csv(out / "front.csv", index=False)
     (out / "plans").mkdir(exist_ok=True)
     for _, row in front.iterrows():
@@ -378,7 +451,15 @@ def write_outputs(session, study, space: Space, kept, proxy: str, config: Evolut
         plan.metrics.update({k: row[k] for k in ("kl", "ppl") if pd.notna(row[k])})
         plan.save(out / "plans" / f"nsga2-{row.effective_bits:.3f}bits-trial{int(row.trial)}.json")
     if len(done):
-        pareto_plot(done.assign(method=done.source), out / "pareto.png", y=config.objective,
-                    title=f"NSGA-II on measured {config.objective} ({len(done)} plans measured)")
-    complete = [isinstance(p, dict) and len(p) == len(space.decisions) for p in df.params]  # failed trials may be partial
-    return df.assign(choice=[original(kept, [p[d] for d in space.decisions]) if ok else None for p, ok in zip(df.params, complete)])
+        pareto_plot(
+            done.assign(method=done.source),
+            out / "pareto.png",
+            y=config.objective,
+            title=f"NSGA-II on measured {config.objective} ({len(done)} plans measured)",
+        )
+    complete = [
+        isinstance(p, dict) and len(p) == len(space.decisions) for p in df.params
+    ]  # failed trials may be partial
+    return df.assign(
+        choice=[original(kept, [p[d] for d in space.decisions]) if ok else None for p, ok in zip(df.params, complete)]
+    )

@@ -10,6 +10,7 @@ only on ``(seed, i)`` and the session, so a resumed or extended run draws the sa
 The CSV holds each plan's format per decision (``formats``, JSON) so anyone can score
 their own proxy on it; ``<name>.json`` beside it holds the settings it was made with.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         if self.plans < 1 or self.bins < 1 or not self.lo < self.hi:
-            raise ValueError(f"need plans >= 1, bins >= 1 and lo < hi, got {self.plans}, {self.bins}, {self.lo}, {self.hi}")
+            raise ValueError(
+                f"need plans >= 1, bins >= 1 and lo < hi, got {self.plans}, {self.bins}, {self.lo}, {self.hi}"
+            )
         if not self.redraw or any(not 0 <= r <= 1 for r in self.redraw):
             raise ValueError(f"redraw shares must be in [0, 1], got {self.redraw}")
 
@@ -108,14 +111,22 @@ def _repair(session, choice: list[int], lo: float, hi: float, rng: np.random.Gen
     raise RuntimeError(f"could not bring a sampled plan into [{lo / session.numel:.3f}, {hi / session.numel:.3f}] bits")
 
 
-def make_ground_truth(session, out: str | Path, cfg: SamplerConfig, settings: dict | None = None, progress: bool = True) -> pd.DataFrame:
+def make_ground_truth(
+    session, out: str | Path, cfg: SamplerConfig, settings: dict | None = None, progress: bool = True
+) -> pd.DataFrame:
     """Draw and measure ``cfg.plans`` plans; CSV rows written as they are measured (resumable)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"schema": SCHEMA, "sampler": asdict(cfg), "model": session.lm.model_id, "weights": session.prims.weights,
-            "space": session.space.name, "decisions": [d.name for d in session.decisions],
-            "reference": {k: v for k, v in session.evaluator.reference_.to_dict().items() if not k.endswith("_windows")},
-            **(settings or {})}
+    meta = {
+        "schema": SCHEMA,
+        "sampler": asdict(cfg),
+        "model": session.lm.model_id,
+        "weights": session.prims.weights,
+        "space": session.space.name,
+        "decisions": [d.name for d in session.decisions],
+        "reference": {k: v for k, v in session.evaluator.reference_.to_dict().items() if not k.endswith("_windows")},
+        **(settings or {}),
+    }
     meta_path = out.with_suffix(".json")
     done = pd.DataFrame()
     if out.exists() and meta_path.exists():
@@ -123,25 +134,43 @@ def make_ground_truth(session, out: str | Path, cfg: SamplerConfig, settings: di
         new = json.loads(json.dumps(meta))  # tuples as lists, as the file has them
         skip = {"sampler", "machine", "reference"}  # a resumed run may draw more plans, on another machine
         same = {k: v for k, v in old.items() if k not in skip} == {k: v for k, v in new.items() if k not in skip}
-        same = same and {k: v for k, v in old["sampler"].items() if k != "plans"} == {k: v for k, v in new["sampler"].items() if k != "plans"}
+        same = same and {k: v for k, v in old["sampler"].items() if k != "plans"} == {
+            k: v for k, v in new["sampler"].items() if k != "plans"
+        }
         if not same:
             raise ValueError(f"{out} was made with other settings ({meta_path}); remove it or write elsewhere")
         done = pd.read_csv(out)
     write_json_atomic(meta_path, meta)
     rows = done.to_dict("records")
     have = {int(r["plan"]) for r in rows}
-    bar = tqdm(total=cfg.plans, initial=len(have & set(range(cfg.plans))), desc="ground truth", disable=not progress, unit="plan")
+    bar = tqdm(
+        total=cfg.plans,
+        initial=len(have & set(range(cfg.plans))),
+        desc="ground truth",
+        disable=not progress,
+        unit="plan",
+    )
     for i in range(cfg.plans):
         if i in have:
             continue
         s = draw(session, cfg, i)
         formats = session.formats(s.choice)
         q = session.measure(session.make_plan(formats), desc=f"plan {i}")
-        rows.append({"plan": i, "bin": s.bin, "redraw": s.redraw, "anchor": s.anchor, "target_bits": s.target_bits,
-                     "distance": s.distance, "effective_bits": session.choice_cost(s.choice) / session.numel,
-                     **{k: v for k, v in q.items() if not k.endswith("_windows")},
-                     "kl_windows": json.dumps(q.get("kl_windows", [])), "nll_windows": json.dumps(q.get("nll_windows", [])),
-                     "formats": json.dumps({d.name: d.formats[j].key for d, j in zip(session.decisions, s.choice)})})
+        rows.append(
+            {
+                "plan": i,
+                "bin": s.bin,
+                "redraw": s.redraw,
+                "anchor": s.anchor,
+                "target_bits": s.target_bits,
+                "distance": s.distance,
+                "effective_bits": session.choice_cost(s.choice) / session.numel,
+                **{k: v for k, v in q.items() if not k.endswith("_windows")},
+                "kl_windows": json.dumps(q.get("kl_windows", [])),
+                "nll_windows": json.dumps(q.get("nll_windows", [])),
+                "formats": json.dumps({d.name: d.formats[j].key for d, j in zip(session.decisions, s.choice)}),
+            }
+        )
         _write(out, rows)
         bar.update()
     bar.close()

@@ -16,6 +16,7 @@ Plans are measured on the inference path: each evaluation window of ``context`` 
 prefilled through the (quantized) cache, then its last ``decode`` tokens are decoded one at
 a time (:class:`mpsearch.measure.evaluate.DecodeEvaluator`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,18 +27,27 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..core.files import write_json_atomic
+from ..core.format import Format
+from ..core.plan import Plan
 from ..cost import Budget, BudgetError, parse_budget_text
 from ..measure.evaluate import DecodeEvaluator
-from ..core.format import Format
 from ..models import load_text, token_chunks
-from ..core.files import write_json_atomic
-from ..core.plan import Plan
 from ..quant.calibrate import calibrate
 from ..quant.hooks import calib_for, calib_key
+from ..solvers import Constraint, Problem, Status, get_solver
+from .cached import cached_calibration
 from .outputs import SearchResult, nonfinite_plans, reference_row, results_table, write_outputs
 from .session import KL_SLICE, Session
-from ..solvers import Constraint, Problem, Status, get_solver
-from .targets import (RuntimeDecision, kv_fp16_bytes, load_runtime_proxy, mean_act_bits, runtime_decisions, runtime_losses, runtime_table)
+from .targets import (
+    RuntimeDecision,
+    kv_fp16_bytes,
+    load_runtime_proxy,
+    mean_act_bits,
+    runtime_decisions,
+    runtime_losses,
+    runtime_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +65,16 @@ def check_config(cfg, space) -> None:
     """Before any model loads: the budget kind fits the space, the proxies and bounds resolve."""
     kv = space.runtime_target("kv_cache") is not None
     if kv and not cfg.context:
-        raise ValueError(f"search space {space.name!r} decides the KV cache: give --context N, the tokens a memory budget holds")
+        raise ValueError(
+            f"search space {space.name!r} decides the KV cache: give --context N, the tokens a memory budget holds"
+        )
     for b in cfg.budgets:
         kind = parse_budget_text(b)[0]
         if kv and kind != "bytes":
-            raise ValueError(f"budget {b}: with a KV cache the budget is memory, weights plus KV at --context {cfg.context}: give a size like 120MB")
+            raise ValueError(
+                f"budget {b}: with a KV cache the budget is memory, weights plus KV at --context {cfg.context}: give a "
+                "size like 120MB"
+            )
         if not kv and kind not in ("bits", "bytes"):
             raise ValueError(f"budget {b}: a joint search takes bits per weight (4.5) or a size (60MB)")
     load_runtime_proxy(runtime_proxy(cfg))
@@ -68,7 +83,9 @@ def check_config(cfg, space) -> None:
     if cfg.act_bits and space.runtime_target("input") is None:
         raise ValueError(f"--act-bits bounds the layer inputs, and search space {space.name!r} has no [input] table")
     if cfg.solver != "milp":
-        raise ValueError("a joint search (several targets, an activation constraint) is solved by the MILP; drop --solver")
+        raise ValueError(
+            "a joint search (several targets, an activation constraint) is solved by the MILP; drop --solver"
+        )
 
 
 @dataclass
@@ -89,14 +106,28 @@ class Joint:
             space = space.with_runtime_min_bits("input", cfg.input_min_bits)
         runtime = runtime_decisions(space, session.model, session.decisions)
         with session.stages("calibrate activations / KV"):
-            calibration = calibrate(session.model, {d.site: list(d.formats) for d in runtime}, session.calib, cfg.progress, cfg.seed,
-                                    session.prims.weights if cfg.use_cache else "")
+            sites = {d.site: list(d.formats) for d in runtime}
+            if cfg.use_cache:
+                calibration = cached_calibration(
+                    session.model, sites, session.calib, session.prims.weights, cfg.progress, cfg.seed
+                )
+            else:
+                calibration = calibrate(session.model, sites, session.calib, cfg.progress, cfg.seed)
             calibration = spread_calibration(calibration, runtime)
         proxy = load_runtime_proxy(runtime_proxy(cfg))
         with session.stages("run-time sensitivities"):
             kl_tokens = session.calib[: KL_SLICE[0], : KL_SLICE[1]]
-            table = runtime_table(session.model, runtime, session.calib, kl_tokens, calibration, session.prims.weights,
-                                  cfg.use_cache, cfg.progress, measure_kl="kl" in proxy.needs)
+            table = runtime_table(
+                session.model,
+                runtime,
+                session.calib,
+                kl_tokens,
+                calibration,
+                session.prims.weights,
+                cfg.use_cache,
+                cfg.progress,
+                measure_kl="kl" in proxy.needs,
+            )
         losses = runtime_losses(table, runtime, proxy)
         return cls(session, runtime, calibration, table, losses)
 
@@ -107,14 +138,17 @@ class Joint:
     def kv_bytes(self, context: int, batch: int) -> list[np.ndarray]:
         return [np.array([d.cache_bytes(j, context, batch) for j in range(len(d.formats))]) for d in self.runtime]
 
-    def problem(self, proxy: str, budget_bytes: float, context: int, batch: int, act_bits: float,
-                part: str = "all") -> tuple[Problem, list[int], list[int]]:
+    def problem(
+        self, proxy: str, budget_bytes: float, context: int, batch: int, act_bits: float, part: str = "all"
+    ) -> tuple[Problem, list[int], list[int]]:
         """The knapsack over ``part`` (``all``, ``weights`` = weights and inputs, ``kv``), with the
         indices of the weight and run-time decisions it holds."""
         w_idx = list(range(len(self.session.decisions))) if part in ("all", "weights") else []
         r_idx = [i for i, d in enumerate(self.runtime) if part == "all" or (d.target == "input") == (part == "weights")]
         names = [self.session.decisions[i].name for i in w_idx] + [self.runtime[i].name for i in r_idx]
-        options = [[f.key for f in self.session.decisions[i].formats] for i in w_idx] + [[f.key for f in self.runtime[i].formats] for i in r_idx]
+        options = [[f.key for f in self.session.decisions[i].formats] for i in w_idx] + [
+            [f.key for f in self.runtime[i].formats] for i in r_idx
+        ]
         wl, wb, kb = self.session.losses[proxy], self.weight_bytes(), self.kv_bytes(context, batch)
         loss = [wl[i] for i in w_idx] + [self.losses[i] for i in r_idx]
         cost = [wb[i] for i in w_idx] + [kb[i] for i in r_idx]
@@ -123,8 +157,12 @@ class Joint:
         if act_bits and inputs:
             macs = sum(self.runtime[i].macs for i in inputs)
             rows = [np.zeros(len(o)) for o in options[: len(w_idx)]]
-            rows += [np.array([d.macs * f.bits for f in d.formats], dtype=float) if d.target == "input" else np.zeros(len(d.formats))
-                     for d in (self.runtime[i] for i in r_idx)]
+            rows += [
+                np.array([d.macs * f.bits for f in d.formats], dtype=float)
+                if d.target == "input"
+                else np.zeros(len(d.formats))
+                for d in (self.runtime[i] for i in r_idx)
+            ]
             constraints.append(Constraint("act_bits", rows, act_bits * macs))
         return Problem.build(names, options, loss, cost, budget_bytes, constraints), w_idx, r_idx
 
@@ -148,12 +186,14 @@ class Joint:
             for k, j in zip(w_idx, solver.choice_):
                 d = self.session.decisions[k]
                 weights.update({m.name: d.formats[j] for m in d.members})
-            for k, j in zip(r_idx, solver.choice_[len(w_idx):]):
+            for k, j in zip(r_idx, solver.choice_[len(w_idx) :]):
                 runtime[self.runtime[k].name] = self.runtime[k].formats[j]
         return weights, runtime
 
     # ---------------------------------------------------------------- plans
-    def make_plan(self, weights: dict[str, Format], runtime: dict[str, Format], context: int, batch: int, **provenance) -> Plan:
+    def make_plan(
+        self, weights: dict[str, Format], runtime: dict[str, Format], context: int, batch: int, **provenance
+    ) -> Plan:
         plan = self.session.make_plan(weights, **provenance)
         calibration = {}
         for d in self.runtime:
@@ -167,13 +207,27 @@ class Joint:
         proxy = provenance.get("proxy")
         if proxy in self.session.losses:
             choice = self.session.choice_of(weights)
-            w = sum(float(l[j]) for l, j in zip(self.session.losses[proxy], choice)) if choice is not None else float("nan")
-            plan.metrics["predicted"] = w + sum(float(losses[d.name][d.formats.index(runtime[d.name])]) for d in self.runtime)
-        kv = sum(d.cache_bytes(d.formats.index(runtime[d.name]), context, batch) for d in self.runtime if d.target != "input")
+            w = (
+                sum(float(l[j]) for l, j in zip(self.session.losses[proxy], choice))
+                if choice is not None
+                else float("nan")
+            )
+            plan.metrics["predicted"] = w + sum(
+                float(losses[d.name][d.formats.index(runtime[d.name])]) for d in self.runtime
+            )
+        kv = sum(
+            d.cache_bytes(d.formats.index(runtime[d.name]), context, batch) for d in self.runtime if d.target != "input"
+        )
         kv_elems = sum(batch * context * d.width for d in self.runtime if d.target != "input")
-        plan.metrics.update({"weight_bytes": plan.metrics["size_bytes"], "kv_bytes": kv, "total_bytes": plan.metrics["size_bytes"] + kv,
-                             "kv_bits": kv * 8 / kv_elems if kv_elems else float("nan"),
-                             "act_bits": mean_act_bits(self.runtime, runtime)})
+        plan.metrics.update(
+            {
+                "weight_bytes": plan.metrics["size_bytes"],
+                "kv_bytes": kv,
+                "total_bytes": plan.metrics["size_bytes"] + kv,
+                "kv_bits": kv * 8 / kv_elems if kv_elems else float("nan"),
+                "act_bits": mean_act_bits(self.runtime, runtime),
+            }
+        )
         return plan
 
 
@@ -207,17 +261,31 @@ def joint_search(cfg):
                     got = joint.solve(proxy, limit, cfg.context, cfg.batch, cfg.act_bits, allocation)
                 if got is None:
                     smallest = joint.problem(proxy, limit, cfg.context, cfg.batch, 0)[0].min_budget
-                    msg = (f"budget {b.label} is infeasible for the {allocation} allocation (weights + KV at {cfg.context} tokens x "
-                           f"{cfg.batch}{f', mean activation bits <= {cfg.act_bits:g}' if cfg.act_bits else ''}); "
-                           f"the smallest plan of the space needs {smallest / 1e6:.3f} MB")
+                    msg = (
+                        f"budget {b.label} is infeasible for the {allocation} allocation (weights + KV at "
+                        f"{cfg.context} tokens x "
+                        f"{cfg.batch}{f', mean activation bits <= {cfg.act_bits:g}' if cfg.act_bits else ''}); "
+                        f"the smallest plan of the space needs {smallest / 1e6:.3f} MB"
+                    )
                     if allocation == "joint" or cfg.allocations == ("separate",):
                         raise BudgetError(msg)
-                    log.warning("%s: no %s plan", msg, allocation)  # a fixed split can fail where the joint problem does not
+                    log.warning(
+                        "%s: no %s plan", msg, allocation
+                    )  # a fixed split can fail where the joint problem does not
                     infeasible.append(f"{proxy} {allocation} @ {b.label}")
                     continue
                 name = f"{proxy}+{runtime_proxy(cfg)}-{allocation}@{b.label}"
-                plans[name] = joint.make_plan(*got, cfg.context, cfg.batch, budget=b, proxy=proxy, runtime_proxy=runtime_proxy(cfg),
-                                              solver="milp", kind=allocation, allocation=allocation)
+                plans[name] = joint.make_plan(
+                    *got,
+                    cfg.context,
+                    cfg.batch,
+                    budget=b,
+                    proxy=proxy,
+                    runtime_proxy=runtime_proxy(cfg),
+                    solver="milp",
+                    kind=allocation,
+                    allocation=allocation,
+                )
                 plans[name].budget.update({"context": cfg.context, "batch": cfg.batch, "act_bits": cfg.act_bits})
     out = Path(cfg.out_dir) if cfg.out_dir else None
     reference = None
@@ -230,8 +298,11 @@ def joint_search(cfg):
     table = results_table(plans, reference)
     if out is not None:
         write_outputs(out, plans, table, pd.DataFrame(stages.records), {"runtime_table": joint.table}, cfg)
-    summary = {"infeasible": infeasible, "warnings": [f"no plan for {x}: the fixed split does not fit" for x in infeasible],
-               "nonfinite": nonfinite_plans(table) if cfg.measure else []}
+    summary = {
+        "infeasible": infeasible,
+        "warnings": [f"no plan for {x}: the fixed split does not fit" for x in infeasible],
+        "nonfinite": nonfinite_plans(table) if cfg.measure else [],
+    }
     if out is not None:
         from ..report.html import write_report
 

@@ -9,6 +9,7 @@ bootstrap 95% CI over plans. Two baselines sit beside the proxies: model size (r
 effective bits alone, "no proxy") and random predictions. Each proxy's MILP plans at fixed
 budgets are measured too, because a proxy can rank well overall and still pick poor plans.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,10 +66,16 @@ def in_bins(pred: np.ndarray, y: np.ndarray, bins: np.ndarray) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def scores(pred: np.ndarray, y: np.ndarray, boot: int = 1000, seed: int = 0, bins: np.ndarray | None = None) -> dict[str, float]:
+def scores(
+    pred: np.ndarray, y: np.ndarray, boot: int = 1000, seed: int = 0, bins: np.ndarray | None = None
+) -> dict[str, float]:
     """Spearman, Kendall and rho_s@k of ``pred`` against ``y`` (and, given ``bins``, the mean
     Spearman within bins), each with a bootstrap 95% CI over plans."""
-    stats = {"spearman": spearman, "kendall": kendall, **{f"rho_top{k}": (lambda a, b, k=k: rho_at_k(a, b, k)) for k in TOP_K}}
+    stats = {
+        "spearman": spearman,
+        "kendall": kendall,
+        **{f"rho_top{k}": (lambda a, b, k=k: rho_at_k(a, b, k)) for k in TOP_K},
+    }
     rng = np.random.default_rng(seed)
     samples = [rng.integers(0, len(y), len(y)) for _ in range(boot)]
     out: dict[str, float] = {}
@@ -83,8 +90,14 @@ def scores(pred: np.ndarray, y: np.ndarray, boot: int = 1000, seed: int = 0, bin
     return out
 
 
-def rank(gt: pd.DataFrame, predictions: dict[str, np.ndarray], evolved: set[str] = frozenset(), target: str = "kl",
-         boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def rank(
+    gt: pd.DataFrame,
+    predictions: dict[str, np.ndarray],
+    evolved: set[str] = frozenset(),
+    target: str = "kl",
+    boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
     """One row per proxy (and baseline), scored on the held-out plans, best Spearman first."""
     mask = held_out(gt["plan"])
     y = gt[target].to_numpy()[mask]
@@ -94,19 +107,35 @@ def rank(gt: pd.DataFrame, predictions: dict[str, np.ndarray], evolved: set[str]
     preds[BASELINES[1]] = np.random.default_rng(seed).random(len(gt))
     rows = []
     for name, p in preds.items():
-        rows.append({"proxy": name, "evolved": name in evolved, "baseline": name in BASELINES, "plans": int(mask.sum()),
-                     **scores(np.asarray(p)[mask], y, boot, seed, bins)})
+        rows.append(
+            {
+                "proxy": name,
+                "evolved": name in evolved,
+                "baseline": name in BASELINES,
+                "plans": int(mask.sum()),
+                **scores(np.asarray(p)[mask], y, boot, seed, bins),
+            }
+        )
     board = pd.DataFrame(rows)
     hand = board[~board.evolved & ~board.baseline]
     if len(hand) and board.evolved.any():  # does an evolved proxy beat the best hand-designed one beyond the noise?
         best = hand.loc[hand.spearman.idxmax(), "proxy"]
         for i in board.index[board.evolved]:
-            d, lo, hi = paired_spearman_diff(np.asarray(preds[board.at[i, "proxy"]])[mask], np.asarray(preds[best])[mask], y, boot, seed)
-            board.loc[i, ["vs_best_hand", "vs_best_hand_diff", "vs_best_hand_lo", "vs_best_hand_hi"]] = [best, d, lo, hi]
+            d, lo, hi = paired_spearman_diff(
+                np.asarray(preds[board.at[i, "proxy"]])[mask], np.asarray(preds[best])[mask], y, boot, seed
+            )
+            board.loc[i, ["vs_best_hand", "vs_best_hand_diff", "vs_best_hand_lo", "vs_best_hand_hi"]] = [
+                best,
+                d,
+                lo,
+                hi,
+            ]
     return board.sort_values("spearman", ascending=False, ignore_index=True)
 
 
-def paired_spearman_diff(a: np.ndarray, b: np.ndarray, y: np.ndarray, boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+def paired_spearman_diff(
+    a: np.ndarray, b: np.ndarray, y: np.ndarray, boot: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
     """Spearman of ``a`` minus Spearman of ``b`` against ``y``, with a bootstrap 95% CI that
     resamples the same plans for both (their errors are correlated: same plans, same KL)."""
     rng = np.random.default_rng(seed)
@@ -129,8 +158,16 @@ def milp_quality(session, budgets: list[float], proxies: list[str]) -> pd.DataFr
             if sol.status_ not in Status.SOLUTION_PRESENT:
                 raise RuntimeError(f"the MILP for {name} at {bits} bits returned {sol.status_}")
             q = session.measure(session.make_plan(session.formats(sol.choice_)), desc=f"{name}@{bits}")
-            rows.append({"proxy": name, "budget_bits": bits, "effective_bits": session.choice_cost(sol.choice_) / session.numel,
-                         "kl": q["kl"], "ppl": q["ppl"], **({"accuracy": q["accuracy"]} if "accuracy" in q else {})})
+            rows.append(
+                {
+                    "proxy": name,
+                    "budget_bits": bits,
+                    "effective_bits": session.choice_cost(sol.choice_) / session.numel,
+                    "kl": q["kl"],
+                    "ppl": q["ppl"],
+                    **({"accuracy": q["accuracy"]} if "accuracy" in q else {}),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -147,22 +184,39 @@ def write(board: pd.DataFrame, milp: pd.DataFrame | None, out: str | Path, title
         wide.columns = [f"milp_kl@{b:g}" for b in wide.columns]
         table = table.merge(wide, left_on="proxy", right_index=True, how="left")
     table.to_csv(out.with_suffix(".csv"), index=False)
-    lines = [f"# {title}", "", f"Held-out plans: {int(board['plans'].iloc[0])}. 95% bootstrap CIs over plans in brackets.", "",
-             "| # | proxy | Spearman | Kendall | rho@20% | rho@50% | rho@100% | Spearman within bits bins |"
-             + "".join(f" {c} |" for c in table if c.startswith("milp_kl@")),
-             "|---|---|---|---|---|---|---|---|" + "---|" * sum(c.startswith("milp_kl@") for c in table)]
+    lines = [
+        f"# {title}",
+        "",
+        f"Held-out plans: {int(board['plans'].iloc[0])}. 95% bootstrap CIs over plans in brackets.",
+        "",
+        "| # | proxy | Spearman | Kendall | rho@20% | rho@50% | rho@100% | Spearman within bits bins |"
+        + "".join(f" {c} |" for c in table if c.startswith("milp_kl@")),
+        "|---|---|---|---|---|---|---|---|" + "---|" * sum(c.startswith("milp_kl@") for c in table),
+    ]
     for i, r in table.iterrows():
         cell = lambda k: f"{r[k]:.3f} [{r[k + '_lo']:.3f}, {r[k + '_hi']:.3f}]"  # noqa: E731
         name = f"**{r.proxy}** (evolved)" if r.evolved else (f"_{r.proxy}_" if r.baseline else r.proxy)
-        lines.append(f"| {i + 1} | {name} | {cell('spearman')} | {cell('kendall')} | {cell('rho_top20')} | {cell('rho_top50')} | "
-                     f"{cell('rho_top100')} | {cell('spearman_in_bins') if 'spearman_in_bins' in r else '-'} |"
-                     + "".join(f" {r[c]:.4g} |" for c in table if c.startswith("milp_kl@")))
+        lines.append(
+            f"| {i + 1} | {name} | {cell('spearman')} | {cell('kendall')} | {cell('rho_top20')} | {cell('rho_top50')} "
+            "| "
+            f"{cell('rho_top100')} | {cell('spearman_in_bins') if 'spearman_in_bins' in r else '-'} |"
+            + "".join(f" {r[c]:.4g} |" for c in table if c.startswith("milp_kl@"))
+        )
     for _, r in table[table.evolved].iterrows():
         if isinstance(r.get("vs_best_hand"), str):
-            lines += ["", f"{r.proxy} minus the best hand-designed proxy ({r.vs_best_hand}), paired over the same resampled plans: "
-                          f"Spearman {r.vs_best_hand_diff:+.3f} [{r.vs_best_hand_lo:+.3f}, {r.vs_best_hand_hi:+.3f}]"
-                          + (" (better beyond the CI)" if r.vs_best_hand_lo > 0 else
-                             " (worse beyond the CI)" if r.vs_best_hand_hi < 0 else " (within the CI: not better)")]
+            lines += [
+                "",
+                f"{r.proxy} minus the best hand-designed proxy ({r.vs_best_hand}), paired over the same resampled "
+                "plans: "
+                f"Spearman {r.vs_best_hand_diff:+.3f} [{r.vs_best_hand_lo:+.3f}, {r.vs_best_hand_hi:+.3f}]"
+                + (
+                    " (better beyond the CI)"
+                    if r.vs_best_hand_lo > 0
+                    else " (worse beyond the CI)"
+                    if r.vs_best_hand_hi < 0
+                    else " (within the CI: not better)"
+                ),
+            ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(board) + 1.5), sharey=True)
@@ -180,28 +234,48 @@ def write(board: pd.DataFrame, milp: pd.DataFrame | None, out: str | Path, title
     return {"csv": out.with_suffix(".csv"), "md": out.with_suffix(".md"), "png": out.with_suffix(".png")}
 
 
-def session_for(meta: dict, proxies: list[str], measure: bool = True, progress: bool = True, extra: list = (), device: str = "auto"):
+def session_for(
+    meta: dict, proxies: list[str], measure: bool = True, progress: bool = True, extra: list = (), device: str = "auto"
+):
     """Reopen the session a ground truth was made in (its recorded config), with ``proxies``
     (names or files) and ``extra`` proxy objects (e.g. the GP's terms), on ``device`` (this
     machine's choice, not the recorded one: the ground truth may come from another machine)."""
     from .config import SearchConfig
     from .session import Session
 
-    cfg = SearchConfig(**{**meta["config"], "proxies": tuple(proxies) or ("mse",), "measure": measure, "refine": 0, "progress": progress,
-                          "budgets": ("4",), "device": device})
+    cfg = SearchConfig(
+        **{
+            **meta["config"],
+            "proxies": tuple(proxies) or ("mse",),
+            "measure": measure,
+            "refine": 0,
+            "progress": progress,
+            "budgets": ("4",),
+            "device": device,
+        }
+    )
     s = Session.open(cfg, extra_proxies=list(extra))
     if s.prims.weights != meta["weights"]:
-        raise ValueError(f"the model's weights differ from the ones the ground truth was measured on ({meta['weights']})")
+        raise ValueError(
+            f"the model's weights differ from the ones the ground truth was measured on ({meta['weights']})"
+        )
     return s
 
 
-def run(ground_truth: str | Path, proxies: list[str], out: str | Path, budgets: list[float] = (), boot: int = 1000,
-        evolved: set[str] = frozenset(), progress: bool = True, device: str = "auto") -> pd.DataFrame:
+def run(
+    ground_truth: str | Path,
+    proxies: list[str],
+    out: str | Path,
+    budgets: list[float] = (),
+    boot: int = 1000,
+    evolved: set[str] = frozenset(),
+    progress: bool = True,
+    device: str = "auto",
+) -> pd.DataFrame:
     """Load a ground truth, compute every proxy's table in its session, rank, measure the MILP plans, write.
     ``proxies`` are names or files; ``evolved`` names the evolved ones; ``device`` is where the model runs."""
-    from .groundtruth import load_ground_truth
-
     from ..proxies import load_proxy
+    from .groundtruth import load_ground_truth
 
     gt, meta = load_ground_truth(ground_truth)
     session = session_for(meta, proxies, measure=bool(budgets), progress=progress, device=device)
@@ -216,10 +290,38 @@ def run(ground_truth: str | Path, proxies: list[str], out: str | Path, budgets: 
 
 def with_config(cfg) -> dict:
     """The SearchConfig fields a ground truth records so the leaderboard can reopen its session."""
-    keep = ("model", "calibration", "evaluation", "space", "calib_seq_len", "calib_chunks", "gram_chunks", "hessian_probes",
-            "hessian_sequences", "eval_seq_len", "eval_chunks", "bos", "imatrix", "threads", "seed")
+    keep = (
+        "model",
+        "calibration",
+        "evaluation",
+        "space",
+        "calib_seq_len",
+        "calib_chunks",
+        "gram_chunks",
+        "hessian_probes",
+        "hessian_sequences",
+        "eval_seq_len",
+        "eval_chunks",
+        "bos",
+        "imatrix",
+        "threads",
+        "seed",
+    )
     return {k: getattr(cfg, k) for k in keep}
 
 
-__all__ = ["BASELINES", "TOP_K", "choices", "held_out", "milp_quality", "plan_predictions", "rank", "rho_at_k", "run",
-           "scores", "session_for", "with_config", "write"]
+__all__ = [
+    "BASELINES",
+    "TOP_K",
+    "choices",
+    "held_out",
+    "milp_quality",
+    "plan_predictions",
+    "rank",
+    "rho_at_k",
+    "run",
+    "scores",
+    "session_for",
+    "with_config",
+    "write",
+]

@@ -1,6 +1,7 @@
 """What every search writes and returns: the results table (with bootstrap CIs over the evaluation
 windows), the plans, the stage times, the tables behind the plans and the settings; one writer
 for the proxy search and the joint W/A/KV search alike."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -36,14 +37,43 @@ def nonfinite_plans(table: pd.DataFrame) -> list[str]:
 def results_table(plans: dict[str, Plan], reference_row: dict | None) -> pd.DataFrame:
     rows = [reference_row] if reference_row else []
     for name, plan in plans.items():
-        rows.append({"plan": name, "kind": plan.provenance.get("kind", "proxy"), "budget": plan.budget.get("label"),
-                     "proxy": plan.provenance.get("proxy"), "source": plan.provenance.get("returned_from", name), **plan.metrics,
-                     **plan.timings})
+        rows.append(
+            {
+                "plan": name,
+                "kind": plan.provenance.get("kind", "proxy"),
+                "budget": plan.budget.get("label"),
+                "proxy": plan.provenance.get("proxy"),
+                "source": plan.provenance.get("returned_from", name),
+                **plan.metrics,
+                **plan.timings,
+            }
+        )
     df = window_cis(pd.DataFrame(rows))
     first = [c for c in ("plan", "kind", "budget", "effective_bits", "size_bytes") if c in df]
     pred = sorted(c for c in df if c.startswith("predicted_"))
-    meas = [c for c in ("ppl", "kl", "kl_lo", "kl_hi", "dkl_best", "dkl_best_lo", "dkl_best_hi", "ppl_ratio_best", "ppl_ratio_best_lo",
-                        "ppl_ratio_best_hi", "cloze_acc", "mc_acc", "mc_acc_norm", "accuracy", "nll", "eval_tokens", "slice_kl") if c in df]
+    meas = [
+        c
+        for c in (
+            "ppl",
+            "kl",
+            "kl_lo",
+            "kl_hi",
+            "dkl_best",
+            "dkl_best_lo",
+            "dkl_best_hi",
+            "ppl_ratio_best",
+            "ppl_ratio_best_lo",
+            "ppl_ratio_best_hi",
+            "cloze_acc",
+            "mc_acc",
+            "mc_acc_norm",
+            "accuracy",
+            "nll",
+            "eval_tokens",
+            "slice_kl",
+        )
+        if c in df
+    ]
     return df[first + pred + meas + [c for c in df if c not in first + pred + meas]]
 
 
@@ -59,7 +89,16 @@ def window_cis(df: pd.DataFrame) -> pd.DataFrame:
         return df
     df = df.copy()
     has = df["kl_windows"].map(lambda w: isinstance(w, list) and len(w) > 1)
-    cols = ("kl_lo", "kl_hi", "dkl_best", "dkl_best_lo", "dkl_best_hi", "ppl_ratio_best", "ppl_ratio_best_lo", "ppl_ratio_best_hi")
+    cols = (
+        "kl_lo",
+        "kl_hi",
+        "dkl_best",
+        "dkl_best_lo",
+        "dkl_best_hi",
+        "ppl_ratio_best",
+        "ppl_ratio_best_lo",
+        "ppl_ratio_best_hi",
+    )
     for c in cols:
         df[c] = float("nan")
     for i in df.index[has]:
@@ -68,14 +107,17 @@ def window_cis(df: pd.DataFrame) -> pd.DataFrame:
         for _, rows in df[has & df["budget"].notna()].groupby("budget"):
             best = rows["kl"].idxmin()
             for i in rows.index:
-                df.loc[i, ["dkl_best", "dkl_best_lo", "dkl_best_hi"]] = paired_diff_ci(df.at[i, "kl_windows"], df.at[best, "kl_windows"])
+                df.loc[i, ["dkl_best", "dkl_best_lo", "dkl_best_hi"]] = paired_diff_ci(
+                    df.at[i, "kl_windows"], df.at[best, "kl_windows"]
+                )
                 d = paired_diff_ci(df.at[i, "nll_windows"], df.at[best, "nll_windows"])
                 df.loc[i, ["ppl_ratio_best", "ppl_ratio_best_lo", "ppl_ratio_best_hi"]] = [float(np.exp(v)) for v in d]
     return df.drop(columns=[c for c in ("kl_windows", "nll_windows") if c in df])
 
 
-def write_outputs(out: Path, plans: dict[str, Plan], table: pd.DataFrame, stages: pd.DataFrame, tables: dict[str, pd.DataFrame],
-                  cfg) -> None:
+def write_outputs(
+    out: Path, plans: dict[str, Plan], table: pd.DataFrame, stages: pd.DataFrame, tables: dict[str, pd.DataFrame], cfg
+) -> None:
     """``plans/*.json``, ``results.csv``, ``stages.csv``, each of ``tables`` as ``<name>.csv`` (the tables the
     plans were solved from) and ``config.json`` (the :class:`~mpsearch.run.config.SearchConfig`)."""
     (out / "plans").mkdir(parents=True, exist_ok=True)

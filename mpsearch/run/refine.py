@@ -17,6 +17,7 @@ reference; never the evaluation text, which stays for the final report):
    ``evaluations`` plans have been measured;
 3. the **returned plan** is the best measured one among all of these, baselines included.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cost import Budget
 from ..core.plan import Plan
+from ..cost import Budget
 from ..solvers import Problem, Status, get_solver
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ def refine_budget(session, budget: Budget, plans: dict[str, Plan], config: Refin
 
     def measure(name: str, plan: Plan) -> float:
         if name not in measured:
-            measured[name] = float(session.measure(plan, desc=f"refine {name}", evaluator=session.slice_evaluator)["kl"])
+            measured[name] = float(
+                session.measure(plan, desc=f"refine {name}", evaluator=session.slice_evaluator)["kl"]
+            )
         return measured[name]
 
     choices = {name: session.choice_of(plan.weight_formats()) for name, plan in plans.items()}
@@ -75,7 +78,9 @@ def refine_budget(session, budget: Budget, plans: dict[str, Plan], config: Refin
         if choices[name] is not None:
             by_choice.setdefault(choices[name], name)
     # baselines that are valid choices: the trust region's anchors
-    anchors = [c for n, c in choices.items() if c is not None and plans[n].provenance.get("kind") in ("uniform", "recipe")]
+    anchors = [
+        c for n, c in choices.items() if c is not None and plans[n].provenance.get("kind") in ("uniform", "recipe")
+    ]
     made: dict[str, Plan] = {}
     for name, plan in plans.items():
         proxy, start = plan.provenance.get("proxy"), choices[name]
@@ -111,9 +116,19 @@ def refine_budget(session, budget: Budget, plans: dict[str, Plan], config: Refin
             if kl is not None and kl < measured[by_choice[best]]:
                 best = cand
     # with constraints beyond the bits, a baseline that breaks one cannot be returned
-    allowed = [n for n in measured if not session.constraints or (n in made or (choices.get(n) is not None and session.fits(choices[n], limit)))]
+    allowed = [
+        n
+        for n in measured
+        if not session.constraints or (n in made or (choices.get(n) is not None and session.fits(choices[n], limit)))
+    ]
     returned = min(allowed or measured, key=measured.get)
-    log.info("budget %s: returned %s (slice KL %.4g); %d plans measured", budget.label, returned, measured[returned], len(measured))
+    log.info(
+        "budget %s: returned %s (slice KL %.4g); %d plans measured",
+        budget.label,
+        returned,
+        measured[returned],
+        len(measured),
+    )
     return Refined(returned, measured, made)
 
 
@@ -129,8 +144,14 @@ def trust_region_path(problem: Problem, start: tuple, anchor: tuple) -> list[tup
     solver = get_solver("milp")
     for mu in MU_GRID:
         penalty = [mu * gain / moved * np.abs(c - c[a]) for c, a in zip(cost, anchor)]
-        p = Problem.build(problem.decisions, problem.options, [l + pen for l, pen in zip(loss, penalty)], cost, problem.budget,
-                          problem.constraints)
+        p = Problem.build(
+            problem.decisions,
+            problem.options,
+            [l + pen for l, pen in zip(loss, penalty)],
+            cost,
+            problem.budget,
+            problem.constraints,
+        )
         s = solver.solve(p)
         if s.status_ in Status.SOLUTION_PRESENT:
             choice = tuple(int(j) for j in s.choice_)
@@ -171,6 +192,8 @@ def proxy_warnings(table, proxies: list[str]) -> list[str]:
                 continue
             for _, b in base.iterrows():
                 if r[col] < b[col] and r["kl"] > b["kl"]:
-                    out.append(f"{r['plan']} was predicted to beat {b['plan']} ({col} {r[col]:.4g} vs {b[col]:.4g}) "
-                               f"but measures worse (KL {r['kl']:.4g} vs {b['kl']:.4g})")
+                    out.append(
+                        f"{r['plan']} was predicted to beat {b['plan']} ({col} {r[col]:.4g} vs {b[col]:.4g}) "
+                        f"but measures worse (KL {r['kl']:.4g} vs {b['kl']:.4g})"
+                    )
     return out

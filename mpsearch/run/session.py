@@ -5,10 +5,9 @@ computes the primitives and proxy tables (all cached), so a proxy MILP, an Optun
 study or a predictor search can each turn choices into plans and measure them the
 same way, with the same evaluation cache.
 """
+
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,26 +17,34 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..store.cache import CacheEntryError, cache_dir, content_key, read_json, require, require_finite, tokens_hash, write_json
+from ..core.device import device_parts, exact_fp32, resolve_device
+from ..core.format import Format
+from ..core.plan import Plan, fingerprint
+from ..core.profiling import Stages
+from ..core.space import Decision, SearchSpace
 from ..cost import Budget, BudgetError, decision_costs, plan_bits, plan_bytes
 from ..cost.model import ConstraintSpec
-from ..core.device import device_parts, exact_fp32, resolve_device
 from ..measure.evaluate import Evaluator, evaluator_for
-from ..core.format import Format
-from ..models import load_model, load_text, token_chunks
-from ..models.loader import WITH_DATA
 from ..models.batches import as_batches
-from ..models.data import conventions, text_tokens
-from ..core.plan import Plan, fingerprint, importance_digest
+from ..models.data import conventions
+from ..models.loader import LoadedModel
 from ..primitives import Primitives, PrimitiveSettings, compute_primitives
 from ..primitives.sensitivity import kl_key, measured_kl
-from ..core.profiling import Stages
 from ..proxies import load_proxy
-from ..proxies.table import cached_proxy_tables, decision_losses
-from ..quant import applied, format_identity, get_quantizer
+from ..proxies.table import decision_losses
+from ..quant import applied, get_quantizer
 from ..quant.memo import QuantMemo
 from ..solvers import Problem
-from ..core.space import Decision, SearchSpace
+from ..store.cache import (
+    CacheEntryError,
+    cache_dir,
+    content_key,
+    read_json,
+    tokens_hash,
+    write_json,
+)
+from .cached import EVAL_SCHEMA, cached_proxy_tables, check_quality, check_tasks, plan_hash
+from .prepare import model_and_text, own_data, task_evaluator, text_data
 
 log = logging.getLogger(__name__)
 #: measured-KL sensitivity runs on a slice of the calibration text: 1 sequence x 256 tokens
@@ -72,85 +79,118 @@ class Session:
     constraints: tuple = ()
     #: the search's cost models (:class:`mpsearch.cost.suite.CostSuite`), when opened with ``costs=True``
     costs_suite: object = None
-    #: cloze and multiple-choice items from the evaluation text (:class:`mpsearch.measure.tasks.TaskEvaluator`), when asked for
+    #: cloze and multiple-choice items from the evaluation text (:class:`mpsearch.measure.tasks.TaskEvaluator`), when
+    #: asked for
     tasks: object = None
 
     @classmethod
-    def open(cls, cfg, stages: Stages | None = None, extra_proxies: list | None = None, joint: bool = False,
-             costs: bool = False) -> "Session":
+    def open(
+        cls,
+        cfg,
+        stages: Stages | None = None,
+        extra_proxies: list | None = None,
+        joint: bool = False,
+        costs: bool = False,
+        lm: LoadedModel | None = None,
+    ) -> "Session":
         """Load, build and compute in stages; a typo in a proxy or budget fails before heavy work.
         ``extra_proxies`` are :class:`~mpsearch.proxies.Proxy` objects computed beside the config's.
         ``joint=True``: the weights' part of a joint search (:mod:`mpsearch.run.joint`), which reads the
         budgets (weights + KV) and decides the space's ``[input]`` / ``[kv_cache]`` itself. ``costs=True``: build
         the cost models and the ``--constraint`` rows (timing this machine's kernels if asked) before the heavy stages.
         ``cfg.device`` is resolved first (a missing GPU fails before anything loads); the model moves there once the
-        cost models are built, and every pass after that runs on it (tokens stay on the CPU until a pass uses them)."""
+        cost models are built, and every pass after that runs on it (tokens stay on the CPU until a pass uses them).
+        ``lm``: a model already in memory (``mpsearch.search(model=module, data=...)``), used instead of loading
+        ``cfg.model``; the data it brings is checked against :class:`mpsearch.models.protocol.ModelData` first."""
         device = resolve_device(getattr(cfg, "device", "cpu"))  # a missing GPU fails before anything loads
         stages = stages or Stages()
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         proxies = [load_proxy(p) for p in cfg.proxies] + list(extra_proxies or [])
-        space = SearchSpace.from_file(cfg.space).with_rules(cfg.rules)
-        if space.runtime and not joint:
-            raise ValueError(f"search space {space.name!r} also decides layer inputs / the KV cache, which only `mpsearch search` "
-                             "(the joint MILP) handles; use a weights-only space (e.g. llama) here")
-        texts = None
-        if cfg.model not in WITH_DATA:  # a bad text spec fails before the model loads
-            with stages("load text"):
-                texts = load_text(cfg.calibration), load_text(cfg.evaluation) if cfg.measure else None
-        with stages("load model"):
-            lm = load_model(cfg.model)
+        space = _space(cfg, joint)
+        lm, texts = model_and_text(cfg, lm, stages)
         with stages("build space"):
             decisions = space.build(lm.model)
             budgets = [] if joint else [Budget.parse(b, decisions, space.base_format) for b in cfg.budgets]
             check_budgets(budgets, decision_costs(decisions), sum(d.numel for d in decisions))
-        suite, constraints = None, ()
-        if costs:
-            from ..cost.suite import CostSuite
-
-            suite = CostSuite.open(cfg, lm.model, decisions, stages, fingerprint=str(lm.model_id))
-            constraints = suite.constraints(decisions, cfg.constraints)
-        if device.type != "cpu":  # after the cost models: profile-device times this machine's CPU kernels, on the CPU model
+        suite, constraints = _cost_models(cfg, lm, decisions, stages) if costs else (None, ())
+        if device.type != "cpu":  # after the cost models: profile-device times this machine's CPU kernels
             with stages(f"move model to {device}"):
                 lm.model.to(device)
                 exact_fp32(device)
-        needs = set().union(*(p.needs for p in proxies))
-        weighted = cfg.imatrix and any(get_quantizer(f.quantizer).reads_importance(f) for d in decisions for f in d.formats)
-        #: decisions with a format that reads the whole Gram matrix (GPTQ)
-        gram_decisions = [d for d in decisions if any(get_quantizer(f.quantizer).importance_kind == "gram" for f in d.formats)]
-        if weighted:
-            needs = needs | {"xtx"} | ({"gram"} if gram_decisions else set())
-        if lm.data is None:
-            calib, evalt, gram_tokens, sliced = _text_data(cfg, lm, texts, "gram" in needs, stages)
-        else:
-            calib, evalt, gram_tokens, sliced = _own_data(cfg, lm, "gram" in needs, stages)
-        s = cls(cfg, lm, space, decisions, budgets, calib, evalt, None, slice_tokens=sliced, stages=stages,
-                gram_tokens=gram_tokens if "gram" in needs else None, constraints=constraints, costs_suite=suite,
-                tasks=None if joint else _task_evaluator(cfg, lm, texts, stages))
-        settings = PrimitiveSettings(hessian_probes=cfg.hessian_probes, hessian_sequences=cfg.hessian_sequences, seed=cfg.seed)
-        names = [m.name for m in s.members]
-        s.prims = compute_primitives(lm.model, names, calib, needs - {"gram"}, cfg.use_cache, cfg.progress, settings, stages,
-                                     checkpoint_every=cfg.checkpoint_every)
-        if "gram" in needs:
-            g = compute_primitives(lm.model, names, gram_tokens, {"gram"}, cfg.use_cache, cfg.progress, settings, stages,
-                                   checkpoint_every=cfg.checkpoint_every)
-            s.prims.values.update(g.values)
-            s.prims.family_keys.update(g.family_keys)
-        if weighted:
-            s.importance = {m.name: s.prims.xtx[m.name].detach().clone() for m in s.members}
-            s.importance.update({m.name: s.prims.gram[m.name] for d in gram_decisions for m in d.members})
-        if "kl" in needs:
-            with stages("measured KL per (tensor, format)"):
-                kl_tokens = as_batches(calib).head(*KL_SLICE)
-                table = measured_kl(lm.model, decisions, kl_tokens, s.prims.weights, cfg.use_cache, cfg.progress, s.importance)
-                s.prims.kl = {(t, f): float(v) for t, f, v in table[["tensor", "format", "kl"]].itertuples(index=False)}
-                s.prims.kl_key = kl_key(s.prims.weights, kl_tokens, [(m.name, f) for d in decisions for m in d.members for f in d.formats],
-                                        s.importance, device=device)
+        needs, weighted, gram_decisions = _needs(cfg, proxies, decisions)
+        prepare = text_data if lm.data is None else own_data
+        calib, evalt, gram_tokens, sliced = prepare(cfg, lm, texts, "gram" in needs, stages)
+        s = cls(
+            cfg,
+            lm,
+            space,
+            decisions,
+            budgets,
+            calib,
+            evalt,
+            None,
+            slice_tokens=sliced,
+            stages=stages,
+            gram_tokens=gram_tokens if "gram" in needs else None,
+            constraints=constraints,
+            costs_suite=suite,
+            tasks=None if joint else task_evaluator(cfg, lm, texts, stages),
+        )
+        s._statistics(needs, weighted, gram_decisions, device)
         with stages("proxy tables"):
-            s.tables = cached_proxy_tables(proxies, lm.model, decisions, s.prims, cfg.use_cache, cfg.progress, s.importance)
+            s.tables = cached_proxy_tables(
+                proxies, lm.model, decisions, s.prims, cfg.use_cache, cfg.progress, s.importance
+            )
         s.losses = {name: decision_losses(table, decisions) for name, table in s.tables.items()}
         s.prims.values.clear()  # the tables hold all the allocators read; the arrays are as large as the model
         return s
+
+    def _statistics(self, needs: set[str], weighted: bool, gram_decisions: list[Decision], device) -> None:
+        """The primitives the proxies need (cached), the importance the quantizers read, and measured KL."""
+        cfg, stages, model = self.config, self.stages, self.model
+        settings = PrimitiveSettings(
+            hessian_probes=cfg.hessian_probes, hessian_sequences=cfg.hessian_sequences, seed=cfg.seed
+        )
+        names = [m.name for m in self.members]
+
+        def primitives(batches, families: set[str]) -> Primitives:
+            return compute_primitives(
+                model,
+                names,
+                batches,
+                families,
+                cfg.use_cache,
+                cfg.progress,
+                settings,
+                stages,
+                checkpoint_every=cfg.checkpoint_every,
+            )
+
+        self.prims = primitives(self.calib, needs - {"gram"})
+        if "gram" in needs:
+            g = primitives(self.gram_tokens, {"gram"})
+            self.prims.values.update(g.values)
+            self.prims.family_keys.update(g.family_keys)
+        if weighted:
+            self.importance = {m.name: self.prims.xtx[m.name].detach().clone() for m in self.members}
+            self.importance.update({m.name: self.prims.gram[m.name] for d in gram_decisions for m in d.members})
+        if "kl" in needs:
+            with stages("measured KL per (tensor, format)"):
+                kl_tokens = as_batches(self.calib).head(*KL_SLICE)
+                table = measured_kl(
+                    model, self.decisions, kl_tokens, self.prims.weights, cfg.use_cache, cfg.progress, self.importance
+                )
+                self.prims.kl = {
+                    (t, f): float(v) for t, f, v in table[["tensor", "format", "kl"]].itertuples(index=False)
+                }
+                self.prims.kl_key = kl_key(
+                    self.prims.weights,
+                    kl_tokens,
+                    [(m.name, f) for d in self.decisions for m in d.members for f in d.formats],
+                    self.importance,
+                    device=device,
+                )
 
     # -- the search space as arrays -------------------------------------------------
     @property
@@ -174,13 +214,20 @@ class Session:
         """The knapsack for one proxy; ``total_bits`` defaults to 'everything fits'."""
         costs = self.costs
         budget = total_bits if total_bits is not None else float(sum(float(c.max()) for c in costs))
-        return Problem.build([d.name for d in self.decisions], [[f.key for f in d.formats] for d in self.decisions],
-                             self.losses[proxy], costs, budget, self.constraints)
+        return Problem.build(
+            [d.name for d in self.decisions],
+            [[f.key for f in d.formats] for d in self.decisions],
+            self.losses[proxy],
+            costs,
+            budget,
+            self.constraints,
+        )
 
     def fits(self, choice: Sequence[int], total_bits: float) -> bool:
         """Whether a choice is within ``total_bits`` and every constraint of the session."""
         return self.choice_cost(choice) <= total_bits and all(
-            c.fits(sum(float(v[j]) for v, j in zip(c.cost, choice))) for c in self.constraints)
+            c.fits(sum(float(v[j]) for v, j in zip(c.cost, choice))) for c in self.constraints
+        )
 
     def formats(self, choice: Sequence[int]) -> dict[str, Format]:
         """Per-tensor formats of a choice (one option index per decision; tied members share it)."""
@@ -216,10 +263,17 @@ class Session:
         """Computed once: every measured trial makes a plan, and hashing the calibration each time is waste."""
         cfg = self.config
         if self.lm.data is None:
-            data = {"calibration": cfg.calibration, "calib_tokens": int(self.calib.numel()), "calib_sha": tokens_hash(self.calib),
-                    "windows": conventions(self.lm.tokenizer, cfg.bos)}
+            data = {
+                "calibration": cfg.calibration,
+                "calib_tokens": int(self.calib.numel()),
+                "calib_sha": tokens_hash(self.calib),
+                "windows": conventions(self.lm.tokenizer, cfg.bos),
+            }
         else:
-            data = {"calibration": f"{self.lm.data.name}: {len(self.calib)} training batches", "calib_sha": tokens_hash(self.calib)}
+            data = {
+                "calibration": f"{self.lm.data.name}: {len(self.calib)} training batches",
+                "calib_sha": tokens_hash(self.calib),
+            }
         out = {"data": data, "seed": cfg.seed, "space": self.space.name, "mpsearch_version": __version__}
         if self.importance:
             out["importance"] = "calibration: each layer input's mean square per column (llama.cpp's imatrix)"
@@ -229,19 +283,37 @@ class Session:
 
     def make_plan(self, formats: dict[str, Format], budget: Budget | None = None, **provenance) -> Plan:
         tensors = {n: {"weight": f} for n, f in formats.items()}
-        plan = Plan(self.lm.model_id, self.fingerprint, tensors, budget.to_dict() if budget else {}, {},
-                    {**self.provenance, **provenance}, importance=importance_needed(formats, self.importance))
-        plan.metrics.update({"effective_bits": plan_bits(formats, self.members), "size_bytes": plan_bytes(formats, self.members)})
+        plan = Plan(
+            self.lm.model_id,
+            self.fingerprint,
+            tensors,
+            budget.to_dict() if budget else {},
+            {},
+            {**self.provenance, **provenance},
+            importance=importance_needed(formats, self.importance),
+        )
+        plan.metrics.update(
+            {"effective_bits": plan_bits(formats, self.members), "size_bytes": plan_bytes(formats, self.members)}
+        )
         suite = self.costs_suite
-        if suite is not None:  # every cost, in its results column's unit; those read off this machine's clocks beside the plan
+        if (
+            suite is not None
+        ):  # every cost, in its results column's unit; those read off this machine's clocks beside the plan
             timed = suite.timed()
             for column, value in suite.row(formats, self.members).items():
                 (plan.timings if column in timed else plan.metrics)[column] = value
             if self.config.constraints:
-                on_timed = any(suite.models[ConstraintSpec.parse(c).cost].column in timed for c in self.config.constraints)
+                on_timed = any(
+                    suite.models[ConstraintSpec.parse(c).cost].column in timed for c in self.config.constraints
+                )
                 meets = suite.meets(formats, self.members, self.config.constraints)
                 (plan.timings if on_timed else plan.metrics)["meets_constraints"] = meets
         return plan
+
+    @property
+    def evaluation_name(self) -> str:
+        """What plans are measured on: the evaluation text, or the name of the model's own data."""
+        return self.config.evaluation if self.lm.data is None else self.lm.data.name
 
     @property
     def evaluator(self) -> Evaluator:
@@ -279,7 +351,9 @@ class Session:
         layer inputs rounded to zero (``kernel_proportion``); a decode-path evaluator keys by its settings."""
         ev = evaluator or self.evaluator
         how = ev.cache_parts if hasattr(ev, "cache_parts") else (ev.batch_size,)
-        key = content_key(self.prims.weights, plan_hash(plan), tokens_hash(ev.tokens), *how, EVAL_SCHEMA, *device_parts(self.model))
+        key = content_key(
+            self.prims.weights, plan_hash(plan), tokens_hash(ev.tokens), *how, EVAL_SCHEMA, *device_parts(self.model)
+        )
         path = cache_dir() / "evals" / f"{key}.json"
         if self.config.use_cache:
             q = read_json(path, key, EVAL_SCHEMA, lambda v: check_quality(v, ev.reference_.tokens))
@@ -303,10 +377,15 @@ class Session:
     def measure_tasks(self, plan: Plan | None, desc: str = "tasks") -> dict:
         """Task accuracy of ``plan`` (None: the unquantized model); cached like :meth:`measure`."""
         ev = self.tasks
-        key = content_key(self.prims.weights, plan_hash(plan) if plan is not None else "reference", *ev.cache_parts, *device_parts(self.model))
+        key = content_key(
+            self.prims.weights,
+            plan_hash(plan) if plan is not None else "reference",
+            *ev.cache_parts,
+            *device_parts(self.model),
+        )
         path = cache_dir() / "tasks" / f"{key}.json"
         if self.config.use_cache:
-            hit = read_json(path, key, ev.cache_parts[1], _check_tasks)
+            hit = read_json(path, key, ev.cache_parts[1], check_tasks)
             if hit is not None:
                 return hit
         if plan is None:
@@ -324,58 +403,36 @@ class Session:
         return {**self.measure(plan, desc="eval"), "effective_bits": plan.metrics["effective_bits"]}
 
 
-def _task_evaluator(cfg, lm, texts, stages: Stages):
-    """The task items, built before the heavy stages (a text too short for them fails here)."""
-    if not getattr(cfg, "tasks", False) or not cfg.measure or lm.data is not None or texts is None:
-        return None
-    from ..measure.tasks import TaskEvaluator, TaskSettings
-
-    lead = conventions(lm.tokenizer, cfg.bos)
-    settings = TaskSettings(cloze_items=cfg.task_items, mc_items=max(1, cfg.task_items // 2), context_tokens=cfg.task_context, seed=cfg.seed)
-    with stages("build task items"):
-        try:
-            return TaskEvaluator(texts[1], lm.tokenizer, settings, bos=lead["leading_tokens"] if lead["evaluation_leading"] else [],
-                                 progress=cfg.progress)
-        except ValueError as e:
-            raise ValueError(f"task accuracy on {cfg.evaluation}: {e} (or --no-tasks)") from None
+def _space(cfg, joint: bool) -> SearchSpace:
+    """The config's space with its rules; one that decides inputs / the KV cache only for the joint search."""
+    space = SearchSpace.from_file(cfg.space).with_rules(cfg.rules)
+    if space.runtime and not joint:
+        raise ValueError(
+            f"search space {space.name!r} also decides layer inputs / the KV cache, which only `mpsearch search` "
+            "(the joint MILP) handles; use a weights-only space (e.g. llama) here"
+        )
+    return space
 
 
-def _check_tasks(q: dict) -> None:
-    for k in ("cloze_acc", "mc_acc", "mc_acc_norm"):
-        require(isinstance(q.get(k), (int, float)) and 0 <= q[k] <= 1, f"{k} is {q.get(k)!r}, not an accuracy")
+def _cost_models(cfg, lm: LoadedModel, decisions: list[Decision], stages: Stages) -> tuple[object, tuple]:
+    """The cost models and the ``--constraint`` rows, before the heavy stages (a bad constraint fails here)."""
+    from ..cost.suite import CostSuite
+
+    suite = CostSuite.open(cfg, lm.model, decisions, stages, fingerprint=str(lm.model_id))
+    return suite, suite.constraints(decisions, cfg.constraints)
 
 
-def _text_data(cfg, lm, texts, gram: bool, stages: Stages):
-    """A causal LM's windows: calibration, evaluation, the Gram windows (``gram_chunks``, the
-    calibration windows first) and the refinement slice after them."""
-    calib_text, eval_text = texts
-    with stages("tokenize"):
-        lead = conventions(lm.tokenizer, cfg.bos)
-        cl, el = lead["calibration_leading"], lead["evaluation_leading"]
-        calib = token_chunks(lm.tokenizer, calib_text, cfg.calib_seq_len, cfg.calib_chunks, lead=cl)
-        evalt = token_chunks(lm.tokenizer, eval_text, cfg.eval_seq_len, cfg.eval_chunks, lead=el) if cfg.measure else None
-    with stages("tokenize the Gram windows and the refinement slice"):
-        # the Gram matrix gets more windows than the rest (SearchConfig.gram_chunks)
-        gram_tokens = calib
-        if gram and cfg.gram_chunks > cfg.calib_chunks:
-            gram_tokens = token_chunks(lm.tokenizer, calib_text, cfg.calib_seq_len, cfg.gram_chunks, lead=cl)
-        sliced = None
-        if cfg.measure and cfg.refine > 0:
-            sliced = token_chunks(lm.tokenizer, calib_text, cfg.refine_seq_len, cfg.refine_chunks,
-                                  skip=text_tokens(gram_tokens, lm.tokenizer, cl), lead=cl)
-    return calib, evalt, gram_tokens, sliced
-
-
-def _own_data(cfg, lm, gram: bool, stages: Stages):
-    """A model with its own data (a classifier): calibration batches, the Gram batches (the
-    calibration ones first), the refinement slice after them, and the evaluation batches."""
-    with stages("prepare data"):  # SearchConfig refused text flags for such a model already
-        calib = lm.data.calibration(cfg.calib_chunks)
-        gram_batches = max(cfg.gram_chunks, cfg.calib_chunks) if gram else cfg.calib_chunks
-        gram_tokens = lm.data.calibration(gram_batches) if gram_batches > cfg.calib_chunks else calib
-        sliced = lm.data.calibration(cfg.refine_chunks, skip=gram_batches) if cfg.measure and cfg.refine > 0 else None
-        evalt = lm.data.evaluation(cfg.eval_chunks) if cfg.measure else None
-    return calib, evalt, gram_tokens, sliced
+def _needs(cfg, proxies: list, decisions: list[Decision]) -> tuple[set[str], bool, list[Decision]]:
+    """The primitive families to compute, whether the formats read an importance (llama.cpp's
+    imatrix), and the decisions with a format that reads the whole Gram matrix (GPTQ)."""
+    needs = set().union(*(p.needs for p in proxies))
+    weighted = cfg.imatrix and any(get_quantizer(f.quantizer).reads_importance(f) for d in decisions for f in d.formats)
+    gram_decisions = [
+        d for d in decisions if any(get_quantizer(f.quantizer).importance_kind == "gram" for f in d.formats)
+    ]
+    if weighted:
+        needs = needs | {"xtx"} | ({"gram"} if gram_decisions else set())
+    return needs, weighted, gram_decisions
 
 
 def check_budgets(budgets: list[Budget], costs: list[np.ndarray], numel: int) -> None:
@@ -390,25 +447,18 @@ def check_budgets(budgets: list[Budget], costs: list[np.ndarray], numel: int) ->
                 f"{min_bits / numel:.4f} effective bits per weight ({min_bits / 8 / 1e6:.3f} MB) for this search space"
             )
         if b.total_bits(numel) > max_bits * (1 + 1e-12):
-            log.warning("budget %s exceeds what the search space can use: at most %.4f effective bits per weight "
-                        "(%.3f MB, every tensor in its largest format); the plan for it is that largest plan",
-                        b.label, max_bits / numel, max_bits / 8 / 1e6)
+            log.warning(
+                "budget %s exceeds what the search space can use: at most %.4f effective bits per weight "
+                "(%.3f MB, every tensor in its largest format); the plan for it is that largest plan",
+                b.label,
+                max_bits / numel,
+                max_bits / 8 / 1e6,
+            )
 
 
-EVAL_SCHEMA = "evaluation/v2"  # v2: KL summed a slice of positions at a time
-
-
-def check_quality(q: dict, tokens: int) -> None:
-    """A measurement has finite ppl, KL and NLL over exactly the evaluation's target tokens."""
-    require(isinstance(q, dict) and {"ppl", "kl", "nll", "eval_tokens"} <= set(q), "missing ppl, kl, nll or eval_tokens")
-    require_finite([q["ppl"], q["kl"], q["nll"]], "the measurement")
-    require(q["eval_tokens"] == tokens, f"measured on {q['eval_tokens']} tokens, the evaluation has {tokens}")
-    if "kl_windows" in q:  # per-window values (bootstrap CIs): one per window, finite, averaging to the totals' scale
-        require(isinstance(q["kl_windows"], list) and len(q["kl_windows"]) == len(q.get("nll_windows", [])) > 0, "bad per-window values")
-        require_finite(q["kl_windows"] + q["nll_windows"], "a per-window value")
-
-
-def importance_needed(formats: dict[str, Format], importance: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+def importance_needed(
+    formats: dict[str, Format], importance: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor] | None:
     """The importance a plan keeps: for each tensor whose format reads one, what that
     quantizer reads (GPTQ the Gram matrix, the others its diagonal), nothing for the rest."""
     out = {}
@@ -418,16 +468,3 @@ def importance_needed(formats: dict[str, Format], importance: dict[str, torch.Te
             t = importance[name]
             out[name] = t if q.importance_kind == "gram" or t.dim() == 1 else t.diagonal().clone()
     return out or None
-
-
-def plan_hash(plan: Plan) -> str:
-    """The formats of a plan, with the version of every quantizer they use, the
-    importance vectors the quantizers that read one get, and its calibration tensors."""
-    used = {n for n, f in plan.weight_formats().items() if get_quantizer(f.quantizer).reads_importance(f)}
-    imp = {n: t for n, t in (plan.importance or {}).items() if n in used}
-    formats = {n: {t: [f.to_dict(), format_identity(f)] for t, f in e.items() if f} for n, e in sorted(plan.tensors.items())}
-    body = {"tensors": formats, "importance": importance_digest(imp)} if imp else formats
-    if plan.calibration:  # run-time formats calibrated offline: their values depend on these tensors
-        body = {"plan": body, "calibration": importance_digest(plan.calibration)}
-    body = json.dumps(body, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:20]

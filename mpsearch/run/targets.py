@@ -17,6 +17,7 @@ Per (decision, format) :func:`runtime_table` measures, all cached by content:
 Proxies over these live in ``proxies/runtime/`` (expressions over ``kl``, ``fisher``,
 ``mse``, ``kernel``, ``bits``).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,17 +31,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..store.cache import cache_dir, content_key, read_json, remove, require, require_finite, tokens_hash, write_json
 from ..core.device import device_parts, to_model
 from ..core.files import shipped
 from ..core.format import Format
 from ..core.plan import importance_digest
+from ..core.space import Decision, SearchSpace
 from ..proxies.proxy import Proxy, ProxyFileError
-from ..quant import format_identity
-from ..quant import get_quantizer
+from ..quant import format_identity, get_quantizer
 from ..quant.hooks import CACHE_PROJ, RuntimeHooks, attention_of, calib_for, quantize_site
 from ..quant.kvcache import storage_bits
-from ..core.space import Decision, SearchSpace
+from ..store.cache import cache_dir, content_key, read_json, remove, require, require_finite, tokens_hash, write_json
 
 RUNTIME_NAMES = frozenset({"kl", "fisher", "mse", "kernel", "bits"})
 SCHEMA = "runtime-sensitivity/v1"
@@ -67,7 +67,8 @@ class RuntimeDecision:
         return self.modules[0], self.target
 
     def cache_bytes(self, j: int, context: int, batch: int = 1) -> float:
-        """Bytes of this cache in format ``j`` holding ``context`` tokens for each of ``batch`` sequences (0 for inputs)."""
+        """Bytes of this cache in format ``j`` holding ``context`` tokens for each of ``batch`` sequences (0 for
+        inputs)."""
         if self.target == "input":
             return 0.0
         return batch * storage_bits(self.formats[j], self.target, context, self.width, self.head_dim) / 8.0
@@ -79,19 +80,33 @@ def runtime_decisions(space: SearchSpace, model: nn.Module, weights: list[Decisi
     inp = space.runtime_target("input")
     if inp is not None:
         for d in weights:
-            out.append(RuntimeDecision(f"input:{d.name}", "input", tuple(m.name for m in d.members), tuple(inp.candidates()),
-                                       d.members[0].in_features, macs=sum(m.numel for m in d.members)))
+            out.append(
+                RuntimeDecision(
+                    f"input:{d.name}",
+                    "input",
+                    tuple(m.name for m in d.members),
+                    tuple(inp.candidates()),
+                    d.members[0].in_features,
+                    macs=sum(m.numel for m in d.members),
+                )
+            )
     kv = space.runtime_target("kv_cache")
     if kv is not None:
         modules = dict(model.named_modules())
         for target, proj in CACHE_PROJ.items():
             names = [n for n in modules if n.rpartition(".")[2] == proj]
             if not names:
-                raise ValueError(f"search space {space.name!r} has a [kv_cache] table, but the model has no attention {proj} modules")
+                raise ValueError(
+                    f"search space {space.name!r} has a [kv_cache] table, but the model has no attention {proj} modules"
+                )
             for n in names:
                 _, attn = attention_of(model, n)
                 width = modules[n].weight.shape[0]
-                fmts = tuple(f for f in kv.candidates() if f.is_full or get_quantizer(f.quantizer).fits_width(f, width, attn.head_dim))
+                fmts = tuple(
+                    f
+                    for f in kv.candidates()
+                    if f.is_full or get_quantizer(f.quantizer).fits_width(f, width, attn.head_dim)
+                )
                 out.append(RuntimeDecision(f"{target}:{n}", target, (n,), fmts, width, attn.head_dim))
     return out
 
@@ -123,25 +138,42 @@ def runtime_losses(table: pd.DataFrame, decisions: list[RuntimeDecision], proxy:
             r = rows.loc[(d.name, f.key)]
             v = float(proxy.evaluate({k: math.nan if r[k] is None else float(r[k]) for k in proxy.needs}))
             if not math.isfinite(v):
-                raise ValueError(f"run-time proxy {proxy.name!r} gives {v} for {d.name} in {f.key}; it reads {sorted(proxy.needs)} "
-                                 "(kl is measured only for a proxy that reads it)")
+                raise ValueError(
+                    f"run-time proxy {proxy.name!r} gives {v} for {d.name} in {f.key}; it reads {sorted(proxy.needs)} "
+                    "(kl is measured only for a proxy that reads it)"
+                )
             vals.append(v)
         out.append(np.array(vals, dtype=np.float64))
     return out
 
 
-def runtime_table(model: nn.Module, decisions: list[RuntimeDecision], calib: torch.Tensor, kl_tokens: torch.Tensor,
-                  calibration: dict[str, torch.Tensor], weights_key: str, use_cache: bool = True, progress: bool = True,
-                  measure_kl: bool = True) -> pd.DataFrame:
+def runtime_table(
+    model: nn.Module,
+    decisions: list[RuntimeDecision],
+    calib: torch.Tensor,
+    kl_tokens: torch.Tensor,
+    calibration: dict[str, torch.Tensor],
+    weights_key: str,
+    use_cache: bool = True,
+    progress: bool = True,
+    measure_kl: bool = True,
+) -> pd.DataFrame:
     """``decision, target, format, kl, fisher, mse, kernel, bits`` for every run-time decision and format.
 
     ``measure_kl=False`` skips the measured-KL pass (the slow one; ``kl`` is then NaN), for a
     proxy that does not read it. Cached by the weights, both token sets, every format's identity,
     the calibration tensors and whether KL was measured."""
     pairs = [(d, f) for d in decisions for f in d.formats]
-    key = content_key(weights_key, tokens_hash(calib), tokens_hash(kl_tokens), SCHEMA,
-                      [(d.name, d.modules, format_identity(f)) for d, f in pairs], importance_digest(calibration),
-                      *(() if measure_kl else ("no-kl",)), *device_parts(model))
+    key = content_key(
+        weights_key,
+        tokens_hash(calib),
+        tokens_hash(kl_tokens),
+        SCHEMA,
+        [(d.name, d.modules, format_identity(f)) for d, f in pairs],
+        importance_digest(calibration),
+        *(() if measure_kl else ("no-kl",)),
+        *device_parts(model),
+    )
     path = cache_dir() / "sensitivity" / f"runtime-{key}.json"
     if use_cache:
         rows = read_json(path, key, SCHEMA, lambda v: _check(v, len(pairs), measure_kl))
@@ -149,11 +181,22 @@ def runtime_table(model: nn.Module, decisions: list[RuntimeDecision], calib: tor
             return pd.DataFrame(rows)
     stats = _fisher_mse(model, pairs, calib, calibration, progress)
     partial = path.with_name(f"runtime-{key}.partial.json") if use_cache else None
-    kl = _measured_kl(model, pairs, kl_tokens, calibration, progress, partial, key) if measure_kl else [float("nan")] * len(pairs)
-    rows = [{"decision": d.name, "target": d.target, "format": f.key, "kl": kl[i], **stats[i],
-             "bits": float(f.bits)} for i, (d, f) in enumerate(pairs)]
+    kl = (
+        _measured_kl(model, pairs, kl_tokens, calibration, progress, partial, key)
+        if measure_kl
+        else [float("nan")] * len(pairs)
+    )
+    rows = [
+        {"decision": d.name, "target": d.target, "format": f.key, "kl": kl[i], **stats[i], "bits": float(f.bits)}
+        for i, (d, f) in enumerate(pairs)
+    ]
     if use_cache:
-        write_json(path, [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows], key, SCHEMA)
+        write_json(
+            path,
+            [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows],
+            key,
+            SCHEMA,
+        )
     return pd.DataFrame(rows)
 
 
@@ -176,7 +219,11 @@ def _fisher_mse(model: nn.Module, pairs, calib: torch.Tensor, calibration, progr
 
     def quantized(i: int, x: torch.Tensor) -> torch.Tensor:
         d, f = pairs[i]
-        return x if f.is_full else quantize_site(x, f, calib_for(calibration, d.modules[0], d.target, f), d.target, d.head_dim)
+        return (
+            x
+            if f.is_full
+            else quantize_site(x, f, calib_for(calibration, d.modules[0], d.target, f), d.target, d.head_dim)
+        )
 
     def watch(site):
         def record(x: torch.Tensor) -> None:
@@ -188,10 +235,13 @@ def _fisher_mse(model: nn.Module, pairs, calib: torch.Tensor, calibration, progr
                 acc[i]["nonzero"] += n
                 acc[i]["mse"] += float(((q - x).float() ** 2).sum())
 
-            def on_grad(g: torch.Tensor) -> None:  # quantize again here rather than hold every format's error until backward
+            def on_grad(
+                g: torch.Tensor,
+            ) -> None:  # quantize again here rather than hold every format's error until backward
                 g2 = g.float() ** 2
                 for i in by_site[site]:
                     acc[i]["fisher"] += float((g2 * (quantized(i, x) - x).float() ** 2).sum())
+
             return on_grad
 
         def pre(m, args):
@@ -199,6 +249,7 @@ def _fisher_mse(model: nn.Module, pairs, calib: torch.Tensor, calibration, progr
 
         def post(m, args, out):
             out.register_hook(record(out))
+
         return pre if site[1] == "input" else post
 
     handles = []
@@ -216,24 +267,47 @@ def _fisher_mse(model: nn.Module, pairs, calib: torch.Tensor, calibration, progr
         for h in handles:
             h.remove()
     n = len(calib)
-    return [{"fisher": a["fisher"] / n, "mse": a["mse"] / n, "kernel": a["zeros"] / a["nonzero"] if a["nonzero"] else 0.0} for a in acc]
+    return [
+        {"fisher": a["fisher"] / n, "mse": a["mse"] / n, "kernel": a["zeros"] / a["nonzero"] if a["nonzero"] else 0.0}
+        for a in acc
+    ]
 
 
-def _measured_kl(model: nn.Module, pairs, tokens: torch.Tensor, calibration, progress: bool, partial: Path | None = None,
-                 key: str = "") -> list[float]:
+def _measured_kl(
+    model: nn.Module,
+    pairs,
+    tokens: torch.Tensor,
+    calibration,
+    progress: bool,
+    partial: Path | None = None,
+    key: str = "",
+) -> list[float]:
     """KL with one site quantized at a time, re-running the decoder from that site's layer on.
     Saved to ``partial`` every :data:`SAVE_EVERY` pairs, so an interrupted pass resumes there."""
-    from ..primitives.sensitivity import layer_of, Reference, tail_runner
+    from ..primitives.sensitivity import Reference, layer_of, tail_runner
 
-    done = (read_json(partial, key, SCHEMA + "-partial", lambda v: require_finite(v, "a partial KL")) or []) if partial else []
+    done = (
+        (read_json(partial, key, SCHEMA + "-partial", lambda v: require_finite(v, "a partial KL")) or [])
+        if partial
+        else []
+    )
     out = list(done[: len(pairs)])
     if len(out) == len(pairs):
         return out
     tail, ref_logp = tail_runner(model, tokens)
     ref = Reference(ref_logp)
     with torch.no_grad():
-        for i, (d, f) in enumerate(tqdm(pairs[len(out):], desc="run-time measured KL", disable=not progress, unit="pair", initial=len(out),
-                                        total=len(pairs)), start=len(out)):
+        for i, (d, f) in enumerate(
+            tqdm(
+                pairs[len(out) :],
+                desc="run-time measured KL",
+                disable=not progress,
+                unit="pair",
+                initial=len(out),
+                total=len(pairs),
+            ),
+            start=len(out),
+        ):
             if f.is_full:
                 out.append(0.0)
             else:

@@ -1,4 +1,5 @@
 """BAQ-style closed-form bit allocation: reverse water-filling on a fitted 2^(-2b) loss model."""
+
 from __future__ import annotations
 
 import math

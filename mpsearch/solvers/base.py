@@ -7,6 +7,7 @@ minimised. Solvers differ only in how they search; feasibility rules, result
 bookkeeping and exact float64 re-evaluation of the chosen plan live here so
 that every solver reports numbers computed the same way.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -115,15 +116,11 @@ class Problem:
                 raise ValueError(f"decision {name!r} has duplicate option labels: {opts}")
             for what, arr in (("loss", loss), ("cost", cost)):
                 if arr.shape != (len(opts),):
-                    raise ValueError(
-                        f"decision {name!r}: {what} has {arr.size} entries for {len(opts)} options"
-                    )
+                    raise ValueError(f"decision {name!r}: {what} has {arr.size} entries for {len(opts)} options")
                 bad = np.flatnonzero(~np.isfinite(arr))
                 if bad.size:
                     j = int(bad[0])
-                    raise ValueError(
-                        f"decision {name!r} option {opts[j]!r}: {what} is {arr[j]} (must be finite)"
-                    )
+                    raise ValueError(f"decision {name!r} option {opts[j]!r}: {what} is {arr[j]} (must be finite)")
             neg = np.flatnonzero(cost < 0)
             if neg.size:
                 j = int(neg[0])
@@ -141,9 +138,13 @@ class Problem:
                 raise ValueError(f"constraint {con.name!r} has {len(con.cost)} cost rows for {n} decisions")
             for name, opts, c in zip(self.decisions, self.options, con.cost):
                 if c.shape != (len(opts),):
-                    raise ValueError(f"constraint {con.name!r}, decision {name!r}: {c.size} costs for {len(opts)} options")
+                    raise ValueError(
+                        f"constraint {con.name!r}, decision {name!r}: {c.size} costs for {len(opts)} options"
+                    )
                 if not np.all(np.isfinite(c)) or np.any(c < 0):
-                    raise ValueError(f"constraint {con.name!r}, decision {name!r}: costs must be finite and >= 0, got {c.tolist()}")
+                    raise ValueError(
+                        f"constraint {con.name!r}, decision {name!r}: costs must be finite and >= 0, got {c.tolist()}"
+                    )
 
     @classmethod
     def build(
@@ -280,7 +281,9 @@ class Allocator(ABC):
         then re-evaluates the plan exactly. Returns ``self``."""
         if problem.constraints and not self.supports_constraints:
             names = ", ".join(c.name for c in problem.constraints)
-            raise ValueError(f"solver {self.name!r} handles one budget, but the problem has extra constraints ({names}); use 'milp'")
+            raise ValueError(
+                f"solver {self.name!r} handles one budget, but the problem has extra constraints ({names}); use 'milp'"
+            )
         start = time.perf_counter()
         self.problem_ = problem
         self.constraint_costs_ = {}
@@ -296,8 +299,10 @@ class Allocator(ABC):
             self.status_ = status
             if status in Status.SOLUTION_PRESENT:
                 if choice is None:
-                    raise SolverError(f"{type(self).__name__} reported {status!r} without a plan; "
-                                      "this is a solver bug, try another solver (e.g. 'brute' on tiny cases)")
+                    raise SolverError(
+                        f"{type(self).__name__} reported {status!r} without a plan; "
+                        "this is a solver bug, try another solver (e.g. 'brute' on tiny cases)"
+                    )
                 self.choice_ = tuple(int(j) for j in choice)
                 self.loss_, self.cost_ = problem.evaluate(self.choice_)
                 self.constraint_costs_ = problem.constraint_totals(self.choice_)

@@ -6,13 +6,14 @@ bits in the first and last eighth of the layers and in every third layer between
 effective bits, :func:`recipe_formats` picks the (low, high) pair of the space's
 formats with the largest effective bits that fits the budget.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import replace
-from ..core.space import plan_bits
+
 from ..core.format import Format
-from ..core.space import Decision, Member
+from ..core.space import Decision, Member, plan_bits
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 MORE_BITS_TENSORS = re.compile(r".*(?:self_attn\.v_proj|mlp\.down_proj)$")
@@ -25,7 +26,9 @@ def allowed(d: Decision, m: Member, want: Format) -> Format:
     if want in d.formats:
         return want
     target = want.effective_bits(m.in_features)
-    return min(d.formats, key=lambda f: (abs(f.effective_bits(m.in_features) - target), -f.effective_bits(m.in_features)))
+    return min(
+        d.formats, key=lambda f: (abs(f.effective_bits(m.in_features) - target), -f.effective_bits(m.in_features))
+    )
 
 
 def uniform_formats(decisions: list[Decision], fmt: Format) -> dict[str, Format]:
@@ -34,7 +37,9 @@ def uniform_formats(decisions: list[Decision], fmt: Format) -> dict[str, Format]
     for d in decisions:
         for m in d.members:
             if not fmt.fits(m.in_features):
-                raise ValueError(f"uniform {fmt.key}: group size does not divide {m.name}'s input dimension {m.in_features}")
+                raise ValueError(
+                    f"uniform {fmt.key}: group size does not divide {m.name}'s input dimension {m.in_features}"
+                )
             out[m.name] = allowed(d, m, fmt)
     return out
 
@@ -89,4 +94,3 @@ def recipe_formats(decisions: list[Decision], budget_bits: float, candidates: li
             if best_key is None or key > best_key:
                 best, best_key = fmts, key
     return best
-

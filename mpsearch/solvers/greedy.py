@@ -3,6 +3,7 @@
 Also holds the two helpers the BAQ allocator reuses: padding the ragged option
 tables into matrices, and the "spend the leftover budget" upgrade step.
 """
+
 from __future__ import annotations
 
 import heapq

@@ -7,6 +7,7 @@ reached by taking every decision's hull segments in order of slope (steepest los
 drop per unit cost first). Every point of the front is a real plan that is optimal
 for its own cost; budgets between hull points need the MILP.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,10 +1,9 @@
-"""Solvers: a MILP on HiGHS (exact up to a set gap), and brute force as a test reference."""
+"""The exact allocator: a MILP on HiGHS (exact up to a set gap), after an exact presolve (:mod:`.presolve`)."""
+
 from __future__ import annotations
 
-import itertools
 import os
 import sys
-import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -12,6 +11,7 @@ import scipy.sparse as sp
 
 from ..core.registry import register
 from .base import REL_TOL, Allocator, Problem, SolverError, Status, greedy_repair
+from .presolve import lagrangian_reduction, padded_rows
 
 # HiGHS defaults (feasibility 1e-6/1e-7) are too loose to keep the budget within
 # 1e-9 or to match brute force; 1e-10 is HiGHS's minimum. With the budget row
@@ -120,7 +120,7 @@ class MILP(Allocator):
         loss, cost, budget = _scaled_arrays(problem)
         if problem.constraints:
             return self._solve_constrained(problem, loss, cost, budget)
-        keep, incumbent, lower = _lagrangian_reduction(loss, cost, budget)
+        keep, incumbent, lower = lagrangian_reduction(loss, cost, budget)
         upper = float(loss[np.arange(problem.n_decisions), incumbent].sum())
         tolerance = max(self.gap, 0.0) * upper  # absolute, in scaled loss units
         core = np.flatnonzero(keep.sum(axis=1) > 1)
@@ -144,7 +144,7 @@ class MILP(Allocator):
         """Budget row plus one row per extra constraint, every decision handed to HiGHS."""
         rows = [(cost, budget)]
         for con in problem.constraints:
-            table = _padded(con.cost, loss.shape[1])
+            table = padded_rows(con.cost, loss.shape[1])
             row_min = table.min(axis=1, keepdims=True)
             spare = con.limit - float(row_min.sum()) + REL_TOL * abs(con.limit)
             loss = np.where(table - row_min > spare, np.inf, loss)  # cannot fit even alone
@@ -156,15 +156,21 @@ class MILP(Allocator):
         incumbent = np.argmin(loss, axis=1)  # the only candidate of every fixed decision
         core = np.flatnonzero(keep.sum(axis=1) > 1)
         if core.size == 0:
-            return (Status.OPTIMAL, tuple(int(j) for j in incumbent)) if problem.feasible(incumbent) else (Status.INFEASIBLE, None)
+            return (
+                (Status.OPTIMAL, tuple(int(j) for j in incumbent))
+                if problem.feasible(incumbent)
+                else (Status.INFEASIBLE, None)
+            )
         status, plan = self._solve_core(loss, rows, keep, incumbent, core, 0.0)
         if plan is None:  # infeasible, or a time limit before any feasible plan
             return (Status.INFEASIBLE if status == Status.INFEASIBLE else Status.ERROR), None
         plan = tuple(int(j) for j in plan)
         if not problem.feasible(plan):  # beyond HiGHS's 1e-10 tolerances: should not happen
             totals = problem.constraint_totals(plan)
-            raise SolverError(f"HiGHS returned a plan outside the constraints (cost {problem.evaluate(plan)[1]}, totals {totals}); "
-                              "try verbose=True, or check the cost tables for extreme ranges")
+            raise SolverError(
+                f"HiGHS returned a plan outside the constraints (cost {problem.evaluate(plan)[1]}, totals {totals}); "
+                "try verbose=True, or check the cost tables for extreme ranges"
+            )
         return status, plan
 
     def _solve_core(
@@ -228,8 +234,14 @@ class MILP(Allocator):
         return (Status.OPTIMAL if status == "optimal" else Status.INACCURATE), plan
 
 
-def _run_highs(objective: np.ndarray, matrix: sp.csr_matrix, lower: np.ndarray, upper: np.ndarray,
-               options: dict[str, Any], verbose: bool) -> tuple[str, np.ndarray | None]:
+def _run_highs(
+    objective: np.ndarray,
+    matrix: sp.csr_matrix,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    options: dict[str, Any],
+    verbose: bool,
+) -> tuple[str, np.ndarray | None]:
     """A binary program ``min objective @ x, lower <= matrix @ x <= upper`` handed to HiGHS directly.
 
     Returns HiGHS's model status in words and the best feasible ``x`` it has (None if none).
@@ -262,6 +274,7 @@ def _new_highs(verbose: bool):
     """A HiGHS instance; unless ``verbose``, its once-per-process banner (printed by the
     C++ constructor straight to file descriptor 1) does not reach stdout."""
     import ctypes
+
     import highspy
 
     if verbose:
@@ -278,117 +291,3 @@ def _new_highs(verbose: bool):
         os.close(devnull)
     h.setOptionValue("output_flag", False)
     return h
-
-
-def _padded(table: Sequence[np.ndarray], k_max: int) -> np.ndarray:
-    """Decision x option array; padding repeats the row minimum so it never changes a row's min."""
-    out = np.empty((len(table), k_max))
-    for i, c in enumerate(table):
-        out[i, : c.size] = c
-        out[i, c.size :] = c.min()
-    return out
-
-
-def _greedy_fill(loss: np.ndarray, cost: np.ndarray, budget: float, choice: np.ndarray) -> np.ndarray:
-    """Spend leftover budget on the largest loss reductions that still fit.
-
-    A tighter incumbent makes the reduction below fix far more decisions.
-    """
-    choice = choice.copy()
-    arange = np.arange(loss.shape[0])
-    for _ in range(min(loss.shape[0], 256)):  # a heuristic: bounded so it stays O(n) overall
-        cur_loss, cur_cost = loss[arange, choice], cost[arange, choice]
-        spare = budget - float(cur_cost.sum())
-        gain = np.where(cost - cur_cost[:, None] <= spare, cur_loss[:, None] - loss, 0.0)
-        i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
-        if not gain[i, j] > 0:
-            break
-        choice[i] = j
-    return choice
-
-
-def _lagrangian_reduction(
-    loss: np.ndarray, cost: np.ndarray, budget: float
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Exactly discard options that cannot appear in any optimal plan (reduced-cost fixing).
-
-    For a multiplier ``lam >= 0`` the Lagrangian ``LB = sum_i min_j(l_ij + lam c_ij) - lam B``
-    bounds the optimum from below, and forcing option ``j`` of decision ``i`` raises the
-    bound by its reduced cost ``rc_ij``. Any option with ``LB + rc_ij > UB`` (UB: a feasible
-    plan's loss) is in no optimal plan. With ``lam`` near the LP dual most of a large
-    instance is fixed, leaving HiGHS a small core (10,000 x 8 would otherwise take >10 s).
-
-    Returns ``(keep mask, feasible incumbent plan, lower bound)``. Excluded entries have +inf loss.
-    """
-    n = loss.shape[0]
-    arange = np.arange(n)
-
-    def plan(lam: float) -> tuple[np.ndarray, float]:
-        choice = np.argmin(loss + lam * cost, axis=1)
-        return choice, float(cost[arange, choice].sum())
-
-    lo, hi = 0.0, 1.0
-    choice_hi, used = plan(hi)
-    for _ in range(1000):  # find a multiplier whose plan is feasible (2**1000 stays finite)
-        if used <= budget:
-            break
-        lo, hi = hi, hi * 2.0
-        choice_hi, used = plan(hi)
-    if used > budget:  # could not find one (pathological scaling): keep everything
-        cheapest = np.argmin(np.where(np.isfinite(loss), cost, np.inf), axis=1)
-        return np.isfinite(loss), cheapest, -math.inf
-    for _ in range(100):  # bisect towards the LP dual, keeping the hi plan feasible
-        mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            break
-        choice_mid, used = plan(mid)
-        if used <= budget:
-            hi, choice_hi = mid, choice_mid
-        else:
-            lo = mid
-
-    choice_hi = _greedy_fill(loss, cost, budget, choice_hi)
-    reduced = loss + hi * cost
-    row_min = reduced.min(axis=1)
-    lower = float(row_min.sum()) - hi * budget
-    upper = float(loss[arange, choice_hi].sum())
-    # Generous float margin: the sums above carry rounding error of order n * eps * magnitude.
-    margin = 1e-9 * (float(np.abs(row_min).sum()) + hi * budget + abs(upper)) + 1e-12
-    keep = (lower + (reduced - row_min[:, None])) <= upper + margin
-    return keep, choice_hi, lower - margin
-
-
-@register("solver", "brute")
-class BruteForce(Allocator):
-    """Exhaustive enumeration: the ground truth for tests on tiny instances.
-
-    Ties go to the lowest loss, then lowest cost, then the lexicographically
-    smallest choice, so results are deterministic.
-    """
-
-    name = "brute"
-    supports_constraints = True
-    MAX_PLANS = 2_000_000
-
-    def __init__(self) -> None:
-        pass
-
-    def _solve(self, problem: Problem) -> tuple[str, Sequence[int] | None]:
-        """Called by ``solve`` for feasible problems; enumerates every plan."""
-        sizes = [len(o) for o in problem.options]
-        n_plans = math.prod(sizes)
-        if n_plans > self.MAX_PLANS:
-            raise ValueError(
-                f"brute force would enumerate {n_plans:,} plans (limit {self.MAX_PLANS:,}); use 'milp'"
-            )
-        budget = problem.effective_budget
-        best: tuple[float, float] | None = None
-        best_choice: tuple[int, ...] | None = None
-        # product() yields plans in lexicographic order, so a strict '<' keeps the smallest on ties.
-        for choice in itertools.product(*(range(k) for k in sizes)):
-            loss, cost = problem.evaluate(choice)
-            if cost <= budget and (best is None or (loss, cost) < best) and (not problem.constraints or problem.feasible(choice)):
-                best, best_choice = (loss, cost), choice
-        if best_choice is None:  # only with extra constraints: the all-cheapest plan fits the budget alone
-            return Status.INFEASIBLE, None
-        return Status.OPTIMAL, best_choice

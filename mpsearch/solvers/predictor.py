@@ -21,6 +21,7 @@ itself a sum over decisions, so "search on the predictor" is an exact MILP on th
 re-weighted per-option losses: no sampling noise. Each round fits, solves at every
 budget, measures the new plans and refits.
 """
+
 from __future__ import annotations
 
 import re
@@ -57,8 +58,14 @@ def decision_groups(decisions: Sequence[str], depth_groups: int = 2) -> list[str
 class QualityPredictor:
     """Additive, non-negative linear model of measured quality (scikit-learn style)."""
 
-    def __init__(self, proxy_loss: Sequence[np.ndarray], bits: Sequence[np.ndarray], sizes: Sequence[int],
-                 groups: Sequence[str], alphas: Sequence[float] = PredictorConfig.alphas) -> None:
+    def __init__(
+        self,
+        proxy_loss: Sequence[np.ndarray],
+        bits: Sequence[np.ndarray],
+        sizes: Sequence[int],
+        groups: Sequence[str],
+        alphas: Sequence[float] = PredictorConfig.alphas,
+    ) -> None:
         self.proxy_loss = [np.asarray(v, float) for v in proxy_loss]
         self.sizes = np.asarray(sizes, float)
         # per option: weight share x noise power 4**-bits, from the total effective bits per option
@@ -93,7 +100,10 @@ class QualityPredictor:
             errs = []
             for i in range(len(y)):
                 keep = np.arange(len(y)) != i
-                errs.append(float(Ridge(alpha=alpha, positive=True).fit(xs[keep], y[keep]).predict(xs[i:i + 1])[0] - y[i]) ** 2)
+                errs.append(
+                    float(Ridge(alpha=alpha, positive=True).fit(xs[keep], y[keep]).predict(xs[i : i + 1])[0] - y[i])
+                    ** 2
+                )
             return float(np.mean(errs))
 
         self.alpha_ = min(self.alphas, key=loo_error) if len(y) >= 3 and len(self.alphas) > 1 else self.alphas[0]
@@ -117,9 +127,15 @@ class QualityPredictor:
         return out
 
 
-def predictor_search(problem: Problem, sizes: Sequence[int], budgets: Sequence[float], measure: Measure,
-                     history: Sequence[tuple[Sequence[int], dict]], config: PredictorConfig = PredictorConfig(),
-                     progress: bool = True) -> pd.DataFrame:
+def predictor_search(
+    problem: Problem,
+    sizes: Sequence[int],
+    budgets: Sequence[float],
+    measure: Measure,
+    history: Sequence[tuple[Sequence[int], dict]],
+    config: PredictorConfig = PredictorConfig(),
+    progress: bool = True,
+) -> pd.DataFrame:
     """Rounds of fit -> MILP at each budget (total bits) -> measure the new plans.
 
     ``problem`` carries the proxy losses and bit costs; ``history`` holds plans already
@@ -132,8 +148,13 @@ def predictor_search(problem: Problem, sizes: Sequence[int], budgets: Sequence[f
         raise ValueError("predictor search needs at least 2 measured plans to start from")
     choices = [tuple(int(j) for j in c) for c, _ in history]
     quality = [float(q[config.objective]) for _, q in history]
-    rows = [{"round": -1, "choice": c, "effective_bits": None, config.objective: q, "predicted": None} for c, q in zip(choices, quality)]
-    pred = QualityPredictor(problem.loss, problem.cost, sizes, decision_groups(problem.decisions, config.depth_groups), config.alphas)
+    rows = [
+        {"round": -1, "choice": c, "effective_bits": None, config.objective: q, "predicted": None}
+        for c, q in zip(choices, quality)
+    ]
+    pred = QualityPredictor(
+        problem.loss, problem.cost, sizes, decision_groups(problem.decisions, config.depth_groups), config.alphas
+    )
     for rnd in tqdm(range(config.rounds), desc="predictor rounds", disable=not progress):
         pred.fit(choices, quality)
         losses = pred.option_losses()
@@ -146,8 +167,16 @@ def predictor_search(problem: Problem, sizes: Sequence[int], budgets: Sequence[f
             q = measure(s.choice_)
             choices.append(s.choice_)
             quality.append(float(q[config.objective]))
-            rows.append({"round": rnd, "choice": s.choice_, "budget": budget, config.objective: quality[-1],
-                         "predicted": float(pred.predict([s.choice_])[0]), **{k: v for k, v in q.items() if k != config.objective}})
+            rows.append(
+                {
+                    "round": rnd,
+                    "choice": s.choice_,
+                    "budget": budget,
+                    config.objective: quality[-1],
+                    "predicted": float(pred.predict([s.choice_])[0]),
+                    **{k: v for k, v in q.items() if k != config.objective},
+                }
+            )
     total = float(np.sum(sizes))
     df = pd.DataFrame(rows)
     df["effective_bits"] = [float(sum(problem.cost[i][j] for i, j in enumerate(c))) / total for c in df["choice"]]

@@ -14,6 +14,7 @@ Three rules make a cache tell the truth:
   and returns ``None``: the caller recomputes. Nothing corrupt is ever served, and no
   NaN reaches a result: callers' checks reject non-finite values.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -69,7 +70,9 @@ def not_writable(root: Path, e: OSError) -> None:
     if str(root) not in _UNWRITABLE:
         _UNWRITABLE[str(root)] = e.strerror or str(e)
         what = "full" if e.errno in NO_SPACE else "not writable"
-        log.warning("cache %s is %s (%s): this run reads what it holds and goes on without caching", root, what, e.strerror or e)
+        log.warning(
+            "cache %s is %s (%s): this run reads what it holds and goes on without caching", root, what, e.strerror or e
+        )
 
 
 def cache_writable() -> bool:
@@ -155,6 +158,7 @@ def _write_synced(data: bytes) -> Callable[[Path], None]:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
     return write
 
 
@@ -193,7 +197,9 @@ def read_entry(path: Path, key: str, schema: str) -> bytes | None:
         if header.get("schema") != schema or header.get("key") != key:
             raise CacheEntryError(f"written for {header.get('schema')}/{header.get('key')}, expected {schema}/{key}")
         if header.get("bytes") != len(body) or header.get("sha256") != sha256(body):
-            raise CacheEntryError(f"checksum mismatch ({len(body)} bytes, header says {header.get('bytes')}): truncated or altered")
+            raise CacheEntryError(
+                f"checksum mismatch ({len(body)} bytes, header says {header.get('bytes')}): truncated or altered"
+            )
     except (OSError, CacheEntryError) as e:
         discard(path, str(e))
         return None
@@ -244,7 +250,11 @@ def read_frame(path: Path, key: str, schema: str, check: Callable[[Any], None] |
 def require_finite(values: Iterable[float], what: str) -> None:
     """Raise :class:`CacheEntryError` on the first value that is not a finite number."""
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(float(v)):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float, np.integer, np.floating))
+            or not math.isfinite(float(v))
+        ):
             raise CacheEntryError(f"{what} holds {v!r}, not a finite number")
 
 
@@ -279,8 +289,11 @@ def _check_metadata(meta: dict, key: str) -> None:
 def files_digest(folder: Path, skip: Iterable[str] = ()) -> dict[str, str]:
     """SHA-256 of every file under ``folder`` (by path relative to it), but those in ``skip``."""
     skip = set(skip)
-    return {str(p.relative_to(folder)): sha256(p.read_bytes()) for p in sorted(folder.rglob("*"))
-            if p.is_file() and str(p.relative_to(folder)) not in skip}
+    return {
+        str(p.relative_to(folder)): sha256(p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and str(p.relative_to(folder)) not in skip
+    }
 
 
 def check_files(folder: Path, recorded: str | None, skip: Iterable[str] = ()) -> None:
@@ -329,7 +342,9 @@ def load_tensors_into(path: Path, key: str, into: dict) -> set[str]:
                 if name not in into:
                     raise CacheEntryError(f"holds {name!r}, which the model does not have")
                 if into[name].shape != t.shape:
-                    raise CacheEntryError(f"{name} has shape {tuple(t.shape)}, the model's is {tuple(into[name].shape)}")
+                    raise CacheEntryError(
+                        f"{name} has shape {tuple(t.shape)}, the model's is {tuple(into[name].shape)}"
+                    )
                 into[name].copy_(t)
     except CacheEntryError:
         raise
@@ -355,6 +370,7 @@ def save_tensors(path: Path, state: dict, key: str, metadata: dict[str, str] | N
             if code is None:
                 raise
             raise OSError(int(code[1]), os.strerror(int(code[1])), str(tmp)) from None
+
     return cache_write(path, write)
 
 

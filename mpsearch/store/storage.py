@@ -18,6 +18,7 @@ Plans are measured once per study whatever the number of workers: :func:`claims_
 a :class:`Claims` table, one owner trial per plan hash, claimed atomically (a file lock for a
 journal, a primary key for a database).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -61,9 +62,13 @@ def open_storage(url: str | Path, heartbeat: int = HEARTBEAT_S, max_retry: int =
         _require_driver(str(url))
     with warnings.catch_warnings():  # heartbeat_interval is marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(str(url), heartbeat_interval=heartbeat, grace_period=heartbeat * GRACE_FACTOR,
-                                          heartbeat_stale_trial_callback=retry,
-                                          engine_kwargs={"pool_pre_ping": True} if not str(url).startswith("sqlite") else None)
+        return optuna.storages.RDBStorage(
+            str(url),
+            heartbeat_interval=heartbeat,
+            grace_period=heartbeat * GRACE_FACTOR,
+            heartbeat_stale_trial_callback=retry,
+            engine_kwargs={"pool_pre_ping": True} if not str(url).startswith("sqlite") else None,
+        )
 
 
 def _require_driver(url: str) -> None:
@@ -71,8 +76,10 @@ def _require_driver(url: str) -> None:
     try:
         __import__(driver)
     except ImportError:
-        raise ValueError(f"storage {url.split('@')[-1]!r} needs the PostgreSQL driver {driver!r}: "
-                         "pip install psycopg2-binary (scripts/setup.sh installs it)") from None
+        raise ValueError(
+            f"storage {url.split('@')[-1]!r} needs the PostgreSQL driver {driver!r}: "
+            "pip install psycopg2-binary (scripts/setup.sh installs it)"
+        ) from None
 
 
 # ---------------------------------------------------------------- journal with heartbeats
@@ -101,8 +108,10 @@ def repair_journal(path: str | Path) -> int:
         try:
             json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path}: line {i + 1} of the study journal is corrupt and later lines are not; "
-                             "it cannot be repaired automatically") from None
+            raise ValueError(
+                f"{path}: line {i + 1} of the study journal is corrupt and later lines are not; "
+                "it cannot be repaired automatically"
+            ) from None
     tail_start = sum(len(x) + 1 for x in lines[:good])
     if tail_start == len(data):
         return 0
@@ -111,10 +120,13 @@ def repair_journal(path: str | Path) -> int:
         f.write(data[tail_start:] + b"\n")
     with open(path, "r+b") as f:
         f.truncate(tail_start)
-    log.warning("%s: cut %d bytes of a torn write off the end of the study journal (kept in %s)",
-                path, len(data) - tail_start, torn)
+    log.warning(
+        "%s: cut %d bytes of a torn write off the end of the study journal (kept in %s)",
+        path,
+        len(data) - tail_start,
+        torn,
+    )
     return len(data) - tail_start
-
 
 
 def _journal_base():
@@ -249,7 +261,9 @@ class FileClaims:
                 mine = write(owners.get(plan))
                 if mine is not None:
                     with open(self.path, "a") as f:
-                        f.write("\n" + json.dumps([self.study, plan, mine]) + "\n")  # the leading newline ends a torn line
+                        f.write(
+                            "\n" + json.dumps([self.study, plan, mine]) + "\n"
+                        )  # the leading newline ends a torn line
                         f.flush()
                         os.fsync(f.fileno())
                     return mine
@@ -272,10 +286,13 @@ class SQLClaims:
 
         self.engine, self.study = engine, study
         meta = sa.MetaData()
-        self.table = sa.Table("mpsearch_plan_claims", meta,
-                              sa.Column("study", sa.String(512), primary_key=True),
-                              sa.Column("plan", sa.String(64), primary_key=True),
-                              sa.Column("trial_id", sa.Integer, nullable=False))
+        self.table = sa.Table(
+            "mpsearch_plan_claims",
+            meta,
+            sa.Column("study", sa.String(512), primary_key=True),
+            sa.Column("plan", sa.String(64), primary_key=True),
+            sa.Column("trial_id", sa.Integer, nullable=False),
+        )
         try:
             meta.create_all(engine, checkfirst=True)
         except sa.exc.SQLAlchemyError:  # another worker created it between the check and the create
@@ -299,7 +316,11 @@ class SQLClaims:
     def replace(self, plan: str, dead: int, trial_id: int) -> int:
         t = self.table
         with self.engine.begin() as conn:
-            conn.execute(t.update().where(t.c.study == self.study, t.c.plan == plan, t.c.trial_id == dead).values(trial_id=trial_id))
+            conn.execute(
+                t.update()
+                .where(t.c.study == self.study, t.c.plan == plan, t.c.trial_id == dead)
+                .values(trial_id=trial_id)
+            )
             return self._owner(conn, plan)
 
 

@@ -4,6 +4,7 @@
 command; after the N-th save of WHAT (``primitives``: a primitive pass's checkpoint,
 ``kl``: the measured-KL table, written once per decoder layer) it writes MARKER and sleeps.
 """
+
 from __future__ import annotations
 
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 def main() -> int:
     what, n, marker = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-    args = sys.argv[sys.argv.index("--") + 1:]
+    args = sys.argv[sys.argv.index("--") + 1 :]
     saves = 0
 
     def stall_after(save):
@@ -25,6 +26,7 @@ def main() -> int:
                 marker.write_text(str(saves))
                 time.sleep(3600)
             return out
+
         return wrapped
 
     if what == "primitives":

@@ -5,6 +5,7 @@ measures trials of the study ``toy`` until its budget is spent. Each measurement
 ``<pid> start <hash>`` and ``<pid> done <hash>`` to LOG and takes S seconds; with
 ``--stall-at N`` the N-th measurement never finishes (the test kills the process there).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,9 @@ def toy_space(n: int = 6):
     from mpsearch.run.evolution import Space
 
     bits = np.array([2.0, 3.0, 4.0, 8.0])
-    return Space(tuple(f"d{i}" for i in range(n)), (("b2", "b3", "b4", "b8"),) * n, tuple(bits * 100 for _ in range(n)), 100 * n)
+    return Space(
+        tuple(f"d{i}" for i in range(n)), (("b2", "b3", "b4", "b8"),) * n, tuple(bits * 100 for _ in range(n)), 100 * n
+    )
 
 
 def toy_quality(choice) -> dict:
@@ -38,10 +41,10 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=None)
     a = p.parse_args()
 
+    import optuna
+
     from mpsearch.run.evolution import open_study, run_trials, study_config
     from mpsearch.store.storage import open_storage
-
-    import optuna
 
     space = toy_space(a.decisions)
     storage = open_storage(a.storage, a.heartbeat)
