@@ -42,9 +42,9 @@ from mpsearch.core.format import Format
 from mpsearch.core.plan import Plan
 from mpsearch.core.space import SearchSpace
 from mpsearch.cost.model import ModelShape, Workload, get_cost
-from mpsearch.cost.profile import local_hardware, profile_device
 from mpsearch.kernels.deploy import decode_ms, deploy
 from mpsearch.models import load_model
+from mpsearch.run.profile import local_hardware, profile_device
 
 OUT = Path(__file__).parent / "results"
 UNIFORM = ("fp16", "u8g64a", "u6g64a", "u5g64a", "u4g64a", "u4g32a", "u3g64a", "u2g64a")

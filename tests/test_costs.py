@@ -166,8 +166,8 @@ def test_a_deployed_plan_computes_what_the_fake_quantized_model_does() -> None:
 
 def test_profile_device_times_every_shape_and_format_and_caches_it() -> None:
     from mpsearch.core.space import SearchSpace
-    from mpsearch.cost.profile import profile_device
     from mpsearch.kernels import kernels_for
+    from mpsearch.run.profile import profile_device
 
     model = tiny_llama()
     decisions = SearchSpace.from_file("llama").build(model)

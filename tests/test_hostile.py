@@ -495,7 +495,7 @@ def test_a_full_cache_leaves_no_partial_folder_and_the_run_goes_on(tmp_path):
 def test_measuring_the_machine_leaves_the_random_state_alone():
     """The peak measurement on a fresh cache drew from torch's global generator: a run that measured
     it and one that read it from the cache went on with other random states."""
-    from mpsearch.cost.profile import measure_peaks
+    from mpsearch.run.profile import measure_peaks
 
     torch.manual_seed(5)
     want = torch.rand(4)

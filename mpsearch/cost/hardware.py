@@ -1,7 +1,7 @@
 """Hardware profiles: peak throughput, memory bandwidth and energy per operation, each with its source.
 
 A profile is a TOML file in ``hardware/`` (or any path). ``local`` is this machine,
-measured by ``mpsearch profile-device`` (:mod:`mpsearch.cost.profile`) and cached.
+measured by ``mpsearch profile-device`` (:mod:`mpsearch.run.profile`) and cached.
 """
 
 from __future__ import annotations
@@ -78,10 +78,10 @@ class Hardware:
 
 def load_hardware(name: str | Path) -> Hardware:
     """A profile by name (``hardware/<name>.toml``) or by path; ``local``, this machine measured, is
-    :func:`mpsearch.cost.profile.hardware`'s."""
+    :func:`mpsearch.run.profile.hardware`'s."""
     if str(name) == "local":
         raise HardwareError(
-            "the 'local' profile is measured on this machine: mpsearch.cost.profile.hardware('local') gives it"
+            "the 'local' profile is measured on this machine: mpsearch.run.profile.hardware('local') gives it"
         )
     path = Path(name)
     if not path.suffix:

@@ -1,8 +1,9 @@
 """Every cost of a search in one place: the cost models, their constraint rows, each plan's costs.
 
-``CostSuite.open(config, model, decisions)`` builds every registered cost model for the
-configured hardware (roofline), energy table and workload, and, with ``profile`` on, this
-machine's measured kernel table. :meth:`constraints` turns ``--constraint`` specs into MILP
+``CostSuite.build(hardware, energy, workload, shape, profile)`` builds every registered cost
+model for a hardware profile (roofline), an energy table and a workload, and, given this
+machine's measured kernel table, the measured latencies (a search opens it with
+:func:`mpsearch.run.profile.open_costs`). :meth:`constraints` turns ``--constraint`` specs into MILP
 rows; :meth:`row` and :meth:`breakdown` give a plan's costs for results.csv and costs.csv.
 """
 
@@ -18,7 +19,6 @@ from ..core.space import Decision, Member
 from ..solvers import Constraint
 from . import BudgetError
 from .model import ConstraintSpec, CostModel, ModelShape, Workload, cost_names, get_cost
-from .profile import hardware
 
 log = logging.getLogger(__name__)
 #: how a results column's unit suffix is written in a message
@@ -32,40 +32,9 @@ class CostSuite:
     hardware: str = ""
 
     @staticmethod
-    def open(cfg, model, decisions: list[Decision], stages=None, fingerprint: str = "") -> "CostSuite":
-        """The costs ``cfg`` asks for (``hardware``, ``energy_table``, ``prefill``, ``batch``,
-        ``context``, ``profile``); a constraint on a cost that cannot be built fails here."""
-        import contextlib
-
-        stage = stages or (lambda name: contextlib.nullcontext())
-        workload = Workload(batch=cfg.batch, context=cfg.context or 512, prefill=cfg.prefill)
-        shape = ModelShape.of(model)
-        wanted = {ConstraintSpec.parse(c).cost for c in cfg.constraints}
-        with stage(f"hardware profile {cfg.hardware}"):
-            hw = hardware(cfg.hardware)
-        energy_hw = hardware(cfg.energy_table)
-        profile = None
-        timed = wanted & {"measured_decode", "measured_prefill"}
-        if (cfg.profile or timed) and not shape.layers:  # the kernels run a decoder's linears; a CNN has no decode step
-            if timed:
-                raise BudgetError(
-                    f"constraints {sorted(timed)}: measured latencies are for decoder LMs (linear layers, a decode "
-                    "step); this model is not one"
-                )
-            log.info("no measured latencies: the kernel table is for decoder LMs")
-        elif cfg.profile or timed:
-            from .profile import profile_device
-
-            with stage("profile device (measured kernel table)"):
-                profile = profile_device(
-                    model,
-                    decisions,
-                    tokens=(workload.batch, workload.batch * workload.prefill),
-                    context=workload.context,
-                    use_cache=cfg.use_cache,
-                    progress=cfg.progress,
-                    fingerprint=fingerprint,
-                )
+    def build(hw, energy_hw, workload: Workload, shape: ModelShape, profile=None) -> "CostSuite":
+        """Every registered cost model for a hardware profile, an energy table and a workload; the
+        measured ones only with this machine's kernel table (:func:`mpsearch.run.profile.open_costs`)."""
         models = {}
         for name in cost_names():
             cls = get_cost(name)

@@ -17,13 +17,13 @@ Hugging Face folder, convert it once with llama.cpp's ``convert_hf_to_gguf.py``.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 
+from ..core.files import write_atomic
 from ..models import load_model
 from ..quant.apply import check_plan
 from ..quant.ggml import TYPES, pack
@@ -63,36 +63,34 @@ def write_gguf(plan, out: Path, model: str = "smollm2", check: bool = True, full
         raise ExportError(f"{src.name} has no tensor {missing[0]} (for {planned[missing[0]]})")
 
     arch = field(reader, "general.architecture")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(tmp, arch)
-    for f in reader.fields.values():
-        if f.name.startswith("GGUF.") or f.name in SKIP_KEYS:
-            continue
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
-    writer.add_string("general.quantized_by", "mpsearch")
-    for t in reader.tensors:
-        if t.name not in planned:
-            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-            continue
-        module = planned[t.name]
-        w = gguf.quants.dequantize(t.data, t.tensor_type)  # [out, in], llama.cpp's row order
-        _same_rows(w, modules[module].weight, module, src.name)
-        fmt = formats[module]
-        if fmt.is_full:
-            writer.add_tensor(t.name, w.astype(np.float16 if full_type == "f16" else np.float32))
-        else:
-            data = pack(torch.from_numpy(np.ascontiguousarray(w)), fmt, resolved.importance_for(module))
-            writer.add_tensor(t.name, data, raw_dtype=TYPES[fmt.quantizer].qtype)
-    try:
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, arch)
+        for f in reader.fields.values():
+            if f.name.startswith("GGUF.") or f.name in SKIP_KEYS:
+                continue
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+        writer.add_string("general.quantized_by", "mpsearch")
+        for t in reader.tensors:
+            if t.name not in planned:
+                writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+                continue
+            module = planned[t.name]
+            w = gguf.quants.dequantize(t.data, t.tensor_type)  # [out, in], llama.cpp's row order
+            _same_rows(w, modules[module].weight, module, src.name)
+            fmt = formats[module]
+            if fmt.is_full:
+                writer.add_tensor(t.name, w.astype(np.float16 if full_type == "f16" else np.float32))
+            else:
+                data = pack(torch.from_numpy(np.ascontiguousarray(w)), fmt, resolved.importance_for(module))
+                writer.add_tensor(t.name, data, raw_dtype=TYPES[fmt.quantizer].qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomic(out, write)
     return out
 
 

@@ -3,7 +3,7 @@
 The fake-quant backend (:mod:`mpsearch.quant.apply`) measures what a plan is worth; these
 kernels measure what it costs. Each kernel stores a weight in its own layout and runs
 ``x @ W.T`` from it. ``mpsearch profile-device`` times every (layer shape, format, kernel) on
-this machine (:mod:`mpsearch.cost.profile`); :func:`mpsearch.kernels.deploy.deploy` builds a
+this machine (:mod:`mpsearch.run.profile`); :func:`mpsearch.kernels.deploy.deploy` builds a
 model whose decision linears run through them, and its decode time is what the cost
 models are checked against.
 """

@@ -10,6 +10,7 @@ from ..core.format import Format
 from ..core.space import Rule
 from ..models.data import BOS_CHOICES, DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from ..quant import get_quantizer
+from .targets import load_runtime_proxy, runtime_proxy
 
 
 @dataclass(frozen=True)
@@ -203,14 +204,12 @@ class SearchConfig:
             load_proxy(p)
         space = SearchSpace.from_file(self.space).with_rules(self.rules)
         if space.runtime:
-            from .joint import check_config
-
             if self.constraints:
                 raise ValueError(
                     f"search space {space.name!r} decides layer inputs / the KV cache too; --constraint is not "
                     "implemented for the joint problem yet (use --budget, or a weights-only space)"
                 )
-            check_config(self, space)
+            check_joint(self, space)
         elif self.context or self.act_bits or self.input_min_bits:
             raise ValueError(
                 f"search space {space.name!r} decides weights only: --context, --act-bits and --input-min-bits "
@@ -255,3 +254,33 @@ def config_from_dict(d: dict, **overrides) -> SearchConfig:
         for r in d.get("rules", ())
     )
     return SearchConfig(**d)
+
+
+def check_joint(cfg: SearchConfig, space) -> None:
+    """A joint search (a space with run-time targets), before any model loads: the budget kind
+    fits the space, the proxies and bounds resolve."""
+    from ..cost import parse_budget_text
+
+    kv = space.runtime_target("kv_cache") is not None
+    if kv and not cfg.context:
+        raise ValueError(
+            f"search space {space.name!r} decides the KV cache: give --context N, the tokens a memory budget holds"
+        )
+    for b in cfg.budgets:
+        kind = parse_budget_text(b)[0]
+        if kv and kind != "bytes":
+            raise ValueError(
+                f"budget {b}: with a KV cache the budget is memory, weights plus KV at --context {cfg.context}: give a "
+                "size like 120MB"
+            )
+        if not kv and kind not in ("bits", "bytes"):
+            raise ValueError(f"budget {b}: a joint search takes bits per weight (4.5) or a size (60MB)")
+    load_runtime_proxy(runtime_proxy(cfg))
+    if cfg.input_min_bits:
+        space.with_runtime_min_bits("input", cfg.input_min_bits)
+    if cfg.act_bits and space.runtime_target("input") is None:
+        raise ValueError(f"--act-bits bounds the layer inputs, and search space {space.name!r} has no [input] table")
+    if cfg.solver != "milp":
+        raise ValueError(
+            "a joint search (several targets, an activation constraint) is solved by the MILP; drop --solver"
+        )

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.files import write_atomic
 from ..core.stats import spearman
 from .leaderboard import held_out, plan_predictions
 
@@ -344,12 +345,7 @@ def _load(path, cfg: GPConfig) -> dict | None:
 def _save(path, state: dict) -> None:
     if path is None:
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(state, f)
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: tmp.write_bytes(pickle.dumps(state)))
 
 
 def write_proxy(result: dict, path: str | Path, name: str = "emq_evolved", note: str = "") -> Path:

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.stats import pareto_mask
+from .outputs import write_plans, write_tables
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +422,7 @@ def run_evolution(
     enqueue_seeds(study, space, config, [tuple(position[i][j] for i, j in enumerate(c)) for c in seeds])
     if work:
         run_trials(study, space, lambda c: session.measure_choice(original(kept, c)), config, session.config.progress)
-    return write_outputs(session, study, space, kept, proxy, config, out)
+    return write_study_outputs(session, study, space, kept, proxy, config, out)
 
 
 def original(kept: Sequence[Sequence[int]], choice: Sequence[int]) -> tuple[int, ...]:
@@ -429,7 +430,9 @@ def original(kept: Sequence[Sequence[int]], choice: Sequence[int]) -> tuple[int,
     return tuple(kept[i][j] for i, j in enumerate(choice))
 
 
-def write_outputs(session, study, space: Space, kept, proxy: str, config: EvolutionConfig, out: Path) -> pd.DataFrame:
+def write_study_outputs(
+    session, study, space: Space, kept, proxy: str, config: EvolutionConfig, out: Path
+) -> pd.DataFrame:
     """trials.csv, front.csv, the front's plans and pareto.png.
 
     Returns the trials with each one's full-problem choice."""
@@ -438,18 +441,18 @@ def write_outputs(session, study, space: Space, kept, proxy: str, config: Evolut
 
     prepare_out_dir(out)
     df = trials_table(study)
-    df.drop(columns=["params"]).to_csv(out / "trials.csv", index=False)
     done = df[(df.state == "COMPLETE") & df.measured.astype(bool)].drop_duplicates("plan_hash")
     front = done[pareto_mask(done.effective_bits.to_numpy(), done[config.objective].to_numpy())].sort_values(
         "effective_bits"
     )
-    front.drop(columns=["params"]).to_csv(out / "front.csv", index=False)
-    (out / "plans").mkdir(exist_ok=True)
+    write_tables(out, {"trials": df.drop(columns=["params"]), "front": front.drop(columns=["params"])})
+    plans = {}
     for _, row in front.iterrows():
         choice = original(kept, [row.params[d] for d in space.decisions])
         plan = session.make_plan(session.formats(choice), proxy=proxy, search="nsga2", trial=int(row.trial))
         plan.metrics.update({k: row[k] for k in ("kl", "ppl") if pd.notna(row[k])})
-        plan.save(out / "plans" / f"nsga2-{row.effective_bits:.3f}bits-trial{int(row.trial)}.json")
+        plans[f"nsga2-{row.effective_bits:.3f}bits-trial{int(row.trial)}"] = plan
+    write_plans(out, plans)
     if len(done):
         pareto_plot(
             done.assign(method=done.source),

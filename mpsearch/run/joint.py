@@ -30,7 +30,7 @@ import torch
 from ..core.files import write_json_atomic
 from ..core.format import Format
 from ..core.plan import Plan
-from ..cost import Budget, BudgetError, parse_budget_text
+from ..cost import Budget, BudgetError
 from ..measure.evaluate import DecodeEvaluator
 from ..models import load_text, token_chunks
 from ..quant.calibrate import calibrate
@@ -46,46 +46,11 @@ from .targets import (
     mean_act_bits,
     runtime_decisions,
     runtime_losses,
+    runtime_proxy,
     runtime_table,
 )
 
 log = logging.getLogger(__name__)
-
-
-#: the run-time proxy in the same units as a weight proxy (``auto``)
-PAIRED = {"measured_kl": "kl", "fisher": "fisher", "mse": "mse"}
-
-
-def runtime_proxy(cfg) -> str:
-    """``cfg.runtime_proxy``; ``auto`` pairs it with the first weight proxy (measured_kl -> kl, fisher -> fisher)."""
-    return PAIRED.get(cfg.proxies[0], "kl") if cfg.runtime_proxy == "auto" else cfg.runtime_proxy
-
-
-def check_config(cfg, space) -> None:
-    """Before any model loads: the budget kind fits the space, the proxies and bounds resolve."""
-    kv = space.runtime_target("kv_cache") is not None
-    if kv and not cfg.context:
-        raise ValueError(
-            f"search space {space.name!r} decides the KV cache: give --context N, the tokens a memory budget holds"
-        )
-    for b in cfg.budgets:
-        kind = parse_budget_text(b)[0]
-        if kv and kind != "bytes":
-            raise ValueError(
-                f"budget {b}: with a KV cache the budget is memory, weights plus KV at --context {cfg.context}: give a "
-                "size like 120MB"
-            )
-        if not kv and kind not in ("bits", "bytes"):
-            raise ValueError(f"budget {b}: a joint search takes bits per weight (4.5) or a size (60MB)")
-    load_runtime_proxy(runtime_proxy(cfg))
-    if cfg.input_min_bits:
-        space.with_runtime_min_bits("input", cfg.input_min_bits)
-    if cfg.act_bits and space.runtime_target("input") is None:
-        raise ValueError(f"--act-bits bounds the layer inputs, and search space {space.name!r} has no [input] table")
-    if cfg.solver != "milp":
-        raise ValueError(
-            "a joint search (several targets, an activation constraint) is solved by the MILP; drop --solver"
-        )
 
 
 @dataclass

@@ -120,14 +120,22 @@ def write_outputs(
 ) -> None:
     """``plans/*.json``, ``results.csv``, ``stages.csv``, each of ``tables`` as ``<name>.csv`` (the tables the
     plans were solved from) and ``config.json`` (the :class:`~mpsearch.run.config.SearchConfig`)."""
+    write_plans(out, plans)
+    write_tables(out, {"results": table, "stages": stages, **tables})
+    write_json_atomic(out / "config.json", {**asdict(cfg), "rules": [repr(r) for r in cfg.rules]})
+
+
+def write_plans(out: Path, plans: dict[str, Plan]) -> None:
+    """Each plan as ``plans/<name>.json``, its name made safe for a file name."""
     (out / "plans").mkdir(parents=True, exist_ok=True)
     for name, plan in plans.items():
         plan.save(out / "plans" / f"{safe_name(name)}.json")
-    write_csv_atomic(out / "results.csv", table)
-    write_csv_atomic(out / "stages.csv", stages)
+
+
+def write_tables(out: Path, tables: dict[str, pd.DataFrame]) -> None:
+    """Each table as ``<name>.csv``, written whole (a reader never sees half a file)."""
     for name, t in tables.items():
         write_csv_atomic(out / f"{safe_name(name)}.csv", t)
-    write_json_atomic(out / "config.json", {**asdict(cfg), "rules": [repr(r) for r in cfg.rules]})
 
 
 def reference_row(quality: dict) -> dict:

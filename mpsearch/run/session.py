@@ -44,6 +44,7 @@ from ..store.cache import (
     write_json,
 )
 from .cached import EVAL_SCHEMA, cached_proxy_tables, check_quality, check_tasks, plan_hash
+from .config import SearchConfig
 from .prepare import model_and_text, own_data, task_evaluator, text_data
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ KL_SLICE = (1, 256)
 class Session:
     """Everything one search needs in memory. Build it with :meth:`open`."""
 
-    config: object  # SearchConfig (kept untyped to avoid an import cycle)
+    config: SearchConfig
     lm: object
     space: SearchSpace
     decisions: list[Decision]
@@ -416,9 +417,9 @@ def _space(cfg, joint: bool) -> SearchSpace:
 
 def _cost_models(cfg, lm: LoadedModel, decisions: list[Decision], stages: Stages) -> tuple[object, tuple]:
     """The cost models and the ``--constraint`` rows, before the heavy stages (a bad constraint fails here)."""
-    from ..cost.suite import CostSuite
+    from .profile import open_costs
 
-    suite = CostSuite.open(cfg, lm.model, decisions, stages, fingerprint=str(lm.model_id))
+    suite = open_costs(cfg, lm.model, decisions, stages, fingerprint=str(lm.model_id))
     return suite, suite.constraints(decisions, cfg.constraints)
 
 

@@ -115,6 +115,15 @@ def runtime_proxy_names() -> list[str]:
     return sorted(p.stem for p in shipped("proxies", "runtime").glob("*.toml"))
 
 
+#: the run-time proxy in the same units as a weight proxy (``auto``)
+PAIRED = {"measured_kl": "kl", "fisher": "fisher", "mse": "mse"}
+
+
+def runtime_proxy(cfg) -> str:
+    """``cfg.runtime_proxy``; ``auto`` pairs it with the first weight proxy (measured_kl -> kl, fisher -> fisher)."""
+    return PAIRED.get(cfg.proxies[0], "kl") if cfg.runtime_proxy == "auto" else cfg.runtime_proxy
+
+
 def load_runtime_proxy(spec: str) -> Proxy:
     """A proxy over run-time primitives: a built-in name in ``proxies/runtime/`` or a TOML file."""
     path = Path(spec)

@@ -60,7 +60,7 @@ def run_worker(
     """
     from ..store.storage import HEARTBEAT_S, is_database, open_storage
     from .config import config_from_dict
-    from .evolution import open_study, original, run_trials, study_config, trials_table, write_outputs
+    from .evolution import open_study, original, run_trials, study_config, trials_table, write_study_outputs
     from .session import Session
 
     if not is_database(storage) and not Path(storage).is_file():
@@ -87,7 +87,7 @@ def run_worker(
     log.info("worker %d joins study %r: %d trials in all", os.getpid(), study_name, config.trials)
     run_trials(study, space, lambda c: session.measure_choice(original(kept, c)), config, progress)
     if out_dir is not None:
-        return write_outputs(session, study, space, kept, info["proxy"], config, Path(out_dir))
+        return write_study_outputs(session, study, space, kept, info["proxy"], config, Path(out_dir))
     return trials_table(study)
 
 

@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
+from ..core.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 #: seconds between a running trial's heartbeats, and how long a silent trial lives on
@@ -160,10 +162,7 @@ class HeartbeatJournal(_JournalStorage, _BaseHeartbeat):
         self.host = socket.gethostname()
 
     def record_heartbeat(self, trial_id: int) -> None:
-        beat = self.beats / str(trial_id)
-        tmp = beat.with_name(f".{trial_id}.{os.getpid()}")
-        tmp.write_text(f"{self.host} {os.getpid()}")
-        os.replace(tmp, beat)
+        write_text_atomic(self.beats / str(trial_id), f"{self.host} {os.getpid()}")
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         from optuna.trial import TrialState

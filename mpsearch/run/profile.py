@@ -1,4 +1,8 @@
-"""``mpsearch profile-device``: this machine's roofline peaks and a measured kernel table.
+"""``mpsearch profile-device``: this machine's roofline peaks and a measured kernel table, and
+the cost models of a search built on them (:func:`open_costs`).
+
+The cost models (:mod:`mpsearch.cost`) compute from a hardware profile and a kernel table;
+measuring this machine and caching what was measured happens here.
 
 Two things are measured, both cached by what they depend on:
 
@@ -24,21 +28,25 @@ import logging
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from ..core.format import Format
+from ..core.profiling import Stages
+from ..core.space import Decision
+from ..cost import BudgetError
+from ..cost.hardware import Hardware, HardwareError, hardware_toml, load_hardware, read_hardware
+from ..cost.measured import COLUMNS, KernelTable
+from ..cost.model import ConstraintSpec, ModelShape, Workload
+from ..cost.suite import CostSuite
 from ..store.cache import cache_dir, cache_write, content_key, read_json, scratch_dir, write_json
-from .hardware import Hardware, HardwareError, hardware_toml, load_hardware, read_hardware
 
 log = logging.getLogger(__name__)
 SCHEMA = "device-profile/v2"  # v2: kernels timed inside the model
 #: timed beside a space's formats on every layer shape: the int8 kernels' format (per channel)
 INT8 = Format(8, -1, False, "uniform")
-COLUMNS = ["kernel", "in_features", "out_features", "format", "tokens", "ms"]
 
 
 def machine() -> dict:
@@ -116,36 +124,6 @@ def local_hardware(refresh: bool = False) -> Hardware:
 def hardware(name: str) -> Hardware:
     """A hardware profile by name or path, ``local`` (this machine, measured once) included."""
     return local_hardware() if str(name) == "local" else load_hardware(name)
-
-
-@dataclass
-class KernelTable:
-    """Measured milliseconds per (kernel, layer shape, format, tokens), and the fixed part per model."""
-
-    rows: pd.DataFrame
-    fixed: dict[str, float] = field(default_factory=dict)
-    machine: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        # every plan's costs read one entry per tensor: index the rows once, not a table scan per tensor
-        self._index: dict[tuple, dict[str, float]] = {}
-        for k, i, o, f, t, ms in self.rows[COLUMNS].itertuples(index=False):
-            self._index.setdefault((int(i), int(o), f, int(t)), {})[k] = float(ms)
-
-    def timings(self, in_features: int, out_features: int, fmt: Format, tokens: int) -> dict[str, float]:
-        """Milliseconds of each kernel measured for this layer shape, format and token count."""
-        return dict(self._index.get((in_features, out_features, fmt.key, tokens), {}))
-
-    def ms(self, in_features: int, out_features: int, fmt: Format, tokens: int) -> float:
-        """The fastest measured kernel's time; an error names what is missing."""
-        t = self.timings(in_features, out_features, fmt, tokens)
-        if not t:
-            raise KeyError(
-                f"the kernel table has no timing for {fmt.key} on a {in_features} -> {out_features} layer at {tokens} "
-                "tokens; "
-                "run `mpsearch profile-device` with this model and space"
-            )
-        return min(t.values())
 
 
 def _shapes(decisions) -> dict[tuple[int, int], set[Format]]:
@@ -271,3 +249,39 @@ def profile_device(
     if use_cache:
         write_json(path, {"rows": rows, "fixed": table.fixed, "machine": table.machine}, key, SCHEMA)
     return table
+
+
+def open_costs(cfg, model, decisions: list[Decision], stages: Stages | None = None, fingerprint: str = "") -> CostSuite:
+    """The costs ``cfg`` asks for (``hardware``, ``energy_table``, ``prefill``, ``batch``,
+    ``context``, ``profile``), this machine measured where they need it; a constraint on a cost
+    that cannot be built fails here."""
+    import contextlib
+
+    stage = stages or (lambda name: contextlib.nullcontext())
+    workload = Workload(batch=cfg.batch, context=cfg.context or 512, prefill=cfg.prefill)
+    shape = ModelShape.of(model)
+    wanted = {ConstraintSpec.parse(c).cost for c in cfg.constraints}
+    with stage(f"hardware profile {cfg.hardware}"):
+        hw = hardware(cfg.hardware)
+    energy_hw = hardware(cfg.energy_table)
+    profile = None
+    timed = wanted & {"measured_decode", "measured_prefill"}
+    if (cfg.profile or timed) and not shape.layers:  # the kernels run a decoder's linears; a CNN has no decode step
+        if timed:
+            raise BudgetError(
+                f"constraints {sorted(timed)}: measured latencies are for decoder LMs (linear layers, a decode "
+                "step); this model is not one"
+            )
+        log.info("no measured latencies: the kernel table is for decoder LMs")
+    elif cfg.profile or timed:
+        with stage("profile device (measured kernel table)"):
+            profile = profile_device(
+                model,
+                decisions,
+                tokens=(workload.batch, workload.batch * workload.prefill),
+                context=workload.context,
+                use_cache=cfg.use_cache,
+                progress=cfg.progress,
+                fingerprint=fingerprint,
+            )
+    return CostSuite.build(hw, energy_hw, workload, shape, profile)
