@@ -91,6 +91,16 @@ GROUPS = [
         origin=True,
     ),
     Group(
+        "user_objects",
+        "Your own conv net as an object: time and memory by batch size",
+        script("user_objects"),
+        "A MobileNet-style net of 4.2M weights with depthwise convolutions, passed as an object with "
+        "`BatchData` of random 3 x 224 x 224 images, searched with the Fisher proxy at uniform 4 bits per output "
+        "channel, on an empty cache, one process per batch size. The peak is one batch's forward and backward "
+        "pass in the gradient primitive, so it grows with the batch size.",
+        ["user_objects.csv"],
+    ),
+    Group(
         "models",
         "Two models: the search against its baselines",
         script("models"),
