@@ -195,6 +195,10 @@ def test_objects_and_names_do_not_mix(tmp_path):
         mpsearch.search(data=image_data(), **FAST)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         mpsearch.search(model=42, data=image_data(), **FAST)
+    with pytest.raises(ValueError, match="takes data="):  # in a config too
+        mpsearch.search(
+            mpsearch.SearchConfig(evaluation="y.txt", space="cnn", **FAST), model=DepthwiseNet(), data=image_data()
+        )
     with pytest.raises(ValueError, match="takes data="):
         mpsearch.search(model=DepthwiseNet(), data=image_data(), calibration="x.txt", space="cnn", **FAST)
     with pytest.raises(ValueError, match="weights-only space"):

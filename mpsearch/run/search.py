@@ -26,6 +26,7 @@ from ..core.progress import SearchProgress
 from ..core.space import Decision
 from ..core.stats import rank_correlation
 from ..cost import BudgetError
+from ..models.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from ..models.loader import LoadedModel
 from ..quant import Format
 from ..report.html import write_report
@@ -52,8 +53,6 @@ def search(
         overrides["model"] = model
     lm = None
     if model is not None and not isinstance(model, str):
-        if "calibration" in overrides or "evaluation" in overrides:
-            raise ValueError("calibration / evaluation name text files; a model passed as an object takes data=")
         lm = loaded_object(model, data)
         overrides["model"] = lm.model_id
     elif data is not None:
@@ -61,6 +60,8 @@ def search(
     cfg = config or SearchConfig(**overrides)
     if config is not None and overrides:
         cfg = SearchConfig(**{**asdict(config), **overrides})
+    if lm is not None and (cfg.calibration, cfg.evaluation) != (DEFAULT_CALIBRATION, DEFAULT_EVALUATION):
+        raise ValueError("calibration / evaluation name text files; a model passed as an object takes data=")
     from ..core.space import SearchSpace
 
     if lm is not None and SearchSpace.from_file(cfg.space).with_rules(cfg.rules).runtime:
