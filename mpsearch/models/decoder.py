@@ -11,6 +11,7 @@ with ``.logits`` and ``.loss``) or a plain module whose ``model(ids)`` returns t
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Iterator
 
@@ -22,8 +23,13 @@ from ..core.device import to_model
 
 
 def hf_style(model: nn.Module) -> bool:
-    """Whether ``model`` takes transformers' keywords (``input_ids``, ``use_cache``)."""
-    params = inspect.signature(model.forward).parameters
+    """Whether ``model`` takes transformers' keywords (``input_ids``, ``use_cache``); read once per class."""
+    return _hf_forward(type(model))
+
+
+@functools.cache
+def _hf_forward(cls: type) -> bool:
+    params = inspect.signature(cls.forward).parameters
     return "input_ids" in params and ("use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()))
 
 
